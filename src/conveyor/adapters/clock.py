@@ -1,0 +1,18 @@
+"""The system clock behind the ``Clock`` port."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+
+class SystemClock:
+    """UTC wall time (ISO 8601, microseconds, ``Z``) and ``time.monotonic``."""
+
+    def now(self) -> str:
+        """Current UTC time."""
+        return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def monotonic(self) -> float:
+        """Monotonic seconds."""
+        return time.monotonic()

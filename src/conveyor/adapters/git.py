@@ -1,0 +1,147 @@
+"""The git repository a run comes from, and the clean workspace it runs in.
+
+A run works on a clean checkout of a committed revision (a shared clone, so no object is
+copied); with ``--dirty`` it works on a copy of the working tree's tracked and untracked,
+not-ignored files instead. The pipeline file is read from the same revision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from conveyor.domain.ports import SourceSnapshot
+from conveyor.errors import SourceError
+
+
+def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    try:
+        proc = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, stdin=subprocess.DEVNULL, check=False
+        )
+    except FileNotFoundError as exc:
+        raise SourceError("git is not installed", hint="install git and try again") from exc
+    if check and proc.returncode != 0:
+        message = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise SourceError(f"git {args[0]} failed: {message[-1] if message else proc.returncode}")
+    return proc
+
+
+def find_repo_root(start: Path) -> Path | None:
+    """The top of the git work tree containing ``start``, or ``None``."""
+    proc = _git(start, "rev-parse", "--show-toplevel", check=False)
+    if proc.returncode != 0:
+        return None
+    return Path(proc.stdout.decode().strip())
+
+
+class GitSource:
+    """Reads revisions, files and trees of one repository."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def resolve(self, rev: str) -> str:
+        """The full commit id of ``rev``."""
+        if rev.startswith("-"):
+            raise SourceError(f"'{rev}' is not a revision")
+        proc = _git(self.root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}",
+                    check=False)
+        if proc.returncode != 0:
+            if rev == "HEAD":
+                raise SourceError(
+                    "the repository has no commits yet",
+                    hint="commit your files (git add -A && git commit), or run with --dirty",
+                )
+            raise SourceError(f"'{rev}' is not a commit of this repository",
+                              hint="give a branch, a tag or a commit id (git log shows them)")
+        return proc.stdout.decode().strip()
+
+    def read_file(self, commit: str, rel_path: str) -> bytes | None:
+        """Bytes of ``rel_path`` at ``commit``, or ``None`` if it is not there."""
+        proc = _git(self.root, "cat-file", "blob", f"{commit}:{rel_path}", check=False)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def snapshot(self, commit: str, with_files: bool) -> SourceSnapshot:
+        """Tree id and (if asked) the blob id of every file, for cache keys."""
+        tree = _git(self.root, "rev-parse", f"{commit}^{{tree}}").stdout.decode().strip()
+        files: dict[str, str] = {}
+        if with_files:
+            out = _git(self.root, "ls-tree", "-r", "-z", "--full-tree", commit).stdout
+            for entry in out.split(b"\0"):
+                if not entry:
+                    continue
+                meta, _, path = entry.partition(b"\t")
+                files[path.decode("utf-8", "surrogateescape")] = meta.split()[2].decode()
+        return SourceSnapshot(revision=commit, tree_id=tree, files=files)
+
+    def dirty_files(self) -> list[str]:
+        """Tracked and untracked, not-ignored files of the working tree."""
+        out = _git(self.root, "ls-files", "-z", "--cached", "--others", "--exclude-standard").stdout
+        return sorted({p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p})
+
+    def dirty_snapshot(self) -> SourceSnapshot:
+        """A snapshot of the working tree as it is now (content sha256 per file)."""
+        head = _git(self.root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False)
+        revision = head.stdout.decode().strip() if head.returncode == 0 else "0" * 40
+        files: dict[str, str] = {}
+        for rel in self.dirty_files():
+            path = self.root / rel
+            if path.is_symlink():
+                files[rel] = "link:" + os.readlink(path)
+            elif path.is_file():
+                files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        tree = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
+        return SourceSnapshot(revision=revision, tree_id="dirty:" + tree, files=files, dirty=True)
+
+
+class GitWorkspace:
+    """A clean checkout of one commit, made on first use."""
+
+    def __init__(self, source: GitSource, commit: str, directory: Path) -> None:
+        self.source = source
+        self.commit = commit
+        self.directory = directory
+        self._ready = False
+
+    def path(self) -> str:
+        """The checkout directory; clones and checks out the first time."""
+        if not self._ready:
+            if self.directory.exists():
+                shutil.rmtree(self.directory)
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            _git(self.source.root, "clone", "--quiet", "--shared", "--no-checkout",
+                 str(self.source.root), str(self.directory))
+            _git(self.directory, "-c", "advice.detachedHead=false", "checkout", "--quiet",
+                 "--detach", self.commit)
+            self._ready = True
+        return str(self.directory)
+
+
+class DirtyWorkspace:
+    """A copy of the working tree (``--dirty``), made on first use."""
+
+    def __init__(self, source: GitSource, directory: Path) -> None:
+        self.source = source
+        self.directory = directory
+        self._ready = False
+
+    def path(self) -> str:
+        """The copy's directory."""
+        if not self._ready:
+            if self.directory.exists():
+                shutil.rmtree(self.directory)
+            self.directory.mkdir(parents=True)
+            for rel in self.source.dirty_files():
+                src = self.source.root / rel
+                dst = self.directory / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if src.is_symlink():
+                    os.symlink(os.readlink(src), dst)
+                elif src.is_file():
+                    shutil.copy2(src, dst)
+            self._ready = True
+        return str(self.directory)

@@ -1,0 +1,80 @@
+"""JUnit XML reports -> per-test results, with junitparser.
+
+Report files are untrusted: only regular files inside the workspace are read (symlinks leaving it
+are ignored), each at most 50 MB, and a malformed file becomes a reported problem, not a crash.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from conveyor.domain.ports import ReportResult, TestCaseResult
+
+MAX_REPORT_BYTES = 50 * 1024 * 1024
+MAX_MESSAGE = 4000
+
+
+def _outcome(case: object) -> tuple[str, str]:
+    from junitparser import Error, Failure, Skipped
+
+    results = list(getattr(case, "result", []) or [])
+    for result in results:
+        message = (getattr(result, "message", None) or getattr(result, "text", None) or "")
+        if isinstance(result, Failure):
+            return "failed", str(message)[:MAX_MESSAGE]
+        if isinstance(result, Error):
+            return "error", str(message)[:MAX_MESSAGE]
+        if isinstance(result, Skipped):
+            return "skipped", str(message)[:MAX_MESSAGE]
+    return "passed", ""
+
+
+class JunitReportReader:
+    """``ReportReader`` backed by junitparser."""
+
+    def read_junit(self, workspace: str, patterns: Sequence[str]) -> ReportResult:
+        """Every test case of every report under ``workspace`` that matches ``patterns``."""
+        from junitparser import JUnitXml
+
+        root = Path(workspace).resolve()
+        result = ReportResult()
+        files: list[Path] = []
+        for pattern in patterns:
+            matches = sorted(root.glob(pattern))
+            if not matches:
+                result.problems.append(f"no report matches '{pattern}'")
+            files.extend(matches)
+        seen: set[Path] = set()
+        for path in files:
+            real = path.resolve()
+            rel = os.path.relpath(path, root)
+            if real in seen:
+                continue
+            seen.add(real)
+            if not real.is_relative_to(root) or not real.is_file():
+                result.problems.append(f"{rel}: not a regular file inside the workspace; ignored")
+                continue
+            if real.stat().st_size > MAX_REPORT_BYTES:
+                result.problems.append(f"{rel}: larger than {MAX_REPORT_BYTES} bytes; ignored")
+                continue
+            try:
+                xml = JUnitXml.fromfile(str(real))
+                suites = [xml] if xml._tag == "testsuite" else list(xml)
+                for suite in suites:
+                    for case in suite:
+                        outcome, message = _outcome(case)
+                        result.tests.append(
+                            TestCaseResult(
+                                name=str(case.name or ""),
+                                classname=str(case.classname or ""),
+                                file=str(getattr(case, "file", None) or rel),
+                                outcome=outcome,
+                                duration_s=float(case.time or 0.0),
+                                message=message,
+                            )
+                        )
+            except Exception as exc:  # malformed XML of any kind is the job's problem
+                result.problems.append(f"{rel}: not a readable JUnit report ({exc})")
+        return result

@@ -1,0 +1,99 @@
+"""Run ownership and orphan recovery for local runs.
+
+The process executing a run holds an exclusive ``flock`` on ``locks/run-<id>.lock`` (not
+inherited by jobs). If a later command can take that lock, the owner is gone (killed, crashed)
+and the run is an orphan: its job processes, found by the run's unique token in their
+environment, are killed, and the run is recorded ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+
+@dataclass
+class RunLock:
+    """The owner's lock on one run; released when the owner exits, however it exits."""
+
+    path: Path
+    handle: IO[bytes]
+
+    def release(self) -> None:
+        """Unlock and remove the lock file."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        self.handle.close()
+
+
+def new_owner() -> dict[str, object]:
+    """Who owns a new run: this process, this host, and a unique token for its jobs."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
+
+
+def acquire_run_lock(locks_dir: Path, run_id: int) -> RunLock:
+    """Take the lock of a new run (it cannot be held by anyone else)."""
+    locks_dir.mkdir(parents=True, exist_ok=True)
+    path = locks_dir / f"run-{run_id}.lock"
+    handle = open(path, "a+b")  # noqa: SIM115 - held for the life of the run
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return RunLock(path, handle)
+
+
+def owner_is_gone(locks_dir: Path, run_id: int, owner_pid: int | None, owner_host: str | None) -> bool:
+    """Whether the process that owned a running run no longer exists."""
+    if owner_host and owner_host != socket.gethostname():
+        return False  # another machine's run: not ours to judge
+    path = locks_dir / f"run-{run_id}.lock"
+    if path.exists():
+        try:
+            with open(path, "a+b") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return True
+    if owner_pid is None:
+        return True
+    try:
+        os.kill(owner_pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _processes_with_token(token: str) -> Iterator[int]:
+    marker = f"CONVEYOR_RUN_TOKEN={token}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as handle:
+                if marker in handle.read().split(b"\0"):
+                    yield int(entry.name)
+        except OSError:
+            continue
+
+
+def kill_orphans(token: str | None) -> list[int]:
+    """Kill every process of an orphaned run (found by its token); returns their pids."""
+    killed: list[int] = []
+    if token and os.path.isdir("/proc"):
+        for pid in _processes_with_token(token):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return sorted(killed)

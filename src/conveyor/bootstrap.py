@@ -1,0 +1,170 @@
+"""The composition root: the only module that names concrete adapters.
+
+The CLI (and later the server) call these functions to get a record, recover orphaned runs and
+assemble an engine for a run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from conveyor.adapters.clock import SystemClock
+from conveyor.adapters.git import DirtyWorkspace, GitSource, GitWorkspace
+from conveyor.adapters.home import Home
+from conveyor.adapters.junit import JunitReportReader
+from conveyor.adapters.logs import FileLogStore
+from conveyor.adapters.processes import (
+    RunLock,
+    acquire_run_lock,
+    kill_orphans,
+    new_owner,
+    owner_is_gone,
+)
+from conveyor.domain.events import RunInterrupted
+from conveyor.domain.ports import Observer, SourceSnapshot
+from conveyor.engine.engine import Engine, RunOptions, RunRequest
+from conveyor.executors.local import LocalExecutor
+from conveyor.spec.models import PipelineSpec
+from conveyor.store.migrate import ensure_schema
+from conveyor.store.sqlite import SqliteRecord
+
+KEEP_WORKSPACES = 5
+
+
+def open_record(home: Home, *, recover: bool = True) -> SqliteRecord:
+    """The record of ``home`` (created and migrated if needed), orphans recovered."""
+    home.ensure()
+    ensure_schema(home.database)
+    record = SqliteRecord(home.database, SystemClock().now)
+    if recover:
+        recover_orphans(record, home)
+    return record
+
+
+def recover_orphans(record: SqliteRecord, home: Home) -> list[int]:
+    """Mark runs whose owner died ``interrupted`` after killing their jobs; returns their ids."""
+    recovered: list[int] = []
+    for run in record.running_runs():
+        if not owner_is_gone(home.locks, run["id"], run["owner_pid"], run["owner_host"]):
+            continue
+        killed = kill_orphans(run["owner_token"])
+        record.append(
+            [
+                RunInterrupted(
+                    run_id=run["id"],
+                    reason="the conveyor process running it stopped without finishing it",
+                    killed_pids=killed,
+                )
+            ]
+        )
+        recovered.append(run["id"])
+    return recovered
+
+
+class CancelFlag:
+    """``CancelToken`` set by SIGINT/SIGTERM; the executor's wakeup fd interrupts its wait."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def is_set(self) -> bool:
+        return self.signal is not None
+
+    def handler(self, signum: int, _frame: object) -> None:
+        self.signal = signum
+
+
+@contextmanager
+def cancellation(executor: LocalExecutor) -> Iterator[CancelFlag]:
+    """Install SIGINT/SIGTERM handlers that request cancellation; restore them afterwards."""
+    flag = CancelFlag()
+    previous = {sig: signal.signal(sig, flag.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old_fd = signal.set_wakeup_fd(executor.wakeup_fd, warn_on_full_buffer=False)
+    try:
+        yield flag
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class PreparedRun:
+    """Everything a run needs, assembled."""
+
+    request: RunRequest
+    engine: Engine
+    executor: LocalExecutor
+    lock: RunLock
+
+
+def source_snapshot(source: GitSource, commit: str | None, spec: PipelineSpec) -> SourceSnapshot:
+    """The snapshot for cache keys; file lists only when some job declares ``inputs``."""
+    if commit is None:
+        return source.dirty_snapshot()
+    return source.snapshot(commit, with_files=any(j.inputs is not None for j in spec.jobs))
+
+
+def prepare_run(
+    *,
+    home: Home,
+    record: SqliteRecord,
+    source: GitSource,
+    spec: PipelineSpec,
+    snapshot: SourceSnapshot,
+    options: RunOptions,
+    actor: str,
+    secrets: Mapping[str, str],
+    observer: Observer,
+    cancel: CancelFlag,
+    executor: LocalExecutor,
+) -> PreparedRun:
+    """Allocate a run id, take its lock, and build the engine with local adapters."""
+    run_id = record.allocate_run_id()
+    lock = acquire_run_lock(home.locks, run_id)
+    owner = new_owner()
+    directory = home.workspaces / str(run_id)
+    workspace = (
+        DirtyWorkspace(source, directory)
+        if snapshot.dirty
+        else GitWorkspace(source, snapshot.revision, directory)
+    )
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    request = RunRequest(
+        run_id=run_id,
+        spec=spec,
+        source=snapshot,
+        actor=actor,
+        owner=owner,
+        base_env=base_env,
+        secrets=secrets,
+        home=str(home.root),
+        options=options,
+    )
+    engine = Engine(
+        record=record,
+        executor=executor,
+        logs=FileLogStore(home.root),
+        reports=JunitReportReader(),
+        workspace=workspace,
+        clock=SystemClock(),
+        observer=observer,
+        cancel=cancel,
+    )
+    return PreparedRun(request, engine, executor, lock)
+
+
+def prune_workspaces(home: Home, keep: int = KEEP_WORKSPACES) -> None:
+    """Remove the workspaces of all but the ``keep`` newest runs."""
+    import shutil
+
+    if not home.workspaces.is_dir():
+        return
+    ids = sorted((int(p.name) for p in home.workspaces.iterdir() if p.name.isdigit()), reverse=True)
+    for run_id in ids[keep:]:
+        shutil.rmtree(home.workspaces / str(run_id), ignore_errors=True)

@@ -1,0 +1,624 @@
+"""The ``conveyor`` command line.
+
+Exit codes: 0 success, 1 the pipeline failed (or a runtime fault), 2 usage or configuration
+error, 130 cancelled. Heavy modules (rich, the store, the engine) are imported inside the
+commands that need them, so ``conveyor validate`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from conveyor import __version__
+from conveyor.errors import ConveyorError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def home_option(func: F) -> F:
+    return click.option(
+        "--home",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="CONVEYOR_HOME",
+        help="Conveyor's state folder [default: .conveyor at the repository root; env CONVEYOR_HOME].",
+    )(func)
+
+
+def file_option(func: F) -> F:
+    return click.option(
+        "-f",
+        "--file",
+        "pipeline_file",
+        default="conveyor.yml",
+        show_default=True,
+        help="Pipeline file, relative to the repository root.",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON (documented in docs/cli.md).")(func)
+
+
+def _echo_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False))
+
+
+# -- context helpers ------------------------------------------------------------------------
+
+
+def _repo_root(required: bool = True) -> Path | None:
+    from conveyor.adapters.git import find_repo_root
+
+    root = find_repo_root(Path.cwd())
+    if root is None and required:
+        raise UsageError(
+            "not inside a git repository",
+            hint="run conveyor from a git repository (git init), or cd into one",
+        )
+    return root
+
+
+def _home(home: Path | None, root: Path | None) -> Any:
+    from conveyor.adapters.home import Home
+
+    if home is not None:
+        return Home(home.resolve())
+    if root is None:
+        raise UsageError("no home for Conveyor's state",
+                         hint="run inside a git repository, or pass --home / set CONVEYOR_HOME")
+    return Home(root / ".conveyor")
+
+
+def _open_record(home: Path | None, root: Path | None = None) -> Any:
+    from conveyor.bootstrap import open_record
+
+    if home is None and root is None:
+        root = _repo_root()
+    return open_record(_home(home, root))
+
+
+def _run_id(record: Any, ref: str) -> int:
+    run_id = record.resolve_run(ref)
+    if run_id is None:
+        if ref == "latest":
+            raise UsageError("there are no runs yet", hint="start one with `conveyor run`")
+        raise UsageError(f"there is no run '{ref}'",
+                         hint="`conveyor runs list` shows the runs; RUN is a run id or `latest`")
+    return int(run_id)
+
+
+def _pipeline_path(root: Path, pipeline_file: str) -> tuple[Path, str]:
+    path = Path(pipeline_file)
+    full = path if path.is_absolute() else (Path.cwd() / path)
+    if not full.exists() and not path.is_absolute():
+        full = root / path
+    full = full.resolve()
+    try:
+        rel = full.relative_to(root.resolve()).as_posix()
+    except ValueError as exc:
+        raise UsageError(
+            f"{pipeline_file} is outside the repository {root}",
+            hint="the pipeline file is versioned with the code: keep it in the repository",
+        ) from exc
+    return full, rel
+
+
+def _committed_spec(source: Any, commit: str, rel: str, display: str) -> Any:
+    from conveyor.errors import SpecError, SpecProblem
+    from conveyor.spec import parse_pipeline
+
+    data = source.read_file(commit, rel)
+    if data is None:
+        raise SpecError(
+            [
+                SpecProblem(
+                    display, 1, 1, f"{rel} is not in the committed revision {commit[:12]}",
+                    hint="commit it (git add && git commit), run with --dirty to use the working"
+                    " tree, or `conveyor init` to write one",
+                )
+            ]
+        )
+    return parse_pipeline(data, display)
+
+
+def _load_for_run(pipeline_file: str, revision: str | None, dirty: bool) -> tuple[Any, Any, Any]:
+    """Repository root, spec and snapshot for ``run`` and ``plan``."""
+    from conveyor.adapters.git import GitSource
+    from conveyor.bootstrap import source_snapshot
+    from conveyor.spec import load_pipeline_file
+
+    root = _repo_root()
+    assert root is not None
+    full, rel = _pipeline_path(root, pipeline_file)
+    source = GitSource(root)
+    if dirty:
+        if revision:
+            raise UsageError("--dirty and --revision cannot be combined",
+                             hint="--dirty runs the working tree as it is now")
+        spec = load_pipeline_file(full, pipeline_file)
+        snapshot = source_snapshot(source, None, spec)
+    else:
+        commit = source.resolve(revision or "HEAD")
+        spec = _committed_spec(source, commit, rel, pipeline_file)
+        snapshot = source_snapshot(source, commit, spec)
+    return root, spec, (source, snapshot)
+
+
+def _actor(as_user: str | None, root: Path | None) -> str:
+    if as_user:
+        return as_user
+    if os.environ.get("CONVEYOR_USER"):
+        return os.environ["CONVEYOR_USER"]
+    import subprocess
+
+    try:
+        proc = subprocess.run(["git", "config", "user.email"], capture_output=True, text=True,
+                              cwd=root, check=False)
+        if proc.stdout.strip():
+            return proc.stdout.strip()
+    except OSError:
+        pass
+    return os.environ.get("USER", "unknown")
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="conveyor")
+def cli() -> None:
+    """Conveyor: one automated path from commit to production.
+
+    Pipelines are defined in conveyor.yml at the repository root. Start with `conveyor init`,
+    check with `conveyor validate`, run with `conveyor run`.
+    """
+
+
+STARTER = """\
+# Conveyor pipeline: stages run in order, a failed stage stops the line.
+# Reference: docs/pipeline.md
+pipeline: {name}
+env:
+  APP_ENV: ci
+stages:
+  - name: commit
+    jobs:
+      build:
+        run: |
+          echo "building $CONVEYOR_PIPELINE at $CONVEYOR_REVISION"
+          mkdir -p dist && date -u > dist/build-info.txt
+        timeout: 10m
+      unit:
+        needs: [build]
+        run: |
+          echo "run your unit tests here, for example:"
+          echo "  python -m pytest -q --junitxml=reports/unit.xml"
+        # reports: {{junit: "reports/*.xml"}}
+        timeout: 10m
+  - name: acceptance
+    jobs:
+      smoke:
+        run: echo "run your acceptance tests here"
+"""
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Overwrite an existing pipeline file.")
+@file_option
+def init(force: bool, pipeline_file: str) -> None:
+    """Write a starter conveyor.yml at the repository root."""
+    root = _repo_root(required=False) or Path.cwd()
+    path = Path(pipeline_file) if Path(pipeline_file).is_absolute() else root / pipeline_file
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists", hint="pass --force to overwrite it")
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in root.name).strip("-._")
+    path.write_text(STARTER.format(name=name or "app"))
+    click.echo(f"wrote {path}")
+    click.echo("next: `conveyor validate`, commit it, then `conveyor run`")
+
+
+@cli.command()
+@file_option
+@json_option
+def validate(pipeline_file: str, as_json: bool) -> None:
+    """Check the pipeline file and explain every problem (exit 2 if there is any)."""
+    from conveyor.errors import SpecError
+    from conveyor.spec import load_pipeline_file
+
+    path = Path(pipeline_file)
+    if not path.is_absolute() and not path.exists():
+        root = _repo_root(required=False)
+        if root is not None and (root / path).exists():
+            path = root / path
+    try:
+        spec = load_pipeline_file(path, pipeline_file)
+    except SpecError as exc:
+        if as_json:
+            _echo_json({"valid": False, "problems": [
+                {"file": p.source, "line": p.line, "column": p.column, "message": p.message,
+                 "hint": p.hint} for p in exc.problems]})
+            sys.exit(EXIT_USAGE)
+        raise
+    jobs = sum(len(s.jobs) for s in spec.stages)
+    if as_json:
+        _echo_json({"valid": True, "pipeline": spec.name, "stages": len(spec.stages), "jobs": jobs,
+                    "digest": spec.digest})
+    else:
+        click.echo(f"{pipeline_file}: ok: pipeline '{spec.name}', {len(spec.stages)} stages,"
+                   f" {jobs} jobs")
+
+
+@cli.command()
+@file_option
+@home_option
+@click.option("--revision", "-r", help="Commit, branch or tag to plan [default: HEAD].")
+@click.option("--dirty", is_flag=True, help="Plan the working tree as it is, uncommitted changes included.")
+@click.option("--stage", "stages", multiple=True, help="Only this stage (repeatable).")
+@click.option("--no-cache", is_flag=True, help="Plan as if the cache were empty.")
+@json_option
+def plan(pipeline_file: str, home: Path | None, revision: str | None, dirty: bool,
+         stages: tuple[str, ...], no_cache: bool, as_json: bool) -> None:
+    """Show what a run would do, in which order and why (DAG levels, cache hits)."""
+    from conveyor.engine.planning import build_plan, cache_keys
+
+    root, spec, (source, snapshot) = _load_for_run(pipeline_file, revision, dirty)
+    selected = _check_stages(spec, stages)
+    record = _open_record(home, root)
+    secrets, _ = _secrets(spec)
+    keys = cache_keys(spec, snapshot, secrets)
+    the_plan = build_plan(spec, snapshot, keys, selected=selected, use_cache=not no_cache,
+                          find_cache=record.find_cache)
+    if as_json:
+        _echo_json({
+            "pipeline": the_plan.pipeline,
+            "revision": the_plan.revision,
+            "dirty": snapshot.dirty,
+            "stages": [
+                {"name": s.name, "selected": s.selected, "levels": [
+                    [{"name": j.name, "needs": list(j.needs), "action": j.action,
+                      "reason": j.reason, "cache_key": j.cache_key,
+                      "cached_from": ({"run": j.cache_hit.run_id, "attempt": j.cache_hit.attempt}
+                                      if j.cache_hit else None)} for j in level]
+                    for level in s.levels]}
+                for s in the_plan.stages],
+        })
+        return
+    click.echo(f"pipeline '{the_plan.pipeline}' at {the_plan.revision[:12]}"
+               + (" (dirty working tree)" if snapshot.dirty else ""))
+    for number, stage in enumerate(the_plan.stages, 1):
+        note = "" if stage.selected else "  (not selected: skipped)"
+        click.echo(f"{number}. stage {stage.name}{note}")
+        for depth, level in enumerate(stage.levels):
+            click.echo(f"   level {depth}:")
+            for job in level:
+                needs = f" after {', '.join(job.needs)}" if job.needs else ""
+                click.echo(f"     {job.action:<6} {job.name}{needs}: {job.reason}")
+    click.echo("stages run in order; a failed stage stops the line and the later stages are skipped")
+
+
+def _check_stages(spec: Any, stages: tuple[str, ...]) -> tuple[str, ...] | None:
+    if not stages:
+        return None
+    known = [s.name for s in spec.stages]
+    for name in stages:
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, known, n=1)
+            raise UsageError(
+                f"there is no stage '{name}' in pipeline '{spec.name}'",
+                hint=(f"did you mean '{close[0]}'? " if close else "") + "stages: " + ", ".join(known),
+            )
+    return stages
+
+
+def _secrets(spec: Any) -> tuple[dict[str, str], list[str]]:
+    found = {name: os.environ[name] for name in spec.secrets if os.environ.get(name)}
+    missing = [name for name in spec.secrets if name not in found]
+    return found, missing
+
+
+@cli.command()
+@file_option
+@home_option
+@click.option("--jobs", "-j", "max_jobs", type=click.IntRange(1, 1024), default=None,
+              help="Jobs to run at once [default: the number of CPUs].")
+@click.option("--stage", "stages", multiple=True, help="Run only this stage (repeatable); the others are recorded skipped.")
+@click.option("--no-cache", is_flag=True, help="Run every job, even when its cache key matches.")
+@click.option("--fail-fast", is_flag=True, help="Cancel the running jobs of a stage as soon as one fails.")
+@click.option("--revision", "-r", help="Commit, branch or tag to run [default: HEAD].")
+@click.option("--dirty", is_flag=True, help="Run the working tree as it is, uncommitted changes included.")
+@click.option("--as", "as_user", help="Who starts the run [default: $CONVEYOR_USER, else git user.email].")
+@click.option("--progress", type=click.Choice(["auto", "live", "plain", "quiet"]), default="auto",
+              show_default=True, help="Live view on a terminal, plain lines otherwise.")
+def run(pipeline_file: str, home: Path | None, max_jobs: int | None, stages: tuple[str, ...],
+        no_cache: bool, fail_fast: bool, revision: str | None, dirty: bool, as_user: str | None,
+        progress: str) -> None:
+    """Run the pipeline on the committed revision (exit 1 if it fails, 130 if cancelled)."""
+    from conveyor.bootstrap import cancellation, prepare_run, prune_workspaces
+    from conveyor.engine.engine import RunOptions
+    from conveyor.executors.local import LocalExecutor
+
+    root, spec, (source, snapshot) = _load_for_run(pipeline_file, revision, dirty)
+    selected = _check_stages(spec, stages)
+    home_obj = _home(home, root)
+    record = _open_record(home, root)
+    secrets, missing = _secrets(spec)
+    for name in missing:
+        click.echo(f"warning: secret {name} is declared but not set in the environment;"
+                   " jobs will not get it", err=True)
+    for name, value in secrets.items():
+        if len(value) < 4:
+            click.echo(f"warning: secret {name} is shorter than 4 characters; masking it will"
+                       " also hide ordinary text", err=True)
+    options = RunOptions(
+        max_parallel=max_jobs or os.cpu_count() or 2,
+        stages=selected,
+        use_cache=not no_cache,
+        fail_fast=fail_fast,
+    )
+    mode = progress
+    if mode == "auto":
+        mode = "live" if sys.stdout.isatty() else "plain"
+    observer: Any
+    if mode == "live":
+        from conveyor.cli.progress import LiveProgress
+
+        observer = LiveProgress()
+    else:
+        from conveyor.cli.progress import PlainProgress
+
+        observer = PlainProgress(show_output=mode == "plain")
+        if mode == "quiet":
+            observer.stream = open(os.devnull, "w")  # noqa: SIM115
+    executor = LocalExecutor()
+    status = "failed"
+    with cancellation(executor) as cancel:
+        prepared = prepare_run(
+            home=home_obj, record=record, source=source, spec=spec, snapshot=snapshot,
+            options=options, actor=_actor(as_user, root), secrets=secrets, observer=observer,
+            cancel=cancel, executor=executor,
+        )
+        try:
+            status = prepared.engine.run(prepared.request)
+        finally:
+            observer.close()
+            prepared.lock.release()
+    run_id = prepared.request.run_id
+    prune_workspaces(home_obj)
+    _summary(record, run_id, status)
+    sys.exit({"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(status, EXIT_FAILED))
+
+
+def _summary(record: Any, run_id: int, status: str) -> None:
+    run_doc = record.get_run(run_id)
+    duration = run_doc.get("duration_s") if run_doc else None
+    click.echo(f"run {run_id} {status}" + (f" in {duration:.2f}s" if duration is not None else ""))
+    if run_doc and status != "succeeded":
+        for stage in run_doc["stages"]:
+            for job in stage["jobs"]:
+                if job["status"] in ("failed", "timed_out"):
+                    click.echo(f"  {job['name']} {job['status']}: see `conveyor logs {run_id}"
+                               f" {job['name']}`")
+
+
+@cli.group()
+def runs() -> None:
+    """List runs and show what happened in one."""
+
+
+@runs.command("list")
+@home_option
+@click.option("--limit", "-n", type=click.IntRange(1, 100000), default=20, show_default=True)
+@json_option
+def runs_list(home: Path | None, limit: int, as_json: bool) -> None:
+    """The latest runs, newest first."""
+    record = _open_record(home)
+    items = record.list_runs(limit)
+    if as_json:
+        _echo_json(items)
+        return
+    if not items:
+        click.echo("no runs yet: start one with `conveyor run`")
+        return
+    click.echo(f"{'RUN':>5}  {'STATUS':<11} {'PIPELINE':<16} {'REVISION':<12} {'STARTED':<20} DURATION")
+    for item in items:
+        started = (item["started_at"] or "")[:19].replace("T", " ")
+        duration = f"{item['duration_s']:.2f}s" if item["duration_s"] is not None else "-"
+        click.echo(f"{item['id']:>5}  {item['status']:<11} {item['pipeline'][:16]:<16}"
+                   f" {item['revision'][:12]:<12} {started:<20} {duration}")
+
+
+@runs.command("show")
+@click.argument("run_ref", metavar="RUN")
+@home_option
+@json_option
+@click.option("--events", is_flag=True, help="Also list the run's recorded events.")
+def runs_show(run_ref: str, home: Path | None, as_json: bool, events: bool) -> None:
+    """One run: its stages, jobs, attempts and test counts (RUN is an id or `latest`)."""
+    record = _open_record(home)
+    run_id = _run_id(record, run_ref)
+    doc = record.get_run(run_id)
+    for stage in doc["stages"]:
+        for job in stage["jobs"]:
+            job["attempt_details"] = record.attempts(run_id, job["name"])
+    if events:
+        doc["events"] = record.events_of_run(run_id)
+    if as_json:
+        _echo_json(doc)
+        return
+    click.echo(f"run {doc['id']}: {doc['status']}" + (f" ({doc['reason']})" if doc["reason"] else ""))
+    click.echo(f"  pipeline  {doc['pipeline']} ({doc['pipeline_file']}, {doc['pipeline_digest'][:19]})")
+    click.echo(f"  revision  {doc['revision']}" + ("  (dirty working tree)" if doc["dirty"] else ""))
+    click.echo(f"  by        {doc['actor']}")
+    click.echo(f"  started   {doc['started_at']}")
+    click.echo(f"  finished  {doc['finished_at'] or '-'}"
+               + (f"  ({doc['duration_s']:.2f}s)" if doc["duration_s"] is not None else ""))
+    for stage in doc["stages"]:
+        click.echo(f"  stage {stage['name']}: {stage['status']}")
+        for job in stage["jobs"]:
+            parts = [f"    {job['name']:<20} {job['status']:<10}"]
+            if job["duration_s"] is not None:
+                parts.append(f"{job['duration_s']:.2f}s")
+            if job["attempts"] and job["attempts"] > 1:
+                parts.append(f"{job['attempts']} attempts")
+            if job["exit_code"] not in (None, 0):
+                parts.append(f"exit {job['exit_code']}")
+            if job["tests"]:
+                t = job["tests"]
+                parts.append(f"tests {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped")
+            if job["cached_from"]:
+                parts.append(f"cached from run {job['cached_from']['run']}")
+            if job["reason"]:
+                parts.append(job["reason"])
+            click.echo("  ".join(parts))
+    if events:
+        for event in doc["events"]:
+            click.echo(f"  #{event['seq']} {event['at']} {event['type']}")
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN")
+@click.argument("job")
+@home_option
+@click.option("--attempt", type=click.IntRange(1, None), help="Which attempt [default: the last].")
+@click.option("--follow", "-F", is_flag=True, help="Keep printing output until the job ends.")
+@click.option("--raw", is_flag=True, help="Print bytes as stored (escape sequences included).")
+def logs(run_ref: str, job: str, home: Path | None, attempt: int | None, follow: bool, raw: bool) -> None:
+    """Print the log of a job of a run (RUN is an id or `latest`)."""
+    import time
+
+    from conveyor.domain.states import JOB_FINAL
+    from conveyor.domain.text import neutralise
+
+    record = _open_record(home)
+    run_id = _run_id(record, run_ref)
+    doc = record.get_run(run_id)
+    names = [j["name"] for s in doc["stages"] for j in s["jobs"]]
+    if job not in names:
+        import difflib
+
+        close = difflib.get_close_matches(job, names, n=1)
+        raise UsageError(f"run {run_id} has no job '{job}'",
+                         hint=(f"did you mean '{close[0]}'? " if close else "") + "jobs: " + ", ".join(names))
+    root = record.path.parent
+
+    def current() -> dict[str, Any] | None:
+        tries = record.attempts(run_id, job)
+        if attempt is not None:
+            return next((a for a in tries if a["attempt"] == attempt), None)
+        return tries[-1] if tries else None
+
+    out = sys.stdout.buffer
+    decoder_tail = b""
+    position = 0
+    chosen = current()
+    while chosen is None and follow and record.job_status(run_id, job) not in JOB_FINAL:
+        time.sleep(0.2)
+        chosen = current()
+    if chosen is None:
+        status = record.job_status(run_id, job)
+        raise UsageError(f"job '{job}' of run {run_id} has no log: it is {status}"
+                         + (" (it did not run)" if status in ("skipped", "cached") else ""))
+    path = root / chosen["log"]
+    while True:
+        if path.exists():
+            with open(path, "rb") as handle:
+                handle.seek(position)
+                data = handle.read()
+            position += len(data)
+            if data:
+                if raw:
+                    out.write(data)
+                else:
+                    data = decoder_tail + data
+                    cut = data.rfind(b"\n") + 1 if follow else len(data)
+                    chunk, decoder_tail = data[:cut], data[cut:]
+                    out.write(neutralise(chunk.decode("utf-8", "replace")).encode())
+                out.flush()
+        if not follow:
+            break
+        latest = current()
+        if latest is not None and latest["status"] != "running":
+            if position >= (latest["log_bytes"] or 0) or not path.exists():
+                break
+        time.sleep(0.2)
+    if decoder_tail:
+        out.write(neutralise(decoder_tail.decode("utf-8", "replace")).encode())
+        out.flush()
+
+
+@cli.group()
+def audit() -> None:
+    """Check the tamper-evident record."""
+
+
+@audit.command("verify")
+@home_option
+@json_option
+def audit_verify(home: Path | None, as_json: bool) -> None:
+    """Verify the hash chain of the event log (exit 1 naming the first bad event)."""
+    from conveyor.errors import AuditError
+
+    record = _open_record(home)
+    report = record.verify()
+    if as_json:
+        _echo_json({"ok": report.ok, "events": report.events, "first_bad_seq": report.first_bad_seq,
+                    "problem": report.problem or None, "head_hash": report.head_hash})
+        sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+    if not report.ok:
+        raise AuditError(f"the event log does not verify: {report.problem}",
+                         hint=f"first bad event: #{report.first_bad_seq}; the record was altered"
+                         " outside Conveyor")
+    click.echo(f"ok: {report.events} events, hash chain intact (head {report.head_hash[:16]})")
+
+
+@cli.command()
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--progress", type=click.Choice(["auto", "live", "plain"]), default="auto")
+def demo(directory: Path | None, progress: str) -> None:
+    """Create a sample repository with a small service and its tests, and run its pipeline."""
+    from conveyor.demo import run_demo
+
+    sys.exit(run_demo(directory, progress))
+
+
+def _fail(exc: ConveyorError) -> NoReturn:
+    click.echo(f"Error: {exc.render()}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and turn every error into a message and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="conveyor", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("cancelled", err=True)
+        sys.exit(EXIT_CANCELLED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE if exc.exit_code == 2 else exc.exit_code)
+    except ConveyorError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("cancelled", err=True)
+        sys.exit(EXIT_CANCELLED)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(EXIT_FAILED)
+    except Exception as exc:  # the user never sees a traceback
+        if os.environ.get("CONVEYOR_DEBUG"):
+            raise
+        click.echo(f"Error: internal error: {type(exc).__name__}: {exc}\n"
+                   "  hint: this is a bug in Conveyor; rerun with CONVEYOR_DEBUG=1 for details"
+                   " and report it", err=True)
+        sys.exit(EXIT_FAILED)

@@ -1,0 +1,233 @@
+"""Live feedback during a run: a rich live view on a terminal, plain lines otherwise.
+
+Both are ``Observer`` implementations. Job output is already masked by the engine; here it is
+neutralised (escape sequences and control characters removed) before it reaches the terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from conveyor.domain import events as ev
+from conveyor.domain.text import neutralise
+
+TAIL_LINES = 12
+SYMBOLS = {
+    "pending": "·",
+    "running": "▶",
+    "succeeded": "✓",
+    "cached": "↺",
+    "failed": "✗",
+    "timed_out": "⏱",
+    "cancelled": "⊘",
+    "skipped": "-",
+    "interrupted": "!",
+}
+
+
+@dataclass
+class _Job:
+    stage: str
+    status: str = "pending"
+    attempt: int = 0
+    started: float | None = None
+    ended: float | None = None
+    detail: str = ""
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    partial: str = ""
+
+
+class RunView:
+    """What both views know about the run, built from events and output."""
+
+    def __init__(self) -> None:
+        self.run_id: int | None = None
+        self.pipeline = ""
+        self.revision = ""
+        self.stages: list[str] = []
+        self.stage_status: dict[str, str] = {}
+        self.jobs: dict[str, _Job] = {}
+        self.started = time.monotonic()
+        self.status = "running"
+
+    def apply(self, event: ev.Event) -> None:
+        """Update from one recorded event."""
+        now = time.monotonic()
+        if isinstance(event, ev.RunStarted):
+            self.run_id = event.run_id
+            self.pipeline = event.pipeline
+            self.revision = event.revision
+            for stage in event.stages:
+                self.stages.append(stage["name"])
+                self.stage_status[stage["name"]] = "pending"
+                for job in stage["jobs"]:
+                    self.jobs[job] = _Job(stage["name"])
+        elif isinstance(event, ev.StageStarted):
+            self.stage_status[event.stage] = "running"
+        elif isinstance(event, ev.StageFinished):
+            self.stage_status[event.stage] = event.status
+        elif isinstance(event, ev.JobAttemptStarted):
+            job = self.jobs[event.job]
+            job.status, job.attempt = "running", event.attempt
+            job.started = job.started or now
+            job.detail = f"attempt {event.attempt}" if event.attempt > 1 else ""
+        elif isinstance(event, ev.JobAttemptFinished):
+            job = self.jobs[event.job]
+            if event.status != "succeeded":
+                job.detail = f"attempt {event.attempt} {event.status} (exit {event.exit_code})"
+        elif isinstance(event, ev.JobFinished):
+            job = self.jobs[event.job]
+            job.status, job.ended = event.status, now
+        elif isinstance(event, ev.JobCached):
+            job = self.jobs[event.job]
+            job.status, job.detail = "cached", f"from run {event.source_run}"
+        elif isinstance(event, ev.JobSkipped):
+            job = self.jobs[event.job]
+            job.status, job.detail = "skipped", event.reason
+        elif isinstance(event, ev.TestsReported):
+            job = self.jobs[event.job]
+            job.detail = f"tests: {event.passed} passed, {event.failed} failed, {event.skipped} skipped"
+        elif isinstance(event, ev.RunFinished):
+            self.status = event.status
+
+    def output(self, job_name: str, text: str) -> list[str]:
+        """Add output of a job; returns the complete lines it finished."""
+        job = self.jobs[job_name]
+        text = job.partial + neutralise(text)
+        *lines, job.partial = text.split("\n")
+        job.tail.extend(lines)
+        return lines
+
+    def duration(self, job: _Job) -> str:
+        if job.started is None:
+            return ""
+        end = job.ended if job.ended is not None else time.monotonic()
+        return f"{end - job.started:.1f}s"
+
+
+class PlainProgress:
+    """Line-oriented output for logs and pipes: one line per state change or output line."""
+
+    def __init__(self, stream: IO[str] | None = None, show_output: bool = True) -> None:
+        self.view = RunView()
+        self.stream = stream or sys.stdout
+        self.show_output = show_output
+
+    def _print(self, text: str) -> None:
+        self.stream.write(text + "\n")
+
+    def on_event(self, event: ev.Event) -> None:
+        self.view.apply(event)
+        if isinstance(event, ev.RunStarted):
+            self._print(
+                f"run {event.run_id}: pipeline '{event.pipeline}' at {event.revision[:12]}"
+                + (" (dirty working tree)" if event.dirty else "")
+            )
+        elif isinstance(event, ev.StageStarted):
+            self._print(f"stage {event.stage}")
+        elif isinstance(event, ev.StageFinished):
+            self._print(f"stage {event.stage} {event.status}")
+        elif isinstance(event, ev.JobAttemptStarted):
+            suffix = f" (attempt {event.attempt})" if event.attempt > 1 else ""
+            self._print(f"  {event.job} started{suffix}")
+        elif isinstance(event, ev.JobAttemptFinished) and event.status != "succeeded":
+            self._print(
+                f"  {event.job} attempt {event.attempt} {event.status} (exit {event.exit_code})"
+            )
+        elif isinstance(event, ev.JobFinished):
+            job = self.view.jobs[event.job]
+            self._print(f"  {event.job} {event.status} in {event.duration_s:.2f}s")
+            if event.status not in ("succeeded", "cached") and job.tail and not self.show_output:
+                for line in job.tail:
+                    self._print(f"  {event.job} | {line}")
+        elif isinstance(event, ev.JobCached):
+            self._print(f"  {event.job} cached (same inputs as run {event.source_run})")
+        elif isinstance(event, ev.JobSkipped):
+            self._print(f"  {event.job} skipped: {event.reason}")
+        elif isinstance(event, ev.TestsReported):
+            self._print(
+                f"  {event.job} tests: {event.passed} passed, {event.failed} failed,"
+                f" {event.skipped} skipped"
+            )
+            for problem in event.problems:
+                self._print(f"  {event.job} reports: {neutralise(problem)}")
+        self.stream.flush()
+
+    def on_output(self, job: str, attempt: int, text: str) -> None:
+        lines = self.view.output(job, text)
+        if self.show_output:
+            for line in lines:
+                self._print(f"  {job} | {line}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Print what is left of partial lines."""
+        for name, job in self.view.jobs.items():
+            if job.partial and self.show_output:
+                self._print(f"  {name} | {job.partial}")
+                job.partial = ""
+
+
+class LiveProgress:
+    """A rich live table of stages and jobs, with the log tail of failing jobs."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.view = RunView()
+        self.console = Console()
+        self.live = Live(console=self.console, refresh_per_second=8, transient=False,
+                         get_renderable=self._render)
+        self.live.start()
+
+    def on_event(self, event: ev.Event) -> None:
+        self.view.apply(event)
+
+    def on_output(self, job: str, attempt: int, text: str) -> None:
+        self.view.output(job, text)
+
+    def close(self) -> None:
+        self.live.refresh()
+        self.live.stop()
+
+    def _render(self) -> Any:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        view = self.view
+        title = f"run {view.run_id} · {view.pipeline} · {view.revision[:12]}"
+        table = Table(title=title, title_justify="left", expand=False, box=None, padding=(0, 1))
+        table.add_column("stage")
+        table.add_column("job")
+        table.add_column("state")
+        table.add_column("time", justify="right")
+        table.add_column("detail", overflow="ellipsis", max_width=60)
+        styles = {"succeeded": "green", "cached": "cyan", "failed": "red", "timed_out": "red",
+                  "running": "yellow", "cancelled": "magenta", "skipped": "dim"}
+        for stage in view.stages:
+            first = True
+            for name, job in view.jobs.items():
+                if job.stage != stage:
+                    continue
+                state = Text(f"{SYMBOLS.get(job.status, '?')} {job.status}",
+                             style=styles.get(job.status, ""))
+                table.add_row(
+                    Text(stage if first else "", style="bold"),
+                    Text(name),
+                    state,
+                    view.duration(job),
+                    Text(job.detail),
+                )
+                first = False
+        parts: list[Any] = [table]
+        for name, job in view.jobs.items():
+            if job.status in ("failed", "timed_out") and job.tail:
+                parts.append(Text(f"── {name}: last lines of the log ──", style="red"))
+                parts.append(Text("\n".join(job.tail)))
+        return Group(*parts)

@@ -1,0 +1,215 @@
+"""``conveyor demo``: a sample repository with a small service and its tests, and its pipeline.
+
+It writes a tiny HTTP service (``shop``) with unit tests and a smoke test, commits it to a new
+git repository, and runs the real ``conveyor`` command on it twice: once from scratch, once to
+show the content-addressed cache. Then it lists the runs and verifies the record.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+FILES: dict[str, str] = {
+    "conveyor.yml": """\
+pipeline: shop
+env:
+  APP_ENV: ci
+secrets: [DEMO_TOKEN]
+stages:
+  - name: commit
+    jobs:
+      lint:
+        run: python -m compileall -q shop
+        inputs: ["shop/**"]
+      build:
+        run: |
+          mkdir -p dist
+          python -m zipfile -c dist/shop.zip shop
+          echo "built dist/shop.zip"
+        inputs: ["shop/**"]
+      unit:
+        needs: [lint]
+        run: python -m pytest -q -p no:cacheprovider --junitxml=reports/unit.xml tests
+        reports: {junit: "reports/*.xml"}
+        env: {PYTHONHASHSEED: "0"}
+        inputs: ["shop/**", "tests/**"]
+        timeout: 5m
+        retries: 1
+  - name: acceptance
+    jobs:
+      smoke:
+        run: |
+          echo "using token $DEMO_TOKEN (masked in every log)"
+          python scripts/smoke.py
+        timeout: 2m
+""",
+    "shop/__init__.py": '"""A tiny shop service."""\n',
+    "shop/pricing.py": '''\
+"""Prices with tax."""
+
+TAX_RATE = 0.2
+
+
+def price_with_tax(amount_cents: int) -> int:
+    """Gross price in cents, rounded half up."""
+    if amount_cents < 0:
+        raise ValueError("amount must not be negative")
+    return (amount_cents * 12 + 5) // 10
+''',
+    "shop/__main__.py": '''\
+"""Serve the shop: GET /healthz and GET /price?cents=N."""
+
+import argparse
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+from shop.pricing import price_with_tax
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        url = urlparse(self.path)
+        if url.path == "/healthz":
+            self._send(200, {"status": "ok"})
+        elif url.path == "/price":
+            try:
+                cents = int(parse_qs(url.query).get("cents", ["0"])[0])
+                self._send(200, {"gross": price_with_tax(cents)})
+            except ValueError as exc:
+                self._send(400, {"error": str(exc)})
+        else:
+            self._send(404, {"error": "not found"})
+
+    def _send(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    print(f"listening on {server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
+''',
+    "tests/test_pricing.py": '''\
+import pytest
+
+from shop.pricing import price_with_tax
+
+
+def test_adds_twenty_percent():
+    assert price_with_tax(1000) == 1200
+
+
+def test_rounds_half_up():
+    assert price_with_tax(3) == 4
+
+
+def test_zero():
+    assert price_with_tax(0) == 0
+
+
+def test_negative_is_refused():
+    with pytest.raises(ValueError):
+        price_with_tax(-1)
+''',
+    "scripts/smoke.py": '''\
+"""Start the service on a free port, check it answers, stop it."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+proc = subprocess.Popen([sys.executable, "-m", "shop", "--port", "0"], stdout=subprocess.PIPE, text=True)
+try:
+    port = int(proc.stdout.readline().split()[-1])
+    for _ in range(50):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                assert json.load(r) == {"status": "ok"}
+            break
+        except OSError:
+            time.sleep(0.1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/price?cents=1000", timeout=2) as r:
+        body = json.load(r)
+    assert body == {"gross": 1200}, body
+    print(f"smoke ok: service on port {port} answered {body}")
+finally:
+    proc.terminate()
+    proc.wait(timeout=10)
+''',
+    ".gitignore": "dist/\nreports/\n__pycache__/\n",
+}
+
+
+def write_sample(directory: Path) -> None:
+    """Write the sample repository and commit it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for rel, text in FILES.items():
+        path = directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    env = _git_env()
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
+                 ["commit", "-q", "-m", "shop: pricing service, tests and pipeline"]):
+        subprocess.run(["git", *args], cwd=directory, check=True, env=env)
+
+
+def _git_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("GIT_AUTHOR_NAME", "Conveyor Demo")
+    env.setdefault("GIT_AUTHOR_EMAIL", "demo@conveyor.invalid")
+    env.setdefault("GIT_COMMITTER_NAME", "Conveyor Demo")
+    env.setdefault("GIT_COMMITTER_EMAIL", "demo@conveyor.invalid")
+    return env
+
+
+def run_demo(directory: Path | None, progress: str = "auto") -> int:
+    """Create the sample and run its pipeline; returns the exit code of the first run."""
+    if directory is None:
+        directory = Path(tempfile.mkdtemp(prefix="conveyor-demo-")) / "shop"
+    if directory.exists() and any(directory.iterdir()):
+        print(f"Error: {directory} is not empty; give a new folder", file=sys.stderr)
+        return 2
+    write_sample(directory)
+    env = _git_env()
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["DEMO_TOKEN"] = "demo-secret-7f3a9c"
+    env.pop("CONVEYOR_HOME", None)
+    conveyor = [sys.executable, "-m", "conveyor"]
+
+    def step(title: str, *args: str) -> int:
+        print(f"\n$ conveyor {' '.join(args)}    # {title}", flush=True)
+        return subprocess.run([*conveyor, *args], cwd=directory, env=env, check=False).returncode
+
+    print(f"sample repository: {directory}")
+    step("check the pipeline file", "validate")
+    step("what would run, and why", "plan")
+    first = step("run the pipeline", "run", "--progress", progress)
+    step("run again: unchanged jobs come from the cache", "run", "--progress", progress)
+    step("the record of both runs", "runs", "list")
+    step("one run in detail", "runs", "show", "1")
+    step("the smoke job's log: the secret is masked", "logs", "1", "smoke")
+    step("prove the record was not altered", "audit", "verify")
+    print(f"\nthe sample stays in {directory}; its record is in {directory / '.conveyor'}")
+    return first

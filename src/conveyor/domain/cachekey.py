@@ -1,0 +1,88 @@
+"""Content-addressed job cache keys (pure).
+
+A job's key covers everything that can change what it does: its script, its resolved environment
+(secret *values* only as digests), the keys of the jobs it needs, and the digest of its inputs
+(the files its ``inputs`` patterns match in the revision, or the whole tree).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+KEY_VERSION = 1
+
+
+def digest_json(value: object) -> str:
+    """``sha256:<hex>`` of the canonical JSON form of ``value``."""
+    data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(data.encode()).hexdigest()
+
+
+@lru_cache(maxsize=256)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a path glob: ``**`` crosses directories, ``*`` and ``?`` do not.
+
+    A pattern ending in ``/`` or ``/**`` matches everything below that directory.
+    """
+    if pattern.endswith("/"):
+        pattern += "**"
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def inputs_digest(files: Mapping[str, str], patterns: Sequence[str] | None, tree_id: str) -> str:
+    """Digest of the files a job depends on.
+
+    Args:
+        files: path -> content id (git blob id or sha256) of every file of the revision.
+        patterns: the job's ``inputs`` globs; ``None`` means the whole tree.
+        tree_id: an id of the whole tree, used when ``patterns`` is ``None``.
+    """
+    if patterns is None:
+        return "tree:" + tree_id
+    regexes = [glob_regex(p.lstrip("./") if p.startswith("./") else p) for p in patterns]
+    chosen = sorted((path, blob) for path, blob in files.items()
+                    if any(r.match(path) for r in regexes))
+    return digest_json(chosen)
+
+
+def job_cache_key(
+    *,
+    script: str,
+    env: Mapping[str, str],
+    secret_digests: Mapping[str, str],
+    needs_keys: Mapping[str, str],
+    inputs: str,
+) -> str:
+    """The cache key of one job of one run."""
+    return digest_json(
+        {
+            "v": KEY_VERSION,
+            "script": script,
+            "env": dict(env),
+            "secrets": dict(secret_digests),
+            "needs": dict(needs_keys),
+            "inputs": inputs,
+        }
+    )

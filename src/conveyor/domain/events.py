@@ -1,0 +1,155 @@
+"""Domain events: immutable, past-tense facts appended to the record.
+
+Every state change of a run is one of these. The store appends them, hash-linked, in the same
+transaction as the read models it derives from them. ``payload()`` is the stored form: plain JSON
+values only, so the record can be verified and read without this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base of every event; ``kind`` is the stored event type."""
+
+    kind: ClassVar[str] = "event"
+    run_id: int
+
+    def payload(self) -> dict[str, Any]:
+        """The event's fields as JSON-ready values (``run_id`` included)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    """A run of a pipeline began on a revision."""
+
+    kind: ClassVar[str] = "run.started"
+    pipeline: str
+    revision: str
+    pipeline_file: str
+    pipeline_digest: str
+    dirty: bool
+    actor: str
+    stages: list[dict[str, Any]]
+    """``[{"name": stage, "jobs": [job, ...]}, ...]`` in order."""
+    owner: dict[str, Any]
+    """Who executes the run: ``pid``, ``host`` and ``token`` (to find orphaned processes)."""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageStarted(Event):
+    kind: ClassVar[str] = "stage.started"
+    stage: str
+
+
+@dataclass(frozen=True)
+class StageFinished(Event):
+    kind: ClassVar[str] = "stage.finished"
+    stage: str
+    status: str
+
+
+@dataclass(frozen=True)
+class JobSkipped(Event):
+    """A job did not run: the line stopped, a job it needs failed, or it was not selected."""
+
+    kind: ClassVar[str] = "job.skipped"
+    stage: str
+    job: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobCached(Event):
+    """A job's cache key matched a successful attempt; it was not run again."""
+
+    kind: ClassVar[str] = "job.cached"
+    stage: str
+    job: str
+    cache_key: str
+    source_run: int
+    source_attempt: int
+
+
+@dataclass(frozen=True)
+class JobAttemptStarted(Event):
+    kind: ClassVar[str] = "job.attempt.started"
+    stage: str
+    job: str
+    attempt: int
+    pid: int
+    cache_key: str
+    log: str
+    """Path of the attempt's log file, relative to Conveyor's home."""
+
+
+@dataclass(frozen=True)
+class JobAttemptFinished(Event):
+    kind: ClassVar[str] = "job.attempt.finished"
+    stage: str
+    job: str
+    attempt: int
+    status: str
+    exit_code: int | None
+    duration_s: float
+    log_bytes: int
+    log_sha256: str
+    log_truncated: bool
+
+
+@dataclass(frozen=True)
+class TestsReported(Event):
+    """Per-test results parsed from an attempt's JUnit reports."""
+
+    kind: ClassVar[str] = "job.tests.reported"
+    stage: str
+    job: str
+    attempt: int
+    passed: int
+    failed: int
+    skipped: int
+    tests: list[dict[str, Any]]
+    """``{"name", "classname", "file", "outcome", "duration_s", "message"}`` per test case."""
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class JobFinished(Event):
+    kind: ClassVar[str] = "job.finished"
+    stage: str
+    job: str
+    status: str
+    exit_code: int | None
+    attempts: int
+    duration_s: float
+    cache_key: str
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    kind: ClassVar[str] = "run.finished"
+    status: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RunInterrupted(Event):
+    """The process executing the run died; a later command found the run orphaned."""
+
+    kind: ClassVar[str] = "run.interrupted"
+    reason: str
+    killed_pids: list[int] = field(default_factory=list)
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (
+        RunStarted, StageStarted, StageFinished, JobSkipped, JobCached, JobAttemptStarted,
+        JobAttemptFinished, TestsReported, JobFinished, RunFinished, RunInterrupted,
+    )
+}

@@ -1,0 +1,91 @@
+"""Conveyor's exceptions.
+
+A failed job or gate is a *result* recorded as an event, never an exception. Exceptions are for
+unusable input and for Conveyor's own faults::
+
+    ConveyorError                 root; ``exit_code`` says how the CLI ends
+    ├── UsageError                bad command-line use (exit 2)
+    ├── SpecError                 the pipeline file is unusable; carries every ``SpecProblem`` (exit 2)
+    ├── SourceError               the git repository or revision cannot be used (exit 2)
+    ├── StoreError                the record cannot be read or written (exit 1)
+    │   └── AuditError            the hash-linked log does not verify (exit 1)
+    └── ExecutorError             a job process could not be started or controlled (exit 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ConveyorError(Exception):
+    """Root of every error Conveyor raises on purpose; the message is shown to the user as is."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def render(self) -> str:
+        """The message and, when there is one, the hint on a second line."""
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class UsageError(ConveyorError):
+    """The command line was used wrongly (unknown run, bad option value)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """One problem in a pipeline file, with where it is and how to fix it."""
+
+    source: str
+    line: int
+    column: int
+    message: str
+    hint: str | None = None
+
+    def render(self) -> str:
+        """``file:LINE:COL: message`` and an indented hint line."""
+        text = f"{self.source}:{self.line}:{self.column}: {self.message}"
+        if self.hint:
+            text += "\n  hint: " + self.hint.replace("\n", "\n  ")
+        return text
+
+
+class SpecError(ConveyorError):
+    """The pipeline file cannot be used; ``problems`` lists every problem found, in file order."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[SpecProblem]) -> None:
+        self.problems = sorted(problems, key=lambda p: (p.line, p.column))
+        count = len(self.problems)
+        super().__init__(f"{count} problem{'s' if count != 1 else ''} in the pipeline file")
+
+    def render(self) -> str:
+        """Every problem, one block each, then a count."""
+        lines = [p.render() for p in self.problems]
+        lines.append(self.message)
+        return "\n".join(lines)
+
+
+class SourceError(ConveyorError):
+    """The repository, revision or working tree cannot be used for a run."""
+
+    exit_code = 2
+
+
+class StoreError(ConveyorError):
+    """The record (event store, logs) cannot be read or written."""
+
+
+class AuditError(StoreError):
+    """The hash-linked event log does not verify."""
+
+
+class ExecutorError(ConveyorError):
+    """A job process could not be started or controlled."""

@@ -1,0 +1,91 @@
+"""The pipeline definition as typed, immutable values (what ``conveyor.yml`` declares).
+
+Definitions are named ``*Spec``; their executions (``JobRun`` and friends) live in
+``conveyor.domain``. Every spec value remembers where it was declared so that later checks and
+messages can point at ``file:line:column``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_TIMEOUT_S = 3600.0
+DEFAULT_FILE = "conveyor.yml"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a value was declared (1-based line and column)."""
+
+    line: int
+    column: int
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job: a shell script run with ``bash -e`` in the run's workspace."""
+
+    name: str
+    stage: str
+    run: str
+    needs: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    retries: int = 0
+    junit: tuple[str, ...] = ()
+    """Glob patterns (relative to the workspace) of JUnit XML reports to parse after each attempt."""
+    inputs: tuple[str, ...] | None = None
+    """Glob patterns of the files the cache key covers; ``None`` means the whole tree."""
+    cache: bool = True
+    allow_failure: bool = False
+    location: Location = Location(1, 1)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A step of the sequence; its jobs form a DAG through ``needs``."""
+
+    name: str
+    jobs: tuple[JobSpec, ...]
+    location: Location = Location(1, 1)
+
+    def job(self, name: str) -> JobSpec:
+        """The job called ``name`` in this stage (``KeyError`` if there is none)."""
+        for job in self.jobs:
+            if job.name == name:
+                return job
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A whole pipeline file, validated."""
+
+    name: str
+    stages: tuple[StageSpec, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()
+    source: str = DEFAULT_FILE
+    digest: str = ""
+    """``sha256:<hex>`` of the file's bytes, recorded with every run."""
+
+    @property
+    def jobs(self) -> Iterator[JobSpec]:
+        """Every job, stage by stage, in file order."""
+        for stage in self.stages:
+            yield from stage.jobs
+
+    def job(self, name: str) -> JobSpec:
+        """The job called ``name`` (job names are unique in a pipeline)."""
+        for job in self.jobs:
+            if job.name == name:
+                return job
+        raise KeyError(name)
+
+    def stage(self, name: str) -> StageSpec:
+        """The stage called ``name`` (``KeyError`` if there is none)."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)

@@ -1,0 +1,496 @@
+"""The record on SQLite: a hash-linked event log plus the read models derived from it.
+
+Every ``append`` is one ``BEGIN IMMEDIATE`` transaction that inserts the events, each hash-linked
+to the one before, and updates the read models (runs, stages, jobs, attempts, test results, job
+cache). The database runs in WAL mode with ``synchronous=NORMAL``, which survives a crash of the
+process (``kill -9``) without losing a committed transaction; transactions that start or end a
+run are committed with ``synchronous=FULL`` so they also survive a power loss. Triggers make the
+event table append-only. Schema changes are Alembic migrations (``conveyor.store.migrate``).
+
+This adapter uses the stdlib ``sqlite3`` driver directly on the hot path: importing SQLAlchemy
+costs about 0.2 s per command, more than a whole cached run is allowed to take (ADR 0003).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conveyor.domain import events as ev
+from conveyor.domain.ports import CacheHit
+from conveyor.errors import StoreError
+
+GENESIS = "0" * 64
+_DURABLE_KINDS = frozenset({"run.started", "run.finished", "run.interrupted"})
+
+
+def canonical(value: object) -> str:
+    """The canonical JSON text used for hashing and storing payloads."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def event_hash(prev_hash: str, seq: int, at: str, kind: str, run_id: int, payload: str) -> str:
+    """Hash of one event: covers its position, content and the previous event's hash."""
+    material = canonical([prev_hash, seq, at, kind, run_id, json.loads(payload)])
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """Result of verifying the event log."""
+
+    ok: bool
+    events: int
+    first_bad_seq: int | None = None
+    problem: str = ""
+    head_hash: str = GENESIS
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open the database with the pragmas every connection needs."""
+    try:
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the record at {path}: {exc}") from exc
+    return conn
+
+
+class SqliteRecord:
+    """``RecordWriter`` and the queries of the CLI, on one SQLite database."""
+
+    def __init__(self, path: Path, now: Callable[[], str]) -> None:
+        self.path = path
+        self._now = now
+        self._conn = connect(path)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def allocate_run_id(self) -> int:
+        """A new run id, unique in this record."""
+        try:
+            cur = self._conn.execute("INSERT INTO run_ids (allocated_at) VALUES (?)", (self._now(),))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot allocate a run id: {exc}") from exc
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def append(self, events: Sequence[ev.Event]) -> None:
+        """Append events hash-linked and update read models, in one transaction."""
+        if not events:
+            return
+        durable = any(e.kind in _DURABLE_KINDS for e in events)
+        conn = self._conn
+        try:
+            if durable:
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+                seq, prev = (row[0], row[1]) if row else (0, GENESIS)
+                at = self._now()
+                for event in events:
+                    seq += 1
+                    payload = canonical(event.payload())
+                    digest = event_hash(prev, seq, at, event.kind, event.run_id, payload)
+                    conn.execute(
+                        "INSERT INTO events (seq, at, type, run_id, payload, prev_hash, hash)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (seq, at, event.kind, event.run_id, payload, prev, digest),
+                    )
+                    prev = digest
+                    _project(conn, event, at)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            finally:
+                if durable:
+                    conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to the record at {self.path}: {exc}") from exc
+
+    def find_cache(self, cache_key: str) -> CacheHit | None:
+        """The latest successful attempt recorded with ``cache_key``."""
+        row = self._conn.execute(
+            "SELECT run_id, job, attempt FROM job_cache WHERE cache_key = ?", (cache_key,)
+        ).fetchone()
+        return CacheHit(row[0], row[1], row[2]) if row else None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def resolve_run(self, ref: str) -> int | None:
+        """Run id for ``ref`` (a number or ``latest``), or ``None`` if there is no such run."""
+        if ref == "latest":
+            row = self._conn.execute("SELECT MAX(id) FROM runs").fetchone()
+            return row[0] if row and row[0] is not None else None
+        if not ref.isdigit() or len(ref) > 18:
+            return None
+        row = self._conn.execute("SELECT id FROM runs WHERE id = ?", (int(ref),)).fetchone()
+        return row[0] if row else None
+
+    def list_runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest runs, newest first."""
+        rows = self._conn.execute(
+            "SELECT id, pipeline, revision, status, started_at, finished_at, actor, dirty, reason"
+            " FROM runs ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        keys = ("id", "pipeline", "revision", "status", "started_at", "finished_at", "actor",
+                "dirty", "reason")
+        runs = [dict(zip(keys, row, strict=True)) for row in rows]
+        for run in runs:
+            run["dirty"] = bool(run["dirty"])
+            run["duration_s"] = _duration(run["started_at"], run["finished_at"])
+        return runs
+
+    def get_run(self, run_id: int) -> dict[str, Any] | None:
+        """One run with its stages and jobs (the ``runs show --json`` document)."""
+        row = self._conn.execute(
+            "SELECT id, pipeline, revision, pipeline_file, pipeline_digest, dirty, actor, status,"
+            " reason, started_at, finished_at, owner_pid, owner_host FROM runs WHERE id = ?",
+            (run_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        keys = ("id", "pipeline", "revision", "pipeline_file", "pipeline_digest", "dirty",
+                "actor", "status", "reason", "started_at", "finished_at", "owner_pid",
+                "owner_host")
+        run: dict[str, Any] = dict(zip(keys, row, strict=True))
+        run["dirty"] = bool(run["dirty"])
+        run["duration_s"] = _duration(run["started_at"], run["finished_at"])
+        stages = self._conn.execute(
+            "SELECT name, status, started_at, finished_at FROM stages WHERE run_id = ?"
+            " ORDER BY idx",
+            (run_id,),
+        ).fetchall()
+        job_rows = self._conn.execute(
+            "SELECT stage, name, status, exit_code, attempts, duration_s, started_at,"
+            " finished_at, cache_key, cached_from_run, cached_from_attempt, reason,"
+            " tests_passed, tests_failed, tests_skipped FROM jobs WHERE run_id = ? ORDER BY idx",
+            (run_id,),
+        ).fetchall()
+        jobs_by_stage: dict[str, list[dict[str, Any]]] = {}
+        for j in job_rows:
+            job: dict[str, Any] = {
+                "name": j[1],
+                "status": j[2],
+                "exit_code": j[3],
+                "attempts": j[4],
+                "duration_s": j[5],
+                "started_at": j[6],
+                "finished_at": j[7],
+                "cache_key": j[8],
+                "cached_from": {"run": j[9], "attempt": j[10]} if j[9] is not None else None,
+                "reason": j[11],
+                "tests": (
+                    {"passed": j[12], "failed": j[13], "skipped": j[14]}
+                    if j[12] is not None
+                    else None
+                ),
+            }
+            jobs_by_stage.setdefault(j[0], []).append(job)
+        run["stages"] = [
+            {
+                "name": s[0],
+                "status": s[1],
+                "started_at": s[2],
+                "finished_at": s[3],
+                "jobs": jobs_by_stage.get(s[0], []),
+            }
+            for s in stages
+        ]
+        return run
+
+    def attempts(self, run_id: int, job: str) -> list[dict[str, Any]]:
+        """Every attempt of a job of a run, oldest first."""
+        rows = self._conn.execute(
+            "SELECT attempt, status, exit_code, pid, started_at, finished_at, duration_s,"
+            " log_path, log_bytes, log_sha256, log_truncated FROM attempts"
+            " WHERE run_id = ? AND job = ? ORDER BY attempt",
+            (run_id, job),
+        ).fetchall()
+        keys = ("attempt", "status", "exit_code", "pid", "started_at", "finished_at",
+                "duration_s", "log", "log_bytes", "log_sha256", "log_truncated")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def job_status(self, run_id: int, job: str) -> str | None:
+        """Current status of a job of a run."""
+        row = self._conn.execute(
+            "SELECT status FROM jobs WHERE run_id = ? AND name = ?", (run_id, job)
+        ).fetchone()
+        return row[0] if row else None
+
+    def test_results(self, run_id: int, job: str | None = None) -> list[dict[str, Any]]:
+        """Per-test results of a run (of its last reported attempt per job)."""
+        sql = (
+            "SELECT job, attempt, name, classname, file, outcome, duration_s, message"
+            " FROM test_results WHERE run_id = ?"
+        )
+        params: list[Any] = [run_id]
+        if job is not None:
+            sql += " AND job = ?"
+            params.append(job)
+        rows = self._conn.execute(sql + " ORDER BY id", params).fetchall()
+        keys = ("job", "attempt", "name", "classname", "file", "outcome", "duration_s", "message")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def running_runs(self) -> list[dict[str, Any]]:
+        """Runs recorded as running, with their owner, for crash recovery."""
+        rows = self._conn.execute(
+            "SELECT id, owner_pid, owner_host, owner_token FROM runs WHERE status = 'running'"
+        ).fetchall()
+        return [
+            {"id": r[0], "owner_pid": r[1], "owner_host": r[2], "owner_token": r[3]} for r in rows
+        ]
+
+    def running_pids(self, run_id: int) -> list[int]:
+        """Process (group) ids of the attempts still recorded as running."""
+        rows = self._conn.execute(
+            "SELECT pid FROM attempts WHERE run_id = ? AND status = 'running'", (run_id,)
+        ).fetchall()
+        return [r[0] for r in rows if r[0]]
+
+    def iter_events(self) -> Iterator[tuple[int, str, str, int, str, str, str]]:
+        """Every stored event as ``(seq, at, type, run_id, payload, prev_hash, hash)``."""
+        yield from self._conn.execute(
+            "SELECT seq, at, type, run_id, payload, prev_hash, hash FROM events ORDER BY seq"
+        )
+
+    def events_of_run(self, run_id: int) -> list[dict[str, Any]]:
+        """The events of one run, in order."""
+        rows = self._conn.execute(
+            "SELECT seq, at, type, payload, hash FROM events WHERE run_id = ? ORDER BY seq",
+            (run_id,),
+        ).fetchall()
+        return [
+            {"seq": r[0], "at": r[1], "type": r[2], "payload": json.loads(r[3]), "hash": r[4]}
+            for r in rows
+        ]
+
+    def verify(self) -> AuditReport:
+        """Check the hash chain, the sequence and the high-water mark of the event log."""
+        expected_prev = GENESIS
+        count = 0
+        last_seq = 0
+        try:
+            for seq, at, kind, run_id, payload, prev_hash, stored in self.iter_events():
+                count += 1
+                if seq != last_seq + 1:
+                    return AuditReport(False, count, last_seq + 1,
+                                       f"event {last_seq + 1} is missing (next is {seq})")
+                if prev_hash != expected_prev:
+                    return AuditReport(False, count, seq,
+                                       f"event {seq} does not link to event {last_seq}")
+                try:
+                    digest = event_hash(prev_hash, seq, at, kind, run_id, payload)
+                except (ValueError, TypeError):
+                    return AuditReport(False, count, seq, f"event {seq} is not valid JSON")
+                if digest != stored:
+                    return AuditReport(False, count, seq,
+                                       f"event {seq} ({kind}) was altered: its hash does not match")
+                expected_prev = stored
+                last_seq = seq
+            row = self._conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the event log: {exc}") from exc
+        high = row[0] if row else 0
+        if high > last_seq:
+            return AuditReport(False, count, last_seq + 1,
+                               f"events {last_seq + 1}..{high} were removed from the end of the log")
+        return AuditReport(True, count, head_hash=expected_prev)
+
+
+def _duration(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    from datetime import datetime
+
+    try:
+        delta = datetime.fromisoformat(end.rstrip("Z")) - datetime.fromisoformat(start.rstrip("Z"))
+    except ValueError:
+        return None
+    return round(delta.total_seconds(), 3)
+
+
+# -- projections: event -> read models (same transaction) ------------------------------------
+
+
+def _project(conn: sqlite3.Connection, event: ev.Event, at: str) -> None:
+    handler = _PROJECTIONS.get(event.kind)
+    if handler is not None:
+        handler(conn, event, at)
+
+
+def _run_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    owner = e.owner
+    conn.execute(
+        "INSERT INTO runs (id, pipeline, revision, pipeline_file, pipeline_digest, dirty, actor,"
+        " status, reason, started_at, owner_pid, owner_host, owner_token)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', '', ?, ?, ?, ?)",
+        (e.run_id, e.pipeline, e.revision, e.pipeline_file, e.pipeline_digest, int(e.dirty),
+         e.actor, at, owner.get("pid"), owner.get("host"), owner.get("token")),
+    )
+    idx = 0
+    for stage_idx, stage in enumerate(e.stages):
+        conn.execute(
+            "INSERT INTO stages (run_id, idx, name, status) VALUES (?, ?, ?, 'pending')",
+            (e.run_id, stage_idx, stage["name"]),
+        )
+        for job in stage["jobs"]:
+            conn.execute(
+                "INSERT INTO jobs (run_id, idx, name, stage, status, attempts)"
+                " VALUES (?, ?, ?, ?, 'pending', 0)",
+                (e.run_id, idx, job, stage["name"]),
+            )
+            idx += 1
+
+
+def _stage_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE stages SET status = 'running', started_at = ? WHERE run_id = ? AND name = ?",
+        (at, e.run_id, e.stage),
+    )
+
+
+def _stage_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE stages SET status = ?, finished_at = ? WHERE run_id = ? AND name = ?",
+        (e.status, at, e.run_id, e.stage),
+    )
+
+
+def _job_skipped(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE jobs SET status = 'skipped', reason = ?, finished_at = ?"
+        " WHERE run_id = ? AND name = ?",
+        (e.reason, at, e.run_id, e.job),
+    )
+
+
+def _job_cached(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE jobs SET status = 'cached', cache_key = ?, cached_from_run = ?,"
+        " cached_from_attempt = ?, started_at = ?, finished_at = ?, duration_s = 0, exit_code = 0,"
+        " tests_passed = (SELECT tests_passed FROM jobs WHERE run_id = ? AND name = ?),"
+        " tests_failed = (SELECT tests_failed FROM jobs WHERE run_id = ? AND name = ?),"
+        " tests_skipped = (SELECT tests_skipped FROM jobs WHERE run_id = ? AND name = ?)"
+        " WHERE run_id = ? AND name = ?",
+        (e.cache_key, e.source_run, e.source_attempt, at, at,
+         e.source_run, e.job, e.source_run, e.job, e.source_run, e.job, e.run_id, e.job),
+    )
+
+
+def _attempt_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "INSERT INTO attempts (run_id, job, attempt, status, pid, started_at, log_path)"
+        " VALUES (?, ?, ?, 'running', ?, ?, ?)",
+        (e.run_id, e.job, e.attempt, e.pid, at, e.log),
+    )
+    conn.execute(
+        "UPDATE jobs SET status = 'running', attempts = ?, cache_key = ?,"
+        " started_at = COALESCE(started_at, ?) WHERE run_id = ? AND name = ?",
+        (e.attempt, e.cache_key, at, e.run_id, e.job),
+    )
+
+
+def _attempt_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE attempts SET status = ?, exit_code = ?, finished_at = ?, duration_s = ?,"
+        " log_bytes = ?, log_sha256 = ?, log_truncated = ?"
+        " WHERE run_id = ? AND job = ? AND attempt = ?",
+        (e.status, e.exit_code, at, e.duration_s, e.log_bytes, e.log_sha256,
+         int(e.log_truncated), e.run_id, e.job, e.attempt),
+    )
+
+
+def _tests_reported(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.executemany(
+        "INSERT INTO test_results (run_id, job, attempt, name, classname, file, outcome,"
+        " duration_s, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (e.run_id, e.job, e.attempt, t["name"], t["classname"], t["file"], t["outcome"],
+             t["duration_s"], t["message"])
+            for t in e.tests
+        ],
+    )
+    conn.execute(
+        "UPDATE jobs SET tests_passed = ?, tests_failed = ?, tests_skipped = ?"
+        " WHERE run_id = ? AND name = ?",
+        (e.passed, e.failed, e.skipped, e.run_id, e.job),
+    )
+
+
+def _job_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE jobs SET status = ?, exit_code = ?, attempts = ?, duration_s = ?,"
+        " finished_at = ?, cache_key = ? WHERE run_id = ? AND name = ?",
+        (e.status, e.exit_code, e.attempts, e.duration_s, at, e.cache_key, e.run_id, e.job),
+    )
+    if e.status == "succeeded":
+        conn.execute(
+            "INSERT OR REPLACE INTO job_cache (cache_key, run_id, job, attempt, recorded_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (e.cache_key, e.run_id, e.job, e.attempts, at),
+        )
+
+
+def _run_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE runs SET status = ?, reason = ?, finished_at = ? WHERE id = ?",
+        (e.status, e.reason, at, e.run_id),
+    )
+
+
+def _run_interrupted(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE runs SET status = 'interrupted', reason = ?, finished_at = ? WHERE id = ?",
+        (e.reason, at, e.run_id),
+    )
+    conn.execute(
+        "UPDATE attempts SET status = 'interrupted', finished_at = ?"
+        " WHERE run_id = ? AND status = 'running'",
+        (at, e.run_id),
+    )
+    conn.execute(
+        "UPDATE jobs SET status = 'interrupted', finished_at = ?"
+        " WHERE run_id = ? AND status IN ('running', 'pending')",
+        (at, e.run_id),
+    )
+    conn.execute(
+        "UPDATE stages SET status = 'interrupted', finished_at = ?"
+        " WHERE run_id = ? AND status IN ('running', 'pending')",
+        (at, e.run_id),
+    )
+
+
+_PROJECTIONS: dict[str, Callable[[sqlite3.Connection, Any, str], None]] = {
+    "run.started": _run_started,
+    "stage.started": _stage_started,
+    "stage.finished": _stage_finished,
+    "job.skipped": _job_skipped,
+    "job.cached": _job_cached,
+    "job.attempt.started": _attempt_started,
+    "job.attempt.finished": _attempt_finished,
+    "job.tests.reported": _tests_reported,
+    "job.finished": _job_finished,
+    "run.finished": _run_finished,
+    "run.interrupted": _run_interrupted,
+}

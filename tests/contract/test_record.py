@@ -1,0 +1,123 @@
+"""Contract of the record: every RecordWriter implementation behaves the same.
+
+``RecordContract`` runs against the in-memory fake and the SQLite store; the PostgreSQL store
+will subclass it too.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conveyor.domain import events as ev
+from conveyor.store.migrate import ensure_schema
+from conveyor.store.sqlite import SqliteRecord
+from tests.fakes import InMemoryRecord
+
+
+def started(run_id: int) -> ev.RunStarted:
+    return ev.RunStarted(
+        run_id=run_id, pipeline="p", revision="r" * 40, pipeline_file="conveyor.yml",
+        pipeline_digest="sha256:0", dirty=False, actor="me",
+        stages=[{"name": "s", "jobs": ["a", "b"]}], owner={"pid": 1, "host": "h", "token": "t"},
+    )
+
+
+def finished(run_id: int, job: str, key: str, status: str = "succeeded") -> ev.JobFinished:
+    return ev.JobFinished(run_id=run_id, stage="s", job=job, status=status, exit_code=0,
+                          attempts=1, duration_s=0.1, cache_key=key)
+
+
+class RecordContract:
+    @pytest.fixture
+    def record(self) -> Iterator[object]:
+        raise NotImplementedError
+
+    def test_run_ids_are_unique(self, record) -> None:  # type: ignore[no-untyped-def]
+        ids = {record.allocate_run_id() for _ in range(5)}
+        assert len(ids) == 5
+
+    def test_cache_hit_only_after_success(self, record) -> None:  # type: ignore[no-untyped-def]
+        run = record.allocate_run_id()
+        record.append([started(run), finished(run, "a", "k1", "failed")])
+        assert record.find_cache("k1") is None
+        record.append([finished(run, "b", "k2")])
+        hit = record.find_cache("k2")
+        assert (hit.run_id, hit.job, hit.attempt) == (run, "b", 1)
+
+    def test_latest_success_wins(self, record) -> None:  # type: ignore[no-untyped-def]
+        first = record.allocate_run_id()
+        record.append([started(first), finished(first, "a", "k")])
+        second = record.allocate_run_id()
+        record.append([started(second), finished(second, "a", "k")])
+        assert record.find_cache("k").run_id == second
+
+
+class TestInMemoryRecord(RecordContract):
+    @pytest.fixture
+    def record(self) -> Iterator[InMemoryRecord]:
+        yield InMemoryRecord()
+
+
+class TestSqliteRecord(RecordContract):
+    @pytest.fixture
+    def record(self, tmp_path: Path) -> Iterator[SqliteRecord]:
+        db = tmp_path / "conveyor.db"
+        ensure_schema(db)
+        rec = SqliteRecord(db, lambda: "2026-01-01T00:00:00.000000Z")
+        yield rec
+        rec.close()
+
+    def test_read_models_follow_events(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run), ev.StageStarted(run_id=run, stage="s"),
+                       finished(run, "a", "k"),
+                       ev.JobSkipped(run_id=run, stage="s", job="b", reason="why"),
+                       ev.StageFinished(run_id=run, stage="s", status="succeeded"),
+                       ev.RunFinished(run_id=run, status="succeeded")])
+        doc = record.get_run(run)
+        assert doc is not None
+        assert doc["status"] == "succeeded"
+        jobs = {j["name"]: j for j in doc["stages"][0]["jobs"]}
+        assert jobs["a"]["status"] == "succeeded"
+        assert jobs["b"]["status"] == "skipped"
+        assert jobs["b"]["reason"] == "why"
+
+    def test_chain_verifies_and_detects_tampering(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run), finished(run, "a", "k"), finished(run, "b", "k2")])
+        assert record.verify().ok
+        conn = sqlite3.connect(record.path)
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute("UPDATE events SET payload = '{}' WHERE seq = 2")
+        conn.execute("DROP TRIGGER events_append_only_update")
+        conn.execute("UPDATE events SET payload = replace(payload, '\"a\"', '\"x\"') WHERE seq = 2")
+        conn.commit()
+        conn.close()
+        report = record.verify()
+        assert not report.ok
+        assert report.first_bad_seq == 2
+
+    def test_removed_tail_is_detected(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run), finished(run, "a", "k"), finished(run, "b", "k2")])
+        conn = sqlite3.connect(record.path)
+        conn.execute("DROP TRIGGER events_append_only_delete")
+        conn.execute("DELETE FROM events WHERE seq = 3")
+        conn.commit()
+        conn.close()
+        report = record.verify()
+        assert not report.ok
+        assert report.first_bad_seq == 3
+
+    def test_a_failed_transaction_writes_nothing(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run)])
+        before = list(record.iter_events())
+        with pytest.raises(Exception):  # noqa: B017 - any store error
+            record.append([finished(run, "a", "k"), started(run)])  # duplicate run row
+        assert list(record.iter_events()) == before
+        assert record.find_cache("k") is None

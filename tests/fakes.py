@@ -1,0 +1,168 @@
+"""Hand-written fakes of the engine's ports, for unit tests of the core."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from conveyor.domain import events as ev
+from conveyor.domain.ports import (
+    CacheHit,
+    ExecutorEvent,
+    Exited,
+    JobLaunch,
+    LogSummary,
+    Output,
+    ReportResult,
+)
+
+
+class InMemoryRecord:
+    """RecordWriter keeping events in a list; the cache is derived from JobFinished events."""
+
+    def __init__(self) -> None:
+        self.events: list[ev.Event] = []
+        self.commits: list[list[ev.Event]] = []
+        self._next_id = 0
+        self.cache: dict[str, CacheHit] = {}
+
+    def allocate_run_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def append(self, events: Sequence[ev.Event]) -> None:
+        self.commits.append(list(events))
+        self.events.extend(events)
+        for event in events:
+            if isinstance(event, ev.JobFinished) and event.status == "succeeded":
+                self.cache[event.cache_key] = CacheHit(event.run_id, event.job, event.attempts)
+
+    def find_cache(self, cache_key: str) -> CacheHit | None:
+        return self.cache.get(cache_key)
+
+    def of(self, kind: type[ev.Event]) -> list[ev.Event]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+@dataclass
+class Script:
+    """What a fake job does: output, then exit with ``code`` after ``ticks`` polls."""
+
+    code: int = 0
+    output: list[bytes] = field(default_factory=list)
+    ticks: int = 1
+    hang: bool = False
+
+
+class FakeExecutor:
+    """Executor that plays scripted behaviour; time advances through the FrozenClock."""
+
+    def __init__(self, clock: FrozenClock, scripts: dict[str, list[Script]] | None = None) -> None:
+        self.clock = clock
+        self.scripts = scripts or {}
+        self.running: dict[str, tuple[Script, int]] = {}
+        self.started: list[JobLaunch] = []
+        self.killed: list[tuple[str, bool]] = []
+        self.max_concurrent = 0
+        self.closed = False
+        self._pid = 1000
+
+    def start(self, launch: JobLaunch) -> int:
+        job, attempt = launch.key.split("#")
+        plays = self.scripts.get(job, [Script()])
+        script = plays[min(int(attempt), len(plays)) - 1]
+        self.running[launch.key] = (script, 0)
+        self.started.append(launch)
+        self.max_concurrent = max(self.max_concurrent, len(self.running))
+        self._pid += 1
+        return self._pid
+
+    def poll(self, timeout: float | None) -> list[ExecutorEvent]:
+        out: list[ExecutorEvent] = []
+        self.clock.advance(min(timeout or 1.0, 1.0))
+        for key, (script, tick) in list(self.running.items()):
+            tick += 1
+            if tick == 1:
+                out.extend(Output(key, chunk) for chunk in script.output)
+            if not script.hang and tick >= script.ticks:
+                out.append(Exited(key, script.code))
+                del self.running[key]
+            else:
+                self.running[key] = (script, tick)
+        return out
+
+    def kill(self, key: str, *, force: bool) -> None:
+        self.killed.append((key, force))
+        if key in self.running:
+            # The process dies at once; its exit shows on the next poll.
+            self.running[key] = (Script(code=-9 if force else -15, ticks=1), 0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FrozenClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def now(self) -> str:
+        return f"2026-01-01T00:00:{self.t:09.6f}Z"
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class MemoryLog:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def close(self) -> LogSummary:
+        return LogSummary(self.path, len(self.data), "0" * 64, False)
+
+
+class MemoryLogStore:
+    def __init__(self) -> None:
+        self.logs: dict[tuple[str, int], MemoryLog] = {}
+
+    def open_attempt(self, run_id: int, job: str, attempt: int) -> MemoryLog:
+        log = MemoryLog(f"logs/{run_id}/{job}.{attempt}.log")
+        self.logs[(job, attempt)] = log
+        return log
+
+
+class NoReports:
+    def read_junit(self, workspace: str, patterns: Sequence[str]) -> ReportResult:
+        return ReportResult()
+
+
+class FixedWorkspace:
+    def path(self) -> str:
+        return "/workspace"
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.events: list[ev.Event] = []
+        self.output: list[tuple[str, str]] = []
+
+    def on_event(self, event: ev.Event) -> None:
+        self.events.append(event)
+
+    def on_output(self, job: str, attempt: int, text: str) -> None:
+        self.output.append((job, text))
+
+
+class Flag:
+    def __init__(self) -> None:
+        self.set_after_polls: int | None = None
+        self.value = False
+
+    def is_set(self) -> bool:
+        return self.value

@@ -1,0 +1,209 @@
+"""The engine against in-memory fakes: ordering, parallelism, stop-the-line, retries, cache."""
+
+from __future__ import annotations
+
+from conveyor.domain import events as ev
+from conveyor.domain.ports import SourceSnapshot
+from conveyor.engine.engine import Engine, RunOptions, RunRequest
+from conveyor.spec.models import JobSpec, PipelineSpec, StageSpec
+from tests.fakes import (
+    FakeExecutor,
+    FixedWorkspace,
+    Flag,
+    FrozenClock,
+    InMemoryRecord,
+    MemoryLogStore,
+    NoReports,
+    RecordingObserver,
+    Script,
+)
+
+
+def job(name: str, stage: str, *needs: str, **kw: object) -> JobSpec:
+    return JobSpec(name=name, stage=stage, run=f"run {name}", needs=needs, **kw)  # type: ignore[arg-type]
+
+
+def pipeline(*stages: tuple[str, list[JobSpec]], secrets: tuple[str, ...] = ()) -> PipelineSpec:
+    return PipelineSpec(
+        name="p",
+        stages=tuple(StageSpec(name, tuple(jobs)) for name, jobs in stages),
+        secrets=secrets,
+        digest="sha256:x",
+    )
+
+
+class Harness:
+    def __init__(self, scripts: dict[str, list[Script]] | None = None) -> None:
+        self.clock = FrozenClock()
+        self.record = InMemoryRecord()
+        self.executor = FakeExecutor(self.clock, scripts)
+        self.logs = MemoryLogStore()
+        self.observer = RecordingObserver()
+        self.cancel = Flag()
+
+    def run(self, spec: PipelineSpec, secrets: dict[str, str] | None = None, **options: object) -> str:
+        engine = Engine(
+            record=self.record, executor=self.executor, logs=self.logs, reports=NoReports(),
+            workspace=FixedWorkspace(), clock=self.clock, observer=self.observer,
+            cancel=self.cancel,
+        )
+        request = RunRequest(
+            run_id=self.record.allocate_run_id(), spec=spec,
+            source=SourceSnapshot(revision="abc", tree_id="t1"), actor="me",
+            owner={"pid": 1, "token": "tok"}, base_env={"PATH": "/bin"},
+            secrets=secrets or {}, home="/home", options=RunOptions(**options),  # type: ignore[arg-type]
+        )
+        return engine.run(request)
+
+    def statuses(self, run_id: int | None = None) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for e in self.record.events:
+            if run_id is not None and e.run_id != run_id:
+                continue
+            if isinstance(e, ev.JobFinished | ev.JobSkipped | ev.JobCached):
+                out[e.job] = getattr(e, "status", "skipped" if isinstance(e, ev.JobSkipped) else "cached")
+        return out
+
+
+def test_stages_run_in_order_and_needs_are_respected() -> None:
+    h = Harness()
+    spec = pipeline(("commit", [job("build", "commit"), job("unit", "commit", "build")]),
+                    ("acceptance", [job("smoke", "acceptance")]))
+    assert h.run(spec) == "succeeded"
+    order = [launch.key for launch in h.executor.started]
+    assert order == ["build#1", "unit#1", "smoke#1"]
+    assert h.statuses() == {"build": "succeeded", "unit": "succeeded", "smoke": "succeeded"}
+
+
+def test_parallelism_is_capped() -> None:
+    h = Harness()
+    spec = pipeline(("s", [job(f"j{i}", "s") for i in range(7)]))
+    assert h.run(spec, max_parallel=3) == "succeeded"
+    assert h.executor.max_concurrent == 3
+
+
+def test_failed_stage_stops_the_line() -> None:
+    h = Harness({"build": [Script(code=2)]})
+    spec = pipeline(("commit", [job("build", "commit"), job("unit", "commit", "build"),
+                                job("lint", "commit")]),
+                    ("acceptance", [job("smoke", "acceptance")]))
+    assert h.run(spec) == "failed"
+    st = h.statuses()
+    assert st["build"] == "failed"
+    assert st["unit"] == "skipped"
+    assert st["lint"] == "succeeded"  # independent jobs of the failed stage still run
+    assert st["smoke"] == "skipped"
+    finished = h.record.of(ev.StageFinished)
+    assert [(e.stage, e.status) for e in finished] == [("commit", "failed"),  # type: ignore[attr-defined]
+                                                        ("acceptance", "skipped")]
+
+
+def test_allow_failure_does_not_fail_the_stage() -> None:
+    h = Harness({"flaky": [Script(code=1)]})
+    spec = pipeline(("s", [job("flaky", "s", allow_failure=True), job("ok", "s")]))
+    assert h.run(spec) == "succeeded"
+
+
+def test_retries_then_success() -> None:
+    h = Harness({"unit": [Script(code=1), Script(code=0)]})
+    spec = pipeline(("s", [job("unit", "s", retries=1)]))
+    assert h.run(spec) == "succeeded"
+    attempts = h.record.of(ev.JobAttemptFinished)
+    assert [(a.attempt, a.status) for a in attempts] == [(1, "failed"), (2, "succeeded")]  # type: ignore[attr-defined]
+    finished = h.record.of(ev.JobFinished)[0]
+    assert finished.attempts == 2  # type: ignore[attr-defined]
+
+
+def test_timeout_kills_and_records_timed_out() -> None:
+    h = Harness({"slow": [Script(hang=True)]})
+    spec = pipeline(("s", [job("slow", "s", timeout_s=5.0)]))
+    assert h.run(spec) == "failed"
+    assert h.statuses()["slow"] == "timed_out"
+    assert h.executor.killed[0] == ("slow#1", False)
+
+
+def test_fail_fast_cancels_running_jobs() -> None:
+    h = Harness({"bad": [Script(code=1, ticks=1)], "long": [Script(hang=True)]})
+    spec = pipeline(("s", [job("long", "s"), job("bad", "s"), job("later", "s", "long")]))
+    assert h.run(spec, fail_fast=True) == "failed"
+    st = h.statuses()
+    assert st == {"bad": "failed", "long": "cancelled", "later": "skipped"}
+
+
+def test_cancel_request_cancels_the_run() -> None:
+    h = Harness({"long": [Script(hang=True)]})
+    spec = pipeline(("s", [job("long", "s"), job("after", "s", "long")]), ("t", [job("x", "t")]))
+    original_poll = h.executor.poll
+
+    def poll(timeout: float | None) -> list:  # type: ignore[type-arg]
+        h.cancel.value = True
+        return original_poll(timeout)
+
+    h.executor.poll = poll  # type: ignore[method-assign]
+    assert h.run(spec) == "cancelled"
+    assert h.statuses() == {"long": "cancelled", "after": "skipped", "x": "skipped"}
+    assert h.record.of(ev.RunFinished)[0].status == "cancelled"  # type: ignore[attr-defined]
+    assert h.executor.closed
+
+
+def test_cache_hit_on_second_run_and_dependants_follow() -> None:
+    h = Harness()
+    spec = pipeline(("s", [job("a", "s"), job("b", "s", "a")]))
+    assert h.run(spec) == "succeeded"
+    started = len(h.executor.started)
+    assert h.run(spec) == "succeeded"
+    assert len(h.executor.started) == started  # nothing ran again
+    cached = h.record.of(ev.JobCached)
+    assert {(c.job, c.source_run) for c in cached} == {("a", 1), ("b", 1)}  # type: ignore[attr-defined]
+    assert h.run(spec, use_cache=False) == "succeeded"
+    assert len(h.executor.started) == started + 2
+
+
+def test_cache_false_always_runs() -> None:
+    h = Harness()
+    spec = pipeline(("s", [job("a", "s", cache=False)]))
+    h.run(spec)
+    h.run(spec)
+    assert len(h.executor.started) == 2
+
+
+def test_secrets_are_passed_and_masked_across_writes() -> None:
+    h = Harness({"leak": [Script(output=[b"token=sup", b"ersecret!\n"])]})
+    spec = pipeline(("s", [job("leak", "s")]), secrets=("TOKEN",))
+    h.run(spec, secrets={"TOKEN": "supersecret"})
+    assert h.executor.started[0].env["TOKEN"] == "supersecret"
+    log = h.logs.logs[("leak", 1)].data
+    assert log == b"token=***!\n"
+    assert "supersecret" not in "".join(text for _, text in h.observer.output)
+
+
+def test_job_environment() -> None:
+    h = Harness()
+    spec = pipeline(("commit", [job("build", "commit", env={"A": "1"})]))
+    h.run(spec)
+    env = h.executor.started[0].env
+    assert env["CONVEYOR_RUN_ID"] == "1"
+    assert env["CONVEYOR_REVISION"] == "abc"
+    assert env["CONVEYOR_STAGE"] == "commit"
+    assert env["CONVEYOR_JOB"] == "build"
+    assert env["CONVEYOR_WORKSPACE"] == "/workspace"
+    assert env["A"] == "1"
+
+
+def test_every_event_is_committed_before_dependants_start() -> None:
+    h = Harness()
+    spec = pipeline(("s", [job("a", "s"), job("b", "s", "a")]))
+    h.run(spec)
+    # The commit holding a's JobFinished precedes the commit holding b's start.
+    idx_a = next(i for i, c in enumerate(h.record.commits)
+                 if any(isinstance(e, ev.JobFinished) and e.job == "a" for e in c))
+    idx_b = next(i for i, c in enumerate(h.record.commits)
+                 if any(isinstance(e, ev.JobAttemptStarted) and e.job == "b" for e in c))
+    assert idx_a < idx_b
+
+
+def test_selected_stage_only() -> None:
+    h = Harness()
+    spec = pipeline(("a", [job("x", "a")]), ("b", [job("y", "b")]))
+    assert h.run(spec, stages=("b",)) == "succeeded"
+    assert h.statuses() == {"x": "skipped", "y": "succeeded"}
