@@ -11,12 +11,12 @@ import signal
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from conveyor.adapters.clock import SystemClock
 from conveyor.adapters.git import DirtyWorkspace, GitSource, GitWorkspace
 from conveyor.adapters.home import Home
 from conveyor.adapters.junit import JunitReportReader
+from conveyor.adapters.logs import DEFAULT_CAP as DEFAULT_LOG_CAP
 from conveyor.adapters.logs import FileLogStore
 from conveyor.adapters.processes import (
     RunLock,
@@ -149,7 +149,7 @@ def prepare_run(
     engine = Engine(
         record=record,
         executor=executor,
-        logs=FileLogStore(home.root),
+        logs=FileLogStore(home.root, log_cap()),
         reports=JunitReportReader(),
         workspace=workspace,
         clock=SystemClock(),
@@ -157,6 +157,12 @@ def prepare_run(
         cancel=cancel,
     )
     return PreparedRun(request, engine, executor, lock)
+
+
+def log_cap() -> int:
+    """The per-attempt log cap in bytes: ``CONVEYOR_LOG_MAX_BYTES``, default 50 MB."""
+    value = os.environ.get("CONVEYOR_LOG_MAX_BYTES", "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_LOG_CAP
 
 
 def prune_workspaces(home: Home, keep: int = KEEP_WORKSPACES) -> None:

@@ -109,7 +109,7 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 ''',
-    "tests/test_pricing.py": '''\
+    "tests/test_pricing.py": """\
 import pytest
 
 from shop.pricing import price_with_tax
@@ -130,7 +130,7 @@ def test_zero():
 def test_negative_is_refused():
     with pytest.raises(ValueError):
         price_with_tax(-1)
-''',
+""",
     "scripts/smoke.py": '''\
 """Start the service on a free port, check it answers, stop it."""
 
@@ -140,7 +140,9 @@ import sys
 import time
 import urllib.request
 
-proc = subprocess.Popen([sys.executable, "-m", "shop", "--port", "0"], stdout=subprocess.PIPE, text=True)
+proc = subprocess.Popen(
+    [sys.executable, "-m", "shop", "--port", "0"], stdout=subprocess.PIPE, text=True
+)
 try:
     port = int(proc.stdout.readline().split()[-1])
     for _ in range(50):
@@ -170,8 +172,11 @@ def write_sample(directory: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     env = _git_env()
-    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
-                 ["commit", "-q", "-m", "shop: pricing service, tests and pipeline"]):
+    for args in (
+        ["init", "-q", "-b", "main"],
+        ["add", "-A"],
+        ["commit", "-q", "-m", "shop: pricing service, tests and pipeline"],
+    ):
         subprocess.run(["git", *args], cwd=directory, check=True, env=env)
 
 

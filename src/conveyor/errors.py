@@ -5,7 +5,7 @@ unusable input and for Conveyor's own faults::
 
     ConveyorError                 root; ``exit_code`` says how the CLI ends
     ├── UsageError                bad command-line use (exit 2)
-    ├── SpecError                 the pipeline file is unusable; carries every ``SpecProblem`` (exit 2)
+    ├── SpecError                 the pipeline file is unusable; has every problem (exit 2)
     ├── SourceError               the git repository or revision cannot be used (exit 2)
     ├── StoreError                the record cannot be read or written (exit 1)
     │   └── AuditError            the hash-linked log does not verify (exit 1)

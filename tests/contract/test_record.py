@@ -20,15 +20,29 @@ from tests.fakes import InMemoryRecord
 
 def started(run_id: int) -> ev.RunStarted:
     return ev.RunStarted(
-        run_id=run_id, pipeline="p", revision="r" * 40, pipeline_file="conveyor.yml",
-        pipeline_digest="sha256:0", dirty=False, actor="me",
-        stages=[{"name": "s", "jobs": ["a", "b"]}], owner={"pid": 1, "host": "h", "token": "t"},
+        run_id=run_id,
+        pipeline="p",
+        revision="r" * 40,
+        pipeline_file="conveyor.yml",
+        pipeline_digest="sha256:0",
+        dirty=False,
+        actor="me",
+        stages=[{"name": "s", "jobs": ["a", "b"]}],
+        owner={"pid": 1, "host": "h", "token": "t"},
     )
 
 
 def finished(run_id: int, job: str, key: str, status: str = "succeeded") -> ev.JobFinished:
-    return ev.JobFinished(run_id=run_id, stage="s", job=job, status=status, exit_code=0,
-                          attempts=1, duration_s=0.1, cache_key=key)
+    return ev.JobFinished(
+        run_id=run_id,
+        stage="s",
+        job=job,
+        status=status,
+        exit_code=0,
+        attempts=1,
+        duration_s=0.1,
+        cache_key=key,
+    )
 
 
 class RecordContract:
@@ -73,11 +87,16 @@ class TestSqliteRecord(RecordContract):
 
     def test_read_models_follow_events(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()
-        record.append([started(run), ev.StageStarted(run_id=run, stage="s"),
-                       finished(run, "a", "k"),
-                       ev.JobSkipped(run_id=run, stage="s", job="b", reason="why"),
-                       ev.StageFinished(run_id=run, stage="s", status="succeeded"),
-                       ev.RunFinished(run_id=run, status="succeeded")])
+        record.append(
+            [
+                started(run),
+                ev.StageStarted(run_id=run, stage="s"),
+                finished(run, "a", "k"),
+                ev.JobSkipped(run_id=run, stage="s", job="b", reason="why"),
+                ev.StageFinished(run_id=run, stage="s", status="succeeded"),
+                ev.RunFinished(run_id=run, status="succeeded"),
+            ]
+        )
         doc = record.get_run(run)
         assert doc is not None
         assert doc["status"] == "succeeded"

@@ -41,17 +41,29 @@ class Harness:
         self.observer = RecordingObserver()
         self.cancel = Flag()
 
-    def run(self, spec: PipelineSpec, secrets: dict[str, str] | None = None, **options: object) -> str:
+    def run(
+        self, spec: PipelineSpec, secrets: dict[str, str] | None = None, **options: object
+    ) -> str:
         engine = Engine(
-            record=self.record, executor=self.executor, logs=self.logs, reports=NoReports(),
-            workspace=FixedWorkspace(), clock=self.clock, observer=self.observer,
+            record=self.record,
+            executor=self.executor,
+            logs=self.logs,
+            reports=NoReports(),
+            workspace=FixedWorkspace(),
+            clock=self.clock,
+            observer=self.observer,
             cancel=self.cancel,
         )
         request = RunRequest(
-            run_id=self.record.allocate_run_id(), spec=spec,
-            source=SourceSnapshot(revision="abc", tree_id="t1"), actor="me",
-            owner={"pid": 1, "token": "tok"}, base_env={"PATH": "/bin"},
-            secrets=secrets or {}, home="/home", options=RunOptions(**options),  # type: ignore[arg-type]
+            run_id=self.record.allocate_run_id(),
+            spec=spec,
+            source=SourceSnapshot(revision="abc", tree_id="t1"),
+            actor="me",
+            owner={"pid": 1, "token": "tok"},
+            base_env={"PATH": "/bin"},
+            secrets=secrets or {},
+            home="/home",
+            options=RunOptions(**options),  # type: ignore[arg-type]
         )
         return engine.run(request)
 
@@ -61,14 +73,18 @@ class Harness:
             if run_id is not None and e.run_id != run_id:
                 continue
             if isinstance(e, ev.JobFinished | ev.JobSkipped | ev.JobCached):
-                out[e.job] = getattr(e, "status", "skipped" if isinstance(e, ev.JobSkipped) else "cached")
+                out[e.job] = getattr(
+                    e, "status", "skipped" if isinstance(e, ev.JobSkipped) else "cached"
+                )
         return out
 
 
 def test_stages_run_in_order_and_needs_are_respected() -> None:
     h = Harness()
-    spec = pipeline(("commit", [job("build", "commit"), job("unit", "commit", "build")]),
-                    ("acceptance", [job("smoke", "acceptance")]))
+    spec = pipeline(
+        ("commit", [job("build", "commit"), job("unit", "commit", "build")]),
+        ("acceptance", [job("smoke", "acceptance")]),
+    )
     assert h.run(spec) == "succeeded"
     order = [launch.key for launch in h.executor.started]
     assert order == ["build#1", "unit#1", "smoke#1"]
@@ -84,9 +100,10 @@ def test_parallelism_is_capped() -> None:
 
 def test_failed_stage_stops_the_line() -> None:
     h = Harness({"build": [Script(code=2)]})
-    spec = pipeline(("commit", [job("build", "commit"), job("unit", "commit", "build"),
-                                job("lint", "commit")]),
-                    ("acceptance", [job("smoke", "acceptance")]))
+    spec = pipeline(
+        ("commit", [job("build", "commit"), job("unit", "commit", "build"), job("lint", "commit")]),
+        ("acceptance", [job("smoke", "acceptance")]),
+    )
     assert h.run(spec) == "failed"
     st = h.statuses()
     assert st["build"] == "failed"
@@ -94,8 +111,10 @@ def test_failed_stage_stops_the_line() -> None:
     assert st["lint"] == "succeeded"  # independent jobs of the failed stage still run
     assert st["smoke"] == "skipped"
     finished = h.record.of(ev.StageFinished)
-    assert [(e.stage, e.status) for e in finished] == [("commit", "failed"),  # type: ignore[attr-defined]
-                                                        ("acceptance", "skipped")]
+    assert [(e.stage, e.status) for e in finished] == [
+        ("commit", "failed"),  # type: ignore[attr-defined]
+        ("acceptance", "skipped"),
+    ]
 
 
 def test_allow_failure_does_not_fail_the_stage() -> None:
@@ -195,10 +214,16 @@ def test_every_event_is_committed_before_dependants_start() -> None:
     spec = pipeline(("s", [job("a", "s"), job("b", "s", "a")]))
     h.run(spec)
     # The commit holding a's JobFinished precedes the commit holding b's start.
-    idx_a = next(i for i, c in enumerate(h.record.commits)
-                 if any(isinstance(e, ev.JobFinished) and e.job == "a" for e in c))
-    idx_b = next(i for i, c in enumerate(h.record.commits)
-                 if any(isinstance(e, ev.JobAttemptStarted) and e.job == "b" for e in c))
+    idx_a = next(
+        i
+        for i, c in enumerate(h.record.commits)
+        if any(isinstance(e, ev.JobFinished) and e.job == "a" for e in c)
+    )
+    idx_b = next(
+        i
+        for i, c in enumerate(h.record.commits)
+        if any(isinstance(e, ev.JobAttemptStarted) and e.job == "b" for e in c)
+    )
     assert idx_a < idx_b
 
 

@@ -48,16 +48,17 @@ class GitSource:
         """The full commit id of ``rev``."""
         if rev.startswith("-"):
             raise SourceError(f"'{rev}' is not a revision")
-        proc = _git(self.root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}",
-                    check=False)
+        proc = _git(self.root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
         if proc.returncode != 0:
             if rev == "HEAD":
                 raise SourceError(
                     "the repository has no commits yet",
                     hint="commit your files (git add -A && git commit), or run with --dirty",
                 )
-            raise SourceError(f"'{rev}' is not a commit of this repository",
-                              hint="give a branch, a tag or a commit id (git log shows them)")
+            raise SourceError(
+                f"'{rev}' is not a commit of this repository",
+                hint="give a branch, a tag or a commit id (git log shows them)",
+            )
         return proc.stdout.decode().strip()
 
     def read_file(self, commit: str, rel_path: str) -> bytes | None:
@@ -113,10 +114,24 @@ class GitWorkspace:
             if self.directory.exists():
                 shutil.rmtree(self.directory)
             self.directory.parent.mkdir(parents=True, exist_ok=True)
-            _git(self.source.root, "clone", "--quiet", "--shared", "--no-checkout",
-                 str(self.source.root), str(self.directory))
-            _git(self.directory, "-c", "advice.detachedHead=false", "checkout", "--quiet",
-                 "--detach", self.commit)
+            _git(
+                self.source.root,
+                "clone",
+                "--quiet",
+                "--shared",
+                "--no-checkout",
+                str(self.source.root),
+                str(self.directory),
+            )
+            _git(
+                self.directory,
+                "-c",
+                "advice.detachedHead=false",
+                "checkout",
+                "--quiet",
+                "--detach",
+                self.commit,
+            )
             self._ready = True
         return str(self.directory)
 

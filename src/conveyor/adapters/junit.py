@@ -21,7 +21,7 @@ def _outcome(case: object) -> tuple[str, str]:
 
     results = list(getattr(case, "result", []) or [])
     for result in results:
-        message = (getattr(result, "message", None) or getattr(result, "text", None) or "")
+        message = getattr(result, "message", None) or getattr(result, "text", None) or ""
         if isinstance(result, Failure):
             return "failed", str(message)[:MAX_MESSAGE]
         if isinstance(result, Error):
@@ -29,6 +29,28 @@ def _outcome(case: object) -> tuple[str, str]:
         if isinstance(result, Skipped):
             return "skipped", str(message)[:MAX_MESSAGE]
     return "passed", ""
+
+
+def _cases(node: object, rel: str) -> list[TestCaseResult]:
+    """Every test case below a JUnitXml, TestSuite or TestCase node."""
+    from junitparser import TestCase
+
+    if isinstance(node, TestCase):
+        outcome, message = _outcome(node)
+        return [
+            TestCaseResult(
+                name=str(node.name or ""),
+                classname=str(node.classname or ""),
+                file=str(getattr(node, "file", None) or rel),
+                outcome=outcome,
+                duration_s=float(node.time or 0.0),
+                message=message,
+            )
+        ]
+    found: list[TestCaseResult] = []
+    for child in node:  # type: ignore[attr-defined]
+        found.extend(_cases(child, rel))
+    return found
 
 
 class JunitReportReader:
@@ -60,21 +82,7 @@ class JunitReportReader:
                 result.problems.append(f"{rel}: larger than {MAX_REPORT_BYTES} bytes; ignored")
                 continue
             try:
-                xml = JUnitXml.fromfile(str(real))
-                suites = [xml] if xml._tag == "testsuite" else list(xml)
-                for suite in suites:
-                    for case in suite:
-                        outcome, message = _outcome(case)
-                        result.tests.append(
-                            TestCaseResult(
-                                name=str(case.name or ""),
-                                classname=str(case.classname or ""),
-                                file=str(getattr(case, "file", None) or rel),
-                                outcome=outcome,
-                                duration_s=float(case.time or 0.0),
-                                message=message,
-                            )
-                        )
+                result.tests.extend(_cases(JUnitXml.fromfile(str(real)), rel))
             except Exception as exc:  # malformed XML of any kind is the job's problem
                 result.problems.append(f"{rel}: not a readable JUnit report ({exc})")
         return result

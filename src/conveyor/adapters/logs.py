@@ -56,8 +56,9 @@ class FileAttemptLog:
     def _raw_write(self, data: bytes) -> None:
         if self._fd is None:
             self._abs.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self._abs, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                               0o640)
+            self._fd = os.open(
+                self._abs, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
+            )
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)

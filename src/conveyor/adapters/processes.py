@@ -48,7 +48,9 @@ def acquire_run_lock(locks_dir: Path, run_id: int) -> RunLock:
     return RunLock(path, handle)
 
 
-def owner_is_gone(locks_dir: Path, run_id: int, owner_pid: int | None, owner_host: str | None) -> bool:
+def owner_is_gone(
+    locks_dir: Path, run_id: int, owner_pid: int | None, owner_host: str | None
+) -> bool:
     """Whether the process that owned a running run no longer exists."""
     if owner_host and owner_host != socket.gethostname():
         return False  # another machine's run: not ours to judge

@@ -29,7 +29,7 @@ def home_option(func: F) -> F:
         "--home",
         type=click.Path(file_okay=False, path_type=Path),
         envvar="CONVEYOR_HOME",
-        help="Conveyor's state folder [default: .conveyor at the repository root; env CONVEYOR_HOME].",
+        help="State folder [default: .conveyor at the repository root; env CONVEYOR_HOME].",
     )(func)
 
 
@@ -45,7 +45,9 @@ def file_option(func: F) -> F:
 
 
 def json_option(func: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON (documented in docs/cli.md).")(func)
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON (documented in docs/cli.md)."
+    )(func)
 
 
 def _echo_json(data: object) -> None:
@@ -73,8 +75,10 @@ def _home(home: Path | None, root: Path | None) -> Any:
     if home is not None:
         return Home(home.resolve())
     if root is None:
-        raise UsageError("no home for Conveyor's state",
-                         hint="run inside a git repository, or pass --home / set CONVEYOR_HOME")
+        raise UsageError(
+            "no home for Conveyor's state",
+            hint="run inside a git repository, or pass --home / set CONVEYOR_HOME",
+        )
     return Home(root / ".conveyor")
 
 
@@ -91,8 +95,10 @@ def _run_id(record: Any, ref: str) -> int:
     if run_id is None:
         if ref == "latest":
             raise UsageError("there are no runs yet", hint="start one with `conveyor run`")
-        raise UsageError(f"there is no run '{ref}'",
-                         hint="`conveyor runs list` shows the runs; RUN is a run id or `latest`")
+        raise UsageError(
+            f"there is no run '{ref}'",
+            hint="`conveyor runs list` shows the runs; RUN is a run id or `latest`",
+        )
     return int(run_id)
 
 
@@ -121,7 +127,10 @@ def _committed_spec(source: Any, commit: str, rel: str, display: str) -> Any:
         raise SpecError(
             [
                 SpecProblem(
-                    display, 1, 1, f"{rel} is not in the committed revision {commit[:12]}",
+                    display,
+                    1,
+                    1,
+                    f"{rel} is not in the committed revision {commit[:12]}",
                     hint="commit it (git add && git commit), run with --dirty to use the working"
                     " tree, or `conveyor init` to write one",
                 )
@@ -142,8 +151,10 @@ def _load_for_run(pipeline_file: str, revision: str | None, dirty: bool) -> tupl
     source = GitSource(root)
     if dirty:
         if revision:
-            raise UsageError("--dirty and --revision cannot be combined",
-                             hint="--dirty runs the working tree as it is now")
+            raise UsageError(
+                "--dirty and --revision cannot be combined",
+                hint="--dirty runs the working tree as it is now",
+            )
         spec = load_pipeline_file(full, pipeline_file)
         snapshot = source_snapshot(source, None, spec)
     else:
@@ -161,8 +172,9 @@ def _actor(as_user: str | None, root: Path | None) -> str:
     import subprocess
 
     try:
-        proc = subprocess.run(["git", "config", "user.email"], capture_output=True, text=True,
-                              cwd=root, check=False)
+        proc = subprocess.run(
+            ["git", "config", "user.email"], capture_output=True, text=True, cwd=root, check=False
+        )
         if proc.stdout.strip():
             return proc.stdout.strip()
     except OSError:
@@ -243,57 +255,113 @@ def validate(pipeline_file: str, as_json: bool) -> None:
         spec = load_pipeline_file(path, pipeline_file)
     except SpecError as exc:
         if as_json:
-            _echo_json({"valid": False, "problems": [
-                {"file": p.source, "line": p.line, "column": p.column, "message": p.message,
-                 "hint": p.hint} for p in exc.problems]})
+            _echo_json(
+                {
+                    "valid": False,
+                    "problems": [
+                        {
+                            "file": p.source,
+                            "line": p.line,
+                            "column": p.column,
+                            "message": p.message,
+                            "hint": p.hint,
+                        }
+                        for p in exc.problems
+                    ],
+                }
+            )
             sys.exit(EXIT_USAGE)
         raise
     jobs = sum(len(s.jobs) for s in spec.stages)
     if as_json:
-        _echo_json({"valid": True, "pipeline": spec.name, "stages": len(spec.stages), "jobs": jobs,
-                    "digest": spec.digest})
+        _echo_json(
+            {
+                "valid": True,
+                "pipeline": spec.name,
+                "stages": len(spec.stages),
+                "jobs": jobs,
+                "digest": spec.digest,
+            }
+        )
     else:
-        click.echo(f"{pipeline_file}: ok: pipeline '{spec.name}', {len(spec.stages)} stages,"
-                   f" {jobs} jobs")
+        click.echo(
+            f"{pipeline_file}: ok: pipeline '{spec.name}', {len(spec.stages)} stages, {jobs} jobs"
+        )
 
 
 @cli.command()
 @file_option
 @home_option
 @click.option("--revision", "-r", help="Commit, branch or tag to plan [default: HEAD].")
-@click.option("--dirty", is_flag=True, help="Plan the working tree as it is, uncommitted changes included.")
+@click.option(
+    "--dirty", is_flag=True, help="Plan the working tree as it is, uncommitted changes included."
+)
 @click.option("--stage", "stages", multiple=True, help="Only this stage (repeatable).")
 @click.option("--no-cache", is_flag=True, help="Plan as if the cache were empty.")
 @json_option
-def plan(pipeline_file: str, home: Path | None, revision: str | None, dirty: bool,
-         stages: tuple[str, ...], no_cache: bool, as_json: bool) -> None:
+def plan(
+    pipeline_file: str,
+    home: Path | None,
+    revision: str | None,
+    dirty: bool,
+    stages: tuple[str, ...],
+    no_cache: bool,
+    as_json: bool,
+) -> None:
     """Show what a run would do, in which order and why (DAG levels, cache hits)."""
     from conveyor.engine.planning import build_plan, cache_keys
 
-    root, spec, (source, snapshot) = _load_for_run(pipeline_file, revision, dirty)
+    root, spec, (_, snapshot) = _load_for_run(pipeline_file, revision, dirty)
     selected = _check_stages(spec, stages)
     record = _open_record(home, root)
     secrets, _ = _secrets(spec)
     keys = cache_keys(spec, snapshot, secrets)
-    the_plan = build_plan(spec, snapshot, keys, selected=selected, use_cache=not no_cache,
-                          find_cache=record.find_cache)
+    the_plan = build_plan(
+        spec,
+        snapshot,
+        keys,
+        selected=selected,
+        use_cache=not no_cache,
+        find_cache=record.find_cache,
+    )
     if as_json:
-        _echo_json({
-            "pipeline": the_plan.pipeline,
-            "revision": the_plan.revision,
-            "dirty": snapshot.dirty,
-            "stages": [
-                {"name": s.name, "selected": s.selected, "levels": [
-                    [{"name": j.name, "needs": list(j.needs), "action": j.action,
-                      "reason": j.reason, "cache_key": j.cache_key,
-                      "cached_from": ({"run": j.cache_hit.run_id, "attempt": j.cache_hit.attempt}
-                                      if j.cache_hit else None)} for j in level]
-                    for level in s.levels]}
-                for s in the_plan.stages],
-        })
+        _echo_json(
+            {
+                "pipeline": the_plan.pipeline,
+                "revision": the_plan.revision,
+                "dirty": snapshot.dirty,
+                "stages": [
+                    {
+                        "name": s.name,
+                        "selected": s.selected,
+                        "levels": [
+                            [
+                                {
+                                    "name": j.name,
+                                    "needs": list(j.needs),
+                                    "action": j.action,
+                                    "reason": j.reason,
+                                    "cache_key": j.cache_key,
+                                    "cached_from": (
+                                        {"run": j.cache_hit.run_id, "attempt": j.cache_hit.attempt}
+                                        if j.cache_hit
+                                        else None
+                                    ),
+                                }
+                                for j in level
+                            ]
+                            for level in s.levels
+                        ],
+                    }
+                    for s in the_plan.stages
+                ],
+            }
+        )
         return
-    click.echo(f"pipeline '{the_plan.pipeline}' at {the_plan.revision[:12]}"
-               + (" (dirty working tree)" if snapshot.dirty else ""))
+    click.echo(
+        f"pipeline '{the_plan.pipeline}' at {the_plan.revision[:12]}"
+        + (" (dirty working tree)" if snapshot.dirty else "")
+    )
     for number, stage in enumerate(the_plan.stages, 1):
         note = "" if stage.selected else "  (not selected: skipped)"
         click.echo(f"{number}. stage {stage.name}{note}")
@@ -302,7 +370,9 @@ def plan(pipeline_file: str, home: Path | None, revision: str | None, dirty: boo
             for job in level:
                 needs = f" after {', '.join(job.needs)}" if job.needs else ""
                 click.echo(f"     {job.action:<6} {job.name}{needs}: {job.reason}")
-    click.echo("stages run in order; a failed stage stops the line and the later stages are skipped")
+    click.echo(
+        "stages run in order; a failed stage stops the line and the later stages are skipped"
+    )
 
 
 def _check_stages(spec: Any, stages: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -316,7 +386,9 @@ def _check_stages(spec: Any, stages: tuple[str, ...]) -> tuple[str, ...] | None:
             close = difflib.get_close_matches(name, known, n=1)
             raise UsageError(
                 f"there is no stage '{name}' in pipeline '{spec.name}'",
-                hint=(f"did you mean '{close[0]}'? " if close else "") + "stages: " + ", ".join(known),
+                hint=(f"did you mean '{close[0]}'? " if close else "")
+                + "stages: "
+                + ", ".join(known),
             )
     return stages
 
@@ -330,19 +402,50 @@ def _secrets(spec: Any) -> tuple[dict[str, str], list[str]]:
 @cli.command()
 @file_option
 @home_option
-@click.option("--jobs", "-j", "max_jobs", type=click.IntRange(1, 1024), default=None,
-              help="Jobs to run at once [default: the number of CPUs].")
-@click.option("--stage", "stages", multiple=True, help="Run only this stage (repeatable); the others are recorded skipped.")
+@click.option(
+    "--jobs",
+    "-j",
+    "max_jobs",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Jobs to run at once [default: the number of CPUs].",
+)
+@click.option(
+    "--stage",
+    "stages",
+    multiple=True,
+    help="Run only this stage (repeatable); the others are recorded skipped.",
+)
 @click.option("--no-cache", is_flag=True, help="Run every job, even when its cache key matches.")
-@click.option("--fail-fast", is_flag=True, help="Cancel the running jobs of a stage as soon as one fails.")
+@click.option(
+    "--fail-fast", is_flag=True, help="Cancel the running jobs of a stage as soon as one fails."
+)
 @click.option("--revision", "-r", help="Commit, branch or tag to run [default: HEAD].")
-@click.option("--dirty", is_flag=True, help="Run the working tree as it is, uncommitted changes included.")
-@click.option("--as", "as_user", help="Who starts the run [default: $CONVEYOR_USER, else git user.email].")
-@click.option("--progress", type=click.Choice(["auto", "live", "plain", "quiet"]), default="auto",
-              show_default=True, help="Live view on a terminal, plain lines otherwise.")
-def run(pipeline_file: str, home: Path | None, max_jobs: int | None, stages: tuple[str, ...],
-        no_cache: bool, fail_fast: bool, revision: str | None, dirty: bool, as_user: str | None,
-        progress: str) -> None:
+@click.option(
+    "--dirty", is_flag=True, help="Run the working tree as it is, uncommitted changes included."
+)
+@click.option(
+    "--as", "as_user", help="Who starts the run [default: $CONVEYOR_USER, else git user.email]."
+)
+@click.option(
+    "--progress",
+    type=click.Choice(["auto", "live", "plain", "quiet"]),
+    default="auto",
+    show_default=True,
+    help="Live view on a terminal, plain lines otherwise.",
+)
+def run(
+    pipeline_file: str,
+    home: Path | None,
+    max_jobs: int | None,
+    stages: tuple[str, ...],
+    no_cache: bool,
+    fail_fast: bool,
+    revision: str | None,
+    dirty: bool,
+    as_user: str | None,
+    progress: str,
+) -> None:
     """Run the pipeline on the committed revision (exit 1 if it fails, 130 if cancelled)."""
     from conveyor.bootstrap import cancellation, prepare_run, prune_workspaces
     from conveyor.engine.engine import RunOptions
@@ -354,12 +457,18 @@ def run(pipeline_file: str, home: Path | None, max_jobs: int | None, stages: tup
     record = _open_record(home, root)
     secrets, missing = _secrets(spec)
     for name in missing:
-        click.echo(f"warning: secret {name} is declared but not set in the environment;"
-                   " jobs will not get it", err=True)
+        click.echo(
+            f"warning: secret {name} is declared but not set in the environment;"
+            " jobs will not get it",
+            err=True,
+        )
     for name, value in secrets.items():
         if len(value) < 4:
-            click.echo(f"warning: secret {name} is shorter than 4 characters; masking it will"
-                       " also hide ordinary text", err=True)
+            click.echo(
+                f"warning: secret {name} is shorter than 4 characters; masking it will"
+                " also hide ordinary text",
+                err=True,
+            )
     options = RunOptions(
         max_parallel=max_jobs or os.cpu_count() or 2,
         stages=selected,
@@ -384,9 +493,17 @@ def run(pipeline_file: str, home: Path | None, max_jobs: int | None, stages: tup
     status = "failed"
     with cancellation(executor) as cancel:
         prepared = prepare_run(
-            home=home_obj, record=record, source=source, spec=spec, snapshot=snapshot,
-            options=options, actor=_actor(as_user, root), secrets=secrets, observer=observer,
-            cancel=cancel, executor=executor,
+            home=home_obj,
+            record=record,
+            source=source,
+            spec=spec,
+            snapshot=snapshot,
+            options=options,
+            actor=_actor(as_user, root),
+            secrets=secrets,
+            observer=observer,
+            cancel=cancel,
+            executor=executor,
         )
         try:
             status = prepared.engine.run(prepared.request)
@@ -407,8 +524,10 @@ def _summary(record: Any, run_id: int, status: str) -> None:
         for stage in run_doc["stages"]:
             for job in stage["jobs"]:
                 if job["status"] in ("failed", "timed_out"):
-                    click.echo(f"  {job['name']} {job['status']}: see `conveyor logs {run_id}"
-                               f" {job['name']}`")
+                    click.echo(
+                        f"  {job['name']} {job['status']}: see `conveyor logs {run_id}"
+                        f" {job['name']}`"
+                    )
 
 
 @cli.group()
@@ -430,12 +549,16 @@ def runs_list(home: Path | None, limit: int, as_json: bool) -> None:
     if not items:
         click.echo("no runs yet: start one with `conveyor run`")
         return
-    click.echo(f"{'RUN':>5}  {'STATUS':<11} {'PIPELINE':<16} {'REVISION':<12} {'STARTED':<20} DURATION")
+    click.echo(
+        f"{'RUN':>5}  {'STATUS':<11} {'PIPELINE':<16} {'REVISION':<12} {'STARTED':<20} DURATION"
+    )
     for item in items:
         started = (item["started_at"] or "")[:19].replace("T", " ")
         duration = f"{item['duration_s']:.2f}s" if item["duration_s"] is not None else "-"
-        click.echo(f"{item['id']:>5}  {item['status']:<11} {item['pipeline'][:16]:<16}"
-                   f" {item['revision'][:12]:<12} {started:<20} {duration}")
+        click.echo(
+            f"{item['id']:>5}  {item['status']:<11} {item['pipeline'][:16]:<16}"
+            f" {item['revision'][:12]:<12} {started:<20} {duration}"
+        )
 
 
 @runs.command("show")
@@ -456,13 +579,21 @@ def runs_show(run_ref: str, home: Path | None, as_json: bool, events: bool) -> N
     if as_json:
         _echo_json(doc)
         return
-    click.echo(f"run {doc['id']}: {doc['status']}" + (f" ({doc['reason']})" if doc["reason"] else ""))
-    click.echo(f"  pipeline  {doc['pipeline']} ({doc['pipeline_file']}, {doc['pipeline_digest'][:19]})")
-    click.echo(f"  revision  {doc['revision']}" + ("  (dirty working tree)" if doc["dirty"] else ""))
+    click.echo(
+        f"run {doc['id']}: {doc['status']}" + (f" ({doc['reason']})" if doc["reason"] else "")
+    )
+    click.echo(
+        f"  pipeline  {doc['pipeline']} ({doc['pipeline_file']}, {doc['pipeline_digest'][:19]})"
+    )
+    click.echo(
+        f"  revision  {doc['revision']}" + ("  (dirty working tree)" if doc["dirty"] else "")
+    )
     click.echo(f"  by        {doc['actor']}")
     click.echo(f"  started   {doc['started_at']}")
-    click.echo(f"  finished  {doc['finished_at'] or '-'}"
-               + (f"  ({doc['duration_s']:.2f}s)" if doc["duration_s"] is not None else ""))
+    click.echo(
+        f"  finished  {doc['finished_at'] or '-'}"
+        + (f"  ({doc['duration_s']:.2f}s)" if doc["duration_s"] is not None else "")
+    )
     for stage in doc["stages"]:
         click.echo(f"  stage {stage['name']}: {stage['status']}")
         for job in stage["jobs"]:
@@ -475,7 +606,9 @@ def runs_show(run_ref: str, home: Path | None, as_json: bool, events: bool) -> N
                 parts.append(f"exit {job['exit_code']}")
             if job["tests"]:
                 t = job["tests"]
-                parts.append(f"tests {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped")
+                parts.append(
+                    f"tests {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
+                )
             if job["cached_from"]:
                 parts.append(f"cached from run {job['cached_from']['run']}")
             if job["reason"]:
@@ -493,7 +626,9 @@ def runs_show(run_ref: str, home: Path | None, as_json: bool, events: bool) -> N
 @click.option("--attempt", type=click.IntRange(1, None), help="Which attempt [default: the last].")
 @click.option("--follow", "-F", is_flag=True, help="Keep printing output until the job ends.")
 @click.option("--raw", is_flag=True, help="Print bytes as stored (escape sequences included).")
-def logs(run_ref: str, job: str, home: Path | None, attempt: int | None, follow: bool, raw: bool) -> None:
+def logs(
+    run_ref: str, job: str, home: Path | None, attempt: int | None, follow: bool, raw: bool
+) -> None:
     """Print the log of a job of a run (RUN is an id or `latest`)."""
     import time
 
@@ -508,8 +643,10 @@ def logs(run_ref: str, job: str, home: Path | None, attempt: int | None, follow:
         import difflib
 
         close = difflib.get_close_matches(job, names, n=1)
-        raise UsageError(f"run {run_id} has no job '{job}'",
-                         hint=(f"did you mean '{close[0]}'? " if close else "") + "jobs: " + ", ".join(names))
+        raise UsageError(
+            f"run {run_id} has no job '{job}'",
+            hint=(f"did you mean '{close[0]}'? " if close else "") + "jobs: " + ", ".join(names),
+        )
     root = record.path.parent
 
     def current() -> dict[str, Any] | None:
@@ -527,8 +664,10 @@ def logs(run_ref: str, job: str, home: Path | None, attempt: int | None, follow:
         chosen = current()
     if chosen is None:
         status = record.job_status(run_id, job)
-        raise UsageError(f"job '{job}' of run {run_id} has no log: it is {status}"
-                         + (" (it did not run)" if status in ("skipped", "cached") else ""))
+        raise UsageError(
+            f"job '{job}' of run {run_id} has no log: it is {status}"
+            + (" (it did not run)" if status in ("skipped", "cached") else "")
+        )
     path = root / chosen["log"]
     while True:
         if path.exists():
@@ -548,9 +687,9 @@ def logs(run_ref: str, job: str, home: Path | None, attempt: int | None, follow:
         if not follow:
             break
         latest = current()
-        if latest is not None and latest["status"] != "running":
-            if position >= (latest["log_bytes"] or 0) or not path.exists():
-                break
+        ended = latest is not None and latest["status"] != "running"
+        if ended and latest and (position >= (latest["log_bytes"] or 0) or not path.exists()):
+            break
         time.sleep(0.2)
     if decoder_tail:
         out.write(neutralise(decoder_tail.decode("utf-8", "replace")).encode())
@@ -572,13 +711,22 @@ def audit_verify(home: Path | None, as_json: bool) -> None:
     record = _open_record(home)
     report = record.verify()
     if as_json:
-        _echo_json({"ok": report.ok, "events": report.events, "first_bad_seq": report.first_bad_seq,
-                    "problem": report.problem or None, "head_hash": report.head_hash})
+        _echo_json(
+            {
+                "ok": report.ok,
+                "events": report.events,
+                "first_bad_seq": report.first_bad_seq,
+                "problem": report.problem or None,
+                "head_hash": report.head_hash,
+            }
+        )
         sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
     if not report.ok:
-        raise AuditError(f"the event log does not verify: {report.problem}",
-                         hint=f"first bad event: #{report.first_bad_seq}; the record was altered"
-                         " outside Conveyor")
+        raise AuditError(
+            f"the event log does not verify: {report.problem}",
+            hint=f"first bad event: #{report.first_bad_seq}; the record was altered"
+            " outside Conveyor",
+        )
     click.echo(f"ok: {report.events} events, hash chain intact (head {report.head_hash[:16]})")
 
 
@@ -618,7 +766,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # the user never sees a traceback
         if os.environ.get("CONVEYOR_DEBUG"):
             raise
-        click.echo(f"Error: internal error: {type(exc).__name__}: {exc}\n"
-                   "  hint: this is a bug in Conveyor; rerun with CONVEYOR_DEBUG=1 for details"
-                   " and report it", err=True)
+        click.echo(
+            f"Error: internal error: {type(exc).__name__}: {exc}\n"
+            "  hint: this is a bug in Conveyor; rerun with CONVEYOR_DEBUG=1 for details"
+            " and report it",
+            err=True,
+        )
         sys.exit(EXIT_FAILED)

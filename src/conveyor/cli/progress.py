@@ -90,7 +90,9 @@ class RunView:
             job.status, job.detail = "skipped", event.reason
         elif isinstance(event, ev.TestsReported):
             job = self.jobs[event.job]
-            job.detail = f"tests: {event.passed} passed, {event.failed} failed, {event.skipped} skipped"
+            job.detail = (
+                f"tests: {event.passed} passed, {event.failed} failed, {event.skipped} skipped"
+            )
         elif isinstance(event, ev.RunFinished):
             self.status = event.status
 
@@ -181,8 +183,9 @@ class LiveProgress:
 
         self.view = RunView()
         self.console = Console()
-        self.live = Live(console=self.console, refresh_per_second=8, transient=False,
-                         get_renderable=self._render)
+        self.live = Live(
+            console=self.console, refresh_per_second=8, transient=False, get_renderable=self._render
+        )
         self.live.start()
 
     def on_event(self, event: ev.Event) -> None:
@@ -208,15 +211,23 @@ class LiveProgress:
         table.add_column("state")
         table.add_column("time", justify="right")
         table.add_column("detail", overflow="ellipsis", max_width=60)
-        styles = {"succeeded": "green", "cached": "cyan", "failed": "red", "timed_out": "red",
-                  "running": "yellow", "cancelled": "magenta", "skipped": "dim"}
+        styles = {
+            "succeeded": "green",
+            "cached": "cyan",
+            "failed": "red",
+            "timed_out": "red",
+            "running": "yellow",
+            "cancelled": "magenta",
+            "skipped": "dim",
+        }
         for stage in view.stages:
             first = True
             for name, job in view.jobs.items():
                 if job.stage != stage:
                     continue
-                state = Text(f"{SYMBOLS.get(job.status, '?')} {job.status}",
-                             style=styles.get(job.status, ""))
+                state = Text(
+                    f"{SYMBOLS.get(job.status, '?')} {job.status}", style=styles.get(job.status, "")
+                )
                 table.add_row(
                     Text(stage if first else "", style="bold"),
                     Text(name),

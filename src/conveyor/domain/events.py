@@ -149,7 +149,16 @@ class RunInterrupted(Event):
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (
-        RunStarted, StageStarted, StageFinished, JobSkipped, JobCached, JobAttemptStarted,
-        JobAttemptFinished, TestsReported, JobFinished, RunFinished, RunInterrupted,
+        RunStarted,
+        StageStarted,
+        StageFinished,
+        JobSkipped,
+        JobCached,
+        JobAttemptStarted,
+        JobAttemptFinished,
+        TestsReported,
+        JobFinished,
+        RunFinished,
+        RunInterrupted,
     )
 }

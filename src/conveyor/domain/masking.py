@@ -29,7 +29,9 @@ def secret_variants(values: Iterable[str]) -> list[bytes]:
         found.add(quote(value, safe="").encode())
         if "\n" in value.strip("\n"):
             found.update(
-                line.strip().encode() for line in value.splitlines() if len(line.strip()) >= MIN_LINE
+                line.strip().encode()
+                for line in value.splitlines()
+                if len(line.strip()) >= MIN_LINE
             )
     return sorted(found, key=lambda v: (-len(v), v))
 

@@ -5,9 +5,18 @@ from __future__ import annotations
 from typing import Literal
 
 RunStatus = Literal["running", "succeeded", "failed", "cancelled", "interrupted"]
-StageStatus = Literal["pending", "running", "succeeded", "failed", "cancelled", "skipped", "interrupted"]
+StageStatus = Literal[
+    "pending", "running", "succeeded", "failed", "cancelled", "skipped", "interrupted"
+]
 JobStatus = Literal[
-    "pending", "running", "succeeded", "failed", "timed_out", "cancelled", "skipped", "cached",
+    "pending",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "skipped",
+    "cached",
     "interrupted",
 ]
 AttemptStatus = Literal["running", "succeeded", "failed", "timed_out", "cancelled", "interrupted"]

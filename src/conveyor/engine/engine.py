@@ -25,11 +25,11 @@ from conveyor.domain.ports import (
     Output,
     RecordWriter,
     ReportReader,
+    SourceSnapshot,
     Workspace,
 )
 from conveyor.domain.states import JOB_FINAL, JOB_PASSED
 from conveyor.engine.planning import cache_keys, job_decision
-from conveyor.domain.ports import SourceSnapshot
 from conveyor.spec.models import JobSpec, PipelineSpec, StageSpec
 
 KILL_GRACE_S = 3.0
@@ -343,9 +343,7 @@ class Engine:
     ) -> bool:
         """Wait for executor events and handle them; returns whether a job failed for good."""
         now = self.clock.monotonic()
-        wake = min(
-            (s.kill_at if s.kill_at is not None else s.deadline) for s in running.values()
-        )
+        wake = min((s.kill_at if s.kill_at is not None else s.deadline) for s in running.values())
         events = self.executor.poll(max(0.0, wake - now))
         by_key = {s.launch_key: s for s in running.values()}
         failed = False
@@ -355,11 +353,12 @@ class Engine:
                 continue
             if isinstance(event, Output):
                 self._output(state, event.data)
-            elif isinstance(event, Exited):
-                if self._finish_attempt(request, stage, state, event.exit_code):
-                    del running[state.spec.name]
-                    if state.status not in JOB_PASSED and not state.spec.allow_failure:
-                        failed = True
+            elif isinstance(event, Exited) and self._finish_attempt(
+                request, stage, state, event.exit_code
+            ):
+                del running[state.spec.name]
+                if state.status not in JOB_PASSED and not state.spec.allow_failure:
+                    failed = True
         self._check_deadlines(running)
         return failed
 

@@ -81,7 +81,9 @@ class SqliteRecord:
     def allocate_run_id(self) -> int:
         """A new run id, unique in this record."""
         try:
-            cur = self._conn.execute("INSERT INTO run_ids (allocated_at) VALUES (?)", (self._now(),))
+            cur = self._conn.execute(
+                "INSERT INTO run_ids (allocated_at) VALUES (?)", (self._now(),)
+            )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot allocate a run id: {exc}") from exc
         assert cur.lastrowid is not None
@@ -151,8 +153,17 @@ class SqliteRecord:
             " FROM runs ORDER BY id DESC LIMIT ?",
             (limit,),
         ).fetchall()
-        keys = ("id", "pipeline", "revision", "status", "started_at", "finished_at", "actor",
-                "dirty", "reason")
+        keys = (
+            "id",
+            "pipeline",
+            "revision",
+            "status",
+            "started_at",
+            "finished_at",
+            "actor",
+            "dirty",
+            "reason",
+        )
         runs = [dict(zip(keys, row, strict=True)) for row in rows]
         for run in runs:
             run["dirty"] = bool(run["dirty"])
@@ -168,9 +179,21 @@ class SqliteRecord:
         ).fetchone()
         if row is None:
             return None
-        keys = ("id", "pipeline", "revision", "pipeline_file", "pipeline_digest", "dirty",
-                "actor", "status", "reason", "started_at", "finished_at", "owner_pid",
-                "owner_host")
+        keys = (
+            "id",
+            "pipeline",
+            "revision",
+            "pipeline_file",
+            "pipeline_digest",
+            "dirty",
+            "actor",
+            "status",
+            "reason",
+            "started_at",
+            "finished_at",
+            "owner_pid",
+            "owner_host",
+        )
         run: dict[str, Any] = dict(zip(keys, row, strict=True))
         run["dirty"] = bool(run["dirty"])
         run["duration_s"] = _duration(run["started_at"], run["finished_at"])
@@ -225,8 +248,19 @@ class SqliteRecord:
             " WHERE run_id = ? AND job = ? ORDER BY attempt",
             (run_id, job),
         ).fetchall()
-        keys = ("attempt", "status", "exit_code", "pid", "started_at", "finished_at",
-                "duration_s", "log", "log_bytes", "log_sha256", "log_truncated")
+        keys = (
+            "attempt",
+            "status",
+            "exit_code",
+            "pid",
+            "started_at",
+            "finished_at",
+            "duration_s",
+            "log",
+            "log_bytes",
+            "log_sha256",
+            "log_truncated",
+        )
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def job_status(self, run_id: int, job: str) -> str | None:
@@ -292,18 +326,27 @@ class SqliteRecord:
             for seq, at, kind, run_id, payload, prev_hash, stored in self.iter_events():
                 count += 1
                 if seq != last_seq + 1:
-                    return AuditReport(False, count, last_seq + 1,
-                                       f"event {last_seq + 1} is missing (next is {seq})")
+                    return AuditReport(
+                        False,
+                        count,
+                        last_seq + 1,
+                        f"event {last_seq + 1} is missing (next is {seq})",
+                    )
                 if prev_hash != expected_prev:
-                    return AuditReport(False, count, seq,
-                                       f"event {seq} does not link to event {last_seq}")
+                    return AuditReport(
+                        False, count, seq, f"event {seq} does not link to event {last_seq}"
+                    )
                 try:
                     digest = event_hash(prev_hash, seq, at, kind, run_id, payload)
                 except (ValueError, TypeError):
                     return AuditReport(False, count, seq, f"event {seq} is not valid JSON")
                 if digest != stored:
-                    return AuditReport(False, count, seq,
-                                       f"event {seq} ({kind}) was altered: its hash does not match")
+                    return AuditReport(
+                        False,
+                        count,
+                        seq,
+                        f"event {seq} ({kind}) was altered: its hash does not match",
+                    )
                 expected_prev = stored
                 last_seq = seq
             row = self._conn.execute(
@@ -313,8 +356,12 @@ class SqliteRecord:
             raise StoreError(f"cannot read the event log: {exc}") from exc
         high = row[0] if row else 0
         if high > last_seq:
-            return AuditReport(False, count, last_seq + 1,
-                               f"events {last_seq + 1}..{high} were removed from the end of the log")
+            return AuditReport(
+                False,
+                count,
+                last_seq + 1,
+                f"events {last_seq + 1}..{high} were removed from the end of the log",
+            )
         return AuditReport(True, count, head_hash=expected_prev)
 
 
@@ -345,8 +392,19 @@ def _run_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
         "INSERT INTO runs (id, pipeline, revision, pipeline_file, pipeline_digest, dirty, actor,"
         " status, reason, started_at, owner_pid, owner_host, owner_token)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', '', ?, ?, ?, ?)",
-        (e.run_id, e.pipeline, e.revision, e.pipeline_file, e.pipeline_digest, int(e.dirty),
-         e.actor, at, owner.get("pid"), owner.get("host"), owner.get("token")),
+        (
+            e.run_id,
+            e.pipeline,
+            e.revision,
+            e.pipeline_file,
+            e.pipeline_digest,
+            int(e.dirty),
+            e.actor,
+            at,
+            owner.get("pid"),
+            owner.get("host"),
+            owner.get("token"),
+        ),
     )
     idx = 0
     for stage_idx, stage in enumerate(e.stages):
@@ -393,8 +451,21 @@ def _job_cached(conn: sqlite3.Connection, e: Any, at: str) -> None:
         " tests_failed = (SELECT tests_failed FROM jobs WHERE run_id = ? AND name = ?),"
         " tests_skipped = (SELECT tests_skipped FROM jobs WHERE run_id = ? AND name = ?)"
         " WHERE run_id = ? AND name = ?",
-        (e.cache_key, e.source_run, e.source_attempt, at, at,
-         e.source_run, e.job, e.source_run, e.job, e.source_run, e.job, e.run_id, e.job),
+        (
+            e.cache_key,
+            e.source_run,
+            e.source_attempt,
+            at,
+            at,
+            e.source_run,
+            e.job,
+            e.source_run,
+            e.job,
+            e.source_run,
+            e.job,
+            e.run_id,
+            e.job,
+        ),
     )
 
 
@@ -416,8 +487,18 @@ def _attempt_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
         "UPDATE attempts SET status = ?, exit_code = ?, finished_at = ?, duration_s = ?,"
         " log_bytes = ?, log_sha256 = ?, log_truncated = ?"
         " WHERE run_id = ? AND job = ? AND attempt = ?",
-        (e.status, e.exit_code, at, e.duration_s, e.log_bytes, e.log_sha256,
-         int(e.log_truncated), e.run_id, e.job, e.attempt),
+        (
+            e.status,
+            e.exit_code,
+            at,
+            e.duration_s,
+            e.log_bytes,
+            e.log_sha256,
+            int(e.log_truncated),
+            e.run_id,
+            e.job,
+            e.attempt,
+        ),
     )
 
 
@@ -426,8 +507,17 @@ def _tests_reported(conn: sqlite3.Connection, e: Any, at: str) -> None:
         "INSERT INTO test_results (run_id, job, attempt, name, classname, file, outcome,"
         " duration_s, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
-            (e.run_id, e.job, e.attempt, t["name"], t["classname"], t["file"], t["outcome"],
-             t["duration_s"], t["message"])
+            (
+                e.run_id,
+                e.job,
+                e.attempt,
+                t["name"],
+                t["classname"],
+                t["file"],
+                t["outcome"],
+                t["duration_s"],
+                t["message"],
+            )
             for t in e.tests
         ],
     )

@@ -1,0 +1,505 @@
+"""`conveyor run` end to end: real repositories, real processes, the real record."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Repo
+
+SIMPLE = """\
+pipeline: shop
+env: {APP_ENV: ci}
+stages:
+  - name: commit
+    jobs:
+      build:
+        run: |
+          mkdir -p dist
+          echo "built for $APP_ENV" > dist/out.txt
+          echo building
+      unit:
+        needs: [build]
+        run: cat dist/out.txt
+  - name: acceptance
+    jobs:
+      smoke: {run: echo smoke ok}
+"""
+
+
+def test_init_validate_run_and_show(repo: Repo) -> None:
+    assert repo.conveyor("init").code == 0
+    assert repo.conveyor("validate").code == 0
+    repo.commit("add pipeline")
+    result = repo.conveyor("run")
+    assert result.code == 0, result.out + result.err
+    doc = repo.show()
+    assert doc["status"] == "succeeded"
+    assert doc["revision"] == repo.git("rev-parse", "HEAD").strip()
+    assert doc["pipeline_digest"].startswith("sha256:")
+    for key in ("id", "pipeline", "revision", "status", "started_at", "finished_at", "stages"):
+        assert key in doc
+    job = doc["stages"][0]["jobs"][0]
+    for key in ("name", "status", "exit_code", "attempts", "duration_s", "tests"):
+        assert key in job
+    runs = repo.conveyor("runs", "list", "--json").json()
+    assert [r["id"] for r in runs] == [doc["id"]]
+
+
+def test_run_uses_the_committed_revision_not_the_working_tree(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    repo.write("conveyor.yml", SIMPLE.replace("echo smoke ok", "exit 3"))
+    result = repo.conveyor("run")
+    assert result.code == 0, result.out
+    assert repo.show()["dirty"] is False
+    dirty = repo.conveyor("run", "--dirty")
+    assert dirty.code == 1
+    assert repo.show()["dirty"] is True
+    assert repo.jobs()["smoke"]["exit_code"] == 3
+
+
+def test_jobs_share_the_workspace_and_get_the_conveyor_variables(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: vars
+        stages:
+          - name: commit
+            jobs:
+              show:
+                run: |
+                  echo "run=$CONVEYOR_RUN_ID rev=$CONVEYOR_REVISION stage=$CONVEYOR_STAGE"
+                  echo "job=$CONVEYOR_JOB ws=$CONVEYOR_WORKSPACE pwd=$(pwd)"
+        """)
+    assert repo.conveyor("run").code == 0
+    log = repo.conveyor("logs", "latest", "show").out
+    rev = repo.git("rev-parse", "HEAD").strip()
+    assert f"run=1 rev={rev} stage=commit" in log
+    ws = log.split("ws=")[1].split()[0]
+    assert f"pwd={ws}" in log
+    assert Path(ws).is_dir() and ws != str(repo.path)
+
+
+def test_failed_stage_stops_the_line(repo: Repo) -> None:
+    repo.pipeline(SIMPLE.replace("cat dist/out.txt", "echo boom; exit 4"))
+    result = repo.conveyor("run")
+    assert result.code == 1
+    jobs = repo.jobs()
+    assert jobs["unit"]["status"] == "failed"
+    assert jobs["unit"]["exit_code"] == 4
+    assert jobs["smoke"]["status"] == "skipped"
+    doc = repo.show()
+    assert doc["status"] == "failed"
+    assert [s["status"] for s in doc["stages"]] == ["failed", "skipped"]
+    assert "conveyor logs" in result.out
+
+
+def test_jobs_run_in_parallel_up_to_the_limit(repo: Repo) -> None:
+    jobs = "\n".join(
+        f"      j{i}:\n        run: |\n          date +%s.%N >> ../times-$CONVEYOR_RUN_ID-{i}\n"
+        f"          sleep 0.6\n          date +%s.%N >> ../times-$CONVEYOR_RUN_ID-{i}\n"
+        for i in range(3)
+    )
+    repo.pipeline("pipeline: par\nstages:\n  - name: s\n    jobs:\n" + jobs)
+
+    def intervals(run_id: int) -> list[tuple[float, float]]:
+        ws_parent = repo.path / ".conveyor" / "workspaces"
+        out = []
+        for i in range(3):
+            lines = (ws_parent / f"times-{run_id}-{i}").read_text().split()
+            out.append((float(lines[0]), float(lines[1])))
+        return out
+
+    def max_overlap(spans: list[tuple[float, float]]) -> int:
+        points = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+        best = cur = 0
+        for _, delta in points:
+            cur += delta
+            best = max(best, cur)
+        return best
+
+    assert repo.conveyor("run", "--jobs", "3").code == 0
+    assert max_overlap(intervals(1)) == 3
+    assert repo.conveyor("run", "--jobs", "1", "--no-cache").code == 0
+    assert max_overlap(intervals(2)) == 1
+
+
+def test_retries_then_success(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: retry
+        stages:
+          - name: s
+            jobs:
+              flaky:
+                retries: 2
+                run: |
+                  if [ ! -e marker ]; then touch marker; echo first try fails; exit 1; fi
+                  echo second try passes
+        """)
+    assert repo.conveyor("run").code == 0
+    job = repo.jobs()["flaky"]
+    assert job["status"] == "succeeded"
+    assert job["attempts"] == 2
+    assert [a["status"] for a in job["attempt_details"]] == ["failed", "succeeded"]
+    assert "first try fails" in repo.conveyor("logs", "latest", "flaky", "--attempt", "1").out
+
+
+def test_timeout_kills_the_whole_process_group(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: slow
+        stages:
+          - name: s
+            jobs:
+              slow:
+                timeout: 1s
+                run: |
+                  sleep 60 &
+                  echo $! > ../child.pid
+                  sleep 60
+        """)
+    result = repo.conveyor("run")
+    assert result.code == 1
+    assert repo.jobs()["slow"]["status"] == "timed_out"
+    child = int((repo.path / ".conveyor" / "workspaces" / "child.pid").read_text())
+    assert not Path(f"/proc/{child}").exists() or _is_zombie(child)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_for(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+LONG = """\
+pipeline: long
+stages:
+  - name: s
+    jobs:
+      long:
+        run: |
+          echo $$ > ../long.pid
+          sleep 60
+      after:
+        needs: [long]
+        run: echo never
+  - name: t
+    jobs:
+      later: {run: echo never}
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_cancel_cleanly(repo: Repo, sig: int) -> None:
+    repo.pipeline(LONG)
+    proc = repo.popen("run")
+    pidfile = repo.path / ".conveyor" / "workspaces" / "long.pid"
+    _wait_for(pidfile.exists)
+    _wait_for(lambda: pidfile.read_text().strip() != "")
+    job_pid = int(pidfile.read_text())
+    proc.send_signal(sig)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    jobs = repo.jobs()
+    assert jobs["long"]["status"] == "cancelled"
+    assert jobs["after"]["status"] == "skipped"
+    assert jobs["later"]["status"] == "skipped"
+    assert repo.show()["status"] == "cancelled"
+    assert not Path(f"/proc/{job_pid}").exists() or _is_zombie(job_pid)
+
+
+def test_kill_9_leaves_a_consistent_record_and_the_run_is_interrupted(repo: Repo) -> None:
+    repo.pipeline(LONG)
+    proc = repo.popen("run")
+    pidfile = repo.path / ".conveyor" / "workspaces" / "long.pid"
+    _wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+    job_pid = int(pidfile.read_text())
+    db = repo.path / ".conveyor" / "conveyor.db"
+    conn = sqlite3.connect(db)
+    before = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    conn.close()
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert Path(f"/proc/{job_pid}").exists()  # the job outlived its parent...
+    runs = repo.conveyor("runs", "list", "--json").json()  # ...until the next command
+    assert runs[0]["status"] == "interrupted"
+    _wait_for(lambda: not Path(f"/proc/{job_pid}").exists() or _is_zombie(job_pid))
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    after = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    conn.close()
+    assert after == before + 1  # every event before the kill is there, plus run.interrupted
+    assert repo.jobs()["long"]["status"] == "interrupted"
+    assert repo.conveyor("audit", "verify").code == 0
+
+
+def test_cache_hits_and_misses(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: cache
+        stages:
+          - name: s
+            jobs:
+              lint:
+                run: cat src/a.txt
+                inputs: ["src/**"]
+              docs:
+                run: cat docs/d.txt
+                inputs: ["docs/**"]
+              all:
+                needs: [lint]
+                run: echo all
+                inputs: ["src/**"]
+              tree:
+                run: echo whole tree
+        """)
+    repo.write("src/a.txt", "a1")
+    repo.write("docs/d.txt", "d1")
+    repo.commit()
+    assert repo.conveyor("run").code == 0
+    assert repo.conveyor("run").code == 0
+    jobs = repo.jobs()
+    assert {j["status"] for j in jobs.values()} == {"cached"}
+    assert jobs["lint"]["cached_from"] == {"run": 1, "attempt": 1}
+    plan = repo.conveyor("plan", "--json").json()
+    actions = {j["name"]: j["action"] for lvl in plan["stages"][0]["levels"] for j in lvl}
+    assert actions == {"lint": "cached", "docs": "cached", "all": "cached", "tree": "cached"}
+    repo.write("docs/d.txt", "d2")
+    repo.commit()
+    assert repo.conveyor("run").code == 0
+    jobs = repo.jobs()
+    assert jobs["lint"]["status"] == "cached"
+    assert jobs["all"]["status"] == "cached"
+    assert jobs["docs"]["status"] == "succeeded"
+    assert jobs["tree"]["status"] == "succeeded"  # no inputs: the whole tree is the input
+    assert repo.conveyor("run", "--no-cache").code == 0
+    assert {j["status"] for j in repo.jobs().values()} == {"succeeded"}
+
+
+def test_secrets_are_masked_everywhere(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: sec
+        secrets: [API_TOKEN]
+        stages:
+          - name: s
+            jobs:
+              leak:
+                run: |
+                  echo "plain: $API_TOKEN"
+                  printf 'split: %s' "${API_TOKEN:0:5}"; sleep 0.3; printf '%s\\n' "${API_TOKEN:5}"
+                  echo "b64: $(printf %s "$API_TOKEN" | base64)"
+        """)
+    secret = "s3cr3t-value-123"
+    result = repo.conveyor("run", env={"API_TOKEN": secret})
+    assert result.code == 0, result.err
+    assert secret not in result.out
+    log = repo.conveyor("logs", "latest", "leak").out
+    assert "plain: ***" in log
+    assert "split: ***" in log
+    assert "b64: ***" in log
+    raw = (repo.path / ".conveyor").rglob("*")
+    for path in raw:
+        if path.is_file() and "workspaces" not in path.parts:
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in repo.conveyor("runs", "show", "latest", "--json", "--events").out
+
+
+def test_junit_reports_become_test_results(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: tests
+        stages:
+          - name: s
+            jobs:
+              unit:
+                reports: {junit: "reports/*.xml"}
+                run: |
+                  mkdir -p reports
+                  cat > reports/unit.xml <<'XML'
+                  <testsuite name="t" tests="3">
+                    <testcase classname="shop.test_a" name="test_one" time="0.01"/>
+                    <testcase classname="shop.test_a" name="test_two" time="0.02">
+                      <failure message="assert 1 == 2">trace</failure>
+                    </testcase>
+                    <testcase classname="shop.test_b" name="test_skip"><skipped/></testcase>
+                  </testsuite>
+                  XML
+        """)
+    assert repo.conveyor("run").code == 0
+    assert repo.jobs()["unit"]["tests"] == {"passed": 1, "failed": 1, "skipped": 1}
+    conn = sqlite3.connect(repo.path / ".conveyor" / "conveyor.db")
+    rows = conn.execute(
+        "SELECT classname, name, outcome, message FROM test_results ORDER BY id"
+    ).fetchall()
+    conn.close()
+    assert rows == [
+        ("shop.test_a", "test_one", "passed", ""),
+        ("shop.test_a", "test_two", "failed", "assert 1 == 2"),
+        ("shop.test_b", "test_skip", "skipped", ""),
+    ]
+
+
+def test_logs_neutralise_escapes_and_are_capped(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: logs
+        stages:
+          - name: s
+            jobs:
+              noisy:
+                run: |
+                  printf 'red \\033[31mtext\\033[0m \\033]52;c;aGk=\\007clip \\033[2Jclear\\n'
+                  head -c 300000 /dev/zero | tr '\\0' 'x'
+        """)
+    assert repo.conveyor("run", env={"CONVEYOR_LOG_MAX_BYTES": "100000"}).code == 0
+    shown = repo.conveyor("logs", "latest", "noisy").out
+    assert "\x1b" not in shown
+    assert "red text clip clear" in shown
+    assert "log truncated at 100000 bytes" in shown
+    raw = repo.conveyor("logs", "latest", "noisy", "--raw").out
+    assert "\x1b[31m" in raw
+    attempt = repo.jobs()["noisy"]["attempt_details"][0]
+    assert attempt["log_truncated"] == 1
+
+
+def test_logs_follow_streams_while_the_job_runs(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: follow
+        stages:
+          - name: s
+            jobs:
+              slowprint:
+                run: |
+                  for i in 1 2 3; do echo "line $i"; sleep 0.4; done
+        """)
+    proc = repo.popen("run")
+    db = repo.path / ".conveyor" / "conveyor.db"
+    _wait_for(db.exists)
+    follower = repo.popen("logs", "1", "slowprint", "--follow")
+    out, _ = follower.communicate(timeout=30)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert out.decode().splitlines() == ["line 1", "line 2", "line 3"]
+
+
+def test_audit_verify_detects_tampering(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    assert repo.conveyor("audit", "verify").code == 0
+    conn = sqlite3.connect(repo.path / ".conveyor" / "conveyor.db")
+    conn.execute("DROP TRIGGER events_append_only_update")
+    conn.execute(
+        "UPDATE events SET payload = replace(payload, 'succeeded', 'failed')"
+        " WHERE seq = (SELECT min(seq) FROM events WHERE type = 'job.finished')"
+    )
+    conn.commit()
+    seq = conn.execute("SELECT min(seq) FROM events WHERE type = 'job.finished'").fetchone()[0]
+    conn.close()
+    result = repo.conveyor("audit", "verify")
+    assert result.code == 1
+    assert f"event {seq}" in result.err
+
+
+def test_audit_verify_detects_reordering(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    conn = sqlite3.connect(repo.path / ".conveyor" / "conveyor.db")
+    conn.execute("DROP TRIGGER events_append_only_update")
+    rows = conn.execute("SELECT seq, payload, type FROM events WHERE seq IN (3, 4)").fetchall()
+    conn.execute("UPDATE events SET payload = ?, type = ? WHERE seq = 3", (rows[1][1], rows[1][2]))
+    conn.execute("UPDATE events SET payload = ?, type = ? WHERE seq = 4", (rows[0][1], rows[0][2]))
+    conn.commit()
+    conn.close()
+    result = repo.conveyor("audit", "verify", "--json")
+    assert result.code == 1
+    assert result.json()["first_bad_seq"] == 3
+
+
+def test_usage_errors_exit_2(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    result = repo.conveyor("run", "--stage", "comit")
+    assert result.code == 2
+    assert "did you mean 'commit'" in result.err
+    assert repo.conveyor("runs", "show", "42").code == 2
+    assert repo.conveyor("logs", "latest", "build").code == 2  # no runs yet
+    assert "Traceback" not in result.err
+
+
+def test_stage_selection(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run", "--stage", "acceptance").code == 0
+    jobs = repo.jobs()
+    assert jobs["build"]["status"] == "skipped"
+    assert jobs["smoke"]["status"] == "succeeded"
+
+
+def test_no_commits_yet_is_a_clear_error(repo: Repo) -> None:
+    repo.write("conveyor.yml", SIMPLE)
+    result = repo.conveyor("run")
+    assert result.code == 2
+    assert "no commits yet" in result.err
+
+
+def test_home_option_and_env(repo: Repo, tmp_path: Path) -> None:
+    repo.pipeline(SIMPLE)
+    home = tmp_path / "elsewhere"
+    assert repo.conveyor("run", "--home", str(home)).code == 0
+    assert (home / "conveyor.db").exists()
+    assert not (repo.path / ".conveyor" / "conveyor.db").exists()
+    listed = repo.conveyor("runs", "list", "--json", env={"CONVEYOR_HOME": str(home)})
+    assert len(listed.json()) == 1
+    assert "conveyor.db" not in repo.git("status", "--porcelain")
+
+
+def test_fail_fast_cancels_the_other_jobs(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: ff
+        stages:
+          - name: s
+            jobs:
+              slow: {run: sleep 30}
+              bad: {run: exit 1}
+        """)
+    started = time.monotonic()
+    assert repo.conveyor("run", "--fail-fast").code == 1
+    assert time.monotonic() - started < 25
+    jobs = repo.jobs()
+    assert jobs["bad"]["status"] == "failed"
+    assert jobs["slow"]["status"] == "cancelled"
+
+
+def test_plan_explains(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    result = repo.conveyor("plan")
+    assert result.code == 0
+    assert "level 0" in result.out and "level 1" in result.out
+    assert "no successful attempt with this cache key" in result.out
+    plan = repo.conveyor("plan", "--json").json()
+    assert [s["name"] for s in plan["stages"]] == ["commit", "acceptance"]
+    assert [[j["name"] for j in lvl] for lvl in plan["stages"][0]["levels"]] == [
+        ["build"],
+        ["unit"],
+    ]
+
+
+def test_os_environment_is_not_leaking_conveyor_internal_vars(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: env
+        stages:
+          - name: s
+            jobs:
+              e: {run: env}
+        """)
+    assert repo.conveyor("run", env={"CONVEYOR_HOME": str(repo.path / ".conveyor")}).code == 0
+    log = repo.conveyor("logs", "latest", "e").out
+    assert "CONVEYOR_HOME=" not in log
+    assert os.environ.get("PATH", "") == "" or "PATH=" in log
