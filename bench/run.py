@@ -48,7 +48,7 @@ def write_pipeline(workload: str) -> str:
     lines = [f"pipeline: bench-{workload.lower()}", "stages:", "  - name: only", "    jobs:"]
     for name, needs in dag(workload):
         lines.append(f"      {name}:")
-        lines.append("        run: true")
+        lines.append('        run: "true"')
         if needs:
             lines.append(f"        needs: [{', '.join(needs)}]")
     return "\n".join(lines) + "\n"

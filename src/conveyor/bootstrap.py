@@ -103,6 +103,40 @@ class PreparedRun:
     lock: RunLock
 
 
+SPEC_CACHE_VERSION = "1"
+
+
+def parse_pipeline_cached(data: bytes, source_name: str, home: Home) -> PipelineSpec:
+    """Parse and validate a pipeline file, reusing the result for identical bytes.
+
+    A run of an unchanged pipeline file skips YAML parsing (slow in pure Python for large
+    files): the validated spec is kept as JSON under ``cache/specs/``, keyed by the sha256 of
+    the bytes, the name and the cache version. A damaged entry is ignored and rewritten.
+    """
+    import hashlib
+    import json
+
+    from conveyor.spec import parse_pipeline
+
+    key = hashlib.sha256(
+        SPEC_CACHE_VERSION.encode() + b"\0" + source_name.encode() + b"\0" + data
+    ).hexdigest()
+    path = home.root / "cache" / "specs" / f"{key}.json"
+    try:
+        return PipelineSpec.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    spec = parse_pipeline(data, source_name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(spec.to_dict()))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the cache is an optimisation only
+    return spec
+
+
 def source_snapshot(source: GitSource, commit: str | None, spec: PipelineSpec) -> SourceSnapshot:
     """The snapshot for cache keys; file lists only when some job declares ``inputs``."""
     if commit is None:

@@ -271,7 +271,7 @@ def test_cache_hits_and_misses(repo: Repo) -> None:
     assert repo.conveyor("run").code == 0
     jobs = repo.jobs()
     assert {j["status"] for j in jobs.values()} == {"cached"}
-    assert jobs["lint"]["cached_from"] == {"run": 1, "attempt": 1}
+    assert jobs["lint"]["cached_from"] == {"run": 1, "job": "lint", "attempt": 1}
     plan = repo.conveyor("plan", "--json").json()
     actions = {j["name"]: j["action"] for lvl in plan["stages"][0]["levels"] for j in lvl}
     assert actions == {"lint": "cached", "docs": "cached", "all": "cached", "tree": "cached"}
@@ -503,3 +503,47 @@ def test_os_environment_is_not_leaking_conveyor_internal_vars(repo: Repo) -> Non
     log = repo.conveyor("logs", "latest", "e").out
     assert "CONVEYOR_HOME=" not in log
     assert os.environ.get("PATH", "") == "" or "PATH=" in log
+
+
+def test_logs_follow_goes_on_with_the_retry(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: follow-retry
+        stages:
+          - name: s
+            jobs:
+              flaky:
+                retries: 1
+                run: |
+                  if [ ! -e marker ]; then touch marker; echo one; sleep 0.5; exit 1; fi
+                  for i in 1 2 3 4 5; do echo "second $i"; done
+                  sleep 0.3
+        """)
+    proc = repo.popen("run")
+    _wait_for((repo.path / ".conveyor" / "conveyor.db").exists)
+    follower = repo.popen("logs", "1", "flaky", "--follow")
+    out, _ = follower.communicate(timeout=30)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    lines = out.decode().splitlines()
+    assert lines[0] == "one"
+    assert "--- attempt 2 ---" in lines
+    assert lines[-1] == "second 5"
+
+
+def test_allowed_failure_lets_dependants_run(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: allowed
+        stages:
+          - name: s
+            jobs:
+              optional: {run: exit 3, allow_failure: true}
+              after: {run: echo after, needs: [optional]}
+          - name: t
+            jobs:
+              next: {run: echo next}
+        """)
+    assert repo.conveyor("run").code == 0
+    jobs = repo.jobs()
+    assert jobs["optional"]["status"] == "failed"
+    assert jobs["after"]["status"] == "succeeded"
+    assert jobs["next"]["status"] == "succeeded"

@@ -209,22 +209,24 @@ def test_job_environment() -> None:
     assert env["A"] == "1"
 
 
-def test_every_event_is_committed_before_dependants_start() -> None:
+def test_every_event_is_committed_before_the_engine_acts_on_it() -> None:
     h = Harness()
     spec = pipeline(("s", [job("a", "s"), job("b", "s", "a")]))
+    committed_at_spawn: dict[str, list[str]] = {}
+    original_start = h.executor.start
+
+    def start(launch):  # type: ignore[no-untyped-def]
+        committed_at_spawn[launch.key] = [
+            f"{e.kind}:{getattr(e, 'job', '')}" for e in h.record.events
+        ]
+        return original_start(launch)
+
+    h.executor.start = start  # type: ignore[method-assign]
     h.run(spec)
-    # The commit holding a's JobFinished precedes the commit holding b's start.
-    idx_a = next(
-        i
-        for i, c in enumerate(h.record.commits)
-        if any(isinstance(e, ev.JobFinished) and e.job == "a" for e in c)
-    )
-    idx_b = next(
-        i
-        for i, c in enumerate(h.record.commits)
-        if any(isinstance(e, ev.JobAttemptStarted) and e.job == "b" for e in c)
-    )
-    assert idx_a < idx_b
+    # b is spawned only after a's end and b's own start are on the record.
+    assert "job.finished:a" in committed_at_spawn["b#1"]
+    assert "job.attempt.started:b" in committed_at_spawn["b#1"]
+    assert "job.attempt.started:a" in committed_at_spawn["a#1"]
 
 
 def test_selected_stage_only() -> None:

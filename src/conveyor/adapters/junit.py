@@ -64,7 +64,11 @@ class JunitReportReader:
         result = ReportResult()
         files: list[Path] = []
         for pattern in patterns:
-            matches = sorted(root.glob(pattern))
+            try:
+                matches = sorted(root.glob(pattern))
+            except (ValueError, NotImplementedError, OSError) as exc:
+                result.problems.append(f"pattern '{pattern}' cannot be used: {exc}")
+                continue
             if not matches:
                 result.problems.append(f"no report matches '{pattern}'")
             files.extend(matches)

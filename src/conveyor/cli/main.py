@@ -118,9 +118,9 @@ def _pipeline_path(root: Path, pipeline_file: str) -> tuple[Path, str]:
     return full, rel
 
 
-def _committed_spec(source: Any, commit: str, rel: str, display: str) -> Any:
+def _committed_spec(source: Any, commit: str, rel: str, display: str, home: Any) -> Any:
+    from conveyor.bootstrap import parse_pipeline_cached
     from conveyor.errors import SpecError, SpecProblem
-    from conveyor.spec import parse_pipeline
 
     data = source.read_file(commit, rel)
     if data is None:
@@ -136,17 +136,20 @@ def _committed_spec(source: Any, commit: str, rel: str, display: str) -> Any:
                 )
             ]
         )
-    return parse_pipeline(data, display)
+    return parse_pipeline_cached(data, display, home)
 
 
-def _load_for_run(pipeline_file: str, revision: str | None, dirty: bool) -> tuple[Any, Any, Any]:
-    """Repository root, spec and snapshot for ``run`` and ``plan``."""
+def _load_for_run(
+    pipeline_file: str, revision: str | None, dirty: bool, home_opt: Path | None
+) -> tuple[Path, Any, Any, Any, Any]:
+    """Repository root, home, spec, git source and snapshot for ``run`` and ``plan``."""
     from conveyor.adapters.git import GitSource
     from conveyor.bootstrap import source_snapshot
     from conveyor.spec import load_pipeline_file
 
     root = _repo_root()
     assert root is not None
+    home = _home(home_opt, root)
     full, rel = _pipeline_path(root, pipeline_file)
     source = GitSource(root)
     if dirty:
@@ -159,9 +162,9 @@ def _load_for_run(pipeline_file: str, revision: str | None, dirty: bool) -> tupl
         snapshot = source_snapshot(source, None, spec)
     else:
         commit = source.resolve(revision or "HEAD")
-        spec = _committed_spec(source, commit, rel, pipeline_file)
+        spec = _committed_spec(source, commit, rel, pipeline_file, home)
         snapshot = source_snapshot(source, commit, spec)
-    return root, spec, (source, snapshot)
+    return root, home, spec, source, snapshot
 
 
 def _actor(as_user: str | None, root: Path | None) -> str:
@@ -311,9 +314,9 @@ def plan(
     """Show what a run would do, in which order and why (DAG levels, cache hits)."""
     from conveyor.engine.planning import build_plan, cache_keys
 
-    root, spec, (_, snapshot) = _load_for_run(pipeline_file, revision, dirty)
+    root, home_obj, spec, _, snapshot = _load_for_run(pipeline_file, revision, dirty, home)
     selected = _check_stages(spec, stages)
-    record = _open_record(home, root)
+    record = _open_record(home_obj.root, root)
     secrets, _ = _secrets(spec)
     keys = cache_keys(spec, snapshot, secrets)
     the_plan = build_plan(
@@ -451,10 +454,9 @@ def run(
     from conveyor.engine.engine import RunOptions
     from conveyor.executors.local import LocalExecutor
 
-    root, spec, (source, snapshot) = _load_for_run(pipeline_file, revision, dirty)
+    root, home_obj, spec, source, snapshot = _load_for_run(pipeline_file, revision, dirty, home)
     selected = _check_stages(spec, stages)
-    home_obj = _home(home, root)
-    record = _open_record(home, root)
+    record = _open_record(home_obj.root, root)
     secrets, missing = _secrets(spec)
     for name in missing:
         click.echo(
@@ -633,7 +635,6 @@ def logs(
     import time
 
     from conveyor.domain.states import JOB_FINAL
-    from conveyor.domain.text import neutralise
 
     record = _open_record(home)
     run_id = _run_id(record, run_ref)
@@ -655,9 +656,6 @@ def logs(
             return next((a for a in tries if a["attempt"] == attempt), None)
         return tries[-1] if tries else None
 
-    out = sys.stdout.buffer
-    decoder_tail = b""
-    position = 0
     chosen = current()
     while chosen is None and follow and record.job_status(run_id, job) not in JOB_FINAL:
         time.sleep(0.2)
@@ -668,31 +666,60 @@ def logs(
             f"job '{job}' of run {run_id} has no log: it is {status}"
             + (" (it did not run)" if status in ("skipped", "cached") else "")
         )
-    path = root / chosen["log"]
+    number = int(chosen["attempt"])
+    while True:
+        _print_log(record, root, run_id, job, number, follow=follow, raw=raw)
+        if not follow or attempt is not None:
+            return
+        # --follow without --attempt: go on with the retry, if there is one.
+        while True:
+            newer = [a for a in record.attempts(run_id, job) if a["attempt"] > number]
+            if newer:
+                number = int(newer[0]["attempt"])
+                click.echo(f"--- attempt {number} ---")
+                break
+            if record.job_status(run_id, job) in JOB_FINAL:
+                return
+            time.sleep(0.2)
+
+
+def _print_log(
+    record: Any, root: Path, run_id: int, job: str, number: int, *, follow: bool, raw: bool
+) -> None:
+    """Print one attempt's log; with ``follow``, until the attempt has ended."""
+    import time
+
+    from conveyor.domain.text import neutralise
+
+    def row() -> dict[str, Any]:
+        return next(a for a in record.attempts(run_id, job) if a["attempt"] == number)
+
+    path = root / row()["log"]
+    out = sys.stdout.buffer
+    tail = b""
+    position = 0
     while True:
         if path.exists():
             with open(path, "rb") as handle:
                 handle.seek(position)
                 data = handle.read()
             position += len(data)
-            if data:
-                if raw:
-                    out.write(data)
-                else:
-                    data = decoder_tail + data
-                    cut = data.rfind(b"\n") + 1 if follow else len(data)
-                    chunk, decoder_tail = data[:cut], data[cut:]
-                    out.write(neutralise(chunk.decode("utf-8", "replace")).encode())
-                out.flush()
+            if data and raw:
+                out.write(data)
+            elif data:
+                data = tail + data
+                cut = data.rfind(b"\n") + 1 if follow else len(data)
+                chunk, tail = data[:cut], data[cut:]
+                out.write(neutralise(chunk.decode("utf-8", "replace")).encode())
+            out.flush()
         if not follow:
             break
-        latest = current()
-        ended = latest is not None and latest["status"] != "running"
-        if ended and latest and (position >= (latest["log_bytes"] or 0) or not path.exists()):
+        current = row()
+        if current["status"] != "running" and position >= (current["log_bytes"] or 0):
             break
         time.sleep(0.2)
-    if decoder_tail:
-        out.write(neutralise(decoder_tail.decode("utf-8", "replace")).encode())
+    if tail:
+        out.write(neutralise(tail.decode("utf-8", "replace")).encode())
         out.flush()
 
 
@@ -741,7 +768,11 @@ def demo(directory: Path | None, progress: str) -> None:
 
 
 def _fail(exc: ConveyorError) -> NoReturn:
-    click.echo(f"Error: {exc.render()}", err=True)
+    from conveyor.errors import SpecError
+
+    # Spec problems are already "file:line:col: message" lines, as compilers print them.
+    prefix = "" if isinstance(exc, SpecError) else "Error: "
+    click.echo(f"{prefix}{exc.render()}", err=True)
     sys.exit(exc.exit_code)
 
 

@@ -61,7 +61,7 @@ def inputs_digest(files: Mapping[str, str], patterns: Sequence[str] | None, tree
     """
     if patterns is None:
         return "tree:" + tree_id
-    regexes = [glob_regex(p.lstrip("./") if p.startswith("./") else p) for p in patterns]
+    regexes = [glob_regex(p.removeprefix("./")) for p in patterns]
     chosen = sorted(
         (path, blob) for path, blob in files.items() if any(r.match(path) for r in regexes)
     )

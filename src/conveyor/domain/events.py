@@ -7,7 +7,7 @@ values only, so the record can be verified and read without this module.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 
@@ -20,7 +20,7 @@ class Event:
 
     def payload(self) -> dict[str, Any]:
         """The event's fields as JSON-ready values (``run_id`` included)."""
-        return asdict(self)
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class JobCached(Event):
     job: str
     cache_key: str
     source_run: int
+    source_job: str
     source_attempt: int
 
 
@@ -82,7 +83,6 @@ class JobAttemptStarted(Event):
     stage: str
     job: str
     attempt: int
-    pid: int
     cache_key: str
     log: str
     """Path of the attempt's log file, relative to Conveyor's home."""
@@ -96,6 +96,7 @@ class JobAttemptFinished(Event):
     attempt: int
     status: str
     exit_code: int | None
+    pid: int | None
     duration_s: float
     log_bytes: int
     log_sha256: str

@@ -8,6 +8,7 @@ what happened, repeat. Every event is committed to the record before the engine 
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -28,8 +29,9 @@ from conveyor.domain.ports import (
     SourceSnapshot,
     Workspace,
 )
-from conveyor.domain.states import JOB_FINAL, JOB_PASSED
+from conveyor.domain.states import JOB_PASSED
 from conveyor.engine.planning import cache_keys, job_decision
+from conveyor.errors import ConveyorError
 from conveyor.spec.models import JobSpec, PipelineSpec, StageSpec
 
 KILL_GRACE_S = 3.0
@@ -76,6 +78,7 @@ class _JobState:
     log: AttemptLog | None = None
     stream: StreamMasker | None = None
     launch_key: str = ""
+    pid: int | None = None
 
 
 @dataclass
@@ -184,85 +187,48 @@ class Engine:
         self._commit()
 
     def _run_stage(self, request: RunRequest, stage: StageSpec, keys: Mapping[str, str]) -> str:
-        run_id = request.run_id
-        options = request.options
-        self._emit(ev.StageStarted(run_id=run_id, stage=stage.name))
-        self._commit()
-        jobs = {job.name: _JobState(spec=job, key=keys[job.name]) for job in stage.jobs}
-        running: dict[str, _JobState] = {}
-        failed = False
+        """Run one stage's DAG to the end; returns the stage's status.
+
+        Each loop: start what is ready (events only), commit, spawn what was started, wait for
+        the executor, record what ended. So every event is committed before the engine acts on
+        it, with one transaction per loop for all the jobs that moved.
+        """
+        self._emit(ev.StageStarted(run_id=request.run_id, stage=stage.name))
+        run = _StageRun(request, stage, keys)
         while True:
             if self.cancel.is_set() and not self._cancelled:
-                self._cancel_all(running)
-            progressed = self._settle_pending(request, stage, jobs, failed)
-            if not self._cancelled and not (failed and options.fail_fast):
-                progressed |= self._start_ready(request, stage, jobs, running)
+                self._cancelled = True
+                self._stop_stage(run, "cancelled", "the run was cancelled")
+            self._start_ready(run)
             self._commit()
-            if not running:
-                if progressed:
+            self._spawn(run)
+            if not run.running:
+                if run.ready:
                     continue
                 break
-            failed |= self._wait(request, stage, running, jobs)
-            self._commit()  # what just ended is on the record before anything acts on it
-            if failed and options.fail_fast and not self._cancelled:
-                for state in running.values():
-                    self._kill(state, "cancelled")
+            self._wait(run)
+            self._check_deadlines(run)
         if self._cancelled:
-            stage_status = "cancelled"
-        elif any(s.status not in JOB_PASSED and not s.spec.allow_failure for s in jobs.values()):
-            stage_status = "failed"
+            status = "cancelled"
+        elif any(
+            s.status not in JOB_PASSED and not s.spec.allow_failure for s in run.jobs.values()
+        ):
+            status = "failed"
         else:
-            stage_status = "succeeded"
-        self._emit(ev.StageFinished(run_id=run_id, stage=stage.name, status=stage_status))
+            status = "succeeded"
+        self._emit(ev.StageFinished(run_id=request.run_id, stage=stage.name, status=status))
         self._commit()
-        return stage_status
+        return status
 
     # -- scheduling --------------------------------------------------------------------------
 
-    def _settle_pending(
-        self, request: RunRequest, stage: StageSpec, jobs: dict[str, _JobState], failed: bool
-    ) -> bool:
-        """Skip pending jobs that can no longer run; returns whether any was skipped."""
-        changed = False
-        for state in jobs.values():
-            if state.status != "pending":
-                continue
-            reason = None
-            if self._cancelled:
-                reason = "the run was cancelled"
-            elif failed and request.options.fail_fast:
-                reason = "a job of the stage failed (--fail-fast)"
-            else:
-                for need in state.spec.needs:
-                    other = jobs[need]
-                    if other.status in JOB_FINAL and other.status not in JOB_PASSED:
-                        reason = f"it needs '{need}', which ended {other.status}"
-                        break
-            if reason:
-                state.status = "skipped"
-                self._emit(
-                    ev.JobSkipped(
-                        run_id=request.run_id, stage=stage.name, job=state.spec.name, reason=reason
-                    )
-                )
-                changed = True
-        return changed
-
-    def _start_ready(
-        self,
-        request: RunRequest,
-        stage: StageSpec,
-        jobs: dict[str, _JobState],
-        running: dict[str, _JobState],
-    ) -> bool:
-        started = False
+    def _start_ready(self, run: _StageRun) -> None:
+        """Take ready jobs (file order) up to the parallelism limit: cache hit or new attempt."""
+        request = run.request
         limit = max(1, request.options.max_parallel)
-        for state in jobs.values():
-            if len(running) >= limit:
-                break
+        while run.ready and len(run.running) < limit:
+            state = run.jobs[heapq.heappop(run.ready)[1]]
             if state.status != "pending":
-                continue
-            if any(jobs[need].status not in JOB_PASSED for need in state.spec.needs):
                 continue
             action, _, hit = job_decision(
                 state.spec, state.key, request.options.use_cache, self.record.find_cache
@@ -272,95 +238,100 @@ class Engine:
                 self._emit(
                     ev.JobCached(
                         run_id=request.run_id,
-                        stage=stage.name,
+                        stage=run.stage.name,
                         job=state.spec.name,
                         cache_key=state.key,
                         source_run=hit.run_id,
+                        source_job=hit.job,
                         source_attempt=hit.attempt,
                     )
                 )
-                started = True
+                run.release(state.spec.name)
                 continue
-            state.first_start = self.clock.monotonic()
-            self._start_attempt(request, stage, state)
-            running[state.spec.name] = state
-            started = True
-        return started
+            self._new_attempt(run, state)
 
-    def _start_attempt(self, request: RunRequest, stage: StageSpec, state: _JobState) -> None:
-        job = state.spec
+    def _new_attempt(self, run: _StageRun, state: _JobState) -> None:
+        """Record the start of an attempt; the process is spawned after the commit."""
+        request, job = run.request, state.spec
         state.attempt += 1
         state.status = "running"
         state.kill_reason = None
         state.kill_at = None
-        workspace = self.workspace.path()
-        env = dict(request.base_env)
-        env.update(request.spec.env)
-        env.update(job.env)
-        env.update(request.secrets)
-        env.update(
-            {
-                "CI": "true",
-                "CONVEYOR": "true",
-                "CONVEYOR_RUN_ID": str(request.run_id),
-                "CONVEYOR_RUN_TOKEN": str(request.owner.get("token", "")),
-                "CONVEYOR_REVISION": request.source.revision,
-                "CONVEYOR_PIPELINE": request.spec.name,
-                "CONVEYOR_STAGE": stage.name,
-                "CONVEYOR_JOB": job.name,
-                "CONVEYOR_ATTEMPT": str(state.attempt),
-                "CONVEYOR_WORKSPACE": workspace,
-            }
-        )
         state.log = self.logs.open_attempt(request.run_id, job.name, state.attempt)
         state.stream = self._masker.stream()
         state.launch_key = f"{job.name}#{state.attempt}"
-        pid = self.executor.start(
-            JobLaunch(key=state.launch_key, script=job.run, env=env, cwd=workspace)
-        )
-        state.attempt_start = self.clock.monotonic()
-        state.deadline = state.attempt_start + job.timeout_s
+        run.running[state.launch_key] = state
+        run.to_spawn.append(state)
         self._emit(
             ev.JobAttemptStarted(
                 run_id=request.run_id,
-                stage=stage.name,
+                stage=run.stage.name,
                 job=job.name,
                 attempt=state.attempt,
-                pid=pid,
                 cache_key=state.key,
                 log=state.log.path,
             )
         )
 
+    def _spawn(self, run: _StageRun) -> None:
+        """Start the processes of the attempts recorded as started."""
+        request = run.request
+        pending, run.to_spawn = run.to_spawn, []
+        for state in pending:
+            job = state.spec
+            if state.kill_reason is not None:
+                self._attempt_ended(run, state, None)
+                continue
+            try:
+                workspace = self.workspace.path()
+                env = dict(request.base_env)
+                env.update(request.spec.env)
+                env.update(job.env)
+                env.update(request.secrets)
+                env.update(
+                    {
+                        "CI": "true",
+                        "CONVEYOR": "true",
+                        "CONVEYOR_RUN_ID": str(request.run_id),
+                        "CONVEYOR_RUN_TOKEN": str(request.owner.get("token", "")),
+                        "CONVEYOR_REVISION": request.source.revision,
+                        "CONVEYOR_PIPELINE": request.spec.name,
+                        "CONVEYOR_STAGE": run.stage.name,
+                        "CONVEYOR_JOB": job.name,
+                        "CONVEYOR_ATTEMPT": str(state.attempt),
+                        "CONVEYOR_WORKSPACE": workspace,
+                    }
+                )
+                now = self.clock.monotonic()
+                if state.attempt == 1:
+                    state.first_start = now
+                state.attempt_start = now
+                state.deadline = now + job.timeout_s
+                state.pid = self.executor.start(
+                    JobLaunch(key=state.launch_key, script=job.run, env=env, cwd=workspace)
+                )
+            except ConveyorError as exc:
+                assert state.log is not None
+                state.log.write(f"conveyor: {exc.render()}\n".encode())
+                state.pid = None
+                self._attempt_ended(run, state, None)
+
     # -- waiting -----------------------------------------------------------------------------
 
-    def _wait(
-        self,
-        request: RunRequest,
-        stage: StageSpec,
-        running: dict[str, _JobState],
-        jobs: dict[str, _JobState],
-    ) -> bool:
-        """Wait for executor events and handle them; returns whether a job failed for good."""
+    def _wait(self, run: _StageRun) -> None:
+        """Wait for executor events and record what they mean."""
         now = self.clock.monotonic()
-        wake = min((s.kill_at if s.kill_at is not None else s.deadline) for s in running.values())
-        events = self.executor.poll(max(0.0, wake - now))
-        by_key = {s.launch_key: s for s in running.values()}
-        failed = False
-        for event in events:
-            state = by_key.get(event.key)
+        wake = min(
+            (s.kill_at if s.kill_at is not None else s.deadline) for s in run.running.values()
+        )
+        for event in self.executor.poll(max(0.0, wake - now)):
+            state = run.running.get(event.key)
             if state is None:
                 continue
             if isinstance(event, Output):
                 self._output(state, event.data)
-            elif isinstance(event, Exited) and self._finish_attempt(
-                request, stage, state, event.exit_code
-            ):
-                del running[state.spec.name]
-                if state.status not in JOB_PASSED and not state.spec.allow_failure:
-                    failed = True
-        self._check_deadlines(running)
-        return failed
+            elif isinstance(event, Exited):
+                self._attempt_ended(run, state, event.exit_code)
 
     def _output(self, state: _JobState, data: bytes) -> None:
         assert state.stream is not None and state.log is not None
@@ -371,9 +342,9 @@ class Engine:
                 state.spec.name, state.attempt, masked.decode("utf-8", "replace")
             )
 
-    def _check_deadlines(self, running: Mapping[str, _JobState]) -> None:
+    def _check_deadlines(self, run: _StageRun) -> None:
         now = self.clock.monotonic()
-        for state in running.values():
+        for state in run.running.values():
             if state.kill_at is not None and now >= state.kill_at:
                 self.executor.kill(state.launch_key, force=True)
                 state.kill_at = now + KILL_GRACE_S
@@ -387,59 +358,70 @@ class Engine:
         state.kill_at = self.clock.monotonic() + KILL_GRACE_S
         self.executor.kill(state.launch_key, force=False)
 
-    def _cancel_all(self, running: Mapping[str, _JobState]) -> None:
-        self._cancelled = True
-        for state in running.values():
-            self._kill(state, "cancelled")
+    def _stop_stage(self, run: _StageRun, kill_reason: str, skip_reason: str) -> None:
+        """Cancel every running attempt and skip every job that has not started."""
+        for state in run.running.values():
+            if state.pid is not None:
+                self._kill(state, kill_reason)
+            else:  # recorded as started but not spawned yet: it never will be
+                state.kill_reason = kill_reason
+        for state in run.jobs.values():
+            if state.status == "pending":
+                self._skip(run, state, skip_reason)
 
-    def _finish_attempt(
-        self, request: RunRequest, stage: StageSpec, state: _JobState, exit_code: int
-    ) -> bool:
-        """Record an ended attempt; retry or finish the job. Returns whether the job is final."""
+    def _skip(self, run: _StageRun, state: _JobState, reason: str) -> None:
+        state.status = "skipped"
+        self._emit(
+            ev.JobSkipped(
+                run_id=run.request.run_id, stage=run.stage.name, job=state.spec.name, reason=reason
+            )
+        )
+
+    def _attempt_ended(self, run: _StageRun, state: _JobState, exit_code: int | None) -> None:
+        """Record an ended attempt, then retry it or finish the job."""
         assert state.stream is not None and state.log is not None
+        request, job = run.request, state.spec
         rest = state.stream.flush()
         if rest:
             state.log.write(rest)
-            self.observer.on_output(state.spec.name, state.attempt, rest.decode("utf-8", "replace"))
+            self.observer.on_output(job.name, state.attempt, rest.decode("utf-8", "replace"))
         summary = state.log.close()
-        duration = self.clock.monotonic() - state.attempt_start
+        del run.running[state.launch_key]
         if state.kill_reason is not None:
             status = state.kill_reason
         else:
             status = "succeeded" if exit_code == 0 else "failed"
         state.exit_code = exit_code
-        job = state.spec
         self._emit(
             ev.JobAttemptFinished(
                 run_id=request.run_id,
-                stage=stage.name,
+                stage=run.stage.name,
                 job=job.name,
                 attempt=state.attempt,
                 status=status,
                 exit_code=exit_code,
-                duration_s=round(duration, 6),
+                pid=state.pid,
+                duration_s=round(self.clock.monotonic() - state.attempt_start, 6),
                 log_bytes=summary.size,
                 log_sha256=summary.sha256,
                 log_truncated=summary.truncated,
             )
         )
         if job.junit:
-            self._report_tests(request, stage, state)
-        retry = (
+            self._report_tests(run, state)
+        if (
             status in ("failed", "timed_out")
             and state.attempt <= job.retries
             and not self._cancelled
             and not self.cancel.is_set()
-        )
-        if retry:
-            self._commit()
-            self._start_attempt(request, stage, state)
-            return False
+        ):
+            self._new_attempt(run, state)
+            return
         state.status = status
         self._emit(
             ev.JobFinished(
                 run_id=request.run_id,
-                stage=stage.name,
+                stage=run.stage.name,
                 job=job.name,
                 status=status,
                 exit_code=exit_code,
@@ -448,9 +430,17 @@ class Engine:
                 cache_key=state.key,
             )
         )
-        return True
+        if status in JOB_PASSED or job.allow_failure:
+            run.release(job.name)  # an allowed failure does not block its dependants
+            return
+        for name, need in run.blocked_by(job.name):
+            self._skip(
+                run, run.jobs[name], f"it needs '{need}', which ended {run.jobs[need].status}"
+            )
+        if request.options.fail_fast and not job.allow_failure and not self._cancelled:
+            self._stop_stage(run, "cancelled", "a job of the stage failed (--fail-fast)")
 
-    def _report_tests(self, request: RunRequest, stage: StageSpec, state: _JobState) -> None:
+    def _report_tests(self, run: _StageRun, state: _JobState) -> None:
         result = self.reports.read_junit(self.workspace.path(), state.spec.junit)
         mask = self._masker.mask_text
         tests = [
@@ -466,8 +456,8 @@ class Engine:
         ]
         self._emit(
             ev.TestsReported(
-                run_id=request.run_id,
-                stage=stage.name,
+                run_id=run.request.run_id,
+                stage=run.stage.name,
                 job=state.spec.name,
                 attempt=state.attempt,
                 passed=sum(t.outcome == "passed" for t in result.tests),
@@ -477,6 +467,49 @@ class Engine:
                 problems=[mask(p) for p in result.problems],
             )
         )
+
+
+class _StageRun:
+    """Scheduling state of one stage: unmet needs, the ready queue, the running attempts."""
+
+    def __init__(self, request: RunRequest, stage: StageSpec, keys: Mapping[str, str]) -> None:
+        self.request = request
+        self.stage = stage
+        self.jobs = {job.name: _JobState(spec=job, key=keys[job.name]) for job in stage.jobs}
+        self.index = {job.name: i for i, job in enumerate(stage.jobs)}
+        self.unmet = {job.name: len(set(job.needs)) for job in stage.jobs}
+        self.dependants: dict[str, list[str]] = {job.name: [] for job in stage.jobs}
+        for job in stage.jobs:
+            for need in set(job.needs):
+                self.dependants[need].append(job.name)
+        self.ready: list[tuple[int, str]] = [
+            (self.index[name], name) for name, count in self.unmet.items() if count == 0
+        ]
+        heapq.heapify(self.ready)
+        self.running: dict[str, _JobState] = {}
+        self.to_spawn: list[_JobState] = []
+
+    def release(self, name: str) -> None:
+        """``name`` passed: its dependants whose needs are all met become ready."""
+        for dependant in self.dependants[name]:
+            self.unmet[dependant] -= 1
+            if self.unmet[dependant] == 0:
+                heapq.heappush(self.ready, (self.index[dependant], dependant))
+
+    def blocked_by(self, name: str) -> list[tuple[str, str]]:
+        """Pending jobs that can no longer run because ``name`` did not pass, with the need
+        that blocks each (breadth first)."""
+        out: list[tuple[str, str]] = []
+        seen = {name}
+        queue = [name]
+        while queue:
+            current = queue.pop(0)
+            for dependant in self.dependants[current]:
+                if dependant not in seen and self.jobs[dependant].status == "pending":
+                    seen.add(dependant)
+                    out.append((dependant, current))
+                    queue.append(dependant)
+        return out
 
 
 def selected_stages(spec: PipelineSpec, names: Sequence[str]) -> tuple[str, ...]:

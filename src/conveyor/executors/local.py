@@ -15,7 +15,6 @@ import selectors
 import shlex
 import shutil
 import signal
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -110,22 +109,39 @@ def direct_argv(script: str, path: str | None) -> list[str] | None:
     argv = text.split()
     if argv[0] in _BUILTINS and argv[0] not in ("true", "false", "echo", "test", "printf", "kill"):
         return None
-    exe = shutil.which(argv[0], path=path) if "/" not in argv[0] else argv[0]
+    exe = _which(argv[0], path) if "/" not in argv[0] else argv[0]
     if exe is None:
         return None
     return [exe, *argv[1:]]
 
 
+_WHICH: dict[tuple[str, str | None], str | None] = {}
+
+
+def _which(name: str, path: str | None) -> str | None:
+    key = (name, path)
+    if key not in _WHICH:
+        _WHICH[key] = shutil.which(name, path=path)
+    return _WHICH[key]
+
+
 @dataclass
 class _Proc:
     key: str
-    popen: subprocess.Popen[bytes]
+    pid: int
     out_fd: int | None
     pid_fd: int | None
+    exit_code: int | None = None
 
 
 class LocalExecutor:
-    """Executor port implementation for processes on this machine."""
+    """Executor port implementation for processes on this machine.
+
+    Processes are started with ``posix_spawn`` (new session, SIGPIPE and SIGXFSZ reset to their
+    defaults). ``posix_spawn`` has no "change directory" action in Python 3.11, so the executor
+    moves the process's own working directory to the run's workspace (every job of a run shares
+    it) and moves back on ``close``.
+    """
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
@@ -133,6 +149,8 @@ class LocalExecutor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", ""))
         self._closed = False
+        self._home_cwd = os.getcwd()
+        self._cwd = self._home_cwd
 
     @property
     def wakeup_fd(self) -> int:
@@ -141,43 +159,49 @@ class LocalExecutor:
 
     def start(self, launch: JobLaunch) -> int:
         """Start one attempt in its own session; returns its pid (= process group id)."""
-        argv = direct_argv(launch.script, launch.env.get("PATH"))
-        if argv is None:
-            argv = [*SHELL, launch.script]
+        path = launch.env.get("PATH")
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
-            popen = subprocess.Popen(
-                argv,
-                cwd=launch.cwd,
-                env=dict(launch.env),
-                stdin=subprocess.DEVNULL,
-                stdout=write_fd,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-            )
+            if launch.cwd != self._cwd:
+                os.chdir(launch.cwd)
+                self._cwd = launch.cwd
+            argv = direct_argv(launch.script, path)
+            pid = None
+            if argv is not None:
+                # As make does: exec directly; on any exec error let bash run it and explain.
+                with contextlib.suppress(OSError):
+                    pid = _spawn(argv, launch.env, write_fd)
+            if pid is None:
+                bash = _which(SHELL[0], path)
+                if bash is None:
+                    raise ExecutorError(f"cannot start job {launch.key}: bash is not on PATH")
+                pid = _spawn([bash, *SHELL[1:], launch.script], launch.env, write_fd)
         except OSError as exc:
             os.close(read_fd)
+            raise ExecutorError(f"cannot start job {launch.key}: {exc.strerror or exc}") from exc
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
             os.close(write_fd)
-            raise ExecutorError(f"could not start job {launch.key}: {exc.strerror}") from exc
-        os.close(write_fd)
         os.set_blocking(read_fd, False)
         pid_fd = None
         if _HAVE_PIDFD:
             try:
-                pid_fd = os.pidfd_open(popen.pid)
+                pid_fd = os.pidfd_open(pid)
             except OSError:
                 pid_fd = None
-        proc = _Proc(launch.key, popen, read_fd, pid_fd)
+        proc = _Proc(launch.key, pid, read_fd, pid_fd)
         self._procs[launch.key] = proc
         self._selector.register(read_fd, selectors.EVENT_READ, ("out", launch.key))
         if pid_fd is not None:
             self._selector.register(pid_fd, selectors.EVENT_READ, ("exit", launch.key))
-        return popen.pid
+        return pid
 
     def poll(self, timeout: float | None) -> list[ExecutorEvent]:
         """Wait for output or exits (see ``Executor.poll``)."""
-        if not _HAVE_PIDFD and self._procs:
+        polling = any(p.pid_fd is None for p in self._procs.values())
+        if polling:
             timeout = _REAP_INTERVAL_S if timeout is None else min(timeout, _REAP_INTERVAL_S)
         ready = self._selector.select(timeout)
         events: list[ExecutorEvent] = []
@@ -190,8 +214,10 @@ class LocalExecutor:
                 self._read(self._procs[key], events)
             else:
                 exited.append(key)
-        if not _HAVE_PIDFD:
-            exited.extend(k for k, p in self._procs.items() if p.popen.poll() is not None)
+        if polling:
+            exited.extend(
+                k for k, p in self._procs.items() if p.pid_fd is None and self._try_wait(p)
+            )
         for key in exited:
             proc = self._procs.get(key)
             if proc is not None:
@@ -202,19 +228,22 @@ class LocalExecutor:
         """Signal the attempt's process group."""
         proc = self._procs.get(key)
         if proc is not None:
-            _signal_group(proc.popen.pid, signal.SIGKILL if force else signal.SIGTERM)
+            _signal_group(proc.pid, signal.SIGKILL if force else signal.SIGTERM)
 
     def close(self) -> None:
-        """Kill and reap whatever still runs; close every descriptor."""
+        """Kill and reap whatever still runs; close every descriptor; restore the cwd."""
         if self._closed:
             return
         self._closed = True
         for proc in list(self._procs.values()):
-            _signal_group(proc.popen.pid, signal.SIGKILL)
+            _signal_group(proc.pid, signal.SIGKILL)
             self._reap(proc, [])
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self._cwd != self._home_cwd:
+            with contextlib.suppress(OSError):
+                os.chdir(self._home_cwd)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -244,16 +273,28 @@ class LocalExecutor:
         if chunks:
             events.append(Output(proc.key, b"".join(chunks)))
 
+    def _try_wait(self, proc: _Proc) -> bool:
+        """Reap without blocking (no pidfd); whether the process has ended."""
+        if proc.exit_code is not None:
+            return True
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        if pid == 0:
+            return False
+        proc.exit_code = os.waitstatus_to_exitcode(status)
+        return True
+
     def _reap(self, proc: _Proc, events: list[ExecutorEvent]) -> Exited:
         """Collect the exit status, the rest of the output, and end the process group."""
-        code = proc.popen.wait()
+        if proc.exit_code is None:
+            _, status = os.waitpid(proc.pid, 0)
+            proc.exit_code = os.waitstatus_to_exitcode(status)
         while proc.out_fd is not None:
             before = len(events)
             self._read(proc, events)
             if len(events) == before:
                 break
         # Whatever the job left running in its group ends with the job.
-        _signal_group(proc.popen.pid, signal.SIGKILL)
+        _signal_group(proc.pid, signal.SIGKILL)
         if proc.out_fd is not None:
             self._selector.unregister(proc.out_fd)
             os.close(proc.out_fd)
@@ -263,7 +304,23 @@ class LocalExecutor:
             os.close(proc.pid_fd)
             proc.pid_fd = None
         del self._procs[proc.key]
-        return Exited(proc.key, code)
+        return Exited(proc.key, proc.exit_code)
+
+
+def _spawn(argv: list[str], env: Mapping[str, str], out_fd: int) -> int:
+    """posix_spawn in a new session: stdin /dev/null, stdout and stderr to ``out_fd``."""
+    return os.posix_spawn(
+        argv[0],
+        argv,
+        env,
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_fd, 1),
+            (os.POSIX_SPAWN_DUP2, out_fd, 2),
+        ],
+        setsid=True,
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM),
+    )
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -8,7 +8,8 @@ messages can point at ``file:line:column``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 DEFAULT_TIMEOUT_S = 3600.0
 DEFAULT_FILE = "conveyor.yml"
@@ -34,7 +35,7 @@ class JobSpec:
     timeout_s: float = DEFAULT_TIMEOUT_S
     retries: int = 0
     junit: tuple[str, ...] = ()
-    """Glob patterns (relative to the workspace) of JUnit XML reports to parse after each attempt."""
+    """Globs (relative to the workspace) of JUnit XML reports to parse after each attempt."""
     inputs: tuple[str, ...] | None = None
     """Glob patterns of the files the cache key covers; ``None`` means the whole tree."""
     cache: bool = True
@@ -89,3 +90,34 @@ class PipelineSpec:
             if stage.name == name:
                 return stage
         raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, read back by ``from_dict`` (used to cache parsed files)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineSpec:
+        """The pipeline ``to_dict`` produced."""
+        stages = []
+        for stage in data["stages"]:
+            jobs = tuple(
+                JobSpec(
+                    **{
+                        **job,
+                        "needs": tuple(job["needs"]),
+                        "junit": tuple(job["junit"]),
+                        "inputs": None if job["inputs"] is None else tuple(job["inputs"]),
+                        "location": Location(**job["location"]),
+                    }
+                )
+                for job in stage["jobs"]
+            )
+            stages.append(StageSpec(stage["name"], jobs, Location(**stage["location"])))
+        return cls(
+            name=data["name"],
+            stages=tuple(stages),
+            env=data["env"],
+            secrets=tuple(data["secrets"]),
+            source=data["source"],
+            digest=data["digest"],
+        )

@@ -35,8 +35,12 @@ def canonical(value: object) -> str:
 
 
 def event_hash(prev_hash: str, seq: int, at: str, kind: str, run_id: int, payload: str) -> str:
-    """Hash of one event: covers its position, content and the previous event's hash."""
-    material = canonical([prev_hash, seq, at, kind, run_id, json.loads(payload)])
+    """Hash of one event: covers its position, time, type, run, payload and the previous hash.
+
+    The fields are joined by newlines; none can contain one (``payload`` is compact JSON), so
+    the encoding is unambiguous. The payload is hashed exactly as stored.
+    """
+    material = f"{prev_hash}\n{seq}\n{at}\n{kind}\n{run_id}\n{payload}"
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -205,7 +209,8 @@ class SqliteRecord:
         job_rows = self._conn.execute(
             "SELECT stage, name, status, exit_code, attempts, duration_s, started_at,"
             " finished_at, cache_key, cached_from_run, cached_from_attempt, reason,"
-            " tests_passed, tests_failed, tests_skipped FROM jobs WHERE run_id = ? ORDER BY idx",
+            " tests_passed, tests_failed, tests_skipped, cached_from_job FROM jobs WHERE run_id = ?"
+            " ORDER BY idx",
             (run_id,),
         ).fetchall()
         jobs_by_stage: dict[str, list[dict[str, Any]]] = {}
@@ -219,7 +224,9 @@ class SqliteRecord:
                 "started_at": j[6],
                 "finished_at": j[7],
                 "cache_key": j[8],
-                "cached_from": {"run": j[9], "attempt": j[10]} if j[9] is not None else None,
+                "cached_from": (
+                    {"run": j[9], "job": j[15], "attempt": j[10]} if j[9] is not None else None
+                ),
                 "reason": j[11],
                 "tests": (
                     {"passed": j[12], "failed": j[13], "skipped": j[14]}
@@ -261,7 +268,10 @@ class SqliteRecord:
             "log_sha256",
             "log_truncated",
         )
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        out = [dict(zip(keys, r, strict=True)) for r in rows]
+        for item in out:
+            item["log_truncated"] = bool(item["log_truncated"])
+        return out
 
     def job_status(self, run_id: int, job: str) -> str | None:
         """Current status of a job of a run."""
@@ -292,13 +302,6 @@ class SqliteRecord:
         return [
             {"id": r[0], "owner_pid": r[1], "owner_host": r[2], "owner_token": r[3]} for r in rows
         ]
-
-    def running_pids(self, run_id: int) -> list[int]:
-        """Process (group) ids of the attempts still recorded as running."""
-        rows = self._conn.execute(
-            "SELECT pid FROM attempts WHERE run_id = ? AND status = 'running'", (run_id,)
-        ).fetchall()
-        return [r[0] for r in rows if r[0]]
 
     def iter_events(self) -> Iterator[tuple[int, str, str, int, str, str, str]]:
         """Every stored event as ``(seq, at, type, run_id, payload, prev_hash, hash)``."""
@@ -444,25 +447,24 @@ def _job_skipped(conn: sqlite3.Connection, e: Any, at: str) -> None:
 
 
 def _job_cached(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    # The source job may have another name: cache keys cover what a job does, not its name.
+    source = conn.execute(
+        "SELECT tests_passed, tests_failed, tests_skipped FROM jobs WHERE run_id = ? AND name = ?",
+        (e.source_run, e.source_job),
+    ).fetchone() or (None, None, None)
     conn.execute(
         "UPDATE jobs SET status = 'cached', cache_key = ?, cached_from_run = ?,"
-        " cached_from_attempt = ?, started_at = ?, finished_at = ?, duration_s = 0, exit_code = 0,"
-        " tests_passed = (SELECT tests_passed FROM jobs WHERE run_id = ? AND name = ?),"
-        " tests_failed = (SELECT tests_failed FROM jobs WHERE run_id = ? AND name = ?),"
-        " tests_skipped = (SELECT tests_skipped FROM jobs WHERE run_id = ? AND name = ?)"
+        " cached_from_job = ?, cached_from_attempt = ?, started_at = ?, finished_at = ?,"
+        " duration_s = 0, exit_code = 0, tests_passed = ?, tests_failed = ?, tests_skipped = ?"
         " WHERE run_id = ? AND name = ?",
         (
             e.cache_key,
             e.source_run,
+            e.source_job,
             e.source_attempt,
             at,
             at,
-            e.source_run,
-            e.job,
-            e.source_run,
-            e.job,
-            e.source_run,
-            e.job,
+            *source,
             e.run_id,
             e.job,
         ),
@@ -471,9 +473,9 @@ def _job_cached(conn: sqlite3.Connection, e: Any, at: str) -> None:
 
 def _attempt_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
     conn.execute(
-        "INSERT INTO attempts (run_id, job, attempt, status, pid, started_at, log_path)"
-        " VALUES (?, ?, ?, 'running', ?, ?, ?)",
-        (e.run_id, e.job, e.attempt, e.pid, at, e.log),
+        "INSERT INTO attempts (run_id, job, attempt, status, started_at, log_path)"
+        " VALUES (?, ?, ?, 'running', ?, ?)",
+        (e.run_id, e.job, e.attempt, at, e.log),
     )
     conn.execute(
         "UPDATE jobs SET status = 'running', attempts = ?, cache_key = ?,"
@@ -484,12 +486,13 @@ def _attempt_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
 
 def _attempt_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
     conn.execute(
-        "UPDATE attempts SET status = ?, exit_code = ?, finished_at = ?, duration_s = ?,"
+        "UPDATE attempts SET status = ?, exit_code = ?, pid = ?, finished_at = ?, duration_s = ?,"
         " log_bytes = ?, log_sha256 = ?, log_truncated = ?"
         " WHERE run_id = ? AND job = ? AND attempt = ?",
         (
             e.status,
             e.exit_code,
+            e.pid,
             at,
             e.duration_s,
             e.log_bytes,

@@ -84,6 +84,7 @@ def upgrade() -> None:
         sa.Column("duration_s", sa.Float),
         sa.Column("cache_key", sa.Text),
         sa.Column("cached_from_run", sa.Integer),
+        sa.Column("cached_from_job", sa.Text),
         sa.Column("cached_from_attempt", sa.Integer),
         sa.Column("reason", sa.Text),
         sa.Column("tests_passed", sa.Integer),

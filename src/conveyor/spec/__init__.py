@@ -1,0 +1,95 @@
+"""The pipeline definition: ``conveyor.yml`` read, validated and turned into typed specs.
+
+Pure: only the standard library and ruamel.yaml's low-level parser. ``parse_pipeline`` runs the
+hostile-input-safe :mod:`~conveyor.spec.loader` then the :mod:`~conveyor.spec.schema`; every
+problem in a file is reported at once in one :class:`~conveyor.errors.SpecError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from conveyor.errors import SpecError, SpecProblem
+from conveyor.spec.models import JobSpec, Location, PipelineSpec, StageSpec
+
+MAX_FILE_BYTES = 1024 * 1024
+"""Files larger than this are refused before parsing (the loader checks it too)."""
+
+__all__ = [
+    "JobSpec",
+    "Location",
+    "PipelineSpec",
+    "StageSpec",
+    "load_pipeline_file",
+    "parse_pipeline",
+]
+
+_FILE_HINT = "run `conveyor init` to write a starter conveyor.yml, or pass -f PATH"
+
+
+def parse_pipeline(data: bytes, source: str = "conveyor.yml") -> PipelineSpec:
+    """Read and validate a pipeline file's bytes.
+
+    Args:
+        data: The file's content.
+        source: The name shown in problems and recorded as ``PipelineSpec.source``.
+
+    Returns:
+        The validated pipeline; its ``digest`` is ``sha256:`` and the hex digest of ``data``.
+
+    Raises:
+        SpecError: With every problem found.
+    """
+    # Imported here so that ``conveyor.spec.models``/``graph`` stay cheap to import.
+    from conveyor.spec.loader import load_document
+    from conveyor.spec.schema import build_pipeline
+
+    root = load_document(data, source)
+    return build_pipeline(root, source, "sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def _file_error(source: str, message: str, hint: str | None = _FILE_HINT) -> SpecError:
+    return SpecError([SpecProblem(source, 1, 1, message, hint=hint)])
+
+
+def load_pipeline_file(path: Path, display_name: str | None = None) -> PipelineSpec:
+    """Read, parse and validate the pipeline file at ``path``.
+
+    Args:
+        path: Where the file is.
+        display_name: How to name the file in problems (the path as the user gave it);
+            defaults to ``str(path)``.
+
+    Returns:
+        The validated pipeline.
+
+    Raises:
+        SpecError: If the file is missing or unreadable, or has any problem.
+    """
+    source = display_name if display_name is not None else str(path)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise _file_error(source, f"no pipeline file at {path}") from None
+    except IsADirectoryError:
+        raise _file_error(
+            source, f"{path} is a directory, not a pipeline file", hint="pass -f PATH/conveyor.yml"
+        ) from None
+    except NotADirectoryError:
+        raise _file_error(source, f"no pipeline file at {path}") from None
+    except PermissionError:
+        raise _file_error(
+            source, f"cannot read {path}: permission denied", hint="check the file's permissions"
+        ) from None
+    except OSError as exc:
+        raise _file_error(source, f"cannot read {path}: {exc.strerror or exc}", hint=None) from None
+    if len(data) > MAX_FILE_BYTES:
+        size = path.stat().st_size if path.exists() else len(data)
+        raise _file_error(
+            source,
+            f"the file is too large: {size:,} bytes, the limit is {MAX_FILE_BYTES:,} bytes (1 MiB)",
+            hint="a pipeline file is a few kilobytes; is this the right file?",
+        )
+    return parse_pipeline(data, source)

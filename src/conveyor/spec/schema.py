@@ -1,0 +1,745 @@
+"""The node tree of a pipeline file to a validated :class:`~conveyor.spec.models.PipelineSpec`.
+
+Every problem in the file is collected (``file:line:col``, a message and a hint) and raised as
+one :class:`~conveyor.errors.SpecError`, so a user fixes them all in one round. The format::
+
+    pipeline: shop
+    env: {APP_ENV: ci}
+    secrets: [DEPLOY_TOKEN]
+    stages:
+      - name: commit
+        jobs:
+          build: {run: make dist}
+          unit:
+            needs: [build]
+            run: pytest -q --junitxml=reports/unit.xml
+            reports: {junit: "reports/*.xml"}
+            timeout: 10m
+            retries: 1
+            env: {PYTHONHASHSEED: "0"}
+            inputs: ["src/**", "tests/**"]
+            cache: true
+            allow_failure: false
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from conveyor.errors import SpecError, SpecProblem
+from conveyor.spec.durations import parse_duration
+from conveyor.spec.graph import find_cycle
+from conveyor.spec.loader import MapNode, Node, ScalarNode, SeqNode, resolve_plain
+from conveyor.spec.models import DEFAULT_TIMEOUT_S, JobSpec, Location, PipelineSpec, StageSpec
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""Pipeline, stage and job names."""
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+"""Environment variable names (env keys and secrets)."""
+MAX_RETRIES = 10
+MAX_PROBLEMS = 100
+"""At most this many problems are reported (then a count of the rest)."""
+
+PIPELINE_KEYS = ("pipeline", "env", "secrets", "stages")
+STAGE_KEYS = ("name", "jobs")
+JOB_KEYS = (
+    "run",
+    "needs",
+    "reports",
+    "timeout",
+    "retries",
+    "env",
+    "inputs",
+    "cache",
+    "allow_failure",
+)
+REPORT_KEYS = ("junit",)
+
+_NAME_RULE = (
+    "use letters, digits, '_', '.' and '-', starting with a letter or digit, at most 64 characters"
+)
+_ENV_RULE = "use letters, digits and '_', not starting with a digit"
+_YAML11_BOOLS = frozenset({"yes", "no", "on", "off", "y", "n"})
+_STARTER = (
+    "a pipeline file looks like:\n"
+    "pipeline: shop\n"
+    "stages:\n"
+    "  - name: commit\n"
+    "    jobs:\n"
+    "      build: {run: make dist}"
+)
+
+# Keys of other CI systems and the Conveyor key that does the same.
+_PIPELINE_SYNONYMS = {"name": "pipeline", "variables": "env"}
+_STAGE_SYNONYMS = {"stage": "name", "steps": "jobs"}
+_JOB_SYNONYMS = {
+    "script": "run",
+    "steps": "run",
+    "command": "run",
+    "commands": "run",
+    "depends_on": "needs",
+    "dependencies": "needs",
+    "variables": "env",
+    "environment": "env",
+    "artifacts": "reports",
+    "timeout-minutes": "timeout",
+    "timeout_minutes": "timeout",
+    "retry": "retries",
+    "continue-on-error": "allow_failure",
+    "allow-failure": "allow_failure",
+}
+
+
+def describe(node: Node) -> str:
+    """A short description of a value for messages (``string 'one'``, ``a mapping``)."""
+    if isinstance(node, MapNode):
+        return "a mapping"
+    if isinstance(node, SeqNode):
+        return "a list"
+    value = node.value
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {_short(node.raw)}"
+    if isinstance(value, float):
+        return f"number {_short(node.raw)}"
+    return f"string {_short(value)!r}"
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """``text``, cut to ``limit`` characters for a message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str | None:
+    """``did you mean 'x'?`` for the closest of ``choices``, if one is close enough."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def _quoted_as(node: Node, kind: type) -> bool:
+    """Whether ``node`` is a quoted scalar that, unquoted, would be a ``kind``."""
+    if not isinstance(node, ScalarNode) or not node.quoted:
+        return False
+    value = resolve_plain(node.raw.strip())
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _quote_list(names: Sequence[str]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
+
+
+@dataclass
+class _JobDraft:
+    """A job read from its stage, before ``needs`` can be checked against the whole pipeline."""
+
+    name: str
+    stage: str
+    key: ScalarNode
+    run: str = ""
+    needs: list[tuple[str, ScalarNode]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    retries: int = 0
+    junit: tuple[str, ...] = ()
+    inputs: tuple[str, ...] | None = None
+    cache: bool = True
+    allow_failure: bool = False
+
+
+@dataclass
+class _StageDraft:
+    name: str
+    node: MapNode
+    jobs: list[_JobDraft] = field(default_factory=list)
+
+
+class _Schema:
+    """Reads the tree, recording every problem instead of stopping at the first."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[SpecProblem] = []
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def add(self, at: Node | Location, message: str, hint: str | None = None) -> None:
+        """Record a problem at a node's (or a location's) line and column."""
+        self.problems.append(SpecProblem(self.source, at.line, at.column, message, hint))
+
+    def wrong_type(self, key: str, expected: str, node: Node, hint: str | None = None) -> None:
+        """Record ``'key' must be <expected>, got <what>``."""
+        self.add(node, f"'{key}' must be {expected}, got {describe(node)}", hint)
+
+    # -- generic readers -------------------------------------------------------------------
+
+    def fields(
+        self,
+        node: MapNode,
+        known: Sequence[str],
+        where: str,
+        synonyms: Mapping[str, str] | None = None,
+    ) -> dict[str, tuple[ScalarNode, Node]]:
+        """The known keys of a mapping; each unknown key is a problem (with a suggestion)."""
+        found: dict[str, tuple[ScalarNode, Node]] = {}
+        for key, value in node.items:
+            name = key.value if isinstance(key.value, str) else key.raw
+            if name in known:
+                found[name] = (key, value)
+                continue
+            hint = did_you_mean(name, known)
+            if hint is None and synonyms and name in synonyms:
+                hint = f"did you mean '{synonyms[name]}'?"
+            if hint is None:
+                hint = "known keys: " + ", ".join(known)
+            if where == "at the top level" and name == "jobs":
+                hint = "jobs belong to a stage: " + _STARTER
+            self.add(key, f"unknown key '{name}' {where}", hint)
+        return found
+
+    def require(self, node: MapNode, found: Mapping[str, object], key: str, what: str) -> None:
+        """Record a missing required key at the mapping's location."""
+        if key not in found:
+            self.add(node, f"missing required key '{key}' in {what}")
+
+    def name(self, node: Node, kind: str) -> str | None:
+        """A pipeline, stage or job name (plain numbers count as their text)."""
+        text: str | None = None
+        if isinstance(node, ScalarNode):
+            if isinstance(node.value, str):
+                text = node.value
+            elif isinstance(node.value, int | float) and not isinstance(node.value, bool):
+                text = node.raw
+        if text is None:
+            self.add(
+                node,
+                f"a {kind} name must be a string, got {describe(node)}",
+                hint="quote it" if isinstance(node, ScalarNode) and node.raw else None,
+            )
+            return None
+        if not NAME_PATTERN.fullmatch(text):
+            self.add(node, f"invalid {kind} name {text!r}", hint=_NAME_RULE)
+            return None
+        return text
+
+    def text(self, key: str, node: Node) -> str | None:
+        """A string value (``None`` and a problem otherwise)."""
+        if isinstance(node, ScalarNode) and isinstance(node.value, str):
+            return node.value
+        self.wrong_type(key, "a string", node)
+        return None
+
+    def boolean(self, key: str, node: Node) -> bool | None:
+        """``true`` or ``false``; YAML 1.1 spellings such as ``yes`` get a hint."""
+        if isinstance(node, ScalarNode) and isinstance(node.value, bool):
+            return node.value
+        hint = None
+        if isinstance(node, ScalarNode) and not node.quoted and node.raw.lower() in _YAML11_BOOLS:
+            hint = "write true or false (YAML 1.2)"
+        elif _quoted_as(node, bool):
+            hint = "remove the quotes"
+        self.wrong_type(key, "true or false", node, hint)
+        return None
+
+    def integer(self, key: str, node: Node) -> int | None:
+        """An integer (a boolean is not one)."""
+        if (
+            isinstance(node, ScalarNode)
+            and isinstance(node.value, int)
+            and not isinstance(node.value, bool)
+        ):
+            return node.value
+        self.wrong_type(
+            key, "an integer", node, "remove the quotes" if _quoted_as(node, int) else None
+        )
+        return None
+
+    def strings(self, key: str, node: Node) -> tuple[tuple[str, ScalarNode], ...] | None:
+        """A list of strings; a single string is a one-item list."""
+        if isinstance(node, ScalarNode) and isinstance(node.value, str):
+            return ((node.value, node),)
+        if not isinstance(node, SeqNode):
+            self.wrong_type(key, "a string or a list of strings", node)
+            return None
+        items: list[tuple[str, ScalarNode]] = []
+        ok = True
+        for item in node.items:
+            if isinstance(item, ScalarNode) and isinstance(item.value, str):
+                items.append((item.value, item))
+            else:
+                self.add(item, f"each item of '{key}' must be a string, got {describe(item)}")
+                ok = False
+        return tuple(items) if ok else None
+
+    def path_patterns(self, key: str, node: Node) -> tuple[str, ...] | None:
+        """Glob patterns relative to the workspace: no absolute paths, no '..' segments."""
+        patterns = self.strings(key, node)
+        if patterns is None:
+            return None
+        ok = True
+        for pattern, item in patterns:
+            parts = pattern.replace("\\", "/").split("/")
+            if not pattern.strip():
+                self.add(item, f"'{key}' has an empty pattern")
+                ok = False
+            elif pattern.startswith(("/", "~")) or (len(pattern) > 1 and pattern[1] == ":"):
+                self.add(
+                    item,
+                    f"'{key}' pattern '{pattern}' is not relative to the workspace",
+                    hint="write it relative to the repository root, e.g. reports/*.xml",
+                )
+                ok = False
+            elif ".." in parts or "\0" in pattern:
+                self.add(
+                    item,
+                    f"'{key}' pattern '{pattern}' leaves the workspace",
+                    hint="patterns may not contain '..'",
+                )
+                ok = False
+        return tuple(p.removeprefix("./") for p, _ in patterns) if ok else None
+
+    def names(self, key: str, node: Node) -> list[tuple[str, ScalarNode]]:
+        """A list of names (job names, variable names); a single name is a one-item list."""
+        if isinstance(node, ScalarNode) and node.value is None and not node.quoted:
+            return []
+        if isinstance(node, MapNode):
+            self.wrong_type(key, "a list of names", node)
+            return []
+        items = [node] if isinstance(node, ScalarNode) else node.items
+        result: list[tuple[str, ScalarNode]] = []
+        for item in items:
+            value = item.value if isinstance(item, ScalarNode) else None
+            if isinstance(item, ScalarNode) and isinstance(value, str):
+                result.append((value, item))
+            elif (
+                isinstance(item, ScalarNode)
+                and isinstance(value, int | float)
+                and not isinstance(value, bool)
+            ):
+                result.append((item.raw, item))
+            else:
+                self.add(item, f"each item of '{key}' must be a name, got {describe(item)}")
+        return result
+
+    def env(self, node: Node, secrets: Mapping[str, ScalarNode]) -> dict[str, str]:
+        """An ``env`` mapping: variable names to text (numbers and booleans become text)."""
+        if isinstance(node, ScalarNode) and node.value is None and not node.quoted:
+            return {}
+        if not isinstance(node, MapNode):
+            self.wrong_type("env", "a mapping of variable names to values", node)
+            return {}
+        env: dict[str, str] = {}
+        for key, value in node.items:
+            name = key.value if isinstance(key.value, str) else key.raw
+            if not ENV_NAME_PATTERN.fullmatch(name):
+                self.add(key, f"invalid environment variable name {name!r} in env", _ENV_RULE)
+                continue
+            if name in secrets:
+                self.add(
+                    key,
+                    f"'{name}' is a secret and cannot also be set in env",
+                    hint="secrets come from the environment of `conveyor run`; remove it from env",
+                )
+                continue
+            text = self.env_value(name, value)
+            if text is not None:
+                env[name] = text
+        return env
+
+    def env_value(self, name: str, node: Node) -> str | None:
+        """An env value as text: strings as written, booleans ``true``/``false``, numbers as
+        written (``1.10`` stays ``1.10``)."""
+        if isinstance(node, ScalarNode):
+            value = node.value
+            if isinstance(value, str):
+                return value
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            if isinstance(value, int | float):
+                return node.raw
+            self.add(
+                node,
+                f"env variable '{name}' has no value",
+                hint=f'write {name}: "" for an empty value',
+            )
+            return None
+        self.add(node, f"env variable '{name}' must be a string, got {describe(node)}")
+        return None
+
+    # -- the pipeline ----------------------------------------------------------------------
+
+    def pipeline(self, root: Node, digest: str) -> PipelineSpec | None:
+        """Read the whole file; ``None`` if there was any problem."""
+        if not isinstance(root, MapNode):
+            self.add(
+                root,
+                "the pipeline file must be a mapping with 'pipeline' and 'stages', "
+                f"got {describe(root)}",
+                hint=_STARTER,
+            )
+            return None
+        found = self.fields(root, PIPELINE_KEYS, "at the top level", _PIPELINE_SYNONYMS)
+        name: str | None = None
+        if "pipeline" in found:
+            name = self.name(found["pipeline"][1], "pipeline")
+        else:
+            self.add(
+                root,
+                "missing required key 'pipeline' (the pipeline's name)",
+                hint="add e.g. 'pipeline: shop' at the top of the file",
+            )
+        secrets = self.secrets(found["secrets"][1]) if "secrets" in found else {}
+        env = self.env(found["env"][1], secrets) if "env" in found else {}
+        stages = self.stages(root, found.get("stages"), secrets)
+        specs = self.link(stages)
+        if self.problems or name is None:
+            return None
+        return PipelineSpec(
+            name=name,
+            stages=specs,
+            env=env,
+            secrets=tuple(secrets),
+            source=self.source,
+            digest=digest,
+        )
+
+    def secrets(self, node: Node) -> dict[str, ScalarNode]:
+        """The secret names, in order."""
+        secrets: dict[str, ScalarNode] = {}
+        for name, item in self.names("secrets", node):
+            if not ENV_NAME_PATTERN.fullmatch(name):
+                self.add(item, f"invalid secret name {name!r}", hint=_ENV_RULE)
+            elif name in secrets:
+                self.add(
+                    item, f"secret '{name}' is listed twice (first at line {secrets[name].line})"
+                )
+            else:
+                secrets[name] = item
+        return secrets
+
+    def stages(
+        self,
+        root: MapNode,
+        entry: tuple[ScalarNode, Node] | None,
+        secrets: Mapping[str, ScalarNode],
+    ) -> list[_StageDraft]:
+        """Every stage and its jobs, in file order."""
+        if entry is None:
+            self.add(root, "missing required key 'stages'", hint=_STARTER)
+            return []
+        key, node = entry
+        if isinstance(node, ScalarNode) and node.value is None and not node.quoted:
+            self.add(key, "the pipeline has no stages", hint=_STARTER)
+            return []
+        if not isinstance(node, SeqNode):
+            self.wrong_type("stages", "a list of stages", node, hint=_STARTER)
+            return []
+        if not node.items:
+            self.add(node, "the pipeline has no stages", hint=_STARTER)
+            return []
+        drafts: list[_StageDraft] = []
+        first_line: dict[str, int] = {}
+        for item in node.items:
+            draft = self.stage(item, secrets)
+            if draft is None:
+                continue
+            if draft.name in first_line:
+                self.add(
+                    draft.node,
+                    f"duplicate stage name '{draft.name}' (first at line {first_line[draft.name]})",
+                    hint="stage names must be unique",
+                )
+                continue
+            first_line[draft.name] = draft.node.line
+            drafts.append(draft)
+        return drafts
+
+    def stage(self, node: Node, secrets: Mapping[str, ScalarNode]) -> _StageDraft | None:
+        """One stage entry (``- name: ...``)."""
+        if not isinstance(node, MapNode):
+            hint = _STARTER
+            if isinstance(node, ScalarNode) and isinstance(node.value, str):
+                hint = (
+                    "each stage is a mapping with its jobs:\n"
+                    f"- name: {node.value}\n"
+                    "  jobs:\n"
+                    "    build: {run: make dist}"
+                )
+            self.add(
+                node,
+                f"each stage must be a mapping with 'name' and 'jobs', got {describe(node)}",
+                hint=hint,
+            )
+            return None
+        found = self.fields(node, STAGE_KEYS, "in a stage", _STAGE_SYNONYMS)
+        name = None
+        if "name" in found:
+            name = self.name(found["name"][1], "stage")
+        else:
+            self.add(node, "missing required key 'name' in a stage")
+        shown = name or "?"
+        draft = _StageDraft(shown, node)
+        jobs = found.get("jobs")
+        if jobs is None:
+            self.add(node, f"stage '{shown}' has no jobs", hint="add a 'jobs:' mapping")
+            return draft if name else None
+        key, value = jobs
+        if isinstance(value, ScalarNode) and value.value is None and not value.quoted:
+            self.add(key, f"stage '{shown}' has no jobs", hint="add jobs under 'jobs:'")
+        elif not isinstance(value, MapNode):
+            self.wrong_type(
+                "jobs",
+                "a mapping of job names to jobs",
+                value,
+                hint="write jobs as 'name: {run: ...}' entries, not as a list"
+                if isinstance(value, SeqNode)
+                else None,
+            )
+        elif not value.items:
+            self.add(key, f"stage '{shown}' has no jobs", hint="add jobs under 'jobs:'")
+        else:
+            for job_key, job_node in value.items:
+                job = self.job(shown, job_key, job_node, secrets)
+                if job is not None:
+                    draft.jobs.append(job)
+        return draft if name else None
+
+    def job(
+        self, stage: str, key: ScalarNode, node: Node, secrets: Mapping[str, ScalarNode]
+    ) -> _JobDraft | None:
+        """One job (``name: {run: ...}``)."""
+        name = self.name(key, "job")
+        if name is None:
+            return None
+        job = _JobDraft(name, stage, key)
+        if not isinstance(node, MapNode):
+            hint = None
+            if isinstance(node, ScalarNode) and isinstance(node.value, str):
+                hint = f"write {name}: {{run: {node.value}}}"
+            self.add(
+                node if not (isinstance(node, ScalarNode) and node.value is None) else key,
+                f"job '{name}' must be a mapping with at least 'run', got {describe(node)}",
+                hint=hint,
+            )
+            return job
+        found = self.fields(node, JOB_KEYS, f"in job '{name}'", _JOB_SYNONYMS)
+        if "run" not in found:
+            self.add(
+                node,
+                f"missing required key 'run' in job '{name}'",
+                hint="'run' is the shell script of the job",
+            )
+        else:
+            self.run(job, found["run"][1])
+        if "needs" in found:
+            job.needs = self.names("needs", found["needs"][1])
+        if "reports" in found:
+            self.reports(job, found["reports"][1])
+        if "timeout" in found:
+            self.timeout(job, found["timeout"][1])
+        if "retries" in found:
+            retries = self.integer("retries", found["retries"][1])
+            if retries is not None and not 0 <= retries <= MAX_RETRIES:
+                self.add(
+                    found["retries"][1],
+                    f"'retries' must be between 0 and {MAX_RETRIES}, "
+                    f"got {describe(found['retries'][1]).removeprefix('integer ')}",
+                )
+            elif retries is not None:
+                job.retries = retries
+        if "env" in found:
+            job.env = self.env(found["env"][1], secrets)
+        if "inputs" in found:
+            inputs = found["inputs"][1]
+            if not (isinstance(inputs, ScalarNode) and inputs.value is None and not inputs.quoted):
+                job.inputs = self.path_patterns("inputs", inputs)
+        for flag in ("cache", "allow_failure"):
+            if flag in found:
+                value = self.boolean(flag, found[flag][1])
+                if value is not None:
+                    setattr(job, flag, value)
+        return job
+
+    def run(self, job: _JobDraft, node: Node) -> None:
+        if isinstance(node, SeqNode):
+            self.wrong_type(
+                "run",
+                "a string (a shell script)",
+                node,
+                hint="write the commands as one block:\nrun: |\n  first command\n  second command",
+            )
+            return
+        script = self.text("run", node)
+        if script is not None and not script.strip():
+            self.add(node, f"'run' of job '{job.name}' is empty", hint="give the shell script")
+        elif script is not None:
+            job.run = script
+
+    def reports(self, job: _JobDraft, node: Node) -> None:
+        if isinstance(node, ScalarNode) and node.value is None and not node.quoted:
+            return
+        if not isinstance(node, MapNode):
+            self.wrong_type("reports", 'a mapping such as {junit: "reports/*.xml"}', node)
+            return
+        found = self.fields(node, REPORT_KEYS, f"in the reports of job '{job.name}'")
+        if "junit" in found:
+            patterns = self.path_patterns("junit", found["junit"][1])
+            if patterns is not None:
+                job.junit = patterns
+
+    def timeout(self, job: _JobDraft, node: Node) -> None:
+        value = node.value if isinstance(node, ScalarNode) else None
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            self.wrong_type("timeout", "a duration such as 90s, 10m or 1h30m", node)
+            return
+        try:
+            job.timeout_s = parse_duration(value)
+        except ValueError as exc:
+            self.add(node, f"'timeout': {exc}")
+
+    # -- across jobs -----------------------------------------------------------------------
+
+    def link(self, stages: list[_StageDraft]) -> tuple[StageSpec, ...]:
+        """Check job names across the pipeline, ``needs`` and cycles; build the stages."""
+        owner: dict[str, _JobDraft] = {}
+        stage_order = {stage.name: index for index, stage in enumerate(stages)}
+        for stage in stages:
+            for job in stage.jobs:
+                first = owner.get(job.name)
+                if first is None:
+                    owner[job.name] = job
+                    continue
+                self.add(
+                    job.key,
+                    f"duplicate job name '{job.name}': already defined in stage "
+                    f"'{first.stage}' at line {first.key.line}",
+                    hint="job names must be unique across the whole pipeline",
+                )
+        specs: list[StageSpec] = []
+        for stage in stages:
+            names = [job.name for job in stage.jobs]
+            edges: dict[str, list[str]] = {}
+            for job in stage.jobs:
+                edges[job.name] = self.needs(job, names, owner, stage_order)
+            cycle = find_cycle(edges)
+            if cycle is not None:
+                ring = cycle[:-1]
+                start = min(range(len(ring)), key=lambda i: names.index(ring[i]))
+                ring = ring[start:] + ring[:start]
+                first_job = next(job for job in stage.jobs if job.name == ring[0])
+                self.add(
+                    first_job.key,
+                    "dependency cycle: " + " -> ".join([*ring, ring[0]]),
+                    hint="remove one of these needs",
+                )
+            specs.append(
+                StageSpec(
+                    name=stage.name,
+                    jobs=tuple(
+                        JobSpec(
+                            name=job.name,
+                            stage=stage.name,
+                            run=job.run,
+                            needs=tuple(edges[job.name]),
+                            env=job.env,
+                            timeout_s=job.timeout_s,
+                            retries=job.retries,
+                            junit=job.junit,
+                            inputs=job.inputs,
+                            cache=job.cache,
+                            allow_failure=job.allow_failure,
+                            location=Location(job.key.line, job.key.column),
+                        )
+                        for job in stage.jobs
+                    ),
+                    location=Location(stage.node.line, stage.node.column),
+                )
+            )
+        return tuple(specs)
+
+    def needs(
+        self,
+        job: _JobDraft,
+        stage_jobs: list[str],
+        owner: Mapping[str, _JobDraft],
+        stage_order: Mapping[str, int],
+    ) -> list[str]:
+        """The valid needs of a job; every other one is a problem."""
+        valid: list[str] = []
+        seen: set[str] = set()
+        for need, node in job.needs:
+            if need == job.name:
+                self.add(node, f"job '{job.name}' needs itself", hint="remove it from needs")
+            elif need in seen:
+                self.add(node, f"'{need}' is listed twice in the needs of job '{job.name}'")
+            elif need in stage_jobs:
+                valid.append(need)
+            elif need in owner:
+                other = owner[need].stage
+                if stage_order.get(other, 0) < stage_order.get(job.stage, 0):
+                    hint = (
+                        f"remove it: stage '{other}' always finishes before "
+                        f"stage '{job.stage}' starts"
+                    )
+                else:
+                    hint = f"stage '{other}' runs after stage '{job.stage}'; move one of the jobs"
+                self.add(
+                    node,
+                    f"job '{need}' is in stage '{other}'; needs only links jobs of the same "
+                    "stage: earlier stages always finish first",
+                    hint=hint,
+                )
+            else:
+                others = [name for name in stage_jobs if name != job.name]
+                listing = (
+                    f"jobs of stage '{job.stage}': {_quote_list(others)}"
+                    if others
+                    else f"stage '{job.stage}' has no other jobs"
+                )
+                suggestion = did_you_mean(need, others)
+                self.add(
+                    node,
+                    f"job '{job.name}' needs '{need}', which is not a job",
+                    hint=f"{suggestion} ({listing})" if suggestion else listing,
+                )
+            seen.add(need)
+        return valid
+
+
+def _capped(problems: list[SpecProblem]) -> list[SpecProblem]:
+    """At most :data:`MAX_PROBLEMS` problems, the last one counting those left out."""
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    ordered = sorted(problems, key=lambda p: (p.line, p.column))
+    rest = ordered[MAX_PROBLEMS]
+    more = len(ordered) - MAX_PROBLEMS
+    note = SpecProblem(
+        rest.source, rest.line, rest.column, f"... and {more} more problems from here on"
+    )
+    return [*ordered[:MAX_PROBLEMS], note]
+
+
+def build_pipeline(root: Node, source: str, digest: str) -> PipelineSpec:
+    """Validate a pipeline file's node tree and build its :class:`PipelineSpec`.
+
+    Args:
+        root: The document, from :func:`conveyor.spec.loader.load_document`.
+        source: The file name used in problems and recorded in the spec.
+        digest: ``sha256:<hex>`` of the file's bytes.
+
+    Returns:
+        The validated pipeline.
+
+    Raises:
+        SpecError: With every problem found in the file.
+    """
+    schema = _Schema(source)
+    spec = schema.pipeline(root, digest)
+    if schema.problems or spec is None:
+        raise SpecError(_capped(schema.problems))
+    return spec

@@ -1,0 +1,121 @@
+"""`conveyor validate` and hostile pipeline files through the real command."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import Repo
+
+BAD = """\
+pipeline: shop
+stagse: []
+stages:
+  - name: commit
+    jobs:
+      build:
+        run: make
+        timeout: ten minutes
+        retries: one
+      unit:
+        needs: [biuld]
+        run: pytest
+        colour: red
+      a: {run: x, needs: [b]}
+      b: {run: y, needs: [a]}
+  - name: empty
+    jobs: {}
+  - name: acceptance
+    jobs:
+      build: {run: again}
+      smoke: {run: s, needs: [unit]}
+"""
+
+
+def test_a_good_file(repo: Repo) -> None:
+    repo.write("conveyor.yml", "pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: x}\n")
+    result = repo.conveyor("validate")
+    assert result.code == 0
+    assert "ok" in result.out
+    assert repo.conveyor("validate", "--json").json()["valid"] is True
+
+
+def test_every_problem_is_reported_with_line_and_column(repo: Repo) -> None:
+    repo.write("conveyor.yml", BAD)
+    result = repo.conveyor("validate")
+    assert result.code == 2
+    err = result.err
+    assert "Traceback" not in err
+    expected = [
+        ("conveyor.yml:2:1:", "stagse"),  # unknown key
+        ("conveyor.yml:8:18:", "timeout"),  # bad duration
+        ("conveyor.yml:9:18:", "retries"),  # wrong type
+        ("conveyor.yml:11:17:", "biuld"),  # unknown need
+        ("conveyor.yml:13:9:", "colour"),  # unknown key
+        ("conveyor.yml:14:7:", "cycle"),  # a -> b -> a
+        ("conveyor.yml:17:", "no jobs"),  # empty stage
+        ("conveyor.yml:20:7:", "duplicate job name 'build'"),
+        ("conveyor.yml:21:", "stage 'commit'"),  # needs a job of another stage
+    ]
+    for where, what in expected:
+        lines = [line for line in err.splitlines() if line.startswith(where)]
+        assert any(what in line for line in lines), (where, what, err)
+    assert "did you mean 'stages'" in err
+    assert "did you mean 'build'" in err
+    assert "a -> b -> a" in err
+    problems = repo.conveyor("validate", "--json").json()["problems"]
+    assert len(problems) >= len(expected)
+
+
+HOSTILE = {
+    "alias bomb": b"a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + b"".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n".encode()
+        for i in range(9)
+    ),
+    "20 MB file": b"pipeline: p\n# " + b"x" * (20 * 1024 * 1024) + b"\n",
+    "deep nesting": b"pipeline: " + b"[" * 10_000 + b"]" * 10_000 + b"\n",
+    "python tag": b'pipeline: !!python/object/apply:os.system ["touch PWNED"]\n',
+    "duplicate keys": b"pipeline: a\npipeline: b\nstages: []\n",
+    "not utf-8": b"pipeline: caf\xe9\nstages: []\n",
+    "binary": bytes(range(256)) * 4,
+    "empty": b"",
+    "a list": b"- a\n- b\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_input_gets_a_clear_error(repo: Repo, name: str) -> None:
+    (repo.path / "conveyor.yml").write_bytes(HOSTILE[name])
+    result = repo.conveyor("validate", timeout=20)
+    assert result.code == 2, result.err
+    assert "Traceback" not in result.err + result.out
+    assert result.err.startswith("conveyor.yml:")
+    assert not (repo.path / "PWNED").exists()
+
+
+def test_run_refuses_an_invalid_committed_file(repo: Repo) -> None:
+    repo.pipeline("pipeline: p\nstages: []\n")
+    result = repo.conveyor("run")
+    assert result.code == 2
+    assert "conveyor.yml:" in result.err
+
+
+def test_junit_patterns_must_stay_in_the_workspace(repo: Repo) -> None:
+    repo.write(
+        "conveyor.yml",
+        "pipeline: p\nstages:\n  - name: s\n    jobs:\n"
+        "      a: {run: x, reports: {junit: /tmp/*.xml}, inputs: [../x]}\n",
+    )
+    result = repo.conveyor("validate")
+    assert result.code == 2
+    assert "not relative to the workspace" in result.err
+    assert "leaves the workspace" in result.err
+
+
+def test_missing_file_and_init(repo: Repo) -> None:
+    result = repo.conveyor("validate")
+    assert result.code == 2
+    assert "conveyor init" in result.err
+    assert repo.conveyor("init").code == 0
+    assert repo.conveyor("init").code == 2  # refuses to overwrite
+    assert repo.conveyor("validate").code == 0

@@ -1,0 +1,581 @@
+"""Validation of pipeline files into specs, and reading them from disk."""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conveyor.errors import SpecError, SpecProblem
+from conveyor.spec import load_pipeline_file, parse_pipeline
+from conveyor.spec.models import DEFAULT_TIMEOUT_S, JobSpec, Location, PipelineSpec, StageSpec
+
+GOOD = """\
+pipeline: shop
+env: {APP_ENV: ci}
+secrets: [DEPLOY_TOKEN]
+stages:
+  - name: commit
+    jobs:
+      build:
+        run: |
+          make dist
+      unit:
+        needs: [build]
+        run: pytest -q --junitxml=reports/unit.xml
+        reports: {junit: "reports/*.xml"}
+        timeout: 10m
+        retries: 1
+        env: {PYTHONHASHSEED: "0"}
+        inputs: ["src/**", "tests/**"]
+        cache: true
+        allow_failure: false
+  - name: acceptance
+    jobs:
+      smoke: {run: ./scripts/smoke.sh}
+"""
+
+
+def parse(text: str) -> PipelineSpec:
+    return parse_pipeline(textwrap.dedent(text).encode())
+
+
+def problems_of(text: str) -> list[SpecProblem]:
+    with pytest.raises(SpecError) as info:
+        parse(text)
+    return info.value.problems
+
+
+def found(text: str) -> list[tuple[int, int, str]]:
+    return [(p.line, p.column, p.message) for p in problems_of(text)]
+
+
+def only_problem(text: str) -> SpecProblem:
+    problems = problems_of(text)
+    assert len(problems) == 1, [p.render() for p in problems]
+    return problems[0]
+
+
+def pipeline_with_jobs(jobs: str, stage: str = "commit") -> str:
+    """A one-stage pipeline; ``jobs`` is indented under ``jobs:`` (job keys at line 5)."""
+    body = textwrap.indent(textwrap.dedent(jobs), " " * 6)
+    return f"pipeline: shop\nstages:\n  - name: {stage}\n    jobs:\n{body}"
+
+
+# -- the good file ---------------------------------------------------------------------------
+
+
+def test_good_file_parses_to_the_expected_models() -> None:
+    spec = parse_pipeline(GOOD.encode())
+    assert spec == PipelineSpec(
+        name="shop",
+        stages=(
+            StageSpec(
+                name="commit",
+                jobs=(
+                    JobSpec(
+                        name="build", stage="commit", run="make dist\n", location=Location(7, 7)
+                    ),
+                    JobSpec(
+                        name="unit",
+                        stage="commit",
+                        run="pytest -q --junitxml=reports/unit.xml",
+                        needs=("build",),
+                        env={"PYTHONHASHSEED": "0"},
+                        timeout_s=600.0,
+                        retries=1,
+                        junit=("reports/*.xml",),
+                        inputs=("src/**", "tests/**"),
+                        cache=True,
+                        allow_failure=False,
+                        location=Location(10, 7),
+                    ),
+                ),
+                location=Location(5, 5),
+            ),
+            StageSpec(
+                name="acceptance",
+                jobs=(
+                    JobSpec(
+                        name="smoke",
+                        stage="acceptance",
+                        run="./scripts/smoke.sh",
+                        location=Location(22, 7),
+                    ),
+                ),
+                location=Location(20, 5),
+            ),
+        ),
+        env={"APP_ENV": "ci"},
+        secrets=("DEPLOY_TOKEN",),
+        source="conveyor.yml",
+        digest="sha256:" + hashlib.sha256(GOOD.encode()).hexdigest(),
+    )
+    assert type(spec.job("unit").env) is dict
+    assert spec.job("build").timeout_s == DEFAULT_TIMEOUT_S
+
+
+def test_values_are_converted_to_text_and_lists() -> None:
+    spec = parse(
+        """\
+        pipeline: 2024
+        env: {DEBUG: True, VERSION: 1.10, COUNT: 3, NAME: x}
+        secrets: TOKEN
+        stages:
+          - name: 1
+            jobs:
+              "7":
+                run: echo
+                needs: []
+                env:
+                inputs: "src/**"
+                reports: {junit: ["a.xml", "b/*.xml"]}
+                timeout: 90
+                cache: false
+                allow_failure: true
+              lint: {run: x, needs: "7", inputs: []}
+        """
+    )
+    assert spec.name == "2024"
+    assert spec.env == {"DEBUG": "true", "VERSION": "1.10", "COUNT": "3", "NAME": "x"}
+    assert spec.secrets == ("TOKEN",)
+    job = spec.job("7")
+    assert (job.stage, job.env, job.inputs, job.junit) == (
+        "1",
+        {},
+        ("src/**",),
+        ("a.xml", "b/*.xml"),
+    )
+    assert (job.timeout_s, job.cache, job.allow_failure) == (90.0, False, True)
+    assert spec.job("lint").needs == ("7",)
+    assert spec.job("lint").inputs == ()
+
+
+def test_parse_pipeline_names_the_source() -> None:
+    spec = parse_pipeline(GOOD.encode(), source="ci/pipeline.yml")
+    assert spec.source == "ci/pipeline.yml"
+    with pytest.raises(SpecError) as info:
+        parse_pipeline(b"pipeline: [", source="ci/pipeline.yml")
+    assert info.value.problems[0].render().startswith("ci/pipeline.yml:")
+
+
+# -- every problem at once -------------------------------------------------------------------
+
+
+def test_all_problems_of_a_file_are_reported_at_once() -> None:
+    text = """\
+    pipeline: my shop
+    stagez: []
+    stages:
+      - name: commit
+        jobs:
+          build:
+            script: make
+          unit:
+            needs: [biuld]
+            run: pytest
+            retries: one
+            cache: yes
+    """
+    assert found(text) == [
+        (1, 11, "invalid pipeline name 'my shop'"),
+        (2, 1, "unknown key 'stagez' at the top level"),
+        (7, 9, "unknown key 'script' in job 'build'"),
+        (7, 9, "missing required key 'run' in job 'build'"),
+        (9, 17, "job 'unit' needs 'biuld', which is not a job"),
+        (11, 18, "'retries' must be an integer, got string 'one'"),
+        (12, 16, "'cache' must be true or false, got string 'yes'"),
+    ]
+    rendered = SpecError(problems_of(text)).render()
+    assert "conveyor.yml:9:17: job 'unit' needs 'biuld', which is not a job\n" in rendered
+    assert "  hint: did you mean 'build'?" in rendered
+    assert rendered.endswith("7 problems in the pipeline file")
+
+
+def test_many_problems_are_capped() -> None:
+    jobs = "".join(f"j{index}: {{run: x, retries: -1}}\n" for index in range(150))
+    problems = problems_of(pipeline_with_jobs(jobs))
+    assert len(problems) == 101
+    assert problems[-1].message == "... and 50 more problems from here on"
+
+
+# -- the top level ---------------------------------------------------------------------------
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    problem = only_problem("- a\n- b\n")
+    assert (problem.line, problem.column) == (1, 1)
+    assert problem.message.startswith("the pipeline file must be a mapping")
+    assert problem.message.endswith("got a list")
+    assert "got string 'hello'" in only_problem("hello\n").message
+
+
+def test_missing_required_top_level_keys() -> None:
+    assert found("env: {A: b}\n") == [
+        (1, 1, "missing required key 'pipeline' (the pipeline's name)"),
+        (1, 1, "missing required key 'stages'"),
+    ]
+
+
+def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
+    problem = only_problem(GOOD + "colour: blue\n")
+    assert problem.message == "unknown key 'colour' at the top level"
+    assert problem.hint == "known keys: pipeline, env, secrets, stages"
+
+
+def test_top_level_jobs_get_a_pointer_to_stages() -> None:
+    problem = only_problem(GOOD + "jobs: {}\n")
+    assert problem.hint is not None and problem.hint.startswith("jobs belong to a stage")
+
+
+def test_no_stages() -> None:
+    assert found("pipeline: shop\nstages: []\n") == [(2, 9, "the pipeline has no stages")]
+    assert found("pipeline: shop\nstages:\n") == [(2, 1, "the pipeline has no stages")]
+    assert found("pipeline: shop\nstages: {a: 1}\n") == [
+        (2, 9, "'stages' must be a list of stages, got a mapping")
+    ]
+
+
+# -- env and secrets -------------------------------------------------------------------------
+
+
+def test_env_problems() -> None:
+    text = 'pipeline: shop\nenv: {1A: x, B-C: y, N: ~, L: [1], M: {a: 1}, OK: ""}\nstages: []\n'
+    assert found(text)[:5] == [
+        (2, 7, "invalid environment variable name '1A' in env"),
+        (2, 14, "invalid environment variable name 'B-C' in env"),
+        (2, 25, "env variable 'N' has no value"),
+        (2, 31, "env variable 'L' must be a string, got a list"),
+        (2, 39, "env variable 'M' must be a string, got a mapping"),
+    ]
+    assert found("pipeline: shop\nenv: [A]\nstages: []\n")[0] == (
+        2,
+        6,
+        "'env' must be a mapping of variable names to values, got a list",
+    )
+
+
+def test_secret_problems() -> None:
+    text = """\
+    pipeline: shop
+    secrets: [TOKEN, TOKEN, bad-name, 3]
+    env: {TOKEN: x}
+    stages:
+      - name: s
+        jobs:
+          a:
+            run: x
+            env: {TOKEN: y}
+    """
+    problems = problems_of(text)
+    assert [(p.line, p.column, p.message) for p in problems] == [
+        (2, 18, "secret 'TOKEN' is listed twice (first at line 2)"),
+        (2, 25, "invalid secret name 'bad-name'"),
+        (2, 35, "invalid secret name '3'"),
+        (3, 7, "'TOKEN' is a secret and cannot also be set in env"),
+        (9, 15, "'TOKEN' is a secret and cannot also be set in env"),
+    ]
+    assert problems[3].hint is not None
+    assert "secrets come from the environment of `conveyor run`" in problems[3].hint
+
+
+# -- stages ----------------------------------------------------------------------------------
+
+
+def test_stage_problems() -> None:
+    text = """\
+    pipeline: shop
+    stages:
+      - name: commit
+        jobs: {a: {run: x}}
+      - name: commit
+        jobs: {b: {run: x}}
+      - name: empty
+        jobs: {}
+      - name: nulljobs
+        jobs:
+      - name: nojobs
+      - jobs: {c: {run: x}}
+      - name: bad name
+        jobs: {d: {run: x}}
+      - build
+      - name: listjobs
+        jobs: [e]
+      - name: x
+        jobz: {}
+    """
+    assert found(text) == [
+        (5, 5, "duplicate stage name 'commit' (first at line 3)"),
+        (8, 5, "stage 'empty' has no jobs"),
+        (10, 5, "stage 'nulljobs' has no jobs"),
+        (11, 5, "stage 'nojobs' has no jobs"),
+        (12, 5, "missing required key 'name' in a stage"),
+        (13, 11, "invalid stage name 'bad name'"),
+        (15, 5, "each stage must be a mapping with 'name' and 'jobs', got string 'build'"),
+        (17, 11, "'jobs' must be a mapping of job names to jobs, got a list"),
+        (18, 5, "stage 'x' has no jobs"),
+        (19, 5, "unknown key 'jobz' in a stage"),
+    ]
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+
+def test_job_unknown_key_suggests_the_closest() -> None:
+    problem = only_problem(pipeline_with_jobs("a: {run: x, timout: 5m}\n"))
+    assert (problem.line, problem.column) == (5, 19)
+    assert problem.message == "unknown key 'timout' in job 'a'"
+    assert problem.hint == "did you mean 'timeout'?"
+
+
+def test_job_unknown_key_from_another_ci_system() -> None:
+    problems = problems_of(pipeline_with_jobs("a: {script: make}\n"))
+    assert [(p.column, p.message, p.hint) for p in problems] == [
+        (10, "missing required key 'run' in job 'a'", "'run' is the shell script of the job"),
+        (11, "unknown key 'script' in job 'a'", "did you mean 'run'?"),
+    ]
+
+
+def test_job_unknown_key_lists_the_known_keys() -> None:
+    problem = only_problem(pipeline_with_jobs("a: {run: x, zzz: 1}\n"))
+    assert problem.hint == (
+        "known keys: run, needs, reports, timeout, retries, env, inputs, cache, allow_failure"
+    )
+
+
+def test_job_missing_run_is_at_the_job_mapping() -> None:
+    assert found(pipeline_with_jobs("a:\n  needs: []\n")) == [
+        (6, 9, "missing required key 'run' in job 'a'")
+    ]
+
+
+def test_job_must_be_a_mapping() -> None:
+    problem = only_problem(pipeline_with_jobs("a: make dist\n"))
+    assert (problem.line, problem.column) == (5, 10)
+    assert (
+        problem.message == "job 'a' must be a mapping with at least 'run', got string 'make dist'"
+    )
+    assert problem.hint == "write a: {run: make dist}"
+    problem = only_problem(pipeline_with_jobs("a:\n"))
+    assert (problem.line, problem.column, problem.message) == (
+        5,
+        7,
+        "job 'a' must be a mapping with at least 'run', got nothing (null)",
+    )
+
+
+def test_invalid_job_names() -> None:
+    text = pipeline_with_jobs("-bad: {run: x}\n" + "x" * 65 + ": {run: x}\ntrue: {run: x}\n")
+    assert [(line, message) for line, _, message in found(text)] == [
+        (5, "invalid job name '-bad'"),
+        (6, "invalid job name '" + "x" * 65 + "'"),
+        (7, "a job name must be a string, got boolean true"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "message", "hint"),
+    [
+        ("one", "'retries' must be an integer, got string 'one'", None),
+        ('"1"', "'retries' must be an integer, got string '1'", "remove the quotes"),
+        ("true", "'retries' must be an integer, got boolean true", None),
+        ("1.5", "'retries' must be an integer, got number 1.5", None),
+        ("11", "'retries' must be between 0 and 10, got 11", None),
+        ("-1", "'retries' must be between 0 and 10, got -1", None),
+    ],
+)
+def test_bad_retries(value: str, message: str, hint: str | None) -> None:
+    problem = only_problem(pipeline_with_jobs(f"a:\n  run: x\n  retries: {value}\n"))
+    assert (problem.line, problem.column, problem.message, problem.hint) == (7, 18, message, hint)
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("yes", "write true or false (YAML 1.2)"),
+        ("On", "write true or false (YAML 1.2)"),
+        ("n", "write true or false (YAML 1.2)"),
+        ("'true'", "remove the quotes"),
+        ("'yes'", None),
+        ("1", None),
+    ],
+)
+def test_bad_booleans(value: str, hint: str | None) -> None:
+    problem = only_problem(pipeline_with_jobs(f"a:\n  run: x\n  cache: {value}\n"))
+    assert (problem.line, problem.column) == (7, 16)
+    assert problem.message.startswith("'cache' must be true or false, got ")
+    assert problem.hint == hint
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("ten", "'timeout': expected a duration such as 90s, 10m or 1h30m, got 'ten'"),
+        ("10x", "'timeout': expected a duration such as 90s, 10m or 1h30m, got '10x'"),
+        ("0", "'timeout': a duration must be longer than zero, got 0"),
+        ("-5", "'timeout': a duration cannot be negative, got -5"),
+        ("8d", "'timeout': a duration can be at most 7 days (7d), got '8d'"),
+        ("true", "'timeout' must be a duration such as 90s, 10m or 1h30m, got boolean true"),
+        ("[1]", "'timeout' must be a duration such as 90s, 10m or 1h30m, got a list"),
+    ],
+)
+def test_bad_timeouts(value: str, message: str) -> None:
+    problem = only_problem(pipeline_with_jobs(f"a:\n  run: x\n  timeout: {value}\n"))
+    assert (problem.line, problem.column, problem.message) == (7, 18, message)
+
+
+def test_bad_run_reports_and_inputs() -> None:
+    text = pipeline_with_jobs(
+        """\
+        a:
+          run: "  "
+          reports: {junit: 5, xml: x}
+          inputs: [1, "ok"]
+        b:
+          run: [make, make test]
+          reports: junit.xml
+        c:
+          run: 42
+        """
+    )
+    assert found(text) == [
+        (6, 14, "'run' of job 'a' is empty"),
+        (7, 26, "'junit' must be a string or a list of strings, got integer 5"),
+        (7, 29, "unknown key 'xml' in the reports of job 'a'"),
+        (8, 18, "each item of 'inputs' must be a string, got integer 1"),
+        (10, 14, "'run' must be a string (a shell script), got a list"),
+        (
+            11,
+            18,
+            "'reports' must be a mapping such as {junit: \"reports/*.xml\"}, "
+            "got string 'junit.xml'",
+        ),
+        (13, 14, "'run' must be a string, got integer 42"),
+    ]
+
+
+# -- needs and cycles ------------------------------------------------------------------------
+
+
+def test_needs_problems() -> None:
+    text = """\
+    pipeline: shop
+    stages:
+      - name: commit
+        jobs:
+          build: {run: x}
+          unit:
+            run: x
+            needs: [biuld, unit, build, build, smoke, {a: 1}]
+      - name: acceptance
+        jobs:
+          smoke: {run: x, needs: [unit]}
+    """
+    problems = problems_of(text)
+    assert [(p.line, p.column, p.message) for p in problems] == [
+        (8, 17, "job 'unit' needs 'biuld', which is not a job"),
+        (8, 24, "job 'unit' needs itself"),
+        (8, 37, "'build' is listed twice in the needs of job 'unit'"),
+        (
+            8,
+            44,
+            "job 'smoke' is in stage 'acceptance'; needs only links jobs of the same stage: "
+            "earlier stages always finish first",
+        ),
+        (8, 51, "each item of 'needs' must be a name, got a mapping"),
+        (
+            11,
+            31,
+            "job 'unit' is in stage 'commit'; needs only links jobs of the same stage: "
+            "earlier stages always finish first",
+        ),
+    ]
+    assert problems[0].hint == "did you mean 'build'? (jobs of stage 'commit': 'build')"
+    assert problems[5].hint == (
+        "remove it: stage 'commit' always finishes before stage 'acceptance' starts"
+    )
+
+
+def test_unknown_need_without_a_close_match_lists_the_stage_jobs() -> None:
+    problems = problems_of(pipeline_with_jobs("a: {run: x}\nb: {run: x, needs: zzz}\n"))
+    assert problems[0].hint == "jobs of stage 'commit': 'a'"
+
+
+def test_dependency_cycle_is_reported_at_its_first_job() -> None:
+    text = pipeline_with_jobs(
+        """\
+        start: {run: x}
+        c: {run: x, needs: [b]}
+        a: {run: x, needs: [c, start]}
+        b: {run: x, needs: a}
+        """
+    )
+    assert found(text) == [(6, 7, "dependency cycle: c -> b -> a -> c")]
+
+
+def test_two_job_cycle() -> None:
+    text = pipeline_with_jobs("a: {run: x, needs: b}\nb: {run: x, needs: a}\n")
+    assert found(text) == [(5, 7, "dependency cycle: a -> b -> a")]
+
+
+def test_job_names_are_unique_across_the_pipeline() -> None:
+    text = """\
+    pipeline: shop
+    stages:
+      - name: commit
+        jobs:
+          build: {run: x}
+      - name: acceptance
+        jobs:
+          build: {run: y}
+    """
+    problem = only_problem(text)
+    assert (problem.line, problem.column) == (8, 7)
+    assert problem.message == (
+        "duplicate job name 'build': already defined in stage 'commit' at line 5"
+    )
+
+
+def test_loader_problems_come_through() -> None:
+    problem = only_problem(GOOD + "pipeline: again\n")
+    assert problem.message == "duplicate key 'pipeline' (first defined at line 1)"
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+def test_load_pipeline_file(tmp_path: Path) -> None:
+    path = tmp_path / "conveyor.yml"
+    path.write_bytes(GOOD.encode())
+    spec = load_pipeline_file(path, display_name="conveyor.yml")
+    assert spec == parse_pipeline(GOOD.encode())
+    assert load_pipeline_file(path).source == str(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        load_pipeline_file(tmp_path / "nope.yml", display_name="nope.yml")
+    (problem,) = info.value.problems
+    assert problem == SpecProblem(
+        "nope.yml",
+        1,
+        1,
+        f"no pipeline file at {tmp_path / 'nope.yml'}",
+        hint="run `conveyor init` to write a starter conveyor.yml, or pass -f PATH",
+    )
+
+
+def test_directory_instead_of_a_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        load_pipeline_file(tmp_path)
+    assert "is a directory" in info.value.problems[0].message
+
+
+def test_too_large_file_is_not_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "big.yml"
+    path.write_bytes(b"a: " + b"x" * 2_000_000)
+    with pytest.raises(SpecError) as info:
+        load_pipeline_file(path, display_name="big.yml")
+    assert "2,000,003 bytes" in info.value.problems[0].message
