@@ -125,6 +125,8 @@ def main() -> None:
     env["CONVEYOR_USER"] = "bench"
     results: list[tuple[str, str, float, float, float, str]] = []
     make = shutil.which("make")
+    # Bytecode for Conveyor's modules, as `make` installs it (PYTHONDONTWRITEBYTECODE may be set).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE.parent / "src")], check=True)
     print(f"benchmark in {work}; {args.runs} alternated runs per pair; times are medians (s)")
     try:
         for workload in ("W1", "W2", "W3", "W4"):

@@ -106,27 +106,26 @@ class PreparedRun:
 SPEC_CACHE_VERSION = "1"
 
 
-def parse_pipeline_cached(data: bytes, source_name: str, home: Home) -> PipelineSpec:
-    """Parse and validate a pipeline file, reusing the result for identical bytes.
+def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Home) -> PipelineSpec:
+    """Parse and validate a committed pipeline file, reusing the result for the same blob.
 
-    A run of an unchanged pipeline file skips YAML parsing (slow in pure Python for large
-    files): the validated spec is kept as JSON under ``cache/specs/``, keyed by the sha256 of
-    the bytes, the name and the cache version. A damaged entry is ignored and rewritten.
+    A run of an unchanged pipeline file skips reading and parsing it (YAML parsing is slow in
+    pure Python for large files): the validated spec is kept as JSON under ``cache/specs/``,
+    keyed by the git blob id (a content hash), the file's name and the cache version. A damaged
+    entry is ignored and rewritten.
     """
     import hashlib
     import json
 
     from conveyor.spec import parse_pipeline
 
-    key = hashlib.sha256(
-        SPEC_CACHE_VERSION.encode() + b"\0" + source_name.encode() + b"\0" + data
-    ).hexdigest()
+    key = hashlib.sha256(f"{SPEC_CACHE_VERSION}\0{source_name}\0{blob}".encode()).hexdigest()
     path = home.root / "cache" / "specs" / f"{key}.json"
     try:
         return PipelineSpec.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    spec = parse_pipeline(data, source_name)
+    spec = parse_pipeline(source.read_blob(blob), source_name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -137,11 +136,13 @@ def parse_pipeline_cached(data: bytes, source_name: str, home: Home) -> Pipeline
     return spec
 
 
-def source_snapshot(source: GitSource, commit: str | None, spec: PipelineSpec) -> SourceSnapshot:
+def source_snapshot(
+    source: GitSource, commit: str | None, spec: PipelineSpec, tree: str | None = None
+) -> SourceSnapshot:
     """The snapshot for cache keys; file lists only when some job declares ``inputs``."""
     if commit is None:
         return source.dirty_snapshot()
-    return source.snapshot(commit, with_files=any(j.inputs is not None for j in spec.jobs))
+    return source.snapshot(commit, any(j.inputs is not None for j in spec.jobs), tree)
 
 
 def prepare_run(

@@ -61,14 +61,32 @@ class GitSource:
             )
         return proc.stdout.decode().strip()
 
-    def read_file(self, commit: str, rel_path: str) -> bytes | None:
-        """Bytes of ``rel_path`` at ``commit``, or ``None`` if it is not there."""
-        proc = _git(self.root, "cat-file", "blob", f"{commit}:{rel_path}", check=False)
-        return proc.stdout if proc.returncode == 0 else None
+    def resolve_file(self, rev: str, rel_path: str) -> tuple[str, str, str | None]:
+        """Commit id, tree id and the blob id of ``rel_path`` at ``rev`` (one git call).
 
-    def snapshot(self, commit: str, with_files: bool) -> SourceSnapshot:
-        """Tree id and (if asked) the blob id of every file, for cache keys."""
+        The blob id is ``None`` when the file is not in that commit.
+        """
+        if rev.startswith("-"):
+            raise SourceError(f"'{rev}' is not a revision")
+        proc = _git(
+            self.root, "rev-parse", f"{rev}^{{commit}}", f"{rev}^{{tree}}", f"{rev}:{rel_path}",
+            check=False,
+        )
+        lines = proc.stdout.decode().split()
+        if proc.returncode == 0 and len(lines) == 3:
+            return lines[0], lines[1], lines[2]
+        commit = self.resolve(rev)
         tree = _git(self.root, "rev-parse", f"{commit}^{{tree}}").stdout.decode().strip()
+        return commit, tree, None
+
+    def read_blob(self, blob: str) -> bytes:
+        """The bytes of a blob."""
+        return _git(self.root, "cat-file", "blob", blob).stdout
+
+    def snapshot(self, commit: str, with_files: bool, tree: str | None = None) -> SourceSnapshot:
+        """Tree id and (if asked) the blob id of every file, for cache keys."""
+        if tree is None:
+            tree = _git(self.root, "rev-parse", f"{commit}^{{tree}}").stdout.decode().strip()
         files: dict[str, str] = {}
         if with_files:
             out = _git(self.root, "ls-tree", "-r", "-z", "--full-tree", commit).stdout

@@ -12,8 +12,6 @@ import contextlib
 import fcntl
 import os
 import signal
-import socket
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ class RunLock:
 
 def new_owner() -> dict[str, object]:
     """Who owns a new run: this process, this host, and a unique token for its jobs."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
+    return {"pid": os.getpid(), "host": os.uname().nodename, "token": os.urandom(16).hex()}
 
 
 def acquire_run_lock(locks_dir: Path, run_id: int) -> RunLock:
@@ -52,7 +50,7 @@ def owner_is_gone(
     locks_dir: Path, run_id: int, owner_pid: int | None, owner_host: str | None
 ) -> bool:
     """Whether the process that owned a running run no longer exists."""
-    if owner_host and owner_host != socket.gethostname():
+    if owner_host and owner_host != os.uname().nodename:
         return False  # another machine's run: not ours to judge
     path = locks_dir / f"run-{run_id}.lock"
     if path.exists():

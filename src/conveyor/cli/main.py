@@ -118,12 +118,13 @@ def _pipeline_path(root: Path, pipeline_file: str) -> tuple[Path, str]:
     return full, rel
 
 
-def _committed_spec(source: Any, commit: str, rel: str, display: str, home: Any) -> Any:
-    from conveyor.bootstrap import parse_pipeline_cached
+def _committed_spec(
+    source: Any, commit: str, blob: str | None, rel: str, display: str, home: Any
+) -> Any:
+    from conveyor.bootstrap import load_committed_spec
     from conveyor.errors import SpecError, SpecProblem
 
-    data = source.read_file(commit, rel)
-    if data is None:
+    if blob is None:
         raise SpecError(
             [
                 SpecProblem(
@@ -136,7 +137,7 @@ def _committed_spec(source: Any, commit: str, rel: str, display: str, home: Any)
                 )
             ]
         )
-    return parse_pipeline_cached(data, display, home)
+    return load_committed_spec(source, blob, display, home)
 
 
 def _load_for_run(
@@ -161,9 +162,9 @@ def _load_for_run(
         spec = load_pipeline_file(full, pipeline_file)
         snapshot = source_snapshot(source, None, spec)
     else:
-        commit = source.resolve(revision or "HEAD")
-        spec = _committed_spec(source, commit, rel, pipeline_file, home)
-        snapshot = source_snapshot(source, commit, spec)
+        commit, tree, blob = source.resolve_file(revision or "HEAD", rel)
+        spec = _committed_spec(source, commit, blob, rel, pipeline_file, home)
+        snapshot = source_snapshot(source, commit, spec, tree)
     return root, home, spec, source, snapshot
 
 

@@ -109,16 +109,19 @@ class SqliteRecord:
                 ).fetchone()
                 seq, prev = (row[0], row[1]) if row else (0, GENESIS)
                 at = self._now()
+                rows = []
                 for event in events:
                     seq += 1
                     payload = canonical(event.payload())
                     digest = event_hash(prev, seq, at, event.kind, event.run_id, payload)
-                    conn.execute(
-                        "INSERT INTO events (seq, at, type, run_id, payload, prev_hash, hash)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (seq, at, event.kind, event.run_id, payload, prev, digest),
-                    )
+                    rows.append((seq, at, event.kind, event.run_id, payload, prev, digest))
                     prev = digest
+                conn.executemany(
+                    "INSERT INTO events (seq, at, type, run_id, payload, prev_hash, hash)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                for event in events:
                     _project(conn, event, at)
                 conn.execute("COMMIT")
             except BaseException:
