@@ -69,7 +69,11 @@ class GitSource:
         if rev.startswith("-"):
             raise SourceError(f"'{rev}' is not a revision")
         proc = _git(
-            self.root, "rev-parse", f"{rev}^{{commit}}", f"{rev}^{{tree}}", f"{rev}:{rel_path}",
+            self.root,
+            "rev-parse",
+            f"{rev}^{{commit}}",
+            f"{rev}^{{tree}}",
+            f"{rev}:{rel_path}",
             check=False,
         )
         lines = proc.stdout.decode().split()

@@ -486,12 +486,14 @@ def run(
         from conveyor.cli.progress import LiveProgress
 
         observer = LiveProgress()
-    else:
+    elif mode == "plain":
         from conveyor.cli.progress import PlainProgress
 
-        observer = PlainProgress(show_output=mode == "plain")
-        if mode == "quiet":
-            observer.stream = open(os.devnull, "w")  # noqa: SIM115
+        observer = PlainProgress()
+    else:
+        from conveyor.cli.progress import QuietProgress
+
+        observer = QuietProgress()
     executor = LocalExecutor()
     status = "failed"
     with cancellation(executor) as cancel:

@@ -174,6 +174,19 @@ class PlainProgress:
                 job.partial = ""
 
 
+class QuietProgress:
+    """No feedback while the run goes on (``--progress quiet``); the summary still prints."""
+
+    def on_event(self, event: ev.Event) -> None:
+        pass
+
+    def on_output(self, job: str, attempt: int, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class LiveProgress:
     """A rich live table of stages and jobs, with the log tail of failing jobs."""
 

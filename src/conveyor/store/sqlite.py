@@ -137,7 +137,9 @@ class SqliteRecord:
     def find_cache(self, cache_key: str) -> CacheHit | None:
         """The latest successful attempt recorded with ``cache_key``."""
         row = self._conn.execute(
-            "SELECT run_id, job, attempt FROM job_cache WHERE cache_key = ?", (cache_key,)
+            "SELECT run_id, name, attempts FROM jobs WHERE cache_key = ? AND status = 'succeeded'"
+            " ORDER BY run_id DESC LIMIT 1",
+            (cache_key,),
         ).fetchone()
         return CacheHit(row[0], row[1], row[2]) if row else None
 
@@ -540,12 +542,6 @@ def _job_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
         " finished_at = ?, cache_key = ? WHERE run_id = ? AND name = ?",
         (e.status, e.exit_code, e.attempts, e.duration_s, at, e.cache_key, e.run_id, e.job),
     )
-    if e.status == "succeeded":
-        conn.execute(
-            "INSERT OR REPLACE INTO job_cache (cache_key, run_id, job, attempt, recorded_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (e.cache_key, e.run_id, e.job, e.attempts, at),
-        )
 
 
 def _run_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:

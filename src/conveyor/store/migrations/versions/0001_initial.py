@@ -125,18 +125,12 @@ def upgrade() -> None:
     )
     op.create_index("test_results_run", "test_results", ["run_id", "job"])
     op.create_index("test_results_name", "test_results", ["classname", "name"])
-    op.create_table(
-        "job_cache",
-        sa.Column("cache_key", sa.Text, primary_key=True),
-        sa.Column("run_id", sa.Integer, nullable=False),
-        sa.Column("job", sa.Text, nullable=False),
-        sa.Column("attempt", sa.Integer, nullable=False),
-        sa.Column("recorded_at", sa.Text, nullable=False),
-    )
+    # The job cache is the jobs that succeeded, looked up by cache key (latest run first).
+    op.create_index("jobs_cache", "jobs", ["cache_key", "status", "run_id"])
 
 
 def downgrade() -> None:
-    for table in ("job_cache", "test_results", "attempts", "jobs", "stages", "runs", "run_ids"):
+    for table in ("test_results", "attempts", "jobs", "stages", "runs", "run_ids"):
         op.drop_table(table)
     op.execute("DROP TRIGGER IF EXISTS events_append_only_update")
     op.execute("DROP TRIGGER IF EXISTS events_append_only_delete")
