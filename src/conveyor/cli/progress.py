@@ -241,12 +241,15 @@ class LiveProgress:
                 state = Text(
                     f"{SYMBOLS.get(job.status, '?')} {job.status}", style=styles.get(job.status, "")
                 )
+                detail = job.detail
+                if job.status == "running" and not detail and job.tail:
+                    detail = job.tail[-1]
                 table.add_row(
                     Text(stage if first else "", style="bold"),
                     Text(name),
                     state,
                     view.duration(job),
-                    Text(job.detail),
+                    Text(detail, style="dim" if detail is not job.detail else ""),
                 )
                 first = False
         parts: list[Any] = [table]
