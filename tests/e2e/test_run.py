@@ -547,3 +547,19 @@ def test_allowed_failure_lets_dependants_run(repo: Repo) -> None:
     assert jobs["optional"]["status"] == "failed"
     assert jobs["after"]["status"] == "succeeded"
     assert jobs["next"]["status"] == "succeeded"
+
+
+def test_logs_of_a_cached_job_show_the_original_attempt(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: cached-log
+        stages:
+          - name: s
+            jobs:
+              hello: {run: echo hello from the first run}
+        """)
+    assert repo.conveyor("run").code == 0
+    assert repo.conveyor("run").code == 0
+    result = repo.conveyor("logs", "2", "hello")
+    assert result.code == 0
+    assert "hello from the first run" in result.out
+    assert "taken from the cache" in result.err

@@ -665,9 +665,23 @@ def logs(
         chosen = current()
     if chosen is None:
         status = record.job_status(run_id, job)
+        source = next(
+            (j["cached_from"] for st in doc["stages"] for j in st["jobs"] if j["name"] == job),
+            None,
+        )
+        if status == "cached" and source:
+            click.echo(
+                f"(job '{job}' of run {run_id} was taken from the cache: this is the log of"
+                f" run {source['run']}, job '{source['job']}', attempt {source['attempt']})",
+                err=True,
+            )
+            _print_log(
+                record, root, source["run"], source["job"], source["attempt"], follow=False, raw=raw
+            )
+            return
         raise UsageError(
             f"job '{job}' of run {run_id} has no log: it is {status}"
-            + (" (it did not run)" if status in ("skipped", "cached") else "")
+            + (" (it did not run)" if status == "skipped" else "")
         )
     number = int(chosen["attempt"])
     while True:
