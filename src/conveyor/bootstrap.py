@@ -101,6 +101,7 @@ class PreparedRun:
     engine: Engine
     executor: LocalExecutor
     lock: RunLock
+    workspace: GitWorkspace | DirtyWorkspace
 
 
 SPEC_CACHE_VERSION = "1"
@@ -158,17 +159,25 @@ def prepare_run(
     observer: Observer,
     cancel: CancelFlag,
     executor: LocalExecutor,
+    workspace: GitWorkspace | None = None,
 ) -> PreparedRun:
-    """Allocate a run id, take its lock, and build the engine with local adapters."""
+    """Allocate a run id, take its lock, and build the engine with local adapters.
+
+    ``workspace`` is a checkout already under way (started as soon as the commit was known);
+    it moves to ``workspaces/<run id>`` when it is complete.
+    """
     run_id = record.allocate_run_id()
     lock = acquire_run_lock(home.locks, run_id)
     owner = new_owner()
     directory = home.workspaces / str(run_id)
-    workspace = (
-        DirtyWorkspace(source, directory)
-        if snapshot.dirty
-        else GitWorkspace(source, snapshot.revision, directory)
-    )
+    chosen: GitWorkspace | DirtyWorkspace
+    if snapshot.dirty:
+        chosen = DirtyWorkspace(source, directory)
+    elif workspace is not None:
+        workspace.final_directory = directory
+        chosen = workspace
+    else:
+        chosen = GitWorkspace(source, snapshot.revision, directory)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     request = RunRequest(
         run_id=run_id,
@@ -186,12 +195,13 @@ def prepare_run(
         executor=executor,
         logs=FileLogStore(home.root, log_cap()),
         reports=JunitReportReader(),
-        workspace=workspace,
+        workspace=chosen,
         clock=SystemClock(),
         observer=observer,
         cancel=cancel,
     )
-    return PreparedRun(request, engine, executor, lock)
+    chosen.start()
+    return PreparedRun(request, engine, executor, lock, chosen)
 
 
 def log_cap() -> int:
@@ -206,6 +216,10 @@ def prune_workspaces(home: Home, keep: int = KEEP_WORKSPACES) -> None:
 
     if not home.workspaces.is_dir():
         return
+    for stale in home.workspaces.glob(".checkout-*"):
+        pid = stale.name.removeprefix(".checkout-")
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(stale, ignore_errors=True)
     ids = sorted((int(p.name) for p in home.workspaces.iterdir() if p.name.isdigit()), reverse=True)
     for run_id in ids[keep:]:
         shutil.rmtree(home.workspaces / str(run_id), ignore_errors=True)

@@ -38,6 +38,29 @@ def find_repo_root(start: Path) -> Path | None:
     return Path(proc.stdout.decode().strip())
 
 
+def discover(cwd: Path, rev: str, rel_path: str) -> tuple[Path, str, str, str, str] | None:
+    """In one git call: repository root, path of ``rel_path`` (relative to ``cwd``) from the
+    root, and the commit, tree and blob ids at ``rev``. ``None`` if anything is missing (the
+    caller then asks step by step, to explain what is wrong)."""
+    if rev.startswith("-") or rel_path.startswith("/"):
+        return None
+    proc = _git(
+        cwd,
+        "rev-parse",
+        "--show-toplevel",
+        "--show-prefix",
+        f"{rev}^{{commit}}",
+        f"{rev}^{{tree}}",
+        f"{rev}:./{rel_path}",
+        check=False,
+    )
+    lines = proc.stdout.decode().split("\n")
+    if proc.returncode != 0 or len(lines) < 5:
+        return None
+    root, prefix, commit, tree, blob = lines[:5]
+    return Path(root), prefix + rel_path, commit, tree, blob
+
+
 class GitSource:
     """Reads revisions, files and trees of one repository."""
 
@@ -122,44 +145,86 @@ class GitSource:
 
 
 class GitWorkspace:
-    """A clean checkout of one commit, made on first use."""
+    """A clean checkout of one commit: a shared clone (no object copied), checked out detached.
+
+    ``start`` begins the checkout in the background so that it overlaps with the rest of the
+    run's set-up; ``path`` waits for it (or does it) the first time a job needs it.
+    """
+
+    _SCRIPT = (
+        'git clone --quiet --shared --no-checkout -- "$1" "$2" && '
+        'git -C "$2" -c advice.detachedHead=false checkout --quiet --detach "$3"'
+    )
 
     def __init__(self, source: GitSource, commit: str, directory: Path) -> None:
         self.source = source
         self.commit = commit
         self.directory = directory
+        self.final_directory = directory
+        """Where the checkout ends up (a checkout may start before the run id is known)."""
         self._ready = False
+        self._proc: subprocess.Popen[bytes] | None = None
 
-    def path(self) -> str:
-        """The checkout directory; clones and checks out the first time."""
-        if not self._ready:
-            if self.directory.exists():
-                shutil.rmtree(self.directory)
-            self.directory.parent.mkdir(parents=True, exist_ok=True)
-            _git(
-                self.source.root,
-                "clone",
-                "--quiet",
-                "--shared",
-                "--no-checkout",
+    def start(self) -> None:
+        """Begin the checkout in the background."""
+        if self._ready or self._proc is not None:
+            return
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            [
+                "sh",
+                "-c",
+                self._SCRIPT,
+                "sh",
                 str(self.source.root),
                 str(self.directory),
-            )
-            _git(
-                self.directory,
-                "-c",
-                "advice.detachedHead=false",
-                "checkout",
-                "--quiet",
-                "--detach",
                 self.commit,
-            )
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def path(self) -> str:
+        """The checkout directory, once the checkout is complete."""
+        if not self._ready:
+            self.start()
+            assert self._proc is not None
+            _, err = self._proc.communicate()
+            code, self._proc = self._proc.returncode, None
+            if code != 0:
+                message = err.decode("utf-8", "replace").strip().splitlines()
+                raise SourceError(
+                    f"cannot check out {self.commit[:12]} into {self.directory}: "
+                    + (message[-1] if message else f"exit {code}")
+                )
+            if self.final_directory != self.directory:
+                if self.final_directory.exists():
+                    shutil.rmtree(self.final_directory)
+                os.replace(self.directory, self.final_directory)
+                self.directory = self.final_directory
             self._ready = True
         return str(self.directory)
+
+    def close(self) -> None:
+        """Finish or discard a background checkout that no job needed."""
+        if self._proc is not None:
+            self._proc.communicate()
+            self._proc = None
+        if not self._ready and self.directory != self.final_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class DirtyWorkspace:
     """A copy of the working tree (``--dirty``), made on first use."""
+
+    def start(self) -> None:
+        """Nothing to do ahead of time: the copy is made by ``path``."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def __init__(self, source: GitSource, directory: Path) -> None:
         self.source = source

@@ -141,31 +141,52 @@ def _committed_spec(
 
 
 def _load_for_run(
-    pipeline_file: str, revision: str | None, dirty: bool, home_opt: Path | None
-) -> tuple[Path, Any, Any, Any, Any]:
-    """Repository root, home, spec, git source and snapshot for ``run`` and ``plan``."""
-    from conveyor.adapters.git import GitSource
+    pipeline_file: str,
+    revision: str | None,
+    dirty: bool,
+    home_opt: Path | None,
+    checkout: bool = False,
+) -> tuple[Path, Any, Any, Any, Any, Any]:
+    """Root, home, spec, git source, snapshot and (if ``checkout``) the run's workspace, whose
+    checkout starts at once in the background, for ``run`` and ``plan``."""
+    from conveyor.adapters.git import GitSource, GitWorkspace, discover
     from conveyor.bootstrap import source_snapshot
     from conveyor.spec import load_pipeline_file
 
-    root = _repo_root()
-    assert root is not None
-    home = _home(home_opt, root)
-    full, rel = _pipeline_path(root, pipeline_file)
-    source = GitSource(root)
-    if dirty:
-        if revision:
-            raise UsageError(
-                "--dirty and --revision cannot be combined",
-                hint="--dirty runs the working tree as it is now",
-            )
-        spec = load_pipeline_file(full, pipeline_file)
-        snapshot = source_snapshot(source, None, spec)
+    found = None if dirty else discover(Path.cwd(), revision or "HEAD", pipeline_file)
+    if found is not None:  # the common case, in one git call
+        root, rel, commit, tree, blob = found
+        home = _home(home_opt, root)
+        source = GitSource(root)
     else:
-        commit, tree, blob = source.resolve_file(revision or "HEAD", rel)
-        spec = _committed_spec(source, commit, blob, rel, pipeline_file, home)
+        found_root = _repo_root()
+        assert found_root is not None
+        root = found_root
+        home = _home(home_opt, root)
+        full, rel = _pipeline_path(root, pipeline_file)
+        source = GitSource(root)
+        if dirty:
+            if revision:
+                raise UsageError(
+                    "--dirty and --revision cannot be combined",
+                    hint="--dirty runs the working tree as it is now",
+                )
+            spec = load_pipeline_file(full, pipeline_file)
+            return root, home, spec, source, source_snapshot(source, None, spec), None
+        commit, tree, found_blob = source.resolve_file(revision or "HEAD", rel)
+        blob = found_blob or ""
+    workspace = None
+    if checkout and blob:
+        workspace = GitWorkspace(source, commit, home.workspaces / f".checkout-{os.getpid()}")
+        workspace.start()
+    try:
+        spec = _committed_spec(source, commit, blob or None, rel, pipeline_file, home)
         snapshot = source_snapshot(source, commit, spec, tree)
-    return root, home, spec, source, snapshot
+    except BaseException:
+        if workspace is not None:
+            workspace.close()
+        raise
+    return root, home, spec, source, snapshot, workspace
 
 
 def _actor(as_user: str | None, root: Path | None) -> str:
@@ -313,9 +334,10 @@ def plan(
     as_json: bool,
 ) -> None:
     """Show what a run would do, in which order and why (DAG levels, cache hits)."""
-    from conveyor.engine.planning import build_plan, cache_keys
+    from conveyor.engine.explain import build_plan
+    from conveyor.engine.planning import cache_keys
 
-    root, home_obj, spec, _, snapshot = _load_for_run(pipeline_file, revision, dirty, home)
+    root, home_obj, spec, _, snapshot, _ = _load_for_run(pipeline_file, revision, dirty, home)
     selected = _check_stages(spec, stages)
     record = _open_record(home_obj.root, root)
     secrets, _ = _secrets(spec)
@@ -455,70 +477,78 @@ def run(
     from conveyor.engine.engine import RunOptions
     from conveyor.executors.local import LocalExecutor
 
-    root, home_obj, spec, source, snapshot = _load_for_run(pipeline_file, revision, dirty, home)
-    selected = _check_stages(spec, stages)
-    record = _open_record(home_obj.root, root)
-    secrets, missing = _secrets(spec)
-    for name in missing:
-        click.echo(
-            f"warning: secret {name} is declared but not set in the environment;"
-            " jobs will not get it",
-            err=True,
-        )
-    for name, value in secrets.items():
-        if len(value) < 4:
+    root, home_obj, spec, source, snapshot, workspace = _load_for_run(
+        pipeline_file, revision, dirty, home, checkout=True
+    )
+    try:
+        selected = _check_stages(spec, stages)
+        record = _open_record(home_obj.root, root)
+        secrets, missing = _secrets(spec)
+        for name in missing:
             click.echo(
-                f"warning: secret {name} is shorter than 4 characters; masking it will"
-                " also hide ordinary text",
+                f"warning: secret {name} is declared but not set in the environment;"
+                " jobs will not get it",
                 err=True,
             )
-    options = RunOptions(
-        max_parallel=max_jobs or os.cpu_count() or 2,
-        stages=selected,
-        use_cache=not no_cache,
-        fail_fast=fail_fast,
-    )
-    mode = progress
-    if mode == "auto":
-        mode = "live" if sys.stdout.isatty() else "plain"
-    observer: Any
-    if mode == "live":
-        from conveyor.cli.progress import LiveProgress
-
-        observer = LiveProgress()
-    elif mode == "plain":
-        from conveyor.cli.progress import PlainProgress
-
-        observer = PlainProgress()
-    else:
-        from conveyor.cli.progress import QuietProgress
-
-        observer = QuietProgress()
-    executor = LocalExecutor()
-    status = "failed"
-    with cancellation(executor) as cancel:
-        prepared = prepare_run(
-            home=home_obj,
-            record=record,
-            source=source,
-            spec=spec,
-            snapshot=snapshot,
-            options=options,
-            actor=_actor(as_user, root),
-            secrets=secrets,
-            observer=observer,
-            cancel=cancel,
-            executor=executor,
+        for name, value in secrets.items():
+            if len(value) < 4:
+                click.echo(
+                    f"warning: secret {name} is shorter than 4 characters; masking it will"
+                    " also hide ordinary text",
+                    err=True,
+                )
+        options = RunOptions(
+            max_parallel=max_jobs or os.cpu_count() or 2,
+            stages=selected,
+            use_cache=not no_cache,
+            fail_fast=fail_fast,
         )
-        try:
-            status = prepared.engine.run(prepared.request)
-        finally:
-            observer.close()
-            prepared.lock.release()
-    run_id = prepared.request.run_id
-    prune_workspaces(home_obj)
-    _summary(record, run_id, status)
-    sys.exit({"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(status, EXIT_FAILED))
+        mode = progress
+        if mode == "auto":
+            mode = "live" if sys.stdout.isatty() else "plain"
+        observer: Any
+        if mode == "live":
+            from conveyor.cli.progress import LiveProgress
+
+            observer = LiveProgress()
+        elif mode == "plain":
+            from conveyor.cli.progress import PlainProgress
+
+            observer = PlainProgress()
+        else:
+            from conveyor.cli.progress import QuietProgress
+
+            observer = QuietProgress()
+        executor = LocalExecutor()
+        status = "failed"
+        with cancellation(executor) as cancel:
+            prepared = prepare_run(
+                home=home_obj,
+                record=record,
+                source=source,
+                spec=spec,
+                snapshot=snapshot,
+                options=options,
+                actor=_actor(as_user, root),
+                secrets=secrets,
+                observer=observer,
+                cancel=cancel,
+                executor=executor,
+                workspace=workspace,
+            )
+            try:
+                status = prepared.engine.run(prepared.request)
+            finally:
+                observer.close()
+                prepared.workspace.close()
+                prepared.lock.release()
+        run_id = prepared.request.run_id
+        prune_workspaces(home_obj)
+        _summary(record, run_id, status)
+        sys.exit({"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(status, EXIT_FAILED))
+    finally:
+        if workspace is not None:
+            workspace.close()
 
 
 def _summary(record: Any, run_id: int, status: str) -> None:

@@ -6,12 +6,11 @@ Used by the engine to decide what runs and by ``conveyor plan`` to explain it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 from conveyor.domain.cachekey import inputs_digest, job_cache_key
 from conveyor.domain.ports import CacheHit, SourceSnapshot
-from conveyor.spec.graph import dag_levels, topological_order
+from conveyor.spec.graph import topological_order
 from conveyor.spec.models import JobSpec, PipelineSpec
 
 
@@ -44,33 +43,6 @@ def cache_keys(
     return keys
 
 
-@dataclass(frozen=True)
-class PlannedJob:
-    """One job in the plan and why it will (or will not) run."""
-
-    name: str
-    needs: tuple[str, ...]
-    cache_key: str
-    action: str
-    """``run``, ``cached`` or ``skip``."""
-    reason: str
-    cache_hit: CacheHit | None = None
-
-
-@dataclass(frozen=True)
-class PlannedStage:
-    name: str
-    selected: bool
-    levels: list[list[PlannedJob]]
-
-
-@dataclass(frozen=True)
-class Plan:
-    pipeline: str
-    revision: str
-    stages: list[PlannedStage]
-
-
 def job_decision(
     job: JobSpec, key: str, use_cache: bool, find_cache: Callable[[str], CacheHit | None]
 ) -> tuple[str, str, CacheHit | None]:
@@ -83,31 +55,3 @@ def job_decision(
     if hit is None:
         return "run", "no successful attempt with this cache key", None
     return "cached", f"same cache key as run {hit.run_id} (attempt {hit.attempt})", hit
-
-
-def build_plan(
-    spec: PipelineSpec,
-    source: SourceSnapshot,
-    keys: Mapping[str, str],
-    *,
-    selected: Sequence[str] | None,
-    use_cache: bool,
-    find_cache: Callable[[str], CacheHit | None],
-) -> Plan:
-    """Stages, DAG levels and the decision for each job, assuming every job succeeds."""
-    stages: list[PlannedStage] = []
-    for stage in spec.stages:
-        chosen = selected is None or stage.name in selected
-        levels: list[list[PlannedJob]] = []
-        for level in dag_levels({job.name: list(job.needs) for job in stage.jobs}):
-            row: list[PlannedJob] = []
-            for name in level:
-                job = stage.job(name)
-                if chosen:
-                    action, reason, hit = job_decision(job, keys[name], use_cache, find_cache)
-                else:
-                    action, reason, hit = "skip", "stage not selected (--stage)", None
-                row.append(PlannedJob(name, job.needs, keys[name], action, reason, hit))
-            levels.append(row)
-        stages.append(PlannedStage(stage.name, chosen, levels))
-    return Plan(spec.name, source.revision, stages)

@@ -1,0 +1,66 @@
+"""``conveyor plan``: what a run would do and why, without running anything (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from conveyor.domain.ports import CacheHit, SourceSnapshot
+from conveyor.engine.planning import job_decision
+from conveyor.spec.graph import dag_levels
+from conveyor.spec.models import PipelineSpec
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One job in the plan and why it will (or will not) run."""
+
+    name: str
+    needs: tuple[str, ...]
+    cache_key: str
+    action: str
+    """``run``, ``cached`` or ``skip``."""
+    reason: str
+    cache_hit: CacheHit | None = None
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    selected: bool
+    levels: list[list[PlannedJob]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    pipeline: str
+    revision: str
+    stages: list[PlannedStage]
+
+
+def build_plan(
+    spec: PipelineSpec,
+    source: SourceSnapshot,
+    keys: Mapping[str, str],
+    *,
+    selected: Sequence[str] | None,
+    use_cache: bool,
+    find_cache: Callable[[str], CacheHit | None],
+) -> Plan:
+    """Stages, DAG levels and the decision for each job, assuming every job succeeds."""
+    stages: list[PlannedStage] = []
+    for stage in spec.stages:
+        chosen = selected is None or stage.name in selected
+        levels: list[list[PlannedJob]] = []
+        for level in dag_levels({job.name: list(job.needs) for job in stage.jobs}):
+            row: list[PlannedJob] = []
+            for name in level:
+                job = stage.job(name)
+                if chosen:
+                    action, reason, hit = job_decision(job, keys[name], use_cache, find_cache)
+                else:
+                    action, reason, hit = "skip", "stage not selected (--stage)", None
+                row.append(PlannedJob(name, job.needs, keys[name], action, reason, hit))
+            levels.append(row)
+        stages.append(PlannedStage(stage.name, chosen, levels))
+    return Plan(spec.name, source.revision, stages)
