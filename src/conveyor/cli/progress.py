@@ -233,11 +233,32 @@ class LiveProgress:
             "cancelled": "magenta",
             "skipped": "dim",
         }
+        # A big pipeline does not fit: then show the stage's counts, and only the jobs that
+        # are running or did not pass.
+        room = max(8, self.console.size.height - 8)
+        compact = len(view.jobs) > room
         for stage in view.stages:
             first = True
-            for name, job in view.jobs.items():
-                if job.stage != stage:
-                    continue
+            stage_jobs = [(n, j) for n, j in view.jobs.items() if j.stage == stage]
+            if compact:
+                counts: dict[str, int] = {}
+                for _, job in stage_jobs:
+                    counts[job.status] = counts.get(job.status, 0) + 1
+                summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+                table.add_row(
+                    Text(stage, style="bold"),
+                    Text(f"{len(stage_jobs)} jobs"),
+                    Text(view.stage_status.get(stage, "")),
+                    "",
+                    Text(summary),
+                )
+                first = False
+                stage_jobs = [
+                    (n, j)
+                    for n, j in stage_jobs
+                    if j.status in ("running", "failed", "timed_out", "cancelled")
+                ][: max(1, room // max(1, len(view.stages)))]
+            for name, job in stage_jobs:
                 state = Text(
                     f"{SYMBOLS.get(job.status, '?')} {job.status}", style=styles.get(job.status, "")
                 )
