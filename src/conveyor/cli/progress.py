@@ -82,6 +82,10 @@ class RunView:
         elif isinstance(event, ev.JobFinished):
             job = self.jobs[event.job]
             job.status, job.ended = event.status, now
+            if event.status not in ("succeeded", "cached"):
+                job.detail = f"{event.status} (exit {event.exit_code})" + (
+                    f" after {event.attempts} attempts" if event.attempts > 1 else ""
+                )
         elif isinstance(event, ev.JobCached):
             job = self.jobs[event.job]
             job.status, job.detail = "cached", f"from run {event.source_run}"

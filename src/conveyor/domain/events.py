@@ -90,6 +90,9 @@ class JobAttemptStarted(Event):
 
 @dataclass(frozen=True)
 class JobAttemptFinished(Event):
+    """An attempt ended and the job will be retried (the last attempt's end is in
+    ``JobFinished.attempt``: one event less per job)."""
+
     kind: ClassVar[str] = "job.attempt.finished"
     stage: str
     job: str
@@ -129,6 +132,10 @@ class JobFinished(Event):
     attempts: int
     duration_s: float
     cache_key: str
+    attempt: dict[str, Any] | None = None
+    """How the last attempt ended: the fields of ``job.attempt.finished`` (``attempt``,
+    ``status``, ``exit_code``, ``pid``, ``duration_s``, ``log_bytes``, ``log_sha256``,
+    ``log_truncated``)."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from conveyor.domain import events as ev
 from conveyor.domain.masking import Masker, StreamMasker
@@ -392,29 +393,30 @@ class Engine:
         else:
             status = "succeeded" if exit_code == 0 else "failed"
         state.exit_code = exit_code
-        self._emit(
-            ev.JobAttemptFinished(
-                run_id=request.run_id,
-                stage=run.stage.name,
-                job=job.name,
-                attempt=state.attempt,
-                status=status,
-                exit_code=exit_code,
-                pid=state.pid,
-                duration_s=round(self.clock.monotonic() - state.attempt_start, 6),
-                log_bytes=summary.size,
-                log_sha256=summary.sha256,
-                log_truncated=summary.truncated,
-            )
-        )
-        if job.junit:
-            self._report_tests(run, state)
-        if (
+        ending: dict[str, Any] = {
+            "attempt": state.attempt,
+            "status": status,
+            "exit_code": exit_code,
+            "pid": state.pid,
+            "duration_s": round(self.clock.monotonic() - state.attempt_start, 6),
+            "log_bytes": summary.size,
+            "log_sha256": summary.sha256,
+            "log_truncated": summary.truncated,
+        }
+        retry = (
             status in ("failed", "timed_out")
             and state.attempt <= job.retries
             and not self._cancelled
             and not self.cancel.is_set()
-        ):
+        )
+        if retry:
+            self._emit(
+                ev.JobAttemptFinished(
+                    run_id=request.run_id, stage=run.stage.name, job=job.name, **ending
+                )
+            )
+            if job.junit:
+                self._report_tests(run, state)
             self._new_attempt(run, state)
             return
         state.status = status
@@ -428,8 +430,11 @@ class Engine:
                 attempts=state.attempt,
                 duration_s=round(self.clock.monotonic() - state.first_start, 6),
                 cache_key=state.key,
+                attempt=ending,
             )
         )
+        if job.junit:
+            self._report_tests(run, state)
         if status in JOB_PASSED or job.allow_failure:
             run.release(job.name)  # an allowed failure does not block its dependants
             return

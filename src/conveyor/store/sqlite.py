@@ -490,22 +490,26 @@ def _attempt_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
 
 
 def _attempt_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    _end_attempt(conn, e.run_id, e.job, e.payload(), at)
+
+
+def _end_attempt(conn: sqlite3.Connection, run_id: int, job: str, a: Any, at: str) -> None:
     conn.execute(
-        "UPDATE attempts SET status = ?, exit_code = ?, pid = ?, finished_at = ?, duration_s = ?,"
-        " log_bytes = ?, log_sha256 = ?, log_truncated = ?"
+        "UPDATE attempts SET status = ?, exit_code = ?, pid = ?, finished_at = ?,"
+        " duration_s = ?, log_bytes = ?, log_sha256 = ?, log_truncated = ?"
         " WHERE run_id = ? AND job = ? AND attempt = ?",
         (
-            e.status,
-            e.exit_code,
-            e.pid,
+            a["status"],
+            a["exit_code"],
+            a["pid"],
             at,
-            e.duration_s,
-            e.log_bytes,
-            e.log_sha256,
-            int(e.log_truncated),
-            e.run_id,
-            e.job,
-            e.attempt,
+            a["duration_s"],
+            a["log_bytes"],
+            a["log_sha256"],
+            int(a["log_truncated"]),
+            run_id,
+            job,
+            a["attempt"],
         ),
     )
 
@@ -537,6 +541,8 @@ def _tests_reported(conn: sqlite3.Connection, e: Any, at: str) -> None:
 
 
 def _job_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    if e.attempt is not None:
+        _end_attempt(conn, e.run_id, e.job, e.attempt, at)
     conn.execute(
         "UPDATE jobs SET status = ?, exit_code = ?, attempts = ?, duration_s = ?,"
         " finished_at = ?, cache_key = ? WHERE run_id = ? AND name = ?",
