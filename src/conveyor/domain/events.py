@@ -11,19 +11,23 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Event:
     """Base of every event; ``kind`` is the stored event type."""
 
     kind: ClassVar[str] = "event"
     run_id: int
 
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"{type(self).__name__}({fields})"
+
     def payload(self) -> dict[str, Any]:
         """The event's fields as JSON-ready values (``run_id`` included)."""
         return dict(self.__dict__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class RunStarted(Event):
     """A run of a pipeline began on a revision."""
 
@@ -41,20 +45,20 @@ class RunStarted(Event):
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class StageStarted(Event):
     kind: ClassVar[str] = "stage.started"
     stage: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class StageFinished(Event):
     kind: ClassVar[str] = "stage.finished"
     stage: str
     status: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class JobSkipped(Event):
     """A job did not run: the line stopped, a job it needs failed, or it was not selected."""
 
@@ -64,7 +68,7 @@ class JobSkipped(Event):
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class JobCached(Event):
     """A job's cache key matched a successful attempt; it was not run again."""
 
@@ -77,7 +81,7 @@ class JobCached(Event):
     source_attempt: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class JobAttemptStarted(Event):
     kind: ClassVar[str] = "job.attempt.started"
     stage: str
@@ -88,7 +92,7 @@ class JobAttemptStarted(Event):
     """Path of the attempt's log file, relative to Conveyor's home."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class JobAttemptFinished(Event):
     """An attempt ended and the job will be retried (the last attempt's end is in
     ``JobFinished.attempt``: one event less per job)."""
@@ -106,7 +110,7 @@ class JobAttemptFinished(Event):
     log_truncated: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class TestsReported(Event):
     """Per-test results parsed from an attempt's JUnit reports."""
 
@@ -122,7 +126,7 @@ class TestsReported(Event):
     problems: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class JobFinished(Event):
     kind: ClassVar[str] = "job.finished"
     stage: str
@@ -138,14 +142,14 @@ class JobFinished(Event):
     ``log_truncated``)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class RunFinished(Event):
     kind: ClassVar[str] = "run.finished"
     status: str
     reason: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class RunInterrupted(Event):
     """The process executing the run died; a later command found the run orphaned."""
 

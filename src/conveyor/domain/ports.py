@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from conveyor.domain.events import Event
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CacheHit:
     """A successful earlier attempt with the same cache key."""
 
@@ -22,7 +22,7 @@ class CacheHit:
     attempt: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SourceSnapshot:
     """The files of the revision a run works on, for cache keys.
 
@@ -52,7 +52,7 @@ class RecordWriter(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class JobLaunch:
     """What an executor needs to start one attempt of a job."""
 
@@ -63,7 +63,7 @@ class JobLaunch:
     cwd: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Output:
     """Bytes a job wrote to stdout or stderr (merged, in order)."""
 
@@ -71,7 +71,7 @@ class Output:
     data: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Exited:
     """A job's main process ended; ``exit_code`` is negative for a signal."""
 
@@ -105,7 +105,7 @@ class Executor(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LogSummary:
     """What was stored of one attempt's output."""
 
@@ -137,7 +137,7 @@ class LogStore(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TestCaseResult:
     """One test case from a JUnit report."""
 
@@ -150,7 +150,7 @@ class TestCaseResult:
     message: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReportResult:
     """Every test case found in a job's reports, and the problems met reading them."""
 

@@ -64,7 +64,7 @@ class RunRequest:
     options: RunOptions = RunOptions()
 
 
-@dataclass
+@dataclass(eq=False)
 class _JobState:
     spec: JobSpec
     key: str
@@ -82,7 +82,7 @@ class _JobState:
     pid: int | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Batch:
     """Events waiting to be committed together before the engine acts on them."""
 
