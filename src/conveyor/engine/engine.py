@@ -9,7 +9,7 @@ what happened, repeat. Every event is committed to the record before the engine 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -515,12 +515,3 @@ class _StageRun:
                     out.append((dependant, current))
                     queue.append(dependant)
         return out
-
-
-def selected_stages(spec: PipelineSpec, names: Sequence[str]) -> tuple[str, ...]:
-    """Validate ``--stage`` names against the pipeline; raises ``KeyError`` for an unknown one."""
-    known = {stage.name for stage in spec.stages}
-    for name in names:
-        if name not in known:
-            raise KeyError(name)
-    return tuple(names)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import selectors
-import shlex
 import shutil
 import signal
 from collections.abc import Mapping
@@ -326,9 +325,3 @@ def _spawn(argv: list[str], env: Mapping[str, str], out_fd: int) -> int:
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-
-
-def describe_command(script: str, env: Mapping[str, str]) -> str:
-    """How a script will be executed, for ``conveyor plan``."""
-    argv = direct_argv(script, env.get("PATH"))
-    return shlex.join(argv) if argv else "bash -eo pipefail -c <script>"
