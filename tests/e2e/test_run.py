@@ -563,3 +563,33 @@ def test_logs_of_a_cached_job_show_the_original_attempt(repo: Repo) -> None:
     assert result.code == 0
     assert "hello from the first run" in result.out
     assert "taken from the cache" in result.err
+
+
+def test_revision_option_runs_an_older_commit(repo: Repo) -> None:
+    repo.pipeline("pipeline: r\nstages:\n  - name: s\n    jobs:\n      v: {run: cat version.txt}\n")
+    repo.write("version.txt", "one\n")
+    first = repo.commit("one")
+    repo.write("version.txt", "two\n")
+    repo.commit("two")
+    assert repo.conveyor("run", "--revision", "HEAD~1").code == 0
+    assert repo.show()["revision"] == first
+    assert repo.conveyor("logs", "latest", "v").out == "one\n"
+    bad = repo.conveyor("run", "--revision", "no-such-branch")
+    assert bad.code == 2
+    assert "not a commit" in bad.err
+
+
+def test_pipeline_file_option(repo: Repo) -> None:
+    repo.write(
+        "ci/pipeline.yml", "pipeline: f\nstages:\n  - name: s\n    jobs:\n      a: {run: echo f}\n"
+    )
+    repo.commit("pipeline elsewhere")
+    assert repo.conveyor("validate", "-f", "ci/pipeline.yml").code == 0
+    result = repo.conveyor("run", "-f", "ci/pipeline.yml")
+    assert result.code == 0, result.err
+    doc = repo.show()
+    assert doc["pipeline"] == "f"
+    assert doc["pipeline_file"] == "ci/pipeline.yml"
+    missing = repo.conveyor("run")
+    assert missing.code == 2
+    assert "conveyor.yml" in missing.err
