@@ -183,6 +183,26 @@ def _wait_for(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-unty
     raise AssertionError("condition not reached in time")
 
 
+def _wait_for_run(repo: Repo, run_id: int) -> None:
+    """Wait until the run is on the record (its process may still be starting)."""
+    db = repo.path / ".conveyor" / "conveyor.db"
+
+    def recorded() -> bool:
+        if not db.exists():
+            return False
+        try:
+            conn = sqlite3.connect(db)
+            try:
+                row = conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return False
+        return row is not None
+
+    _wait_for(recorded)
+
+
 LONG = """\
 pipeline: long
 stages:
@@ -382,8 +402,7 @@ def test_logs_follow_streams_while_the_job_runs(repo: Repo) -> None:
                   for i in 1 2 3; do echo "line $i"; sleep 0.4; done
         """)
     proc = repo.popen("run")
-    db = repo.path / ".conveyor" / "conveyor.db"
-    _wait_for(db.exists)
+    _wait_for_run(repo, 1)
     follower = repo.popen("logs", "1", "slowprint", "--follow")
     out, _ = follower.communicate(timeout=30)
     proc.communicate(timeout=30)
@@ -519,7 +538,7 @@ def test_logs_follow_goes_on_with_the_retry(repo: Repo) -> None:
                   sleep 0.3
         """)
     proc = repo.popen("run")
-    _wait_for((repo.path / ".conveyor" / "conveyor.db").exists)
+    _wait_for_run(repo, 1)
     follower = repo.popen("logs", "1", "flaky", "--follow")
     out, _ = follower.communicate(timeout=30)
     proc.communicate(timeout=30)
