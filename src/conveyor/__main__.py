@@ -1,5 +1,5 @@
 """``python -m conveyor`` runs the command line."""
 
-from conveyor.cli.main import main
+from conveyor.cli.main import entry
 
-main()
+entry()

@@ -118,14 +118,16 @@ def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Ho
     import hashlib
     import json
 
-    from conveyor.spec import parse_pipeline
-
     key = hashlib.sha256(f"{SPEC_CACHE_VERSION}\0{source_name}\0{blob}".encode()).hexdigest()
     path = home.root / "cache" / "specs" / f"{key}.json"
     try:
         return PipelineSpec.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    from conveyor.spec import (
+        parse_pipeline,
+    )  # only on a cache miss: YAML libraries are slow to import
+
     spec = parse_pipeline(source.read_blob(blob), source_name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -140,3 +140,18 @@ class TestSqliteRecord(RecordContract):
             record.append([finished(run, "a", "k"), started(run)])  # duplicate run row
         assert list(record.iter_events()) == before
         assert record.find_cache("k") is None
+
+    def test_two_writers_interleaved_keep_one_chain(self, record: SqliteRecord) -> None:
+        other = SqliteRecord(record.path, now=lambda: "2026-01-01T00:00:00.000000Z")
+        try:
+            mine, theirs = record.allocate_run_id(), other.allocate_run_id()
+            record.append([started(mine)])
+            other.append([started(theirs)])
+            record.append([finished(mine, "a", "k1")])  # its remembered tail is stale now
+            other.append([finished(theirs, "a", "k2")])
+            record.append([finished(mine, "b", "k3")])
+        finally:
+            other.close()
+        assert [e[0] for e in record.iter_events()] == [1, 2, 3, 4, 5]
+        assert record.verify().ok
+        assert record.find_cache("k2") is not None

@@ -823,8 +823,31 @@ def _fail(exc: ConveyorError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+def entry() -> NoReturn:
+    """Console entry point: ``main``, then leave without the interpreter's teardown.
+
+    Every file and the record are closed by then; tearing down thousands of objects and
+    modules only delays the exit (about 10 ms, a fifth of a small run's own overhead).
+    """
+    try:
+        main()
+        code: int = EXIT_OK
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or EXIT_OK
+        else:
+            print(exc.code, file=sys.stderr)
+            code = EXIT_FAILED
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or EXIT_FAILED
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI and turn every error into a message and an exit code."""
+    """Run the CLI and turn every error into a message and an exit code."""
     try:
         cli.main(args=argv, prog_name="conveyor", standalone_mode=False)
     except click.exceptions.Abort:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 DEFAULT_TIMEOUT_S = 3600.0
@@ -53,10 +54,11 @@ class StageSpec:
 
     def job(self, name: str) -> JobSpec:
         """The job called ``name`` in this stage (``KeyError`` if there is none)."""
-        for job in self.jobs:
-            if job.name == name:
-                return job
-        raise KeyError(name)
+        return self._by_name[name]
+
+    @cached_property
+    def _by_name(self) -> dict[str, JobSpec]:
+        return {job.name: job for job in self.jobs}
 
 
 @dataclass(frozen=True)
