@@ -89,3 +89,11 @@ class AuditError(StoreError):
 
 class ExecutorError(ConveyorError):
     """A job process could not be started or controlled."""
+
+
+class ArtifactError(ConveyorError):
+    """An artifact cannot be published, stored, read or unpacked (hostile or corrupt input)."""
+
+
+class VerificationError(ConveyorError):
+    """An artifact's digest, signature, signer or policy does not verify."""

@@ -166,6 +166,35 @@ class ReportReader(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class StoredBlob:
+    """Bytes in the content-addressed store: ``sha256:<hex>`` and their size."""
+
+    digest: str
+    size: int
+
+
+class ArtifactStore(Protocol):
+    """Content-addressed artifact bytes (sha256), local by default; S3/OCI can implement it.
+
+    ``kind`` is ``file`` (the bytes of one file) or ``dir`` (a canonical tar of a directory:
+    sorted entries, normalised times, owners and modes, so equal trees have equal digests).
+    Every method raises ``ArtifactError`` with a clear message for hostile or corrupt input.
+    """
+
+    def publish(self, root: str, rel_path: str, kind: str) -> StoredBlob:
+        """Store the file or directory at ``rel_path`` under ``root`` (it may not leave it)."""
+        ...
+
+    def has(self, digest: str) -> bool:
+        """Whether the store holds ``digest``."""
+        ...
+
+    def export(self, digest: str, kind: str, dest: str) -> None:
+        """Write the verified bytes to ``dest``: the file, or the directory's contents."""
+        ...
+
+
 class Workspace(Protocol):
     """The clean checkout a run's jobs work in; prepared on first use."""
 
