@@ -104,7 +104,7 @@ class PreparedRun:
     workspace: GitWorkspace | DirtyWorkspace
 
 
-SPEC_CACHE_VERSION = "1"
+SPEC_CACHE_VERSION = "2"
 
 
 def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Home) -> PipelineSpec:

@@ -222,7 +222,7 @@ def test_missing_required_top_level_keys() -> None:
 def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     problem = only_problem(GOOD + "colour: blue\n")
     assert problem.message == "unknown key 'colour' at the top level"
-    assert problem.hint == "known keys: pipeline, env, secrets, stages"
+    assert problem.hint == "known keys: pipeline, env, secrets, artifacts, stages"
 
 
 def test_top_level_jobs_get_a_pointer_to_stages() -> None:
@@ -341,7 +341,8 @@ def test_job_unknown_key_from_another_ci_system() -> None:
 def test_job_unknown_key_lists_the_known_keys() -> None:
     problem = only_problem(pipeline_with_jobs("a: {run: x, zzz: 1}\n"))
     assert problem.hint == (
-        "known keys: run, needs, reports, timeout, retries, env, inputs, cache, allow_failure"
+        "known keys: run, needs, reports, timeout, retries, env, inputs, cache, allow_failure,"
+            " outputs"
     )
 
 

@@ -24,6 +24,25 @@ class Location:
     column: int
 
 
+ARTIFACT_KINDS = ("file", "dir")
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """A named output built once: a file or a directory at ``path`` in the workspace."""
+
+    name: str
+    path: str
+    kind: str = "file"
+    """``file`` or ``dir`` (stored as a canonical tar)."""
+    location: Location = Location(1, 1)
+
+    @property
+    def env_name(self) -> str:
+        """``CONVEYOR_ARTIFACT_<NAME>``: upper-cased, ``-`` as ``_``."""
+        return "CONVEYOR_ARTIFACT_" + self.name.upper().replace("-", "_")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """One job: a shell script run with ``bash -e`` in the run's workspace."""
@@ -41,6 +60,8 @@ class JobSpec:
     """Glob patterns of the files the cache key covers; ``None`` means the whole tree."""
     cache: bool = True
     allow_failure: bool = False
+    outputs: tuple[str, ...] = ()
+    """Names of the artifacts the job publishes when it succeeds."""
     location: Location = Location(1, 1)
 
 
@@ -72,6 +93,21 @@ class PipelineSpec:
     source: str = DEFAULT_FILE
     digest: str = ""
     """``sha256:<hex>`` of the file's bytes, recorded with every run."""
+    artifacts: tuple[ArtifactSpec, ...] = ()
+
+    def artifact(self, name: str) -> ArtifactSpec:
+        """The artifact called ``name`` (``KeyError`` if there is none)."""
+        for artifact in self.artifacts:
+            if artifact.name == name:
+                return artifact
+        raise KeyError(name)
+
+    def producer(self, artifact: str) -> JobSpec | None:
+        """The job that publishes ``artifact`` (at most one), if any."""
+        for job in self.jobs:
+            if artifact in job.outputs:
+                return job
+        return None
 
     @property
     def jobs(self) -> Iterator[JobSpec]:
@@ -109,6 +145,7 @@ class PipelineSpec:
                         "needs": tuple(job["needs"]),
                         "junit": tuple(job["junit"]),
                         "inputs": None if job["inputs"] is None else tuple(job["inputs"]),
+                        "outputs": tuple(job["outputs"]),
                         "location": Location(**job["location"]),
                     }
                 )
@@ -122,4 +159,8 @@ class PipelineSpec:
             secrets=tuple(data["secrets"]),
             source=data["source"],
             digest=data["digest"],
+            artifacts=tuple(
+                ArtifactSpec(**{**a, "location": Location(**a["location"])})
+                for a in data["artifacts"]
+            ),
         )

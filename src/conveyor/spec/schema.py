@@ -6,10 +6,13 @@ one :class:`~conveyor.errors.SpecError`, so a user fixes them all in one round. 
     pipeline: shop
     env: {APP_ENV: ci}
     secrets: [DEPLOY_TOKEN]
+    artifacts:
+      app: {path: dist/app.tar.gz}
+      site: {path: build/site/, kind: dir}
     stages:
       - name: commit
         jobs:
-          build: {run: make dist}
+          build: {run: make dist, outputs: [app]}
           unit:
             needs: [build]
             run: pytest -q --junitxml=reports/unit.xml
@@ -33,17 +36,28 @@ from conveyor.errors import SpecError, SpecProblem
 from conveyor.spec.durations import parse_duration
 from conveyor.spec.graph import find_cycle
 from conveyor.spec.loader import MapNode, Node, ScalarNode, SeqNode, resolve_plain
-from conveyor.spec.models import DEFAULT_TIMEOUT_S, JobSpec, Location, PipelineSpec, StageSpec
+from conveyor.spec.models import (
+    ARTIFACT_KINDS,
+    DEFAULT_TIMEOUT_S,
+    ArtifactSpec,
+    JobSpec,
+    Location,
+    PipelineSpec,
+    StageSpec,
+)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Pipeline, stage and job names."""
+ARTIFACT_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+"""Artifact names (they become ``CONVEYOR_ARTIFACT_<NAME>`` variables)."""
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 """Environment variable names (env keys and secrets)."""
 MAX_RETRIES = 10
 MAX_PROBLEMS = 100
 """At most this many problems are reported (then a count of the rest)."""
 
-PIPELINE_KEYS = ("pipeline", "env", "secrets", "stages")
+PIPELINE_KEYS = ("pipeline", "env", "secrets", "artifacts", "stages")
+ARTIFACT_KEYS = ("path", "kind")
 STAGE_KEYS = ("name", "jobs")
 JOB_KEYS = (
     "run",
@@ -55,6 +69,7 @@ JOB_KEYS = (
     "inputs",
     "cache",
     "allow_failure",
+    "outputs",
 )
 REPORT_KEYS = ("junit",)
 
@@ -62,6 +77,7 @@ _NAME_RULE = (
     "use letters, digits, '_', '.' and '-', starting with a letter or digit, at most 64 characters"
 )
 _ENV_RULE = "use letters, digits and '_', not starting with a digit"
+_ARTIFACT_RULE = "use letters, digits, '_' and '-', starting with a letter, at most 64 characters"
 _YAML11_BOOLS = frozenset({"yes", "no", "on", "off", "y", "n"})
 _STARTER = (
     "a pipeline file looks like:\n"
@@ -84,7 +100,8 @@ _JOB_SYNONYMS = {
     "dependencies": "needs",
     "variables": "env",
     "environment": "env",
-    "artifacts": "reports",
+    "artifacts": "outputs",
+    "produces": "outputs",
     "timeout-minutes": "timeout",
     "timeout_minutes": "timeout",
     "retry": "retries",
@@ -150,6 +167,7 @@ class _JobDraft:
     inputs: tuple[str, ...] | None = None
     cache: bool = True
     allow_failure: bool = False
+    outputs: list[tuple[str, ScalarNode]] = field(default_factory=list)
 
 
 @dataclass
@@ -395,8 +413,9 @@ class _Schema:
             )
         secrets = self.secrets(found["secrets"][1]) if "secrets" in found else {}
         env = self.env(found["env"][1], secrets) if "env" in found else {}
+        artifacts = self.artifacts(found["artifacts"][1]) if "artifacts" in found else {}
         stages = self.stages(root, found.get("stages"), secrets)
-        specs = self.link(stages)
+        specs = self.link(stages, artifacts)
         if self.problems or name is None:
             return None
         return PipelineSpec(
@@ -406,7 +425,113 @@ class _Schema:
             secrets=tuple(secrets),
             source=self.source,
             digest=digest,
+            artifacts=tuple(artifacts.values()),
         )
+
+    def artifacts(self, node: Node) -> dict[str, ArtifactSpec]:
+        """The ``artifacts`` mapping: name to ``{path, kind}``."""
+        if isinstance(node, ScalarNode) and node.value is None and not node.quoted:
+            return {}
+        if not isinstance(node, MapNode):
+            self.wrong_type(
+                "artifacts",
+                "a mapping of artifact names to {path: ...}",
+                node,
+                hint="artifacts:\n  app: {path: dist/app.tar.gz}",
+            )
+            return {}
+        result: dict[str, ArtifactSpec] = {}
+        by_env: dict[str, ArtifactSpec] = {}
+        for key, value in node.items:
+            name = key.value if isinstance(key.value, str) else key.raw
+            if not ARTIFACT_NAME_PATTERN.fullmatch(name):
+                self.add(key, f"invalid artifact name {name!r}", hint=_ARTIFACT_RULE)
+                continue
+            artifact = self.artifact(name, key, value)
+            if artifact is None:
+                continue
+            clash = by_env.get(artifact.env_name)
+            if clash is not None:
+                self.add(
+                    key,
+                    f"artifacts '{clash.name}' and '{name}' would both be given to jobs as"
+                    f" ${artifact.env_name}",
+                    hint="rename one of them",
+                )
+                continue
+            by_env[artifact.env_name] = artifact
+            result[name] = artifact
+        return result
+
+    def artifact(self, name: str, key: ScalarNode, node: Node) -> ArtifactSpec | None:
+        """One artifact: ``{path: dist/app.tar.gz}`` or ``{path: build/site/, kind: dir}``."""
+        if isinstance(node, ScalarNode) and isinstance(node.value, str):
+            self.add(
+                node,
+                f"artifact '{name}' must be a mapping with 'path', got {describe(node)}",
+                hint=f"write {name}: {{path: {node.value}}}",
+            )
+            return None
+        if not isinstance(node, MapNode):
+            self.add(
+                node if isinstance(node, MapNode | SeqNode) else key,
+                f"artifact '{name}' must be a mapping with 'path', got {describe(node)}",
+                hint=f"write {name}: {{path: dist/{name}.tar.gz}}",
+            )
+            return None
+        found = self.fields(node, ARTIFACT_KEYS, f"in artifact '{name}'")
+        if "path" not in found:
+            self.add(node, f"missing required key 'path' in artifact '{name}'")
+            return None
+        path_node = found["path"][1]
+        path = self.text("path", path_node)
+        if path is None:
+            return None
+        parts = path.replace("\\", "/").split("/")
+        if not path.strip() or path.strip() in (".", "./"):
+            self.add(
+                path_node,
+                f"artifact '{name}' needs a path inside the workspace",
+                hint="e.g. dist/app.tar.gz or build/site/",
+            )
+            return None
+        if path.startswith(("/", "~")) or (len(path) > 1 and path[1] == ":"):
+            self.add(
+                path_node,
+                f"artifact path '{path}' is not relative to the workspace",
+                hint="write it relative to the repository root, e.g. dist/app.tar.gz",
+            )
+            return None
+        if ".." in parts or "\0" in path or any(c in path for c in "*?["):
+            self.add(
+                path_node,
+                f"artifact path '{path}' must name one file or directory in the workspace",
+                hint="no '..' and no wildcards",
+            )
+            return None
+        kind = "dir" if path.endswith("/") else "file"
+        if "kind" in found:
+            kind_node = found["kind"][1]
+            given = self.text("kind", kind_node)
+            if given is None:
+                return None
+            if given not in ARTIFACT_KINDS:
+                self.add(
+                    kind_node,
+                    f"unknown artifact kind '{given}'",
+                    hint="'file' (one file) or 'dir' (a directory)",
+                )
+                return None
+            if given == "file" and path.endswith("/"):
+                self.add(
+                    kind_node,
+                    f"artifact '{name}' is a file but its path '{path}' ends with '/'",
+                    hint="remove the '/' or write kind: dir",
+                )
+                return None
+            kind = given
+        clean = "/".join(p for p in parts if p not in ("", "."))
+        return ArtifactSpec(name, clean, kind, Location(key.line, key.column))
 
     def secrets(self, node: Node) -> dict[str, ScalarNode]:
         """The secret names, in order."""
@@ -563,6 +688,8 @@ class _Schema:
                 value = self.boolean(flag, found[flag][1])
                 if value is not None:
                     setattr(job, flag, value)
+        if "outputs" in found:
+            job.outputs = self.names("outputs", found["outputs"][1])
         return job
 
     def run(self, job: _JobDraft, node: Node) -> None:
@@ -604,8 +731,12 @@ class _Schema:
 
     # -- across jobs -----------------------------------------------------------------------
 
-    def link(self, stages: list[_StageDraft]) -> tuple[StageSpec, ...]:
-        """Check job names across the pipeline, ``needs`` and cycles; build the stages."""
+    def link(
+        self, stages: list[_StageDraft], artifacts: Mapping[str, ArtifactSpec]
+    ) -> tuple[StageSpec, ...]:
+        """Check job names across the pipeline, ``needs``, cycles and ``outputs``; build the
+        stages."""
+        outputs = self.outputs(stages, artifacts)
         owner: dict[str, _JobDraft] = {}
         stage_order = {stage.name: index for index, stage in enumerate(stages)}
         for stage in stages:
@@ -653,6 +784,7 @@ class _Schema:
                             inputs=job.inputs,
                             cache=job.cache,
                             allow_failure=job.allow_failure,
+                            outputs=outputs.get(job.name, ()),
                             location=Location(job.key.line, job.key.column),
                         )
                         for job in stage.jobs
@@ -661,6 +793,46 @@ class _Schema:
                 )
             )
         return tuple(specs)
+
+    def outputs(
+        self, stages: list[_StageDraft], artifacts: Mapping[str, ArtifactSpec]
+    ) -> dict[str, tuple[str, ...]]:
+        """Each job's valid ``outputs``: declared artifacts, each published by one job."""
+        producer: dict[str, _JobDraft] = {}
+        result: dict[str, tuple[str, ...]] = {}
+        for stage in stages:
+            for job in stage.jobs:
+                valid: list[str] = []
+                for name, node in job.outputs:
+                    if name not in artifacts:
+                        declared = list(artifacts)
+                        suggestion = did_you_mean(name, declared)
+                        listing = (
+                            "declared artifacts: " + _quote_list(declared)
+                            if declared
+                            else "declare it under the top-level 'artifacts:' key, e.g.\n"
+                            f"artifacts:\n  {name}: {{path: dist/{name}.tar.gz}}"
+                        )
+                        self.add(
+                            node,
+                            f"job '{job.name}' outputs '{name}', which is not a declared artifact",
+                            hint=f"{suggestion} ({listing})" if suggestion else listing,
+                        )
+                    elif name in valid:
+                        self.add(node, f"'{name}' is listed twice in the outputs of '{job.name}'")
+                    elif name in producer and producer[name] is not job:
+                        first = producer[name]
+                        self.add(
+                            node,
+                            f"artifact '{name}' is already an output of job '{first.name}'"
+                            f" (line {first.key.line})",
+                            hint="an artifact is built once, by one job; later jobs receive it",
+                        )
+                    else:
+                        producer[name] = job
+                        valid.append(name)
+                result[job.name] = tuple(valid)
+        return result
 
     def needs(
         self,
