@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from conveyor.domain import events as ev
 from conveyor.domain.ports import (
+    ArtifactRecord,
     CacheHit,
     ExecutorEvent,
     Exited,
@@ -14,7 +19,9 @@ from conveyor.domain.ports import (
     LogSummary,
     Output,
     ReportResult,
+    StoredBlob,
 )
+from conveyor.errors import ArtifactError
 
 
 class InMemoryRecord:
@@ -39,6 +46,15 @@ class InMemoryRecord:
 
     def find_cache(self, cache_key: str) -> CacheHit | None:
         return self.cache.get(cache_key)
+
+    def job_artifacts(self, run_id: int, job: str) -> list[ArtifactRecord]:
+        return [
+            ArtifactRecord(
+                e.name, e.artifact_kind, e.digest, e.size, e.path, e.provenance, e.job, e.run_id
+            )
+            for e in self.events
+            if isinstance(e, ev.ArtifactPublished) and e.run_id == run_id and e.job == job
+        ]
 
     def of(self, kind: type[ev.Event]) -> list[ev.Event]:
         return [e for e in self.events if isinstance(e, kind)]
@@ -106,7 +122,8 @@ class FrozenClock:
         self.t = 100.0
 
     def now(self) -> str:
-        return f"2026-01-01T00:00:{self.t:09.6f}Z"
+        moment = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=self.t)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     def monotonic(self) -> float:
         return self.t
@@ -166,3 +183,39 @@ class Flag:
 
     def is_set(self) -> bool:
         return self.value
+
+
+class MemoryArtifactStore:
+    """ArtifactStore over a dict: ``files`` maps workspace paths to bytes a job "wrote"."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.exported: list[tuple[str, str]] = []
+
+    def publish(self, root: str, rel_path: str, kind: str) -> StoredBlob:
+        data = self.files.get(rel_path)
+        if data is None:
+            raise ArtifactError(f"declared output {rel_path} was not produced")
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.blobs[digest] = data
+        return StoredBlob(digest, len(data))
+
+    def has(self, digest: str) -> bool:
+        return digest in self.blobs
+
+    def export(self, digest: str, kind: str, dest: str) -> None:
+        if digest not in self.blobs:
+            raise ArtifactError(f"no blob {digest}")
+        self.exported.append((digest, dest))
+
+
+class FakeAttestor:
+    builder_id = "urn:test:builder"
+
+    def __init__(self) -> None:
+        self.statements: list[Mapping[str, Any]] = []
+
+    def attest(self, statement: Mapping[str, Any]) -> str:
+        self.statements.append(statement)
+        return json.dumps({"payload": len(self.statements)})

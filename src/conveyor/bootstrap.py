@@ -191,7 +191,15 @@ def prepare_run(
         secrets=secrets,
         home=str(home.root),
         options=options,
+        repository=source.repository_uri() if spec.artifacts else "",
     )
+    artifacts, attestor = None, None
+    if spec.artifacts:
+        from conveyor.adapters.artifacts import FileArtifactStore
+        from conveyor.adapters.attestor import KeyAttestor
+
+        artifacts = FileArtifactStore(home.artifacts)
+        attestor = KeyAttestor(home.keys)
     engine = Engine(
         record=record,
         executor=executor,
@@ -201,6 +209,8 @@ def prepare_run(
         clock=SystemClock(),
         observer=observer,
         cancel=cancel,
+        artifacts=artifacts,
+        attestor=attestor,
     )
     chosen.start()
     return PreparedRun(request, engine, executor, lock, chosen)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from conveyor.domain import events as ev
 from conveyor.domain.ports import SourceSnapshot
 from conveyor.engine.engine import Engine, RunOptions, RunRequest
-from conveyor.spec.models import JobSpec, PipelineSpec, StageSpec
+from conveyor.spec.models import ArtifactSpec, JobSpec, PipelineSpec, StageSpec
 from tests.fakes import (
+    FakeAttestor,
     FakeExecutor,
     FixedWorkspace,
     Flag,
     FrozenClock,
     InMemoryRecord,
+    MemoryArtifactStore,
     MemoryLogStore,
     NoReports,
     RecordingObserver,
@@ -23,12 +25,17 @@ def job(name: str, stage: str, *needs: str, **kw: object) -> JobSpec:
     return JobSpec(name=name, stage=stage, run=f"run {name}", needs=needs, **kw)  # type: ignore[arg-type]
 
 
-def pipeline(*stages: tuple[str, list[JobSpec]], secrets: tuple[str, ...] = ()) -> PipelineSpec:
+def pipeline(
+    *stages: tuple[str, list[JobSpec]],
+    secrets: tuple[str, ...] = (),
+    artifacts: tuple[ArtifactSpec, ...] = (),
+) -> PipelineSpec:
     return PipelineSpec(
         name="p",
         stages=tuple(StageSpec(name, tuple(jobs)) for name, jobs in stages),
         secrets=secrets,
-        digest="sha256:x",
+        digest="sha256:" + "0" * 64,
+        artifacts=artifacts,
     )
 
 
@@ -40,6 +47,8 @@ class Harness:
         self.logs = MemoryLogStore()
         self.observer = RecordingObserver()
         self.cancel = Flag()
+        self.artifacts = MemoryArtifactStore()
+        self.attestor = FakeAttestor()
 
     def run(
         self, spec: PipelineSpec, secrets: dict[str, str] | None = None, **options: object
@@ -53,17 +62,20 @@ class Harness:
             clock=self.clock,
             observer=self.observer,
             cancel=self.cancel,
+            artifacts=self.artifacts,
+            attestor=self.attestor,
         )
         request = RunRequest(
             run_id=self.record.allocate_run_id(),
             spec=spec,
-            source=SourceSnapshot(revision="abc", tree_id="t1"),
+            source=SourceSnapshot(revision="a" * 40, tree_id="t1"),
             actor="me",
             owner={"pid": 1, "token": "tok"},
             base_env={"PATH": "/bin"},
             secrets=secrets or {},
             home="/home",
             options=RunOptions(**options),  # type: ignore[arg-type]
+            repository="file:///repo",
         )
         return engine.run(request)
 
@@ -208,7 +220,7 @@ def test_job_environment() -> None:
     h.run(spec)
     env = h.executor.started[0].env
     assert env["CONVEYOR_RUN_ID"] == "1"
-    assert env["CONVEYOR_REVISION"] == "abc"
+    assert env["CONVEYOR_REVISION"] == "a" * 40
     assert env["CONVEYOR_STAGE"] == "commit"
     assert env["CONVEYOR_JOB"] == "build"
     assert env["CONVEYOR_WORKSPACE"] == "/workspace"
@@ -240,3 +252,89 @@ def test_selected_stage_only() -> None:
     spec = pipeline(("a", [job("x", "a")]), ("b", [job("y", "b")]))
     assert h.run(spec, stages=("b",)) == "succeeded"
     assert h.statuses() == {"x": "skipped", "y": "succeeded"}
+
+
+# -- artifacts -------------------------------------------------------------------------------
+
+APP = ArtifactSpec("app", "dist/app.bin")
+SITE = ArtifactSpec("my-site", "site", "dir")
+
+
+def artifact_pipeline() -> PipelineSpec:
+    return pipeline(
+        (
+            "commit",
+            [
+                job("build", "commit", outputs=("app",)),
+                job("docs", "commit", outputs=("my-site",)),
+                job("check", "commit", "build"),
+                job("alone", "commit"),
+            ],
+        ),
+        ("acceptance", [job("e2e", "acceptance")]),
+        artifacts=(APP, SITE),
+    )
+
+
+def launched_env(h: Harness, name: str) -> dict[str, str]:
+    started = reversed(h.executor.started)
+    return dict(next(x for x in started if x.key.startswith(name + "#")).env)
+
+
+def test_outputs_are_published_signed_and_handed_on() -> None:
+    h = Harness()
+    h.artifacts.files = {"dist/app.bin": b"app-bytes", "site": b"site-tar"}
+    assert h.run(artifact_pipeline()) == "succeeded"
+    published = {e.name: e for e in h.record.of(ev.ArtifactPublished)}
+    assert set(published) == {"app", "my-site"}
+    digest = published["app"].digest
+    # The needing job of the same stage and every later job get it; an unrelated job does not.
+    check = launched_env(h, "check")
+    assert check["CONVEYOR_ARTIFACT_APP_DIGEST"] == digest
+    assert check["CONVEYOR_ARTIFACT_APP"] == "/workspace/.conveyor-artifacts/check.1/app/app.bin"
+    assert "CONVEYOR_ARTIFACT_MY_SITE" not in check
+    assert "CONVEYOR_ARTIFACT_APP" not in launched_env(h, "alone")
+    e2e = launched_env(h, "e2e")
+    assert e2e["CONVEYOR_ARTIFACT_APP_DIGEST"] == digest
+    assert e2e["CONVEYOR_ARTIFACT_MY_SITE"] == "/workspace/.conveyor-artifacts/e2e.1/my-site"
+    # Published in the same commit as, and before, the producer's JobFinished.
+    commit = next(
+        c for c in h.record.commits if any(isinstance(e, ev.ArtifactPublished) for e in c)
+    )
+    kinds = [type(e).__name__ for e in commit]
+    assert kinds.index("ArtifactPublished") < kinds.index("JobFinished")
+    statement = h.attestor.statements[0]
+    assert statement["subject"][0]["digest"]["sha256"] == digest.removeprefix("sha256:")
+
+
+def test_a_missing_output_fails_the_job_and_stops_the_line() -> None:
+    h = Harness()
+    h.artifacts.files = {"site": b"site-tar"}
+    assert h.run(artifact_pipeline()) == "failed"
+    statuses = h.statuses()
+    assert statuses["build"] == "failed"
+    assert statuses["check"] == "skipped"
+    assert statuses["e2e"] == "skipped"
+    assert b"was not produced" in h.logs.logs[("build", 1)].data
+
+
+def test_a_cache_hit_hands_on_the_original_artifacts() -> None:
+    h = Harness()
+    h.artifacts.files = {"dist/app.bin": b"v1", "site": b"s"}
+    assert h.run(artifact_pipeline()) == "succeeded"
+    h.artifacts.files = {"dist/app.bin": b"v2", "site": b"s2"}  # a rebuild would differ
+    assert h.run(artifact_pipeline()) == "succeeded"
+    second = [e for e in h.record.of(ev.ArtifactPublished) if e.run_id == 2]
+    assert {e.name: e.source_run for e in second} == {"app": 1, "my-site": 1}
+    first = {e.name: e.digest for e in h.record.of(ev.ArtifactPublished) if e.run_id == 1}
+    assert {e.name: e.digest for e in second} == first
+    assert len(h.executor.started) == 5  # run 2 started nothing: every job was cached
+
+
+def test_a_cache_hit_whose_blob_is_gone_runs_again() -> None:
+    h = Harness()
+    h.artifacts.files = {"dist/app.bin": b"v1", "site": b"s"}
+    assert h.run(artifact_pipeline()) == "succeeded"
+    h.artifacts.blobs.clear()
+    assert h.run(artifact_pipeline()) == "succeeded"
+    assert h.statuses(2)["build"] == "succeeded"

@@ -33,8 +33,7 @@ def with_artifacts(artifacts: str, jobs: str = "build: {run: make, outputs: [app
 
 def test_artifacts_and_outputs_parse() -> None:
     spec = parse(
-        HEAD
-        + "artifacts:\n"
+        HEAD + "artifacts:\n"
         "  app: {path: dist/app.tar.gz}\n"
         "  site: {path: build/site/, kind: dir}\n"
         "  docs-html: {path: ./docs/html, kind: dir}\n"

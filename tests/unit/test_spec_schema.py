@@ -342,7 +342,7 @@ def test_job_unknown_key_lists_the_known_keys() -> None:
     problem = only_problem(pipeline_with_jobs("a: {run: x, zzz: 1}\n"))
     assert problem.hint == (
         "known keys: run, needs, reports, timeout, retries, env, inputs, cache, allow_failure,"
-            " outputs"
+        " outputs"
     )
 
 

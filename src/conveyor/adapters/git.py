@@ -67,6 +67,13 @@ class GitSource:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def repository_uri(self) -> str:
+        """Where the code comes from, for provenance: the ``origin`` remote's URL if there is
+        one, else ``file://`` and the repository's path."""
+        proc = _git(self.root, "config", "--get", "remote.origin.url", check=False)
+        url = proc.stdout.decode("utf-8", "replace").strip()
+        return url if proc.returncode == 0 and url else self.root.resolve().as_uri()
+
     def resolve(self, rev: str) -> str:
         """The full commit id of ``rev``."""
         if rev.startswith("-"):
@@ -153,7 +160,9 @@ class GitWorkspace:
 
     _SCRIPT = (
         'git clone --quiet --shared --no-checkout -- "$1" "$2" && '
-        'git -C "$2" -c advice.detachedHead=false checkout --quiet --detach "$3"'
+        'git -C "$2" -c advice.detachedHead=false checkout --quiet --detach "$3" && '
+        # Where jobs receive artifacts: not part of the tree, so `git status` stays clean.
+        'mkdir -p "$2/.git/info" && echo "/.conveyor-artifacts/" >> "$2/.git/info/exclude"'
     )
 
     def __init__(self, source: GitSource, commit: str, directory: Path) -> None:

@@ -24,6 +24,16 @@ class Home:
     def workspaces(self) -> Path:
         return self.root / "workspaces"
 
+    @property
+    def artifacts(self) -> Path:
+        """The content-addressed artifact store."""
+        return self.root / "artifacts"
+
+    @property
+    def keys(self) -> Path:
+        """This instance's signing key (mode 0600, never given to jobs)."""
+        return self.root / "keys"
+
     def ensure(self) -> None:
         """Create the folder; a ``.gitignore`` inside keeps it out of the repository."""
         self.root.mkdir(parents=True, exist_ok=True)

@@ -7,99 +7,29 @@ commands that need them, so ``conveyor validate`` starts fast.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import click
 
 from conveyor import __version__
+from conveyor.cli.common import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    echo_json,
+    file_option,
+    home_of,
+    home_option,
+    json_option,
+    open_record_at,
+    repo_root,
+    run_id_of,
+)
 from conveyor.errors import ConveyorError, UsageError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
-
-
-def home_option(func: F) -> F:
-    return click.option(
-        "--home",
-        type=click.Path(file_okay=False, path_type=Path),
-        envvar="CONVEYOR_HOME",
-        help="State folder [default: .conveyor at the repository root; env CONVEYOR_HOME].",
-    )(func)
-
-
-def file_option(func: F) -> F:
-    return click.option(
-        "-f",
-        "--file",
-        "pipeline_file",
-        default="conveyor.yml",
-        show_default=True,
-        help="Pipeline file, relative to the repository root.",
-    )(func)
-
-
-def json_option(func: F) -> F:
-    return click.option(
-        "--json", "as_json", is_flag=True, help="Print JSON (documented in docs/cli.md)."
-    )(func)
-
-
-def _echo_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False))
-
-
-# -- context helpers ------------------------------------------------------------------------
-
-
-def _repo_root(required: bool = True) -> Path | None:
-    from conveyor.adapters.git import find_repo_root
-
-    root = find_repo_root(Path.cwd())
-    if root is None and required:
-        raise UsageError(
-            "not inside a git repository",
-            hint="run conveyor from a git repository (git init), or cd into one",
-        )
-    return root
-
-
-def _home(home: Path | None, root: Path | None) -> Any:
-    from conveyor.adapters.home import Home
-
-    if home is not None:
-        return Home(home.resolve())
-    if root is None:
-        raise UsageError(
-            "no home for Conveyor's state",
-            hint="run inside a git repository, or pass --home / set CONVEYOR_HOME",
-        )
-    return Home(root / ".conveyor")
-
-
-def _open_record(home: Path | None, root: Path | None = None) -> Any:
-    from conveyor.bootstrap import open_record
-
-    if home is None and root is None:
-        root = _repo_root()
-    return open_record(_home(home, root))
-
-
-def _run_id(record: Any, ref: str) -> int:
-    run_id = record.resolve_run(ref)
-    if run_id is None:
-        if ref == "latest":
-            raise UsageError("there are no runs yet", hint="start one with `conveyor run`")
-        raise UsageError(
-            f"there is no run '{ref}'",
-            hint="`conveyor runs list` shows the runs; RUN is a run id or `latest`",
-        )
-    return int(run_id)
 
 
 def _pipeline_path(root: Path, pipeline_file: str) -> tuple[Path, str]:
@@ -156,13 +86,13 @@ def _load_for_run(
     found = None if dirty else discover(Path.cwd(), revision or "HEAD", pipeline_file)
     if found is not None:  # the common case, in one git call
         root, rel, commit, tree, blob = found
-        home = _home(home_opt, root)
+        home = home_of(home_opt, root)
         source = GitSource(root)
     else:
-        found_root = _repo_root()
+        found_root = repo_root()
         assert found_root is not None
         root = found_root
-        home = _home(home_opt, root)
+        home = home_of(home_opt, root)
         full, rel = _pipeline_path(root, pipeline_file)
         source = GitSource(root)
         if dirty:
@@ -253,7 +183,7 @@ stages:
 @file_option
 def init(force: bool, pipeline_file: str) -> None:
     """Write a starter conveyor.yml at the repository root."""
-    root = _repo_root(required=False) or Path.cwd()
+    root = repo_root(required=False) or Path.cwd()
     path = Path(pipeline_file) if Path(pipeline_file).is_absolute() else root / pipeline_file
     if path.exists() and not force:
         raise UsageError(f"{path} already exists", hint="pass --force to overwrite it")
@@ -273,14 +203,14 @@ def validate(pipeline_file: str, as_json: bool) -> None:
 
     path = Path(pipeline_file)
     if not path.is_absolute() and not path.exists():
-        root = _repo_root(required=False)
+        root = repo_root(required=False)
         if root is not None and (root / path).exists():
             path = root / path
     try:
         spec = load_pipeline_file(path, pipeline_file)
     except SpecError as exc:
         if as_json:
-            _echo_json(
+            echo_json(
                 {
                     "valid": False,
                     "problems": [
@@ -299,7 +229,7 @@ def validate(pipeline_file: str, as_json: bool) -> None:
         raise
     jobs = sum(len(s.jobs) for s in spec.stages)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "valid": True,
                 "pipeline": spec.name,
@@ -339,7 +269,7 @@ def plan(
 
     root, home_obj, spec, _, snapshot, _ = _load_for_run(pipeline_file, revision, dirty, home)
     selected = _check_stages(spec, stages)
-    record = _open_record(home_obj.root, root)
+    record = open_record_at(home_obj.root, root)
     secrets, _ = _secrets(spec)
     keys = cache_keys(spec, snapshot, secrets)
     the_plan = build_plan(
@@ -351,7 +281,7 @@ def plan(
         find_cache=record.find_cache,
     )
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "pipeline": the_plan.pipeline,
                 "revision": the_plan.revision,
@@ -482,7 +412,7 @@ def run(
     )
     try:
         selected = _check_stages(spec, stages)
-        record = _open_record(home_obj.root, root)
+        record = open_record_at(home_obj.root, root)
         secrets, missing = _secrets(spec)
         for name in missing:
             click.echo(
@@ -576,10 +506,10 @@ def runs() -> None:
 @json_option
 def runs_list(home: Path | None, limit: int, as_json: bool) -> None:
     """The latest runs, newest first."""
-    record = _open_record(home)
+    record = open_record_at(home)
     items = record.list_runs(limit)
     if as_json:
-        _echo_json(items)
+        echo_json(items)
         return
     if not items:
         click.echo("no runs yet: start one with `conveyor run`")
@@ -603,8 +533,8 @@ def runs_list(home: Path | None, limit: int, as_json: bool) -> None:
 @click.option("--events", is_flag=True, help="Also list the run's recorded events.")
 def runs_show(run_ref: str, home: Path | None, as_json: bool, events: bool) -> None:
     """One run: its stages, jobs, attempts and test counts (RUN is an id or `latest`)."""
-    record = _open_record(home)
-    run_id = _run_id(record, run_ref)
+    record = open_record_at(home)
+    run_id = run_id_of(record, run_ref)
     doc = record.get_run(run_id)
     for stage in doc["stages"]:
         for job in stage["jobs"]:
@@ -612,7 +542,7 @@ def runs_show(run_ref: str, home: Path | None, as_json: bool, events: bool) -> N
     if events:
         doc["events"] = record.events_of_run(run_id)
     if as_json:
-        _echo_json(doc)
+        echo_json(doc)
         return
     click.echo(
         f"run {doc['id']}: {doc['status']}" + (f" ({doc['reason']})" if doc["reason"] else "")
@@ -669,8 +599,8 @@ def logs(
 
     from conveyor.domain.states import JOB_FINAL
 
-    record = _open_record(home)
-    run_id = _run_id(record, run_ref)
+    record = open_record_at(home)
+    run_id = run_id_of(record, run_ref)
     doc = record.get_run(run_id)
     names = [j["name"] for s in doc["stages"] for j in s["jobs"]]
     if job not in names:
@@ -782,10 +712,10 @@ def audit_verify(home: Path | None, as_json: bool) -> None:
     """Verify the hash chain of the event log (exit 1 naming the first bad event)."""
     from conveyor.errors import AuditError
 
-    record = _open_record(home)
+    record = open_record_at(home)
     report = record.verify()
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "ok": report.ok,
                 "events": report.events,
@@ -812,6 +742,17 @@ def demo(directory: Path | None, progress: str) -> None:
     from conveyor.demo import run_demo
 
     sys.exit(run_demo(directory, progress))
+
+
+def _add_commands() -> None:
+    from conveyor.cli.artifacts import artifacts, keys, verify
+
+    cli.add_command(artifacts)
+    cli.add_command(keys)
+    cli.add_command(verify)
+
+
+_add_commands()
 
 
 def _fail(exc: ConveyorError) -> NoReturn:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
-KEY_VERSION = 1
+KEY_VERSION = 2
 
 
 def digest_json(value: object) -> str:
@@ -75,8 +75,14 @@ def job_cache_key(
     secret_digests: Mapping[str, str],
     needs_keys: Mapping[str, str],
     inputs: str,
+    outputs: Mapping[str, Sequence[str]] | None = None,
+    artifact_keys: Mapping[str, str] | None = None,
 ) -> str:
-    """The cache key of one job of one run."""
+    """The cache key of one job of one run.
+
+    ``outputs`` maps each artifact the job publishes to its ``[path, kind]``;
+    ``artifact_keys`` maps each artifact it receives to the key of the job that builds it.
+    """
     return digest_json(
         {
             "v": KEY_VERSION,
@@ -85,5 +91,7 @@ def job_cache_key(
             "secrets": dict(secret_digests),
             "needs": dict(needs_keys),
             "inputs": inputs,
+            "outputs": {k: list(v) for k, v in (outputs or {}).items()},
+            "artifacts": dict(artifact_keys or {}),
         }
     )

@@ -143,6 +143,29 @@ class JobFinished(Event):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
+class ArtifactPublished(Event):
+    """A job's declared output is in the artifact store, with its signed provenance.
+
+    For a cached job the bytes and the provenance are those of the run that built them
+    (``source_run``): an artifact is built once.
+    """
+
+    kind: ClassVar[str] = "artifact.published"
+    stage: str
+    job: str
+    name: str
+    artifact_kind: str
+    """``file`` or ``dir``."""
+    digest: str
+    size: int
+    path: str
+    """Where the job wrote it, relative to the workspace."""
+    provenance: str
+    """The DSSE envelope (JSON text) of the in-toto provenance statement, as signed."""
+    source_run: int | None = None
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class RunFinished(Event):
     kind: ClassVar[str] = "run.finished"
     status: str
@@ -170,6 +193,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         JobAttemptFinished,
         TestsReported,
         JobFinished,
+        ArtifactPublished,
         RunFinished,
         RunInterrupted,
     )

@@ -36,6 +36,20 @@ class SourceSnapshot:
     dirty: bool = False
 
 
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """An artifact a job of a run published (what the record says about it)."""
+
+    name: str
+    kind: str
+    digest: str
+    size: int
+    path: str
+    provenance: str
+    job: str
+    run_id: int
+
+
 class RecordWriter(Protocol):
     """The engine's side of the record: append events, find cache hits."""
 
@@ -49,6 +63,10 @@ class RecordWriter(Protocol):
 
     def find_cache(self, cache_key: str) -> CacheHit | None:
         """The most recent successful attempt with ``cache_key``, if any."""
+        ...
+
+    def job_artifacts(self, run_id: int, job: str) -> list[ArtifactRecord]:
+        """The artifacts ``job`` published in run ``run_id`` (to reuse them on a cache hit)."""
         ...
 
 
@@ -192,6 +210,19 @@ class ArtifactStore(Protocol):
 
     def export(self, digest: str, kind: str, dest: str) -> None:
         """Write the verified bytes to ``dest``: the file, or the directory's contents."""
+        ...
+
+
+class Attestor(Protocol):
+    """Signs provenance statements with this Conveyor instance's key (never given to jobs)."""
+
+    @property
+    def builder_id(self) -> str:
+        """The URI naming this instance as the builder in provenance."""
+        ...
+
+    def attest(self, statement: Mapping[str, Any]) -> str:
+        """The DSSE envelope (JSON text) of the signed in-toto ``statement``."""
         ...
 
 

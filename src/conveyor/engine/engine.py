@@ -13,10 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from conveyor import __version__
 from conveyor.domain import events as ev
 from conveyor.domain.masking import Masker, StreamMasker
 from conveyor.domain.ports import (
+    ArtifactRecord,
+    ArtifactStore,
     AttemptLog,
+    Attestor,
     CancelToken,
     Clock,
     Executor,
@@ -32,8 +36,11 @@ from conveyor.domain.ports import (
 )
 from conveyor.domain.states import JOB_PASSED
 from conveyor.engine.planning import cache_keys, job_decision
-from conveyor.errors import ConveyorError
+from conveyor.errors import ArtifactError, ConveyorError
 from conveyor.spec.models import JobSpec, PipelineSpec, StageSpec
+
+ARTIFACTS_DIR = ".conveyor-artifacts"
+"""Folder of the workspace where each attempt receives its input artifacts."""
 
 KILL_GRACE_S = 3.0
 """Seconds between SIGTERM and SIGKILL when a job is timed out or cancelled."""
@@ -62,6 +69,8 @@ class RunRequest:
     secrets: Mapping[str, str]
     home: str
     options: RunOptions = RunOptions()
+    repository: str = ""
+    """URI of the repository the revision comes from (for provenance)."""
 
 
 @dataclass(eq=False)
@@ -80,6 +89,8 @@ class _JobState:
     stream: StreamMasker | None = None
     launch_key: str = ""
     pid: int | None = None
+    started_at: str = ""
+    inputs: list[ArtifactRecord] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -106,8 +117,12 @@ class Engine:
         clock: Clock,
         observer: Observer,
         cancel: CancelToken,
+        artifacts: ArtifactStore | None = None,
+        attestor: Attestor | None = None,
     ) -> None:
         self.record = record
+        self.artifacts = artifacts
+        self.attestor = attestor
         self.executor = executor
         self.logs = logs
         self.reports = reports
@@ -118,6 +133,8 @@ class Engine:
         self._batch = _Batch()
         self._masker = Masker(())
         self._cancelled = False
+        self._published: dict[str, tuple[str, ArtifactRecord]] = {}
+        """This run's artifacts: name -> (stage, record)."""
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -138,6 +155,8 @@ class Engine:
     def run(self, request: RunRequest) -> str:
         """Execute the run to a final status (``succeeded``, ``failed`` or ``cancelled``)."""
         spec, options = request.spec, request.options
+        if spec.artifacts and (self.artifacts is None or self.attestor is None):
+            raise ConveyorError("this engine has no artifact store: the pipeline needs one")
         self._masker = Masker(request.secrets.values())
         keys = cache_keys(spec, request.source, request.secrets)
         self._emit(
@@ -234,7 +253,8 @@ class Engine:
             action, _, hit = job_decision(
                 state.spec, state.key, request.options.use_cache, self.record.find_cache
             )
-            if action == "cached" and hit is not None:
+            reused = self._reusable_artifacts(state.spec, hit) if hit is not None else None
+            if action == "cached" and hit is not None and reused is not None:
                 state.status = "cached"
                 self._emit(
                     ev.JobCached(
@@ -247,6 +267,8 @@ class Engine:
                         source_attempt=hit.attempt,
                     )
                 )
+                for item in reused:
+                    self._announce(run, state.spec, item, source_run=hit.run_id)
                 run.release(state.spec.name)
                 continue
             self._new_attempt(run, state)
@@ -285,6 +307,8 @@ class Engine:
                 continue
             try:
                 workspace = self.workspace.path()
+                state.started_at = self.clock.now()
+                inputs = self._receive_artifacts(run, state, workspace)
                 env = dict(request.base_env)
                 env.update(request.spec.env)
                 env.update(job.env)
@@ -303,6 +327,7 @@ class Engine:
                         "CONVEYOR_WORKSPACE": workspace,
                     }
                 )
+                env.update(inputs)
                 now = self.clock.monotonic()
                 if state.attempt == 1:
                     state.first_start = now
@@ -386,12 +411,21 @@ class Engine:
         if rest:
             state.log.write(rest)
             self.observer.on_output(job.name, state.attempt, rest.decode("utf-8", "replace"))
-        summary = state.log.close()
-        del run.running[state.launch_key]
         if state.kill_reason is not None:
             status = state.kill_reason
         else:
             status = "succeeded" if exit_code == 0 else "failed"
+        published: list[ev.ArtifactPublished] = []
+        if status == "succeeded" and job.outputs:
+            try:
+                published = self._publish_outputs(run, state)
+            except ConveyorError as exc:
+                note = f"conveyor: {exc.render()}\n".encode()
+                state.log.write(note)
+                self.observer.on_output(job.name, state.attempt, note.decode())
+                status = "failed"
+        summary = state.log.close()
+        del run.running[state.launch_key]
         state.exit_code = exit_code
         ending: dict[str, Any] = {
             "attempt": state.attempt,
@@ -420,6 +454,21 @@ class Engine:
             self._new_attempt(run, state)
             return
         state.status = status
+        for event in published:
+            self._emit(event)
+            self._published[event.name] = (
+                run.stage.name,
+                ArtifactRecord(
+                    event.name,
+                    event.artifact_kind,
+                    event.digest,
+                    event.size,
+                    event.path,
+                    event.provenance,
+                    event.job,
+                    event.run_id,
+                ),
+            )
         self._emit(
             ev.JobFinished(
                 run_id=request.run_id,
@@ -444,6 +493,153 @@ class Engine:
             )
         if request.options.fail_fast and not job.allow_failure and not self._cancelled:
             self._stop_stage(run, "cancelled", "a job of the stage failed (--fail-fast)")
+
+    # -- artifacts ---------------------------------------------------------------------------
+
+    def _reusable_artifacts(self, job: JobSpec, hit: Any) -> list[ArtifactRecord] | None:
+        """The artifacts a cache hit published, if they are all still in the store."""
+        if not job.outputs:
+            return []
+        assert self.artifacts is not None
+        items = self.record.job_artifacts(hit.run_id, hit.job)
+        if sorted(i.name for i in items) != sorted(job.outputs):
+            return None
+        if not all(self.artifacts.has(i.digest) for i in items):
+            return None
+        return items
+
+    def _announce(
+        self, run: _StageRun, job: JobSpec, item: ArtifactRecord, source_run: int | None
+    ) -> None:
+        """Record that this run has ``item`` (reused from ``source_run``) and can pass it on."""
+        self._emit(
+            ev.ArtifactPublished(
+                run_id=run.request.run_id,
+                stage=run.stage.name,
+                job=job.name,
+                name=item.name,
+                artifact_kind=item.kind,
+                digest=item.digest,
+                size=item.size,
+                path=item.path,
+                provenance=item.provenance,
+                source_run=source_run,
+            )
+        )
+        self._published[item.name] = (
+            run.stage.name,
+            ArtifactRecord(
+                item.name,
+                item.kind,
+                item.digest,
+                item.size,
+                item.path,
+                item.provenance,
+                job.name,
+                run.request.run_id,
+            ),
+        )
+
+    def _receive_artifacts(
+        self, run: _StageRun, state: _JobState, workspace: str
+    ) -> dict[str, str]:
+        """Put the artifacts the job receives in its folder of the workspace, verified by digest.
+
+        A job receives every artifact of the earlier stages and those of the jobs it needs
+        (directly or not) in its own stage. Returns the ``CONVEYOR_ARTIFACT_*`` variables.
+        """
+        if not self._published:
+            state.inputs = []
+            return {}
+        assert self.artifacts is not None
+        ancestors = run.ancestors(state.spec.name)
+        chosen = [
+            item
+            for stage, item in self._published.values()
+            if stage != run.stage.name or item.job in ancestors
+        ]
+        state.inputs = chosen
+        spec = run.request.spec
+        env: dict[str, str] = {}
+        folder = f"{workspace}/{ARTIFACTS_DIR}/{state.spec.name}.{state.attempt}"
+        for item in chosen:
+            dest = f"{folder}/{item.name}"
+            if item.kind == "file":
+                dest = f"{dest}/{item.path.rsplit('/', 1)[-1]}"
+            self.artifacts.export(item.digest, item.kind, dest)
+            variable = spec.artifact(item.name).env_name
+            env[variable] = dest
+            env[variable + "_DIGEST"] = item.digest
+        return env
+
+    def _publish_outputs(self, run: _StageRun, state: _JobState) -> list[ev.ArtifactPublished]:
+        """Store the job's declared outputs and sign their provenance (the engine does, not
+        the job: the key never reaches a job)."""
+        assert self.artifacts is not None and self.attestor is not None
+        request, job = run.request, state.spec
+        workspace = self.workspace.path()
+        finished_at = self.clock.now()
+        events = []
+        for name in job.outputs:
+            artifact = request.spec.artifact(name)
+            try:
+                blob = self.artifacts.publish(workspace, artifact.path, artifact.kind)
+            except ArtifactError as exc:
+                raise ArtifactError(
+                    f"output '{name}' of job '{job.name}': {exc.message}", hint=exc.hint
+                ) from exc
+            try:
+                statement = self._statement(run, state, name, blob.digest, finished_at)
+            except ValueError as exc:
+                raise ArtifactError(f"cannot write the provenance of '{name}': {exc}") from exc
+            events.append(
+                ev.ArtifactPublished(
+                    run_id=request.run_id,
+                    stage=run.stage.name,
+                    job=job.name,
+                    name=name,
+                    artifact_kind=artifact.kind,
+                    digest=blob.digest,
+                    size=blob.size,
+                    path=artifact.path,
+                    provenance=self.attestor.attest(statement),
+                )
+            )
+        return events
+
+    def _statement(
+        self, run: _StageRun, state: _JobState, name: str, digest: str, finished_at: str
+    ) -> dict[str, Any]:
+        """The in-toto statement of one output (see ``conveyor.domain.provenance``)."""
+        from conveyor.domain.provenance import build_statement
+
+        assert self.attestor is not None
+        request, job = run.request, state.spec
+        artifact = request.spec.artifact(name)
+        return build_statement(
+            name=name,
+            digest=digest,
+            builder_id=self.attestor.builder_id,
+            repository=request.repository,
+            revision=request.source.revision,
+            pipeline_file=request.spec.source,
+            pipeline_digest=request.spec.digest,
+            stage=run.stage.name,
+            job=job.name,
+            parameters={
+                "run": job.run,
+                "env": dict(sorted({**request.spec.env, **job.env}.items())),
+                "path": artifact.path,
+                "kind": artifact.kind,
+                "cache_key": state.key,
+                "dirty": request.source.dirty,
+            },
+            dependencies=[{"name": item.name, "digest": item.digest} for item in state.inputs],
+            run_id=request.run_id,
+            started_at=state.started_at,
+            finished_at=finished_at,
+            conveyor_version=__version__,
+        )
 
     def _report_tests(self, run: _StageRun, state: _JobState) -> None:
         result = self.reports.read_junit(self.workspace.path(), state.spec.junit)
@@ -500,6 +696,17 @@ class _StageRun:
             self.unmet[dependant] -= 1
             if self.unmet[dependant] == 0:
                 heapq.heappush(self.ready, (self.index[dependant], dependant))
+
+    def ancestors(self, name: str) -> set[str]:
+        """Every job ``name`` needs, directly or not."""
+        seen: set[str] = set()
+        stack = list(self.stage.job(name).needs)
+        while stack:
+            current = stack.pop()
+            if current not in seen:
+                seen.add(current)
+                stack.extend(self.stage.job(current).needs)
+        return seen
 
     def blocked_by(self, name: str) -> list[tuple[str, str]]:
         """Pending jobs that can no longer run because ``name`` did not pass, with the need

@@ -26,20 +26,33 @@ def cache_keys(
     digests = secret_digests(secrets)
     keys: dict[str, str] = {}
     inputs_memo: dict[tuple[str, ...] | None, str] = {}
+    earlier: dict[str, str] = {}  # artifact -> key of its producer, for earlier stages
     for stage in spec.stages:
         edges = {job.name: list(job.needs) for job in stage.jobs}
+        received: dict[str, dict[str, str]] = {}  # job -> artifacts it receives in the stage
         for name in topological_order(edges):
             job = stage.job(name)
             patterns = job.inputs
             if patterns not in inputs_memo:
                 inputs_memo[patterns] = inputs_digest(source.files, patterns, source.tree_id)
+            from_needs: dict[str, str] = {}
+            for need in job.needs:
+                from_needs.update(received[need])
+                from_needs.update({out: keys[need] for out in stage.job(need).outputs})
+            received[name] = from_needs
             keys[name] = job_cache_key(
                 script=job.run,
                 env={**spec.env, **job.env},
                 secret_digests=digests,
                 needs_keys={need: keys[need] for need in job.needs},
                 inputs=inputs_memo[patterns],
+                outputs={
+                    out: [spec.artifact(out).path, spec.artifact(out).kind] for out in job.outputs
+                },
+                artifact_keys={**earlier, **from_needs},
             )
+        for job in stage.jobs:
+            earlier.update({out: keys[job.name] for out in job.outputs})
     return keys
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.domain import events as ev
-from conveyor.domain.ports import CacheHit
+from conveyor.domain.ports import ArtifactRecord, CacheHit
 from conveyor.errors import StoreError
 
 GENESIS = "0" * 64
@@ -73,6 +73,11 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 _CHECKPOINT_PAGES = 8192
+_ARTIFACT_COLUMNS = "name, kind, digest, size, path, provenance, job, run_id"
+
+
+def _artifact(row: Sequence[Any]) -> ArtifactRecord:
+    return ArtifactRecord(*row)
 
 
 class SqliteRecord:
@@ -177,7 +182,73 @@ class SqliteRecord:
         ).fetchone()
         return CacheHit(row[0], row[1], row[2]) if row else None
 
+    def job_artifacts(self, run_id: int, job: str) -> list[ArtifactRecord]:
+        """The artifacts ``job`` published in run ``run_id``."""
+        rows = self._conn.execute(
+            f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE run_id = ? AND job = ? ORDER BY name",
+            (run_id, job),
+        ).fetchall()
+        return [_artifact(row) for row in rows]
+
     # -- reading -----------------------------------------------------------------------------
+
+    def list_artifacts(self, run_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Published artifacts, newest run first (one run's if ``run_id`` is given)."""
+        where, args = ("WHERE run_id = ?", (run_id, limit)) if run_id else ("", (limit,))
+        rows = self._conn.execute(
+            "SELECT run_id, name, stage, job, kind, digest, size, path, source_run, published_at"
+            f" FROM artifacts {where} ORDER BY run_id DESC, name LIMIT ?",
+            args,
+        ).fetchall()
+        keys = (
+            "run",
+            "name",
+            "stage",
+            "job",
+            "kind",
+            "digest",
+            "size",
+            "path",
+            "built_by_run",
+            "published_at",
+        )
+        result = [dict(zip(keys, row, strict=True)) for row in rows]
+        for item in result:
+            item["built_by_run"] = item["built_by_run"] or item["run"]
+        return result
+
+    def find_artifact(
+        self, name: str | None, run_id: int | None, digest: str | None
+    ) -> ArtifactRecord | None:
+        """An artifact by ``name`` in run ``run_id``, or the latest publication of ``digest``."""
+        if digest is not None:
+            row = self._conn.execute(
+                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE digest = ?"
+                " ORDER BY run_id DESC LIMIT 1",
+                (digest,),
+            ).fetchone()
+        else:
+            row = self._conn.execute(
+                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE run_id = ? AND name = ?",
+                (run_id, name),
+            ).fetchone()
+        return _artifact(row) if row else None
+
+    def latest_artifact_named(self, name: str) -> ArtifactRecord | None:
+        """The latest publication of an artifact called ``name``."""
+        row = self._conn.execute(
+            f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE name = ?"
+            " ORDER BY run_id DESC LIMIT 1",
+            (name,),
+        ).fetchone()
+        return _artifact(row) if row else None
+
+    def artifact_runs(self, digest: str) -> list[int]:
+        """Every run that published ``digest`` (built it or reused it), oldest first."""
+        rows = self._conn.execute(
+            "SELECT DISTINCT run_id FROM artifacts WHERE digest = ? ORDER BY run_id", (digest,)
+        ).fetchall()
+        return [row[0] for row in rows]
 
     def resolve_run(self, ref: str) -> int | None:
         """Run id for ``ref`` (a number or ``latest``), or ``None`` if there is no such run."""
@@ -613,7 +684,28 @@ def _run_interrupted(conn: sqlite3.Connection, e: Any, at: str) -> None:
     )
 
 
+def _artifact_published(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "INSERT INTO artifacts (run_id, name, stage, job, kind, digest, size, path, provenance,"
+        " source_run, published_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            e.run_id,
+            e.name,
+            e.stage,
+            e.job,
+            e.artifact_kind,
+            e.digest,
+            e.size,
+            e.path,
+            e.provenance,
+            e.source_run,
+            at,
+        ),
+    )
+
+
 _PROJECTIONS: dict[str, Callable[[sqlite3.Connection, Any, str], None]] = {
+    "artifact.published": _artifact_published,
     "run.started": _run_started,
     "stage.started": _stage_started,
     "stage.finished": _stage_finished,

@@ -1,0 +1,94 @@
+"""Helpers shared by the command modules: common options, the home, the record, run refs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from conveyor.errors import UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def home_option(func: F) -> F:
+    return click.option(
+        "--home",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="CONVEYOR_HOME",
+        help="State folder [default: .conveyor at the repository root; env CONVEYOR_HOME].",
+    )(func)
+
+
+def file_option(func: F) -> F:
+    return click.option(
+        "-f",
+        "--file",
+        "pipeline_file",
+        default="conveyor.yml",
+        show_default=True,
+        help="Pipeline file, relative to the repository root.",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON (documented in docs/cli.md)."
+    )(func)
+
+
+def echo_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False))
+
+
+# -- context helpers ------------------------------------------------------------------------
+
+
+def repo_root(required: bool = True) -> Path | None:
+    from conveyor.adapters.git import find_repo_root
+
+    root = find_repo_root(Path.cwd())
+    if root is None and required:
+        raise UsageError(
+            "not inside a git repository",
+            hint="run conveyor from a git repository (git init), or cd into one",
+        )
+    return root
+
+
+def home_of(home: Path | None, root: Path | None) -> Any:
+    from conveyor.adapters.home import Home
+
+    if home is not None:
+        return Home(home.resolve())
+    if root is None:
+        raise UsageError(
+            "no home for Conveyor's state",
+            hint="run inside a git repository, or pass --home / set CONVEYOR_HOME",
+        )
+    return Home(root / ".conveyor")
+
+
+def open_record_at(home: Path | None, root: Path | None = None) -> Any:
+    from conveyor.bootstrap import open_record
+
+    if home is None and root is None:
+        root = repo_root()
+    return open_record(home_of(home, root))
+
+
+def run_id_of(record: Any, ref: str) -> int:
+    run_id = record.resolve_run(ref)
+    if run_id is None:
+        if ref == "latest":
+            raise UsageError("there are no runs yet", hint="start one with `conveyor run`")
+        raise UsageError(
+            f"there is no run '{ref}'",
+            hint="`conveyor runs list` shows the runs; RUN is a run id or `latest`",
+        )
+    return int(run_id)
