@@ -97,3 +97,7 @@ class ArtifactError(ConveyorError):
 
 class VerificationError(ConveyorError):
     """An artifact's digest, signature, signer or policy does not verify."""
+
+
+class DeployError(ConveyorError):
+    """A deployment cannot go on: a target failed, a policy refused it, a lease is held."""

@@ -226,6 +226,61 @@ class Attestor(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Release:
+    """One artifact digest made ready for an environment by a deployment.
+
+    ``folder`` is the release folder (``environments/<env>/releases/<deployment>``): for a
+    directory artifact or a tar archive it holds the unpacked contents at its root; any other
+    file is placed in it as is. ``artifact_path`` is that file, or ``folder`` itself.
+    """
+
+    environment: str
+    deployment_id: int
+    artifact: str
+    digest: str
+    folder: str
+    artifact_path: str
+    revision: str
+
+
+@dataclass(frozen=True)
+class Health:
+    """The verdict of a health check, with what was observed."""
+
+    ok: bool
+    detail: str
+
+
+class Target(Protocol):
+    """How an environment is deployed to (a local process, user scripts...).
+
+    The deployment strategy (for now *recreate*, with automatic rollback) is in the caller;
+    a target only knows how to start, check, stop and restore releases. Every method raises
+    ``DeployError`` with a clear message when it cannot do its part.
+    """
+
+    def start(self, release: Release, previous: Release | None) -> None:
+        """Put ``release`` in place of ``previous`` (which the caller has stopped)."""
+        ...
+
+    def check(self, release: Release, timeout_s: float) -> Health:
+        """Wait up to ``timeout_s`` for ``release`` to be healthy."""
+        ...
+
+    def stop(self, release: Release) -> None:
+        """Stop ``release`` if it runs (idempotent)."""
+        ...
+
+    def restore(self, previous: Release, failed: Release) -> None:
+        """Bring ``previous`` back after ``failed`` proved unhealthy (and was stopped)."""
+        ...
+
+    def describe(self, release: Release) -> dict[str, Any]:
+        """What runs now for ``release``: ``running`` (bool), and ``url``, ``pid`` if known."""
+        ...
+
+
 class Workspace(Protocol):
     """The clean checkout a run's jobs work in; prepared on first use."""
 
