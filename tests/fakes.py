@@ -175,6 +175,9 @@ class RecordingObserver:
     def on_output(self, job: str, attempt: int, text: str) -> None:
         self.output.append((job, text))
 
+    def on_note(self, text: str) -> None:
+        self.output.append(("", text))
+
 
 class Flag:
     def __init__(self) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from conveyor.adapters.clock import SystemClock
 from conveyor.adapters.git import DirtyWorkspace, GitSource, GitWorkspace
@@ -26,12 +28,16 @@ from conveyor.adapters.processes import (
     owner_is_gone,
 )
 from conveyor.domain.events import RunInterrupted
-from conveyor.domain.ports import Observer, SourceSnapshot
+from conveyor.domain.ports import Observer, Release, SourceSnapshot, Target
 from conveyor.engine.engine import Engine, RunOptions, RunRequest
+from conveyor.errors import DeployError
 from conveyor.executors.local import LocalExecutor
-from conveyor.spec.models import PipelineSpec
+from conveyor.spec.models import EnvironmentSpec, PipelineSpec
 from conveyor.store.migrate import ensure_schema
 from conveyor.store.sqlite import SqliteRecord
+
+if TYPE_CHECKING:
+    from conveyor.app.deploy import Deployer
 
 KEEP_WORKSPACES = 5
 
@@ -104,7 +110,7 @@ class PreparedRun:
     workspace: GitWorkspace | DirtyWorkspace
 
 
-SPEC_CACHE_VERSION = "2"
+SPEC_CACHE_VERSION = "3"
 
 
 def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Home) -> PipelineSpec:
@@ -162,6 +168,7 @@ def prepare_run(
     cancel: CancelFlag,
     executor: LocalExecutor,
     workspace: GitWorkspace | None = None,
+    branch: str = "",
 ) -> PreparedRun:
     """Allocate a run id, take its lock, and build the engine with local adapters.
 
@@ -192,8 +199,11 @@ def prepare_run(
         home=str(home.root),
         options=options,
         repository=source.repository_uri() if spec.artifacts else "",
+        branch=branch,
     )
-    artifacts, attestor = None, None
+    artifacts, attestor, deployer = None, None, None
+    if any(stage.deploy for stage in spec.stages):
+        deployer = make_deployer(home, record, source, observer.on_note)
     if spec.artifacts:
         from conveyor.adapters.artifacts import FileArtifactStore
         from conveyor.adapters.attestor import KeyAttestor
@@ -211,9 +221,92 @@ def prepare_run(
         cancel=cancel,
         artifacts=artifacts,
         attestor=attestor,
+        deployer=deployer,
     )
     chosen.start()
     return PreparedRun(request, engine, executor, lock, chosen)
+
+
+def environment_port(env_dir: Path, fixed: int | None) -> int:
+    """The environment's port: the declared one, or one allocated once and kept."""
+    if fixed is not None:
+        return fixed
+    path = env_dir / "port"
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    from conveyor.adapters.targets.process import allocate_port
+
+    port = allocate_port()
+    env_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
+    return port
+
+
+def make_target(
+    home: Home, source: GitSource | None, environment: EnvironmentSpec, release: Release
+) -> Target:
+    """The adapter for an environment's target."""
+    env_dir = home.environments / environment.name
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    target = environment.target
+    if target.type == "process":
+        from conveyor.adapters.targets.process import ProcessTarget
+
+        return ProcessTarget(
+            env_dir,
+            target.command,
+            port=environment_port(env_dir, environment.port),
+            health_http=target.health_http,
+            health_command=target.health_command,
+            base_env=base_env,
+        )
+    from conveyor.adapters.targets.command import CommandTarget
+
+    if source is None:
+        raise DeployError(
+            f"environment '{environment.name}' runs scripts from the repository",
+            hint="run this command inside the git repository",
+        )
+    checkout = env_dir / "checkouts" / str(release.deployment_id)
+    if not (checkout / ".git").exists():
+        GitWorkspace(source, release.revision, checkout).path()
+    return CommandTarget(
+        env_dir,
+        deploy=target.deploy,
+        health=target.health_command,
+        rollback=target.rollback,
+        workdir=checkout,
+        base_env=base_env,
+    )
+
+
+def make_deployer(
+    home: Home,
+    record: SqliteRecord,
+    source: GitSource | None,
+    say: Callable[[str], None],
+    wait_s: float = 0.0,
+) -> Deployer:
+    """A deployer with the local adapters: the store, this instance's key, local targets."""
+    from conveyor.adapters.artifacts import FileArtifactStore
+    from conveyor.adapters.signing import InstanceKey
+    from conveyor.app.deploy import Deployer
+
+    key = InstanceKey.load_or_create(home.keys)
+    return Deployer(
+        record=record,
+        store=FileArtifactStore(home.artifacts),
+        public_pem=key.public_pem,
+        builder_id=key.builder_id,
+        environments_dir=home.environments,
+        make_target=lambda env, release: make_target(home, source, env, release),
+        wait_s=wait_s,
+        say=say,
+    )
 
 
 def log_cap() -> int:

@@ -101,3 +101,7 @@ class VerificationError(ConveyorError):
 
 class DeployError(ConveyorError):
     """A deployment cannot go on: a target failed, a policy refused it, a lease is held."""
+
+
+class LeaseLost(DeployError):
+    """A deployer's lease on an environment was taken over: it may not write any more."""

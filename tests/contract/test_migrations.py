@@ -12,7 +12,7 @@ from sqlalchemy import create_engine
 from conveyor.domain import events as ev
 from conveyor.store import migrate
 from conveyor.store.migrate import HEAD, current_revision, ensure_schema
-from conveyor.store.sqlite import SqliteRecord
+from conveyor.store.sqlite import GENESIS, SqliteRecord, canonical, event_hash
 from tests.contract.test_record import finished, started
 
 NOW = "2026-01-01T00:00:00.000000Z"
@@ -37,10 +37,29 @@ def test_head_is_the_newest_migration() -> None:
 def test_upgrade_from_the_first_revision_keeps_the_record(tmp_path: Path) -> None:
     db = tmp_path / "conveyor.db"
     upgrade_to(db, "0001")
-    record = SqliteRecord(db, lambda: NOW)
-    run = record.allocate_run_id()
-    record.append([started(run), finished(run, "a", "k1")])
-    record.close()
+    # Data as the first release wrote it (its own SQL: today's code writes newer columns).
+    run = 1
+    conn = sqlite3.connect(db)
+    prev = GENESIS
+    for seq, event in enumerate([started(run), finished(run, "a", "k1")], start=1):
+        payload = canonical(event.payload())
+        digest = event_hash(prev, seq, NOW, event.kind, run, payload)
+        conn.execute(
+            "INSERT INTO events (seq, at, type, run_id, payload, prev_hash, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (seq, NOW, event.kind, run, payload, prev, digest),
+        )
+        prev = digest
+    conn.execute(
+        "INSERT INTO runs (id, pipeline, revision, pipeline_file, pipeline_digest, status)"
+        " VALUES (1, 'p', 'r', 'conveyor.yml', 'd', 'running')"
+    )
+    conn.execute(
+        "INSERT INTO jobs (run_id, idx, name, stage, status, attempts, cache_key)"
+        " VALUES (1, 0, 'a', 's', 'succeeded', 1, 'k1')"
+    )
+    conn.commit()
+    conn.close()
 
     ensure_schema(db)
 
@@ -48,6 +67,7 @@ def test_upgrade_from_the_first_revision_keeps_the_record(tmp_path: Path) -> Non
     record = SqliteRecord(db, lambda: NOW)
     try:
         assert record.verify().ok
+        assert record.get_run(run)["status"] == "running"
         hit = record.find_cache("k1")
         assert hit is not None and hit.run_id == run
         record.append([ev.RunFinished(run_id=run, status="succeeded")])

@@ -222,7 +222,7 @@ def test_missing_required_top_level_keys() -> None:
 def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     problem = only_problem(GOOD + "colour: blue\n")
     assert problem.message == "unknown key 'colour' at the top level"
-    assert problem.hint == "known keys: pipeline, env, secrets, artifacts, stages"
+    assert problem.hint == ("known keys: pipeline, env, secrets, artifacts, environments, stages")
 
 
 def test_top_level_jobs_get_a_pointer_to_stages() -> None:

@@ -74,6 +74,14 @@ class GitSource:
         url = proc.stdout.decode("utf-8", "replace").strip()
         return url if proc.returncode == 0 and url else self.root.resolve().as_uri()
 
+    def branch_of(self, rev: str) -> str:
+        """The branch ``rev`` names (``HEAD`` on a branch counts), or ``""``."""
+        if rev.startswith("-"):
+            return ""
+        proc = _git(self.root, "rev-parse", "--symbolic-full-name", rev, check=False)
+        name = proc.stdout.decode("utf-8", "replace").strip()
+        return name.removeprefix("refs/heads/") if name.startswith("refs/heads/") else ""
+
     def resolve(self, rev: str) -> str:
         """The full commit id of ``rev``."""
         if rev.startswith("-"):

@@ -30,6 +30,11 @@ class Home:
         return self.root / "artifacts"
 
     @property
+    def environments(self) -> Path:
+        """Each environment's releases, service state, logs and port."""
+        return self.root / "environments"
+
+    @property
     def keys(self) -> Path:
         """This instance's signing key (mode 0600, never given to jobs)."""
         return self.root / "keys"

@@ -465,6 +465,7 @@ def run(
                 cancel=cancel,
                 executor=executor,
                 workspace=workspace,
+                branch=source.branch_of(revision or "HEAD") if spec.environments else "",
             )
             try:
                 status = prepared.engine.run(prepared.request)
@@ -746,10 +747,13 @@ def demo(directory: Path | None, progress: str) -> None:
 
 def _add_commands() -> None:
     from conveyor.cli.artifacts import artifacts, keys, verify
+    from conveyor.cli.environments import env, promote
 
     cli.add_command(artifacts)
     cli.add_command(keys)
     cli.add_command(verify)
+    cli.add_command(promote)
+    cli.add_command(env)
 
 
 _add_commands()

@@ -53,6 +53,9 @@ class RunView:
         self.jobs: dict[str, _Job] = {}
         self.started = time.monotonic()
         self.status = "running"
+        self.current_stage = ""
+        self.notes: dict[str, str] = {}
+        """The latest note of each deploy stage (what the deployment is doing)."""
 
     def apply(self, event: ev.Event) -> None:
         """Update from one recorded event."""
@@ -68,8 +71,11 @@ class RunView:
                     self.jobs[job] = _Job(stage["name"])
         elif isinstance(event, ev.StageStarted):
             self.stage_status[event.stage] = "running"
+            self.current_stage = event.stage
         elif isinstance(event, ev.StageFinished):
             self.stage_status[event.stage] = event.status
+            if event.reason:
+                self.notes[event.stage] = event.reason
         elif isinstance(event, ev.JobAttemptStarted):
             job = self.jobs[event.job]
             job.status, job.attempt = "running", event.attempt
@@ -136,7 +142,8 @@ class PlainProgress:
         elif isinstance(event, ev.StageStarted):
             self._print(f"stage {event.stage}")
         elif isinstance(event, ev.StageFinished):
-            self._print(f"stage {event.stage} {event.status}")
+            reason = f": {event.reason}" if event.reason else ""
+            self._print(f"stage {event.stage} {event.status}{reason}")
         elif isinstance(event, ev.JobAttemptStarted):
             suffix = f" (attempt {event.attempt})" if event.attempt > 1 else ""
             self._print(f"  {event.job} started{suffix}")
@@ -163,6 +170,10 @@ class PlainProgress:
                 self._print(f"  {event.job} reports: {neutralise(problem)}")
         self.stream.flush()
 
+    def on_note(self, text: str) -> None:
+        self._print(f"  {text}")
+        self.stream.flush()
+
     def on_output(self, job: str, attempt: int, text: str) -> None:
         lines = self.view.output(job, text)
         if self.show_output:
@@ -182,6 +193,9 @@ class QuietProgress:
     """No feedback while the run goes on (``--progress quiet``); the summary still prints."""
 
     def on_event(self, event: ev.Event) -> None:
+        pass
+
+    def on_note(self, text: str) -> None:
         pass
 
     def on_output(self, job: str, attempt: int, text: str) -> None:
@@ -207,6 +221,9 @@ class LiveProgress:
 
     def on_event(self, event: ev.Event) -> None:
         self.view.apply(event)
+
+    def on_note(self, text: str) -> None:
+        self.view.notes[self.view.current_stage] = text
 
     def on_output(self, job: str, attempt: int, text: str) -> None:
         self.view.output(job, text)
@@ -244,6 +261,16 @@ class LiveProgress:
         for stage in view.stages:
             first = True
             stage_jobs = [(n, j) for n, j in view.jobs.items() if j.stage == stage]
+            if not stage_jobs:  # a deploy stage
+                status = view.stage_status.get(stage, "pending")
+                table.add_row(
+                    Text(stage, style="bold"),
+                    Text("deploy"),
+                    Text(f"{SYMBOLS.get(status, '?')} {status}", style=styles.get(status, "")),
+                    "",
+                    Text(view.notes.get(stage, ""), style="dim"),
+                )
+                continue
             if compact:
                 counts: dict[str, int] = {}
                 for _, job in stage_jobs:

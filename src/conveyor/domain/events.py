@@ -43,6 +43,8 @@ class RunStarted(Event):
     owner: dict[str, Any]
     """Who executes the run: ``pid``, ``host`` and ``token`` (to find orphaned processes)."""
     options: dict[str, Any] = field(default_factory=dict)
+    branch: str = ""
+    """The branch the revision was taken from (``""``: a commit, a tag or a detached HEAD)."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -56,6 +58,8 @@ class StageFinished(Event):
     kind: ClassVar[str] = "stage.finished"
     stage: str
     status: str
+    reason: str = ""
+    """Why a deploy stage ended as it did (the deployment's outcome)."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -166,6 +170,53 @@ class ArtifactPublished(Event):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
+class DeploymentStarted(Event):
+    """A deployment of one artifact digest to one environment began (under the environment's
+    lease, fencing token ``lease``). ``run_id`` is the run that built the artifact (a deploy
+    stage's own run, or the run a promotion takes the artifact from)."""
+
+    kind: ClassVar[str] = "deployment.started"
+    deployment_id: int
+    environment: str
+    artifact: str
+    digest: str
+    revision: str
+    actor: str
+    trigger: str
+    """``stage`` (a deploy stage of the run) or ``promote``."""
+    strategy: str
+    previous_digest: str | None
+    previous_deployment: int | None
+    lease: int
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class DeploymentFinished(Event):
+    """A deployment ended: ``succeeded``, ``failed`` (nothing healthy runs), ``rolled_back``
+    (the previous release runs again) or ``interrupted`` (its deployer died)."""
+
+    kind: ClassVar[str] = "deployment.finished"
+    deployment_id: int
+    environment: str
+    status: str
+    reason: str
+    health: str
+    duration_s: float
+    running_deployment: int | None
+    """The deployment whose release runs in the environment now (``None``: nothing)."""
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class EnvironmentStopped(Event):
+    """Someone stopped what ran in an environment (``conveyor env stop``)."""
+
+    kind: ClassVar[str] = "environment.stopped"
+    environment: str
+    deployment_id: int
+    actor: str
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class RunFinished(Event):
     kind: ClassVar[str] = "run.finished"
     status: str
@@ -194,6 +245,9 @@ EVENT_TYPES: dict[str, type[Event]] = {
         TestsReported,
         JobFinished,
         ArtifactPublished,
+        DeploymentStarted,
+        DeploymentFinished,
+        EnvironmentStopped,
         RunFinished,
         RunInterrupted,
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from conveyor.domain.events import Event
+from conveyor.spec.models import EnvironmentSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -281,6 +282,32 @@ class Target(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class DeploymentOutcome:
+    """How a deployment ended: ``succeeded``, ``failed`` or ``rolled_back``."""
+
+    deployment_id: int
+    status: str
+    reason: str
+    health: str
+
+
+class Deployments(Protocol):
+    """Deploys verified artifacts to environments (policy, lease, strategy, record)."""
+
+    def deploy(
+        self,
+        environment: EnvironmentSpec,
+        item: ArtifactRecord,
+        *,
+        revision: str,
+        actor: str,
+        trigger: str,
+    ) -> DeploymentOutcome:
+        """Deploy ``item``; raises ``DeployError`` if a policy refuses it (nothing changed)."""
+        ...
+
+
 class Workspace(Protocol):
     """The clean checkout a run's jobs work in; prepared on first use."""
 
@@ -310,6 +337,10 @@ class Observer(Protocol):
 
     def on_output(self, job: str, attempt: int, text: str) -> None:
         """A job wrote (masked) output."""
+        ...
+
+    def on_note(self, text: str) -> None:
+        """A step of work that is not a job's (a deployment's progress)."""
         ...
 
 

@@ -23,6 +23,7 @@ from conveyor.domain.ports import (
     Attestor,
     CancelToken,
     Clock,
+    Deployments,
     Executor,
     Exited,
     JobLaunch,
@@ -71,6 +72,8 @@ class RunRequest:
     options: RunOptions = RunOptions()
     repository: str = ""
     """URI of the repository the revision comes from (for provenance)."""
+    branch: str = ""
+    """The branch the revision was taken from, if any (environments' branch policy)."""
 
 
 @dataclass(eq=False)
@@ -119,8 +122,10 @@ class Engine:
         cancel: CancelToken,
         artifacts: ArtifactStore | None = None,
         attestor: Attestor | None = None,
+        deployer: Deployments | None = None,
     ) -> None:
         self.record = record
+        self.deployer = deployer
         self.artifacts = artifacts
         self.attestor = attestor
         self.executor = executor
@@ -176,6 +181,7 @@ class Engine:
                     "cache": options.use_cache,
                     "fail_fast": options.fail_fast,
                 },
+                branch=request.branch,
             )
         )
         self._commit()
@@ -214,6 +220,8 @@ class Engine:
         it, with one transaction per loop for all the jobs that moved.
         """
         self._emit(ev.StageStarted(run_id=request.run_id, stage=stage.name))
+        if stage.deploy is not None:
+            return self._deploy_stage(request, stage)
         run = _StageRun(request, stage, keys)
         while True:
             if self.cancel.is_set() and not self._cancelled:
@@ -237,6 +245,42 @@ class Engine:
         else:
             status = "succeeded"
         self._emit(ev.StageFinished(run_id=request.run_id, stage=stage.name, status=status))
+        self._commit()
+        return status
+
+    def _deploy_stage(self, request: RunRequest, stage: StageSpec) -> str:
+        """A deploy stage: the run's artifact goes to the environment (or the stage fails)."""
+        assert stage.deploy is not None
+        self._commit()
+        name = stage.deploy.artifact
+        published = self._published.get(name)
+        status, reason = "failed", ""
+        if self.deployer is None:
+            reason = "this engine cannot deploy"
+        elif published is None:
+            reason = f"the run has no artifact '{name}' (its producing job did not publish it)"
+        elif self._cancelled or self.cancel.is_set():
+            status, reason = "cancelled", "the run was cancelled"
+        else:
+            try:
+                outcome = self.deployer.deploy(
+                    request.spec.environment(stage.deploy.environment),
+                    published[1],
+                    revision=request.source.revision,
+                    actor=request.actor,
+                    trigger="stage",
+                )
+            except ConveyorError as exc:
+                reason = exc.message
+            else:
+                status = "succeeded" if outcome.status == "succeeded" else "failed"
+                reason = (
+                    f"deployment {outcome.deployment_id} to {stage.deploy.environment}:"
+                    f" {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "")
+                )
+        self._emit(
+            ev.StageFinished(run_id=request.run_id, stage=stage.name, status=status, reason=reason)
+        )
         self._commit()
         return status
 

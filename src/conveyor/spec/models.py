@@ -65,13 +65,59 @@ class JobSpec:
     location: Location = Location(1, 1)
 
 
+TARGET_TYPES = ("process", "command")
+DEFAULT_HEALTH_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """How an environment is deployed to.
+
+    ``process``: ``command`` runs the release as a local service; health by ``health_http``
+    (a path on ``$PORT``) or ``health_command``. ``command``: the user's ``deploy``, ``health``
+    and ``rollback`` scripts.
+    """
+
+    type: str
+    command: str = ""
+    health_http: str | None = None
+    health_command: str | None = None
+    deploy: str = ""
+    rollback: str | None = None
+
+
+@dataclass(frozen=True)
+class EnvironmentSpec:
+    """A place the software runs, with its target and the policy for what it accepts."""
+
+    name: str
+    target: TargetSpec
+    requires: tuple[str, ...] = ()
+    """Stages that must have passed in the run that built the artifact."""
+    branches: tuple[str, ...] = ()
+    """Glob patterns of the branches whose builds it accepts (empty: any)."""
+    port: int | None = None
+    health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
+    location: Location = Location(1, 1)
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    """A deploy stage: put ``artifact`` (built earlier in the run) into ``environment``."""
+
+    environment: str
+    artifact: str
+    location: Location = Location(1, 1)
+
+
 @dataclass(frozen=True)
 class StageSpec:
-    """A step of the sequence; its jobs form a DAG through ``needs``."""
+    """A step of the sequence: jobs forming a DAG through ``needs``, or one deployment."""
 
     name: str
     jobs: tuple[JobSpec, ...]
     location: Location = Location(1, 1)
+    deploy: DeploySpec | None = None
 
     def job(self, name: str) -> JobSpec:
         """The job called ``name`` in this stage (``KeyError`` if there is none)."""
@@ -94,6 +140,14 @@ class PipelineSpec:
     digest: str = ""
     """``sha256:<hex>`` of the file's bytes, recorded with every run."""
     artifacts: tuple[ArtifactSpec, ...] = ()
+    environments: tuple[EnvironmentSpec, ...] = ()
+
+    def environment(self, name: str) -> EnvironmentSpec:
+        """The environment called ``name`` (``KeyError`` if there is none)."""
+        for environment in self.environments:
+            if environment.name == name:
+                return environment
+        raise KeyError(name)
 
     def artifact(self, name: str) -> ArtifactSpec:
         """The artifact called ``name`` (``KeyError`` if there is none)."""
@@ -151,7 +205,17 @@ class PipelineSpec:
                 )
                 for job in stage["jobs"]
             )
-            stages.append(StageSpec(stage["name"], jobs, Location(**stage["location"])))
+            deploy = stage.get("deploy")
+            stages.append(
+                StageSpec(
+                    stage["name"],
+                    jobs,
+                    Location(**stage["location"]),
+                    None
+                    if deploy is None
+                    else DeploySpec(**{**deploy, "location": Location(**deploy["location"])}),
+                )
+            )
         return cls(
             name=data["name"],
             stages=tuple(stages),
@@ -162,5 +226,17 @@ class PipelineSpec:
             artifacts=tuple(
                 ArtifactSpec(**{**a, "location": Location(**a["location"])})
                 for a in data["artifacts"]
+            ),
+            environments=tuple(
+                EnvironmentSpec(
+                    **{
+                        **e,
+                        "target": TargetSpec(**e["target"]),
+                        "requires": tuple(e["requires"]),
+                        "branches": tuple(e["branches"]),
+                        "location": Location(**e["location"]),
+                    }
+                )
+                for e in data["environments"]
             ),
         )

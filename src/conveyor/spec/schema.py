@@ -38,12 +38,17 @@ from conveyor.spec.graph import find_cycle
 from conveyor.spec.loader import MapNode, Node, ScalarNode, SeqNode, resolve_plain
 from conveyor.spec.models import (
     ARTIFACT_KINDS,
+    DEFAULT_HEALTH_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
+    TARGET_TYPES,
     ArtifactSpec,
+    DeploySpec,
+    EnvironmentSpec,
     JobSpec,
     Location,
     PipelineSpec,
     StageSpec,
+    TargetSpec,
 )
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -56,9 +61,16 @@ MAX_RETRIES = 10
 MAX_PROBLEMS = 100
 """At most this many problems are reported (then a count of the rest)."""
 
-PIPELINE_KEYS = ("pipeline", "env", "secrets", "artifacts", "stages")
+PIPELINE_KEYS = ("pipeline", "env", "secrets", "artifacts", "environments", "stages")
 ARTIFACT_KEYS = ("path", "kind")
-STAGE_KEYS = ("name", "jobs")
+ENVIRONMENT_KEYS = ("target", "requires", "branches", "port", "timeout")
+TARGET_KEYS = {
+    "process": ("type", "command", "health"),
+    "command": ("type", "deploy", "health", "rollback"),
+}
+HEALTH_KEYS = ("http", "command")
+DEPLOY_KEYS = ("environment", "artifact")
+STAGE_KEYS = ("name", "jobs", "deploy")
 JOB_KEYS = (
     "run",
     "needs",
@@ -175,6 +187,8 @@ class _StageDraft:
     name: str
     node: MapNode
     jobs: list[_JobDraft] = field(default_factory=list)
+    deploy: tuple[str | None, str | None, MapNode] | None = None
+    """``(environment, artifact, node)`` of a deploy stage, as written."""
 
 
 class _Schema:
@@ -183,6 +197,7 @@ class _Schema:
     def __init__(self, source: str) -> None:
         self.source = source
         self.problems: list[SpecProblem] = []
+        self._requires_nodes: dict[str, list[tuple[str, ScalarNode]]] = {}
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -414,8 +429,12 @@ class _Schema:
         secrets = self.secrets(found["secrets"][1]) if "secrets" in found else {}
         env = self.env(found["env"][1], secrets) if "env" in found else {}
         artifacts = self.artifacts(found["artifacts"][1]) if "artifacts" in found else {}
+        environments = (
+            self.environments(found["environments"][1]) if "environments" in found else {}
+        )
         stages = self.stages(root, found.get("stages"), secrets)
         specs = self.link(stages, artifacts)
+        specs = self.deploy_stages(stages, specs, artifacts, environments)
         if self.problems or name is None:
             return None
         return PipelineSpec(
@@ -426,6 +445,7 @@ class _Schema:
             source=self.source,
             digest=digest,
             artifacts=tuple(artifacts.values()),
+            environments=tuple(environments.values()),
         )
 
     def artifacts(self, node: Node) -> dict[str, ArtifactSpec]:
@@ -610,8 +630,21 @@ class _Schema:
         shown = name or "?"
         draft = _StageDraft(shown, node)
         jobs = found.get("jobs")
+        if "deploy" in found:
+            if jobs is not None:
+                self.add(
+                    found["deploy"][0],
+                    f"stage '{shown}' has both 'jobs' and 'deploy'",
+                    hint="a stage either runs jobs or deploys; split it into two stages",
+                )
+            draft.deploy = self.deploy(shown, found["deploy"][1])
+            return draft if name else None
         if jobs is None:
-            self.add(node, f"stage '{shown}' has no jobs", hint="add a 'jobs:' mapping")
+            self.add(
+                node,
+                f"stage '{shown}' has no jobs",
+                hint="add a 'jobs:' mapping, or 'deploy: {environment: ..., artifact: ...}'",
+            )
             return draft if name else None
         key, value = jobs
         if isinstance(value, ScalarNode) and value.value is None and not value.quoted:
@@ -691,6 +724,189 @@ class _Schema:
         if "outputs" in found:
             job.outputs = self.names("outputs", found["outputs"][1])
         return job
+
+    def deploy(self, stage: str, node: Node) -> tuple[str | None, str | None, MapNode] | None:
+        """A deploy stage's ``{environment, artifact}`` (checked against the pipeline later)."""
+        if not isinstance(node, MapNode):
+            self.wrong_type(
+                "deploy",
+                "a mapping such as {environment: staging, artifact: app}",
+                node,
+            )
+            return None
+        found = self.fields(node, DEPLOY_KEYS, f"in the deploy of stage '{stage}'")
+        environment = artifact = None
+        if "environment" in found:
+            environment = self.text("environment", found["environment"][1])
+        else:
+            self.add(node, f"missing required key 'environment' in the deploy of stage '{stage}'")
+        if "artifact" in found:
+            artifact = self.text("artifact", found["artifact"][1])
+        return environment, artifact, node
+
+    # -- environments ----------------------------------------------------------------------
+
+    def environments(self, node: Node) -> dict[str, EnvironmentSpec]:
+        """The ``environments`` mapping: name to ``{target, requires, branches, port, timeout}``."""
+        if isinstance(node, ScalarNode) and node.value is None and not node.quoted:
+            return {}
+        if not isinstance(node, MapNode):
+            self.wrong_type(
+                "environments",
+                "a mapping of environment names to environments",
+                node,
+                hint="environments:\n  staging:\n    target: {type: process, command: ./serve}",
+            )
+            return {}
+        result: dict[str, EnvironmentSpec] = {}
+        for key, value in node.items:
+            name = self.name(key, "environment")
+            if name is None:
+                continue
+            environment = self.environment(name, key, value)
+            if environment is not None:
+                result[name] = environment
+        return result
+
+    def environment(self, name: str, key: ScalarNode, node: Node) -> EnvironmentSpec | None:
+        if not isinstance(node, MapNode):
+            self.add(
+                node if not isinstance(node, ScalarNode) or node.value is not None else key,
+                f"environment '{name}' must be a mapping with 'target', got {describe(node)}",
+                hint=f"{name}:\n  target: {{type: process, command: ./serve --port $PORT}}",
+            )
+            return None
+        found = self.fields(node, ENVIRONMENT_KEYS, f"in environment '{name}'")
+        target = None
+        if "target" in found:
+            target = self.target(name, found["target"][1])
+        else:
+            self.add(
+                node,
+                f"missing required key 'target' in environment '{name}'",
+                hint="e.g. target: {type: process, command: ./serve --port $PORT}",
+            )
+        requires: tuple[str, ...] = ()
+        if "requires" in found:
+            requires = tuple(n for n, _ in self.names("requires", found["requires"][1]))
+            self._requires_nodes[name] = self.names("requires", found["requires"][1])
+        branches: tuple[str, ...] = ()
+        if "branches" in found:
+            items = self.strings("branches", found["branches"][1])
+            if items is not None:
+                branches = tuple(b for b, _ in items)
+        port = None
+        if "port" in found:
+            port = self.integer("port", found["port"][1])
+            if port is not None and not 1 <= port <= 65535:
+                self.add(found["port"][1], f"'port' must be between 1 and 65535, got {port}")
+                port = None
+        timeout = DEFAULT_HEALTH_TIMEOUT_S
+        if "timeout" in found:
+            draft = _JobDraft(name, "", key)
+            self.timeout(draft, found["timeout"][1])
+            timeout = draft.timeout_s
+        if target is None:
+            return None
+        return EnvironmentSpec(
+            name=name,
+            target=target,
+            requires=requires,
+            branches=branches,
+            port=port,
+            health_timeout_s=timeout,
+            location=Location(key.line, key.column),
+        )
+
+    def target(self, environment: str, node: Node) -> TargetSpec | None:
+        """``{type: process, command, health}`` or ``{type: command, deploy, health, rollback}``."""
+        if not isinstance(node, MapNode):
+            self.wrong_type(
+                "target",
+                "a mapping such as {type: process, command: ./serve --port $PORT}",
+                node,
+            )
+            return None
+        type_entry = next(
+            ((k, v) for k, v in node.items if isinstance(k.value, str) and k.value == "type"), None
+        )
+        if type_entry is None:
+            self.add(
+                node,
+                f"missing required key 'type' in the target of environment '{environment}'",
+                hint="type: process (run it as a local service) or type: command (your scripts)",
+            )
+            return None
+        kind = self.text("type", type_entry[1])
+        if kind is None:
+            return None
+        if kind not in TARGET_TYPES:
+            self.add(
+                type_entry[1],
+                f"unknown target type '{kind}'",
+                hint=(did_you_mean(kind, TARGET_TYPES) or "") + " (known types: process, command)",
+            )
+            return None
+        found = self.fields(node, TARGET_KEYS[kind], f"in a {kind} target")
+        health_http = health_command = None
+        if "health" in found:
+            health_http, health_command = self.health(found["health"][1], kind)
+        if kind == "process":
+            command = self.required_script(found, "command", node, environment)
+            if command is None:
+                return None
+            return TargetSpec(
+                "process", command=command, health_http=health_http, health_command=health_command
+            )
+        deploy = self.required_script(found, "deploy", node, environment)
+        rollback = self.text("rollback", found["rollback"][1]) if "rollback" in found else None
+        if deploy is None:
+            return None
+        return TargetSpec(
+            "command", deploy=deploy, health_command=health_command, rollback=rollback
+        )
+
+    def required_script(
+        self,
+        found: Mapping[str, tuple[ScalarNode, Node]],
+        key: str,
+        node: MapNode,
+        environment: str,
+    ) -> str | None:
+        if key not in found:
+            self.add(node, f"missing required key '{key}' in the target of '{environment}'")
+            return None
+        script = self.text(key, found[key][1])
+        if script is not None and not script.strip():
+            self.add(found[key][1], f"'{key}' of environment '{environment}' is empty")
+            return None
+        return script
+
+    def health(self, node: Node, kind: str) -> tuple[str | None, str | None]:
+        """``{http: /path}``, ``{command: script}`` or a script (HTTP for process targets only)."""
+        if isinstance(node, ScalarNode) and isinstance(node.value, str):
+            return None, node.value
+        if not isinstance(node, MapNode):
+            self.wrong_type("health", "{http: /healthz}, {command: ...} or a script", node)
+            return None, None
+        found = self.fields(node, HEALTH_KEYS if kind == "process" else ("command",), "in health")
+        if len(found) != 1:
+            if not found:
+                self.add(node, "'health' needs 'http' or 'command'")
+            else:
+                self.add(node, "'health' takes either 'http' or 'command', not both")
+            return None, None
+        if "http" in found:
+            path = self.text("http", found["http"][1])
+            if path is not None and not path.startswith("/"):
+                self.add(
+                    found["http"][1],
+                    f"health path '{path}' must start with '/'",
+                    hint="it is requested from http://127.0.0.1:$PORT, e.g. /healthz",
+                )
+                return None, None
+            return path, None
+        return None, self.text("command", found["command"][1])
 
     def run(self, job: _JobDraft, node: Node) -> None:
         if isinstance(node, SeqNode):
@@ -793,6 +1009,90 @@ class _Schema:
                 )
             )
         return tuple(specs)
+
+    def deploy_stages(
+        self,
+        drafts: list[_StageDraft],
+        specs: tuple[StageSpec, ...],
+        artifacts: Mapping[str, ArtifactSpec],
+        environments: Mapping[str, EnvironmentSpec],
+    ) -> tuple[StageSpec, ...]:
+        """Check deploy stages and environments' ``requires`` against the stages; attach them."""
+        order = {draft.name: index for index, draft in enumerate(drafts)}
+        for requiring, nodes in self._requires_nodes.items():
+            for stage, item in nodes:
+                if stage not in order:
+                    hint = did_you_mean(stage, list(order))
+                    self.add(
+                        item,
+                        f"environment '{requiring}' requires stage '{stage}', which is not a stage",
+                        hint=hint or "stages: " + _quote_list(list(order)),
+                    )
+        producers: dict[str, str] = {}
+        for draft in drafts:
+            for job in draft.jobs:
+                for name, _ in job.outputs:
+                    producers.setdefault(name, draft.name)
+        result = []
+        for draft, spec in zip(drafts, specs, strict=True):
+            if draft.deploy is None:
+                result.append(spec)
+                continue
+            env_name, artifact, node = draft.deploy
+            environment = environments.get(env_name) if env_name else None
+            if env_name and environment is None:
+                self.add(
+                    node,
+                    f"stage '{draft.name}' deploys to '{env_name}', which is not an environment",
+                    hint=did_you_mean(env_name, list(environments))
+                    or "declare it under the top-level 'environments:' key",
+                )
+            if artifact is None:
+                if len(artifacts) == 1:
+                    artifact = next(iter(artifacts))
+                else:
+                    self.add(
+                        node,
+                        f"the deploy of stage '{draft.name}' needs 'artifact'",
+                        hint="which artifact to deploy: "
+                        + (_quote_list(list(artifacts)) or "declare one under 'artifacts:'"),
+                    )
+            elif artifact not in artifacts:
+                self.add(
+                    node,
+                    f"stage '{draft.name}' deploys artifact '{artifact}', which is not declared",
+                    hint=did_you_mean(artifact, list(artifacts))
+                    or "declare it under the top-level 'artifacts:' key",
+                )
+                artifact = None
+            if artifact is not None:
+                built = producers.get(artifact)
+                if built is None or order[built] >= order[draft.name]:
+                    self.add(
+                        node,
+                        f"stage '{draft.name}' deploys '{artifact}',"
+                        " but no earlier stage builds it",
+                        hint=f"list '{artifact}' in the outputs of a job of an earlier stage",
+                    )
+            if environment is not None:
+                for required in environment.requires:
+                    if required in order and order[required] >= order[draft.name]:
+                        self.add(
+                            node,
+                            f"environment '{environment.name}' requires stage '{required}',"
+                            f" which does not run before stage '{draft.name}'",
+                            hint=f"move stage '{draft.name}' after '{required}'",
+                        )
+            if env_name and artifact:
+                result.append(
+                    StageSpec(
+                        spec.name,
+                        (),
+                        spec.location,
+                        DeploySpec(env_name, artifact, Location(node.line, node.column)),
+                    )
+                )
+        return tuple(result)
 
     def outputs(
         self, stages: list[_StageDraft], artifacts: Mapping[str, ArtifactSpec]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conveyor.errors import StoreError
 
-HEAD = "0003"
+HEAD = "0004"
 """The newest migration; update it with every new file in ``migrations/versions``."""
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from conveyor.domain import events as ev
 from conveyor.domain.ports import ArtifactRecord, CacheHit
-from conveyor.errors import StoreError
+from conveyor.errors import LeaseLost, StoreError
 
 GENESIS = "0" * 64
 _DURABLE_KINDS = frozenset({"run.started", "run.finished", "run.interrupted"})
@@ -74,6 +74,31 @@ def connect(path: Path) -> sqlite3.Connection:
 
 _CHECKPOINT_PAGES = 8192
 _ARTIFACT_COLUMNS = "name, kind, digest, size, path, provenance, job, run_id"
+_DEPLOYMENT_KEYS = (
+    "id",
+    "environment",
+    "run",
+    "artifact",
+    "digest",
+    "revision",
+    "actor",
+    "trigger",
+    "strategy",
+    "status",
+    "reason",
+    "health",
+    "previous_digest",
+    "previous_deployment",
+    "lease",
+    "started_at",
+    "finished_at",
+    "duration_s",
+)
+_DEPLOYMENT_COLUMNS = ", ".join("run_id" if key == "run" else key for key in _DEPLOYMENT_KEYS)
+
+
+def _deployment(row: Sequence[Any]) -> dict[str, Any]:
+    return dict(zip(_DEPLOYMENT_KEYS, row, strict=True))
 
 
 def _artifact(row: Sequence[Any]) -> ArtifactRecord:
@@ -106,8 +131,13 @@ class SqliteRecord:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    def append(self, events: Sequence[ev.Event]) -> None:
-        """Append events hash-linked and update read models, in one transaction."""
+    def append(self, events: Sequence[ev.Event], fence: tuple[str, int] | None = None) -> None:
+        """Append events hash-linked and update read models, in one transaction.
+
+        With ``fence`` (environment, lease token) nothing is written, and ``LeaseLost`` is
+        raised, unless that token still holds the environment's lease: a deployer whose lease
+        was taken over cannot write after the newer one.
+        """
         if not events:
             return
         durable = any(e.kind in _DURABLE_KINDS for e in events)
@@ -116,12 +146,13 @@ class SqliteRecord:
             if durable:
                 conn.execute("PRAGMA synchronous=FULL")
             try:
-                if not self._try_append(events, self._tail):
+                if not self._try_append(events, self._tail, fence):
                     # Another process appended since our last write: link to the real tail.
                     row = conn.execute(
                         "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
                     ).fetchone()
-                    if not self._try_append(events, (row[0], row[1]) if row else (0, GENESIS)):
+                    tail = (row[0], row[1]) if row else (0, GENESIS)
+                    if not self._try_append(events, tail, fence):
                         raise StoreError(f"concurrent writers kept racing on {self.path}")
             finally:
                 if durable:
@@ -129,7 +160,12 @@ class SqliteRecord:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write to the record at {self.path}: {exc}") from exc
 
-    def _try_append(self, events: Sequence[ev.Event], tail: tuple[int, str] | None) -> bool:
+    def _try_append(
+        self,
+        events: Sequence[ev.Event],
+        tail: tuple[int, str] | None,
+        fence: tuple[str, int] | None = None,
+    ) -> bool:
         """One transaction linking ``events`` after ``tail`` (``None``: read it first).
 
         Returns ``False``, with nothing written, when ``tail`` is no longer the last event
@@ -138,6 +174,16 @@ class SqliteRecord:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if fence is not None:
+                row = conn.execute(
+                    "SELECT token FROM leases WHERE environment = ?", (fence[0],)
+                ).fetchone()
+                if row is None or row[0] != fence[1]:
+                    raise LeaseLost(
+                        f"the lease on environment '{fence[0]}' was taken over"
+                        f" (token {row[0] if row else 'none'}, ours {fence[1]}): this deployer"
+                        " stopped writing",
+                    )
             if tail is None:
                 row = conn.execute(
                     "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
@@ -189,6 +235,153 @@ class SqliteRecord:
             (run_id, job),
         ).fetchall()
         return [_artifact(row) for row in rows]
+
+    # -- environments --------------------------------------------------------------------------
+
+    def allocate_deployment_id(self) -> int:
+        """A new deployment id, unique in this record."""
+        try:
+            cur = self._conn.execute(
+                "INSERT INTO deployment_ids (allocated_at) VALUES (?)", (self._now(),)
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot allocate a deployment id: {exc}") from exc
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def acquire_lease(
+        self,
+        environment: str,
+        holder: str,
+        *,
+        pid: int,
+        host: str,
+        ttl_s: float,
+        now: float,
+        holder_gone: Callable[[int | None, str | None], bool],
+    ) -> tuple[int | None, dict[str, Any] | None]:
+        """Take the environment's lease: ``(token, None)``, or ``(None, current holder)``.
+
+        The lease is free when released, expired, or held by a process ``holder_gone`` says
+        is dead. Each acquisition gets a greater token (fencing).
+        """
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT token, holder, holder_pid, holder_host, expires_at, released"
+                    " FROM leases WHERE environment = ?",
+                    (environment,),
+                ).fetchone()
+                if (
+                    row is not None
+                    and not row[5]
+                    and row[4] > now
+                    and not holder_gone(row[2], row[3])
+                ):
+                    conn.execute("ROLLBACK")
+                    return None, {
+                        "holder": row[1],
+                        "pid": row[2],
+                        "host": row[3],
+                        "expires_in_s": round(row[4] - now, 1),
+                    }
+                token = (row[0] if row else 0) + 1
+                conn.execute(
+                    "INSERT INTO leases (environment, token, holder, holder_pid, holder_host,"
+                    " acquired_at, expires_at, released) VALUES (?, ?, ?, ?, ?, ?, ?, 0)"
+                    " ON CONFLICT (environment) DO UPDATE SET token = excluded.token,"
+                    " holder = excluded.holder, holder_pid = excluded.holder_pid,"
+                    " holder_host = excluded.holder_host, acquired_at = excluded.acquired_at,"
+                    " expires_at = excluded.expires_at, released = 0",
+                    (environment, token, holder, pid, host, now, now + ttl_s),
+                )
+                conn.execute("COMMIT")
+                return token, None
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot take the lease on '{environment}': {exc}") from exc
+
+    def renew_lease(self, environment: str, token: int, ttl_s: float, now: float) -> bool:
+        """Extend our lease; ``False`` if it is no longer ours."""
+        cur = self._conn.execute(
+            "UPDATE leases SET expires_at = ? WHERE environment = ? AND token = ? AND released = 0",
+            (now + ttl_s, environment, token),
+        )
+        return cur.rowcount == 1
+
+    def release_lease(self, environment: str, token: int) -> None:
+        """Give the lease back (only if it is still ours)."""
+        self._conn.execute(
+            "UPDATE leases SET released = 1 WHERE environment = ? AND token = ?",
+            (environment, token),
+        )
+
+    def lease_of(self, environment: str) -> dict[str, Any] | None:
+        """The lease row of an environment, if any."""
+        row = self._conn.execute(
+            "SELECT token, holder, holder_pid, holder_host, acquired_at, expires_at, released"
+            " FROM leases WHERE environment = ?",
+            (environment,),
+        ).fetchone()
+        keys = ("token", "holder", "pid", "host", "acquired_at", "expires_at", "released")
+        return dict(zip(keys, row, strict=True)) if row else None
+
+    def deployment(self, deployment_id: int) -> dict[str, Any] | None:
+        """One deployment (the ``env history`` document's item)."""
+        row = self._conn.execute(
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments WHERE id = ?", (deployment_id,)
+        ).fetchone()
+        return _deployment(row) if row else None
+
+    def deployments(self, environment: str, limit: int = 50) -> list[dict[str, Any]]:
+        """An environment's deployments, newest first."""
+        rows = self._conn.execute(
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments WHERE environment = ?"
+            " ORDER BY id DESC LIMIT ?",
+            (environment, limit),
+        ).fetchall()
+        return [_deployment(row) for row in rows]
+
+    def unfinished_deployments(self, environment: str) -> list[dict[str, Any]]:
+        """Deployments recorded as started and never finished (their deployer died)."""
+        rows = self._conn.execute(
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments WHERE environment = ?"
+            " AND status = 'running' ORDER BY id",
+            (environment,),
+        ).fetchall()
+        return [_deployment(row) for row in rows]
+
+    def environment_state(self, environment: str) -> dict[str, Any] | None:
+        """What runs in an environment now: its deployment id, status and since when."""
+        row = self._conn.execute(
+            "SELECT deployment, status, since FROM environments WHERE name = ?", (environment,)
+        ).fetchone()
+        return {"deployment": row[0], "status": row[1], "since": row[2]} if row else None
+
+    def run_facts(self, run_id: int) -> dict[str, Any] | None:
+        """What a promotion policy asks of a run: its branch, status and stage statuses."""
+        row = self._conn.execute(
+            "SELECT branch, status, revision, dirty FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        stages = dict(
+            self._conn.execute(
+                "SELECT name, status FROM stages WHERE run_id = ?", (run_id,)
+            ).fetchall()
+        )
+        return {
+            "branch": row[0],
+            "status": row[1],
+            "revision": row[2],
+            "dirty": bool(row[3]),
+            "stages": stages,
+        }
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -503,8 +696,8 @@ def _run_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
     owner = e.owner
     conn.execute(
         "INSERT INTO runs (id, pipeline, revision, pipeline_file, pipeline_digest, dirty, actor,"
-        " status, reason, started_at, owner_pid, owner_host, owner_token)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', '', ?, ?, ?, ?)",
+        " status, reason, started_at, owner_pid, owner_host, owner_token, branch)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 'running', '', ?, ?, ?, ?, ?)",
         (
             e.run_id,
             e.pipeline,
@@ -517,6 +710,7 @@ def _run_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
             owner.get("pid"),
             owner.get("host"),
             owner.get("token"),
+            getattr(e, "branch", ""),
         ),
     )
     idx = 0
@@ -704,7 +898,55 @@ def _artifact_published(conn: sqlite3.Connection, e: Any, at: str) -> None:
     )
 
 
+def _deployment_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "INSERT INTO deployments (id, environment, run_id, artifact, digest, revision, actor,"
+        " trigger, strategy, status, previous_digest, previous_deployment, lease, started_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+        (
+            e.deployment_id,
+            e.environment,
+            e.run_id,
+            e.artifact,
+            e.digest,
+            e.revision,
+            e.actor,
+            e.trigger,
+            e.strategy,
+            e.previous_digest,
+            e.previous_deployment,
+            e.lease,
+            at,
+        ),
+    )
+
+
+def _deployment_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE deployments SET status = ?, reason = ?, health = ?, finished_at = ?,"
+        " duration_s = ? WHERE id = ?",
+        (e.status, e.reason, e.health, at, e.duration_s, e.deployment_id),
+    )
+    running = e.running_deployment
+    conn.execute(
+        "INSERT INTO environments (name, deployment, status, since) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET deployment = excluded.deployment,"
+        " status = excluded.status, since = excluded.since",
+        (e.environment, running, "running" if running is not None else "down", at),
+    )
+
+
+def _environment_stopped(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE environments SET status = 'stopped', since = ? WHERE name = ?",
+        (at, e.environment),
+    )
+
+
 _PROJECTIONS: dict[str, Callable[[sqlite3.Connection, Any, str], None]] = {
+    "environment.stopped": _environment_stopped,
+    "deployment.started": _deployment_started,
+    "deployment.finished": _deployment_finished,
     "artifact.published": _artifact_published,
     "run.started": _run_started,
     "stage.started": _stage_started,

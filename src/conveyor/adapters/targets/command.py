@@ -1,0 +1,188 @@
+"""Deploys with the user's own scripts: a deploy script, an optional health and rollback script.
+
+Each script runs with ``bash --noprofile --norc -eo pipefail -c SCRIPT`` in ``workdir`` (the
+checkout of the repository at the deployment's revision, prepared by the caller), in a new
+session, with stdin from ``/dev/null`` and its output appended to
+``<env>/logs/<deployment>.log``. A script that runs longer than ``timeout_s`` has its whole
+process group terminated (SIGTERM, two seconds, SIGKILL) and fails. Processes a script leaves
+running after it exits are left alone: the scripts own the service they deploy.
+
+Script contract:
+
+* **deploy** puts the artifact in place and exits 0 once it is; it must be *idempotent*: it is
+  run again with the previous release to restore it when there is no rollback script.
+* **health** exits 0 when the release is healthy; it is retried (every ``health_interval_s``)
+  until it does or the check's deadline passes.
+* **rollback** brings the previous release back after a failed one.
+
+Variables (besides the inherited environment, without ``CONVEYOR_RUN_TOKEN``):
+
+=================================== ===========================================================
+``CONVEYOR_ARTIFACT_PATH``          the artifact of the release the script is about: the one
+                                    deployed or checked, or, for a rollback (or a deploy run to
+                                    restore), the release to bring back
+``CONVEYOR_ARTIFACT_DIGEST``        its digest (``sha256:...``)
+``CONVEYOR_ENVIRONMENT``            the environment's name
+``CONVEYOR_DEPLOYMENT_ID``          the deployment that made that release
+``CONVEYOR_REVISION``               the revision it was built from
+``CONVEYOR_PREVIOUS_DIGEST``        deploy only: the release it replaces ("" if none)
+``CONVEYOR_PREVIOUS_ARTIFACT_PATH`` deploy only: that release's artifact ("" if none)
+``CONVEYOR_FAILED_DIGEST``          when restoring: the digest of the release that failed
+                                    ("" otherwise)
+=================================== ===========================================================
+
+Every variable is always set (possibly empty), so scripts may use ``set -u``. The output of a
+restore goes to the failed deployment's log, where it is looked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from conveyor.adapters.targets.process import BASH, describe_exit, release_env, run_bounded
+from conveyor.domain.ports import Health, Release
+from conveyor.errors import DeployError
+
+
+class CommandTarget:
+    """Target port implementation that delegates to user scripts (see the module docstring).
+
+    ``timeout_s`` bounds each script run; ``health_interval_s`` is the pause between tries of
+    the health script.
+    """
+
+    def __init__(
+        self,
+        env_dir: Path,
+        *,
+        deploy: str,
+        health: str | None,
+        rollback: str | None,
+        workdir: Path,
+        timeout_s: float = 600,
+        base_env: Mapping[str, str] | None = None,
+        health_interval_s: float = 1.0,
+    ) -> None:
+        self._env_dir = Path(env_dir)
+        self._deploy = deploy
+        self._health = health
+        self._rollback = rollback
+        self._workdir = Path(workdir)
+        self._timeout_s = timeout_s
+        self._base_env = base_env
+        self._health_interval_s = health_interval_s
+
+    def start(self, release: Release, previous: Release | None) -> None:
+        """Run the deploy script for ``release``; raises ``DeployError`` unless it exits 0."""
+        env = self._env(release, previous=previous, failed=None)
+        self._run_or_fail("deploy", self._deploy, env, self._log_path(release))
+
+    def check(self, release: Release, timeout_s: float) -> Health:
+        """Run the health script until it exits 0 or ``timeout_s`` has passed."""
+        if self._health is None:
+            return Health(True, "no health script; the deploy script succeeded")
+        log = self._log_path(release)
+        env = self._env(release, previous=None, failed=None)
+        began = time.monotonic()
+        deadline = began + timeout_s
+        tries = 0
+        while True:
+            tries += 1
+            remaining = deadline - time.monotonic()
+            code = self._run("health", self._health, env, log, min(self._timeout_s, remaining))
+            elapsed = time.monotonic() - began
+            if code == 0:
+                return Health(True, f"the health script succeeded (try {tries}, {elapsed:.1f} s)")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(self._health_interval_s, remaining))
+        plural = "y" if tries == 1 else "ies"
+        return Health(
+            False,
+            f"the health script did not succeed within {timeout_s:g} s ({tries} tr{plural}; "
+            f"last: {describe_exit(code)}); see {log}",
+        )
+
+    def stop(self, release: Release) -> None:
+        """Nothing to do: the scripts own the service (the next deploy or rollback replaces it)."""
+        del release
+
+    def restore(self, previous: Release, failed: Release) -> None:
+        """Run the rollback script, or else the deploy script again, to bring ``previous`` back."""
+        env = self._env(previous, previous=None, failed=failed)
+        log = self._log_path(failed)
+        if self._rollback is not None:
+            self._run_or_fail("rollback", self._rollback, env, log)
+        else:
+            self._run_or_fail("deploy", self._deploy, env, log)
+
+    def describe(self, release: Release) -> dict[str, Any]:
+        """``running`` is unknown (``None``) here; ``log`` is the deployment's log."""
+        return {"running": None, "log": str(self._log_path(release))}
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _log_path(self, release: Release) -> Path:
+        return self._env_dir / "logs" / f"{release.deployment_id}.log"
+
+    def _env(
+        self, release: Release, *, previous: Release | None, failed: Release | None
+    ) -> dict[str, str]:
+        return release_env(
+            self._base_env,
+            release,
+            {
+                "CONVEYOR_PREVIOUS_DIGEST": previous.digest if previous else "",
+                "CONVEYOR_PREVIOUS_ARTIFACT_PATH": previous.artifact_path if previous else "",
+                "CONVEYOR_FAILED_DIGEST": failed.digest if failed else "",
+            },
+        )
+
+    def _run_or_fail(self, what: str, script: str, env: Mapping[str, str], log: Path) -> None:
+        code = self._run(what, script, env, log, self._timeout_s)
+        if code is None:
+            raise DeployError(
+                f"{what} script did not finish within {self._timeout_s:g} s and was killed; "
+                f"see {log}",
+                hint="find where it waits in the log, or raise the environment's timeout",
+            )
+        if code != 0:
+            raise DeployError(
+                f"{what} script {describe_exit(code)}; see {log}",
+                hint=f"the {what} script must exit 0 when it has done its part",
+            )
+
+    def _run(
+        self, what: str, script: str, env: Mapping[str, str], log: Path, timeout_s: float
+    ) -> int | None:
+        """Run one script with its output appended to ``log``; its exit code, None on timeout."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        release = f"{env['CONVEYOR_ARTIFACT_DIGEST']} of deployment {env['CONVEYOR_DEPLOYMENT_ID']}"
+        with open(log, "ab") as out:
+            out.write(f"==> conveyor {_now()}: {what} script for {release}\n".encode())
+            out.flush()
+            try:
+                code = run_bounded(
+                    [*BASH, "-eo", "pipefail", "-c", script],
+                    cwd=str(self._workdir),
+                    env=env,
+                    stdout=out,
+                    timeout_s=max(0.1, timeout_s),
+                )
+            except OSError as exc:
+                raise DeployError(
+                    f"cannot run the {what} script in {self._workdir}: {exc.strerror or exc}",
+                    hint="check that the checkout exists and that bash is installed",
+                ) from exc
+            if code is None:
+                out.write(f"==> conveyor: {what} script killed after {timeout_s:g} s\n".encode())
+        return code
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")

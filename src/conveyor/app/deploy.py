@@ -1,0 +1,387 @@
+"""Deployments: put one verified artifact digest into one environment, or roll back by itself.
+
+The path is the same for a deploy stage of a run and for ``conveyor promote``:
+
+1. **Policy** (nothing changes if it refuses): the artifact verifies (bytes, signature, subject,
+   builder: the checks of ``conveyor verify``); it was built from a branch the environment
+   accepts; the stages the environment requires passed in a run that published those bytes; a
+   build of a dirty working tree goes only to environments without such a policy.
+2. **Lease**: one deployment per environment at a time. The lease has an expiry, and a holder
+   on this machine whose process is gone is taken over at once, so a crashed deployer never
+   locks an environment for good. Each acquisition has a greater token, and every event of the
+   deployment is written fenced by it: a stale deployer cannot write after a newer one.
+   Deployments a dead deployer left unfinished are recorded ``interrupted`` and their release
+   stopped.
+3. **Release**: the artifact is unpacked (safely) into ``environments/<env>/releases/<id>/``.
+4. **Strategy** *recreate*: stop the current release, start the new one, wait for it to be
+   healthy; if it is not, stop it, start the previous release again and check it: the
+   deployment is ``rolled_back`` (or ``failed`` if nothing healthy runs).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from conveyor.app.artifacts import verify
+from conveyor.domain import events as ev
+from conveyor.domain.ports import ArtifactRecord, DeploymentOutcome, Health, Release, Target
+from conveyor.errors import ConveyorError, DeployError, LeaseLost
+from conveyor.spec.models import EnvironmentSpec
+
+STRATEGY = "recreate"
+LEASE_MARGIN_S = 120.0
+"""A lease lasts the health deadline twice plus this margin (a deployment renews it)."""
+
+
+Outcome = DeploymentOutcome
+
+
+def refusal(message: str, hint: str | None = None) -> DeployError:
+    """A policy refusal: nothing was changed."""
+    return DeployError(f"refused: {message}", hint=hint or "nothing was changed")
+
+
+class Deployer:
+    """Runs deployments against the record, the artifact store and the targets.
+
+    ``make_target`` builds the target of an environment (``bootstrap`` knows the adapters);
+    ``now`` is wall-clock seconds (leases), ``timestamp`` an ISO time (records).
+    """
+
+    def __init__(
+        self,
+        *,
+        record: Any,
+        store: Any,
+        public_pem: str,
+        builder_id: str,
+        environments_dir: Path,
+        make_target: Callable[[EnvironmentSpec, Release], Target],
+        now: Callable[[], float] = time.time,
+        wait_s: float = 0.0,
+        say: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self.record = record
+        self.store = store
+        self.public_pem = public_pem
+        self.builder_id = builder_id
+        self.environments_dir = environments_dir
+        self.make_target = make_target
+        self.now = now
+        self.wait_s = wait_s
+        self.say = say
+
+    # -- policy ------------------------------------------------------------------------------
+
+    def check_policy(self, environment: EnvironmentSpec, item: ArtifactRecord) -> None:
+        """Refuse, with the reason, an artifact the environment must not accept."""
+        result = verify(item, self.store, self.public_pem, self.builder_id)
+        if not result.ok:
+            failure = result.failures()[0]
+            raise refusal(
+                f"{item.name}@{item.run_id} ({item.digest}) does not verify: {failure.name}:"
+                f" {failure.detail}",
+                hint="only artifacts this instance built and signed can be deployed;"
+                " `conveyor verify` explains every check",
+            )
+        facts = self.record.run_facts(item.run_id)
+        if facts is None:
+            raise refusal(f"the run {item.run_id} that built {item.name} is not in the record")
+        policy = bool(environment.branches or environment.requires)
+        if policy and facts["dirty"]:
+            raise refusal(
+                f"{item.name}@{item.run_id} was built from a dirty working tree; environment"
+                f" '{environment.name}' accepts only committed builds",
+                hint="commit, run the pipeline, and promote that run's artifact",
+            )
+        if environment.branches:
+            branch = facts["branch"]
+            if not any(fnmatch.fnmatchcase(branch, p) for p in environment.branches):
+                shown = f"branch '{branch}'" if branch else "a revision that is not a branch"
+                raise refusal(
+                    f"{item.name}@{item.run_id} was built from {shown}; environment"
+                    f" '{environment.name}' accepts builds of {', '.join(environment.branches)}",
+                    hint="build it on an accepted branch (e.g. merge, then run the pipeline)",
+                )
+        missing = self._missing_stages(environment, item)
+        if missing:
+            raise refusal(
+                f"{item.name} ({item.digest[:19]}…) has not passed stage"
+                f"{'s' if len(missing) > 1 else ''} {', '.join(repr(s) for s in missing)},"
+                f" which environment '{environment.name}' requires",
+                hint="promote an artifact of a run in which those stages succeeded",
+            )
+
+    def _missing_stages(self, environment: EnvironmentSpec, item: ArtifactRecord) -> list[str]:
+        if not environment.requires:
+            return []
+        best: list[str] | None = None
+        for run_id in self.record.artifact_runs(item.digest):
+            facts = self.record.run_facts(run_id) or {"stages": {}}
+            missing = [s for s in environment.requires if facts["stages"].get(s) != "succeeded"]
+            if best is None or len(missing) < len(best):
+                best = missing
+        return list(environment.requires) if best is None else best
+
+    # -- the deployment ----------------------------------------------------------------------
+
+    def deploy(
+        self,
+        environment: EnvironmentSpec,
+        item: ArtifactRecord,
+        *,
+        revision: str,
+        actor: str,
+        trigger: str,
+    ) -> Outcome:
+        """Deploy ``item`` to ``environment`` (see the module docstring)."""
+        self.check_policy(environment, item)
+        token = self._acquire(environment, actor)
+        fence = (environment.name, token)
+        try:
+            return self._deploy_leased(environment, item, revision, actor, trigger, fence)
+        finally:
+            self.record.release_lease(environment.name, token)
+
+    def _acquire(self, environment: EnvironmentSpec, actor: str) -> int:
+        name = environment.name
+        deadline = self.now() + self.wait_s
+        said = False
+        while True:
+            token, holder = self.record.acquire_lease(
+                name,
+                f"{actor} (pid {os.getpid()})",
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                ttl_s=self._ttl(environment),
+                now=self.now(),
+                holder_gone=_holder_gone,
+            )
+            if token is not None:
+                return int(token)
+            assert holder is not None
+            if self.now() >= deadline:
+                raise DeployError(
+                    f"environment '{name}' is being deployed by {holder['holder']}"
+                    f" on {holder['host']} (lease expires in {holder['expires_in_s']} s)",
+                    hint="wait for it to finish, or pass --wait SECONDS",
+                )
+            if not said:
+                self.say(f"waiting for the deployment of {holder['holder']} to '{name}' to end")
+                said = True
+            time.sleep(0.2)
+
+    def _ttl(self, environment: EnvironmentSpec | None = None) -> float:
+        timeout = environment.health_timeout_s if environment else 60.0
+        return 2 * timeout + LEASE_MARGIN_S
+
+    def _deploy_leased(
+        self,
+        environment: EnvironmentSpec,
+        item: ArtifactRecord,
+        revision: str,
+        actor: str,
+        trigger: str,
+        fence: tuple[str, int],
+    ) -> Outcome:
+        name = environment.name
+        self._recover_interrupted(environment, fence)
+        state = self.record.environment_state(name)
+        previous_row = (
+            self.record.deployment(state["deployment"])
+            if state and state["deployment"] is not None
+            else None
+        )
+        deployment_id = self.record.allocate_deployment_id()
+        release = self._prepare(environment, item, deployment_id, revision)
+        previous = self._release_of(previous_row) if previous_row else None
+        started = time.monotonic()
+        self.record.append(
+            [
+                ev.DeploymentStarted(
+                    run_id=item.run_id,
+                    deployment_id=deployment_id,
+                    environment=name,
+                    artifact=item.name,
+                    digest=item.digest,
+                    revision=revision,
+                    actor=actor,
+                    trigger=trigger,
+                    strategy=STRATEGY,
+                    previous_digest=previous_row["digest"] if previous_row else None,
+                    previous_deployment=previous_row["id"] if previous_row else None,
+                    lease=fence[1],
+                )
+            ],
+            fence=fence,
+        )
+        self.say(
+            f"deploying {item.name} {item.digest[:19]}… to {name} (deployment {deployment_id})"
+        )
+        if not self.record.renew_lease(name, fence[1], self._ttl(environment), self.now()):
+            raise LeaseLost(f"the lease on environment '{name}' was taken over")
+        status, reason, running, health = self._recreate(environment, release, previous)
+        self.record.append(
+            [
+                ev.DeploymentFinished(
+                    run_id=item.run_id,
+                    deployment_id=deployment_id,
+                    environment=name,
+                    status=status,
+                    reason=reason,
+                    health=health.detail,
+                    duration_s=round(time.monotonic() - started, 3),
+                    running_deployment=running,
+                )
+            ],
+            fence=fence,
+        )
+        self.say(
+            f"deployment {deployment_id} to {name}: {status}" + (f" ({reason})" if reason else "")
+        )
+        return Outcome(deployment_id, status, reason, health.detail)
+
+    def _recreate(
+        self, environment: EnvironmentSpec, release: Release, previous: Release | None
+    ) -> tuple[str, str, int | None, Health]:
+        """Stop the old release, start the new one; roll back if it is not healthy."""
+        new_target = self.make_target(environment, release)
+        if previous is not None:
+            self.make_target(environment, previous).stop(previous)
+        try:
+            new_target.start(release, previous)
+            health = new_target.check(release, environment.health_timeout_s)
+        except ConveyorError as exc:
+            health = Health(False, exc.message)
+        if health.ok:
+            return "succeeded", "", release.deployment_id, health
+        self.say(f"release {release.deployment_id} is not healthy: {health.detail}")
+        new_target.stop(release)
+        if previous is None:
+            return "failed", f"unhealthy: {health.detail}", None, health
+        self.say(f"rolling back to deployment {previous.deployment_id}")
+        old_target = self.make_target(environment, previous)
+        try:
+            old_target.restore(previous, release)
+            restored = old_target.check(previous, environment.health_timeout_s)
+        except ConveyorError as exc:
+            restored = Health(False, exc.message)
+        if restored.ok:
+            return (
+                "rolled_back",
+                f"unhealthy: {health.detail}; deployment {previous.deployment_id} runs again",
+                previous.deployment_id,
+                health,
+            )
+        return (
+            "failed",
+            f"unhealthy: {health.detail}; the rollback to deployment {previous.deployment_id}"
+            f" failed too: {restored.detail}",
+            None,
+            health,
+        )
+
+    def _recover_interrupted(self, environment: EnvironmentSpec, fence: tuple[str, int]) -> None:
+        """Record the deployments a dead deployer left unfinished, and stop their release."""
+        for row in self.record.unfinished_deployments(environment.name):
+            release = self._release_of(row)
+            if Path(release.folder).is_dir():
+                try:
+                    self.make_target(environment, release).stop(release)
+                except ConveyorError:
+                    pass
+            state = self.record.environment_state(environment.name)
+            self.record.append(
+                [
+                    ev.DeploymentFinished(
+                        run_id=row["run"],
+                        deployment_id=row["id"],
+                        environment=environment.name,
+                        status="interrupted",
+                        reason="its deployer stopped before the end (its lease was taken over)",
+                        health="",
+                        duration_s=0.0,
+                        running_deployment=state["deployment"] if state else None,
+                    )
+                ],
+                fence=fence,
+            )
+            self.say(f"deployment {row['id']} to {environment.name} was interrupted; recorded")
+
+    # -- releases ----------------------------------------------------------------------------
+
+    def _folder(self, environment: str, deployment_id: int) -> Path:
+        return self.environments_dir / environment / "releases" / str(deployment_id)
+
+    def _prepare(
+        self, environment: EnvironmentSpec, item: ArtifactRecord, deployment_id: int, revision: str
+    ) -> Release:
+        """Unpack the verified artifact into a new release folder (hostile archives refused)."""
+        from conveyor.adapters.artifacts import is_tar, safe_extract
+
+        folder = self._folder(environment.name, deployment_id)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if item.kind == "dir":
+                self.store.export(item.digest, "dir", str(folder))
+                artifact_path = folder
+            else:
+                blob = self.store.path_of(item.digest)
+                if is_tar(blob):
+                    safe_extract(blob, folder)
+                    artifact_path = folder
+                else:
+                    folder.mkdir()
+                    artifact_path = folder / item.path.rsplit("/", 1)[-1]
+                    self.store.export(item.digest, "file", str(artifact_path))
+        except ConveyorError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise refusal(
+                f"{item.name} ({item.digest[:19]}…) cannot be unpacked: {exc.message}",
+                hint=exc.hint,
+            ) from exc
+        folder.with_suffix(".path").write_text(str(artifact_path))
+        return Release(
+            environment=environment.name,
+            deployment_id=deployment_id,
+            artifact=item.name,
+            digest=item.digest,
+            folder=str(folder),
+            artifact_path=str(artifact_path),
+            revision=revision,
+        )
+
+    def _release_of(self, row: dict[str, Any]) -> Release:
+        folder = self._folder(row["environment"], row["id"])
+        try:
+            artifact_path = Path(folder.with_suffix(".path").read_text())
+        except OSError:
+            artifact_path = folder
+        return Release(
+            environment=row["environment"],
+            deployment_id=row["id"],
+            artifact=row["artifact"],
+            digest=row["digest"],
+            folder=str(folder),
+            artifact_path=str(artifact_path),
+            revision=row["revision"],
+        )
+
+
+def _holder_gone(pid: int | None, host: str | None) -> bool:
+    """Whether a lease holder on this machine no longer runs (it crashed)."""
+    if pid is None or host != socket.gethostname():
+        return False
+    return not os.path.exists(f"/proc/{pid}")
+
+
+__all__ = ["STRATEGY", "Deployer", "LeaseLost", "Outcome", "refusal"]

@@ -1,0 +1,295 @@
+"""``conveyor promote`` and ``conveyor env list|status|history|stop``."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from conveyor.cli.common import (
+    EXIT_FAILED,
+    echo_json,
+    file_option,
+    home_option,
+    json_option,
+    open_record_at,
+    run_id_of,
+)
+from conveyor.errors import UsageError
+
+
+def _context(pipeline_file: str, home: Path | None) -> tuple[Path, Any, Any, Any, Any]:
+    """Root, home, pipeline spec (at HEAD: today's policy), git source and record."""
+    from conveyor.cli.main import _load_for_run
+
+    root, home_obj, spec, source, _, _ = _load_for_run(pipeline_file, None, False, home)
+    record = open_record_at(home_obj.root, root)
+    return root, home_obj, spec, source, record
+
+
+def _environment(spec: Any, name: str) -> Any:
+    names = [e.name for e in spec.environments]
+    if name in names:
+        return spec.environment(name)
+    close = difflib.get_close_matches(name, names, n=1)
+    raise UsageError(
+        f"there is no environment '{name}' in {spec.source}",
+        hint=f"did you mean '{close[0]}'?"
+        if close
+        else ("environments: " + ", ".join(names) if names else "declare it under 'environments:'"),
+    )
+
+
+def _artifact_of(record: Any, spec: Any, ref: str, artifact: str | None) -> Any:
+    """The artifact a promotion takes: from an artifact reference, or from a run."""
+    from conveyor.app.artifacts import resolve
+
+    if not (ref == "latest" or ref.isdigit()):
+        if artifact:
+            raise UsageError("--artifact goes with a RUN, not with an ARTIFACT reference")
+        return resolve(record, ref)
+    run_id = run_id_of(record, ref)
+    published = {a["name"]: a for a in record.list_artifacts(run_id, 1000)}
+    if artifact is None:
+        deployed = [s.deploy.artifact for s in spec.stages if s.deploy is not None]
+        candidates = [n for n in dict.fromkeys(deployed) if n in published] or list(published)
+        if len(candidates) != 1:
+            raise UsageError(
+                f"run {run_id} published "
+                + (f"{len(candidates)} artifacts" if candidates else "no artifacts"),
+                hint="name one with --artifact NAME: " + ", ".join(published)
+                if published
+                else "promote a run whose jobs have outputs",
+            )
+        artifact = candidates[0]
+    return resolve(record, f"{artifact}@{run_id}")
+
+
+@click.command()
+@click.argument("ref", metavar="RUN|ARTIFACT")
+@click.option("--to", "environment", required=True, help="The environment to deploy to.")
+@click.option("--artifact", "artifact_name", help="Which artifact of RUN (if it has several).")
+@click.option(
+    "--wait",
+    type=click.FloatRange(0, 86400),
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for a deployment already going on in the environment.",
+)
+@click.option("--as", "as_user", help="Who promotes [default: CONVEYOR_USER or git user.email].")
+@file_option
+@home_option
+@json_option
+def promote(
+    ref: str,
+    environment: str,
+    artifact_name: str | None,
+    wait: float,
+    as_user: str | None,
+    pipeline_file: str,
+    home: Path | None,
+    as_json: bool,
+) -> None:
+    """Deploy an artifact the pipeline already built to an environment (never a rebuild).
+
+    RUN|ARTIFACT is a run (id or `latest`: the artifact its deploy stages use, or its only
+    one) or an artifact (NAME@RUN, NAME, sha256:<hex>). Refused, with nothing changed, unless
+    it verifies and the environment's policy accepts it. Exit 0 if the deployment succeeded,
+    1 if it was refused, failed or rolled back.
+    """
+    from conveyor.bootstrap import make_deployer
+    from conveyor.cli.main import _actor
+
+    root, home_obj, spec, source, record = _context(pipeline_file, home)
+    env = _environment(spec, environment)
+    item = _artifact_of(record, spec, ref, artifact_name)
+    facts = record.run_facts(item.run_id) or {}
+    deployer = make_deployer(
+        home_obj, record, source, lambda text: click.echo(text, err=as_json), wait_s=wait
+    )
+    outcome = deployer.deploy(
+        env,
+        item,
+        revision=facts.get("revision", ""),
+        actor=_actor(as_user, root),
+        trigger="promote",
+    )
+    if as_json:
+        echo_json(record.deployment(outcome.deployment_id))
+    if outcome.status != "succeeded":
+        sys.exit(EXIT_FAILED)
+
+
+@click.group()
+def env() -> None:
+    """Environments: what runs where, since when, and the history of deployments."""
+
+
+def _status_doc(
+    record: Any, home_obj: Any, source: Any, spec_env: Any, name: str
+) -> dict[str, Any]:
+    from conveyor.bootstrap import make_target
+    from conveyor.domain.ports import Release
+
+    state = record.environment_state(name)
+    doc: dict[str, Any] = {
+        "name": name,
+        "status": state["status"] if state else "never deployed",
+        "since": state["since"] if state else None,
+        "deployment": None,
+        "artifact": None,
+        "digest": None,
+        "revision": None,
+        "run": None,
+        "deployed_by": None,
+        "url": None,
+        "running": None,
+    }
+    if state is None or state["deployment"] is None:
+        return doc
+    row = record.deployment(state["deployment"])
+    doc.update(
+        deployment=row["id"],
+        artifact=row["artifact"],
+        digest=row["digest"],
+        revision=row["revision"],
+        run=row["run"],
+        deployed_by=row["actor"],
+    )
+    if spec_env is not None and state["status"] == "running":
+        release = Release(
+            environment=name,
+            deployment_id=row["id"],
+            artifact=row["artifact"],
+            digest=row["digest"],
+            folder=str(home_obj.environments / name / "releases" / str(row["id"])),
+            artifact_path="",
+            revision=row["revision"],
+        )
+        try:
+            live = make_target(home_obj, source, spec_env, release).describe(release)
+        except Exception:
+            live = {}
+        doc["running"] = live.get("running")
+        doc["url"] = live.get("url")
+    return doc
+
+
+@env.command("list")
+@file_option
+@home_option
+@json_option
+def env_list(pipeline_file: str, home: Path | None, as_json: bool) -> None:
+    """Every environment of the pipeline, with what runs there."""
+    _, home_obj, spec, source, record = _context(pipeline_file, home)
+    docs = [_status_doc(record, home_obj, source, e, e.name) for e in spec.environments]
+    if as_json:
+        echo_json(docs)
+        return
+    if not docs:
+        click.echo(f"no environments in {spec.source}: declare them under 'environments:'")
+        return
+    click.echo(
+        f"{'ENVIRONMENT':<16} {'STATUS':<15} {'ARTIFACT':<12} {'DIGEST':<20} {'RUN':>4}  URL"
+    )
+    for doc in docs:
+        click.echo(
+            f"{doc['name'][:16]:<16} {doc['status']:<15} {(doc['artifact'] or '-')[:12]:<12}"
+            f" {(doc['digest'] or '-')[:19]:<20} {doc['run'] or '-':>4}  {doc['url'] or ''}"
+        )
+
+
+@env.command("status")
+@click.argument("name", metavar="ENV")
+@file_option
+@home_option
+@json_option
+def env_status(name: str, pipeline_file: str, home: Path | None, as_json: bool) -> None:
+    """What runs in ENV: digest, revision, run, since when, and whether it is up."""
+    _, home_obj, spec, source, record = _context(pipeline_file, home)
+    doc = _status_doc(record, home_obj, source, _environment(spec, name), name)
+    if as_json:
+        echo_json(doc)
+        return
+    click.echo(f"{name}: {doc['status']}" + (f" since {doc['since']}" if doc["since"] else ""))
+    if doc["deployment"] is not None:
+        click.echo(f"  artifact    {doc['artifact']} {doc['digest']}")
+        click.echo(f"  revision    {doc['revision']} (run {doc['run']})")
+        click.echo(f"  deployment  {doc['deployment']} by {doc['deployed_by']}")
+        if doc["running"] is not None:
+            click.echo(f"  process     {'running' if doc['running'] else 'NOT running'}")
+        if doc["url"]:
+            click.echo(f"  url         {doc['url']}")
+
+
+@env.command("history")
+@click.argument("name", metavar="ENV")
+@click.option("--limit", "-n", type=click.IntRange(1, 100000), default=20, show_default=True)
+@home_option
+@json_option
+def env_history(name: str, limit: int, home: Path | None, as_json: bool) -> None:
+    """ENV's deployments, newest first: what, from which run, by whom, how it ended."""
+    record = open_record_at(home)
+    rows = record.deployments(name, limit)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"no deployments to '{name}' yet")
+        return
+    click.echo(
+        f"{'ID':>4}  {'STATUS':<12} {'ARTIFACT':<10} {'DIGEST':<20} {'RUN':>4}  {'BY':<20} STARTED"
+    )
+    for row in rows:
+        click.echo(
+            f"{row['id']:>4}  {row['status']:<12} {row['artifact'][:10]:<10}"
+            f" {row['digest'][:19]:<20} {row['run']:>4}  {row['actor'][:20]:<20}"
+            f" {row['started_at'][:19].replace('T', ' ')}"
+        )
+        if row["reason"]:
+            click.echo(f"      {row['reason']}")
+
+
+@env.command("stop")
+@click.argument("name", metavar="ENV")
+@click.option("--as", "as_user", help="Who stops it [default: CONVEYOR_USER or git user.email].")
+@file_option
+@home_option
+def env_stop(name: str, as_user: str | None, pipeline_file: str, home: Path | None) -> None:
+    """Stop what runs in ENV (recorded; the next deployment starts it again)."""
+    from conveyor.bootstrap import make_target
+    from conveyor.cli.main import _actor
+    from conveyor.domain import events as ev
+    from conveyor.domain.ports import Release
+
+    root, home_obj, spec, source, record = _context(pipeline_file, home)
+    spec_env = _environment(spec, name)
+    state = record.environment_state(name)
+    if state is None or state["deployment"] is None or state["status"] != "running":
+        click.echo(f"nothing runs in '{name}'")
+        return
+    row = record.deployment(state["deployment"])
+    release = Release(
+        environment=name,
+        deployment_id=row["id"],
+        artifact=row["artifact"],
+        digest=row["digest"],
+        folder=str(home_obj.environments / name / "releases" / str(row["id"])),
+        artifact_path="",
+        revision=row["revision"],
+    )
+    make_target(home_obj, source, spec_env, release).stop(release)
+    record.append(
+        [
+            ev.EnvironmentStopped(
+                run_id=row["run"],
+                environment=name,
+                deployment_id=row["id"],
+                actor=_actor(as_user, root),
+            )
+        ]
+    )
+    click.echo(f"stopped deployment {row['id']} in '{name}'")

@@ -1,0 +1,280 @@
+"""Environments end to end: the same digest everywhere, policies, rollback, leases, crashes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Repo
+
+SERVER = """\
+import http.server, os, sys, pathlib
+version = pathlib.Path("VERSION").read_text().strip()
+if version == "crash":
+    sys.exit(3)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/healthz" and version == "unhealthy":
+            self.send_response(500); self.end_headers(); return
+        body = (version + " " + os.environ.get("CONVEYOR_ARTIFACT_DIGEST", "")).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+PIPELINE = """\
+pipeline: shop
+artifacts:
+  app: {path: dist/app.tar.gz}
+environments:
+  staging:
+    target: {type: process, command: "python3 server.py", health: {http: /healthz}}
+    timeout: 10s
+  production:
+    requires: [acceptance]
+    branches: [main]
+    target: {type: process, command: "python3 server.py", health: {http: /healthz}}
+    timeout: 10s
+stages:
+  - name: commit
+    jobs:
+      build:
+        run: |
+          mkdir -p dist
+          tar -czf dist/app.tar.gz server.py VERSION
+        outputs: [app]
+  - name: acceptance
+    jobs:
+      check: {run: 'tar -tzf "$CONVEYOR_ARTIFACT_APP" | grep -q server.py'}
+  - name: staging
+    deploy: {environment: staging, artifact: app}
+"""
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def status(repo: Repo, env: str) -> dict[str, object]:
+    result = repo.conveyor("env", "status", env, "--json")
+    assert result.code == 0, result.err
+    return dict(result.json())
+
+
+@pytest.fixture
+def shop(repo: Repo) -> Iterator[Repo]:
+    repo.write("server.py", SERVER)
+    repo.write("VERSION", "v1\n")
+    repo.pipeline(PIPELINE)
+    yield repo
+    for env in ("staging", "production"):
+        repo.conveyor("env", "stop", env)
+
+
+def test_build_once_deploy_to_staging_promote_to_production(shop: Repo) -> None:
+    run = shop.conveyor("run", "--progress", "plain")
+    assert run.code == 0, run.out + run.err
+    digest = shop.conveyor("artifacts", "list", "--json").json()[0]["digest"]
+    staging = status(shop, "staging")
+    assert staging["digest"] == digest and staging["running"] is True
+    assert get(str(staging["url"])) == f"v1 {digest}"
+
+    promoted = shop.conveyor("promote", "latest", "--to", "production")
+    assert promoted.code == 0, promoted.out + promoted.err
+    production = status(shop, "production")
+    assert production["digest"] == digest
+    assert production["revision"] == shop.git("rev-parse", "HEAD").strip()
+    assert get(str(production["url"])) == f"v1 {digest}"
+    assert production["url"] != staging["url"]
+
+    history = shop.conveyor("env", "history", "production", "--json").json()
+    assert [(h["status"], h["trigger"], h["actor"]) for h in history] == [
+        ("succeeded", "promote", "tester@example.invalid")
+    ]
+    listed = {e["name"]: e for e in shop.conveyor("env", "list", "--json").json()}
+    assert listed["staging"]["digest"] == listed["production"]["digest"] == digest
+    assert shop.conveyor("audit", "verify").code == 0
+
+
+def test_an_unhealthy_release_rolls_back_and_the_previous_one_still_answers(shop: Repo) -> None:
+    assert shop.conveyor("run").code == 0
+    good = status(shop, "staging")
+    shop.write("VERSION", "unhealthy\n")
+    shop.commit("break it")
+    run = shop.conveyor("run", "--progress", "plain")
+    assert run.code == 1
+    assert "rolled_back" in run.out
+    after = status(shop, "staging")
+    assert after["deployment"] == good["deployment"]
+    assert after["running"] is True
+    assert get(str(after["url"])).startswith("v1 ")
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert [h["status"] for h in history] == ["rolled_back", "succeeded"]
+    assert "GET /healthz" in history[0]["health"] or "500" in history[0]["health"]
+
+
+def test_a_crashing_first_release_fails_with_the_log_tail(shop: Repo) -> None:
+    shop.write("VERSION", "crash\n")
+    shop.commit("crash")
+    run = shop.conveyor("run", "--progress", "plain")
+    assert run.code == 1
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert history[0]["status"] == "failed"
+    assert "exited" in history[0]["health"]
+    assert status(shop, "staging")["status"] == "down"
+
+
+def test_promotion_policies_refuse_with_nothing_changed(shop: Repo) -> None:
+    # A build of another branch is refused by production (branches: [main]).
+    shop.git("checkout", "-q", "-b", "feature")
+    shop.write("VERSION", "v2\n")
+    shop.commit("feature work")
+    assert shop.conveyor("run").code == 0
+    refused = shop.conveyor("promote", "latest", "--to", "production")
+    assert refused.code == 1
+    assert "refused" in refused.err and "branch 'feature'" in refused.err
+    assert "Traceback" not in refused.err
+    assert shop.conveyor("env", "history", "production", "--json").json() == []
+
+    # A run that stopped before acceptance: the artifact has not passed the required stage.
+    shop.git("checkout", "-q", "main")
+    shop.write("VERSION", "v3\n")
+    shop.commit("v3")
+    assert shop.conveyor("run", "--stage", "commit").code == 0
+    refused = shop.conveyor("promote", "latest", "--to", "production")
+    assert refused.code == 1 and "has not passed stage 'acceptance'" in refused.err
+
+    # An altered blob is refused.
+    assert shop.conveyor("run").code == 0
+    digest = shop.conveyor("artifacts", "list", "--run", "latest", "--json").json()[0]["digest"]
+    hexd = digest.removeprefix("sha256:")
+    blob = shop.path / ".conveyor" / "artifacts" / "sha256" / hexd[:2] / hexd[2:]
+    os.chmod(blob, 0o644)
+    blob.write_bytes(blob.read_bytes() + b"x")
+    refused = shop.conveyor("promote", "latest", "--to", "production")
+    assert refused.code == 1 and "does not verify: digest" in refused.err
+    assert shop.conveyor("env", "history", "production", "--json").json() == []
+
+
+def test_a_foreign_or_unattested_artifact_is_refused(shop: Repo, tmp_path: Path) -> None:
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    db = shop.path / ".conveyor" / "conveyor.db"
+    # Re-sign the provenance with another instance's key: it does not verify with ours.
+    other = tmp_path / "other"
+    shop.conveyor("keys", "show", "--home", str(other))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+    from conveyor.adapters.signing import InstanceKey
+
+    foreign = InstanceKey.load_or_create(other / "keys")
+    conn = sqlite3.connect(db)
+    (envelope_text,) = conn.execute("SELECT provenance FROM artifacts").fetchone()
+    envelope = json.loads(envelope_text)
+    import base64
+
+    payload = base64.b64decode(envelope["payload"])
+    resigned = foreign.sign(envelope["payloadType"], payload)
+    conn.execute("UPDATE artifacts SET provenance = ?", (json.dumps(resigned),))
+    conn.commit()
+    refused = shop.conveyor("promote", "latest", "--to", "staging")
+    assert refused.code == 1 and "does not verify: signature" in refused.err
+    # No provenance at all (an artifact slipped into the record by hand): unattested.
+    conn.execute("UPDATE artifacts SET provenance = ''")
+    conn.commit()
+    conn.close()
+    refused = shop.conveyor("promote", "latest", "--to", "staging")
+    assert refused.code == 1 and "does not verify" in refused.err
+    assert shop.conveyor("env", "history", "staging", "--json").json() == []
+
+
+def test_a_hostile_archive_is_refused_before_the_environment_changes(repo: Repo) -> None:
+    repo.write(
+        "make_evil.py",
+        """\
+        import io, tarfile
+        with tarfile.open("dist/app.tar.gz", "w:gz") as tar:
+            info = tarfile.TarInfo("../../escaped.txt")
+            data = b"owned"
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        """,
+    )
+    repo.pipeline(
+        PIPELINE.replace(
+            "tar -czf dist/app.tar.gz server.py VERSION", "python3 make_evil.py"
+        ).replace("""tar -tzf "$CONVEYOR_ARTIFACT_APP" | grep -q server.py""", "true")
+    )
+    run = repo.conveyor("run", "--progress", "plain")
+    assert run.code == 1
+    assert "refused" in run.out and "../../escaped.txt" in run.out
+    assert not list(repo.path.parent.rglob("escaped.txt"))
+    assert repo.conveyor("env", "history", "staging", "--json").json() == []
+
+
+def test_kill_9_mid_deployment_leaves_a_recoverable_lease(shop: Repo) -> None:
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
+    slow = PIPELINE.replace("timeout: 10s", "timeout: 30s", 1)
+    shop.pipeline(slow)
+    proc = shop.popen("run", "--progress", "plain")
+    deadline = time.monotonic() + 30
+    db = shop.path / ".conveyor" / "conveyor.db"
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            conn = sqlite3.connect(db)
+            rows = conn.execute("SELECT status FROM deployments").fetchall()
+            conn.close()
+        except sqlite3.Error:
+            continue
+        if rows and rows[-1][0] == "running":
+            break
+    else:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the deployment never started")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    # The next deployment takes the lease over at once (its holder is dead), records the
+    # interrupted deployment, and deploys.
+    shop.pipeline(PIPELINE)
+    promoted = shop.conveyor("promote", "1", "--to", "staging", "--wait", "0")
+    assert promoted.code == 0, promoted.out + promoted.err
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert [h["status"] for h in history] == ["succeeded", "interrupted"]
+    assert shop.conveyor("audit", "verify").code == 0
+
+
+def test_concurrent_promotions_to_one_environment_are_serialised(shop: Repo) -> None:
+    assert shop.conveyor("run").code == 0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "promote", "1", "--to", "production"],
+            cwd=shop.path,
+            env=shop.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert codes == [0, 0, 0], [err for _, err in outputs]
+    history = shop.conveyor("env", "history", "production", "--json").json()
+    assert len(history) == 3
+    spans = sorted((h["started_at"], h["finished_at"]) for h in history)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert end <= start, spans  # no two deployments overlapped
+    assert get(str(status(shop, "production")["url"])).startswith("v1 ")
