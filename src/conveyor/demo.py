@@ -1,8 +1,11 @@
-"""``conveyor demo``: a sample repository with a small service and its tests, and its pipeline.
+"""``conveyor demo``: the whole path on a sample service, from a commit to production.
 
 It writes a tiny HTTP service (``shop``) with unit tests and a smoke test, commits it to a new
-git repository, and runs the real ``conveyor`` command on it twice: once from scratch, once to
-show the content-addressed cache. Then it lists the runs and verifies the record.
+git repository, and runs the real ``conveyor`` command on it: the pipeline builds the service
+once (a signed artifact), tests it, deploys it to ``staging`` as a local process; a second run
+comes from the cache; the same digest is verified and promoted to ``production``; both
+services answer over HTTP; then the history of both environments and the record's check. The
+services are stopped at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ pipeline: shop
 env:
   APP_ENV: ci
 secrets: [DEMO_TOKEN]
+artifacts:
+  shop: {path: dist/shop.tar.gz}
+environments:
+  staging:
+    target: {type: process, command: "python -m shop --port $PORT", health: {http: /healthz}}
+    timeout: 30s
+  production:
+    requires: [acceptance]
+    branches: [main]
+    target: {type: process, command: "python -m shop --port $PORT", health: {http: /healthz}}
+    timeout: 30s
 stages:
   - name: commit
     jobs:
@@ -26,11 +40,9 @@ stages:
         run: python -m compileall -q shop
         inputs: ["shop/**"]
       build:
-        run: |
-          mkdir -p dist
-          python -m zipfile -c dist/shop.zip shop
-          echo "built dist/shop.zip"
+        run: python scripts/package.py shop dist/shop.tar.gz
         inputs: ["shop/**"]
+        outputs: [shop]
       unit:
         needs: [lint]
         run: python -m pytest -q -p no:cacheprovider --junitxml=reports/unit.xml tests
@@ -44,8 +56,11 @@ stages:
       smoke:
         run: |
           echo "using token $DEMO_TOKEN (masked in every log)"
-          python scripts/smoke.py
+          echo "testing the built artifact $CONVEYOR_ARTIFACT_SHOP_DIGEST"
+          python scripts/smoke.py "$CONVEYOR_ARTIFACT_SHOP"
         timeout: 2m
+  - name: staging
+    deploy: {environment: staging, artifact: shop}
 """,
     "shop/__init__.py": '"""A tiny shop service."""\n',
     "shop/pricing.py": '''\
@@ -132,16 +147,21 @@ def test_negative_is_refused():
         price_with_tax(-1)
 """,
     "scripts/smoke.py": '''\
-"""Start the service on a free port, check it answers, stop it."""
+"""Start the built service (the artifact, not the sources) on a free port, check it, stop it."""
 
 import json
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import urllib.request
 
+unpacked = tempfile.mkdtemp()
+with tarfile.open(sys.argv[1]) as archive:
+    archive.extractall(unpacked, filter="data")
 proc = subprocess.Popen(
-    [sys.executable, "-m", "shop", "--port", "0"], stdout=subprocess.PIPE, text=True
+    [sys.executable, "-m", "shop", "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=unpacked
 )
 try:
     port = int(proc.stdout.readline().split()[-1])
@@ -159,6 +179,32 @@ try:
 finally:
     proc.terminate()
     proc.wait(timeout=10)
+''',
+    "scripts/package.py": '''\
+"""Package a source folder as a reproducible .tar.gz (sorted, no times, no owners)."""
+
+import gzip
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+source, target = Path(sys.argv[1]), Path(sys.argv[2])
+target.parent.mkdir(parents=True, exist_ok=True)
+buffer = io.BytesIO()
+with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    for path in sorted(p for p in source.rglob("*") if "__pycache__" not in p.parts):
+        info = tar.gettarinfo(str(path), arcname=path.as_posix())
+        info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+        info.mode = 0o755 if path.is_dir() else 0o644
+        if path.is_file():
+            with path.open("rb") as data:
+                tar.addfile(info, data)
+        else:
+            tar.addfile(info)
+with gzip.GzipFile(target, "wb", mtime=0) as out:
+    out.write(buffer.getvalue())
+print(f"built {target}")
 ''',
     ".gitignore": "dist/\nreports/\n__pycache__/\n",
 }
@@ -210,11 +256,64 @@ def run_demo(directory: Path | None, progress: str = "auto") -> int:
     print(f"sample repository: {directory}")
     step("check the pipeline file", "validate")
     step("what would run, and why", "plan")
-    first = step("run the pipeline", "run", "--progress", progress)
-    step("run again: unchanged jobs come from the cache", "run", "--progress", progress)
-    step("the record of both runs", "runs", "list")
-    step("one run in detail", "runs", "show", "1")
-    step("the smoke job's log: the secret is masked", "logs", "1", "smoke")
-    step("prove the record was not altered", "audit", "verify")
+    first = step("build once, test, deploy to staging", "run", "--progress", progress)
+    try:
+        step("run again: unchanged jobs come from the cache", "run", "--progress", progress)
+        step("the record of both runs", "runs", "list")
+        step("one run in detail", "runs", "show", "1")
+        step("the smoke job's log: the secret is masked", "logs", "1", "smoke")
+        step("the artifact, built once, used by both runs", "artifacts", "list")
+        step("is it what the pipeline built and signed?", "verify", "shop@1")
+        step(
+            "the same digest to production (policy: main, acceptance passed)",
+            "promote",
+            "1",
+            "--to",
+            "production",
+        )
+        step("what runs where", "env", "list")
+        _ask_services(conveyor, directory, env)
+        step("every deployment to staging", "env", "history", "staging")
+        step("every deployment to production", "env", "history", "production")
+        step("prove the record was not altered", "audit", "verify")
+    finally:
+        for name in ("staging", "production"):
+            subprocess.run(
+                [*conveyor, "env", "stop", name],
+                cwd=directory,
+                env=env,
+                check=False,
+                stdout=subprocess.DEVNULL,
+            )
     print(f"\nthe sample stays in {directory}; its record is in {directory / '.conveyor'}")
+    print("its services were stopped; `conveyor promote 1 --to staging` there starts one again")
     return first
+
+
+def _ask_services(conveyor: list[str], directory: Path, env: dict[str, str]) -> None:
+    """GET /price from each environment's service: the same build answers in both."""
+    import json
+    import urllib.request
+
+    listing = subprocess.run(
+        [*conveyor, "env", "list", "--json"],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        environments = json.loads(listing.stdout)
+    except ValueError:
+        return
+    for item in environments:
+        if not item.get("url"):
+            continue
+        url = f"{item['url']}price?cents=1000"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                body = response.read().decode()
+        except OSError as exc:
+            body = f"no answer ({exc})"
+        print(f"GET {url} ({item['name']}, {str(item['digest'])[:19]}): {body}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.domain import events as ev
+from conveyor.errors import LeaseLost
 from conveyor.store.migrate import ensure_schema
 from conveyor.store.sqlite import SqliteRecord
 from tests.fakes import InMemoryRecord
@@ -155,3 +156,54 @@ class TestSqliteRecord(RecordContract):
         assert [e[0] for e in record.iter_events()] == [1, 2, 3, 4, 5]
         assert record.verify().ok
         assert record.find_cache("k2") is not None
+
+
+class TestLeases:
+    """One deployment per environment: leases with expiry, takeover and fencing."""
+
+    @pytest.fixture
+    def record(self, tmp_path: Path) -> Iterator[SqliteRecord]:
+        db = tmp_path / "conveyor.db"
+        ensure_schema(db)
+        rec = SqliteRecord(db, lambda: "2026-01-01T00:00:00.000000Z")
+        yield rec
+        rec.close()
+
+    @staticmethod
+    def take(record: SqliteRecord, now: float, gone: bool = False) -> tuple[int | None, object]:
+        return record.acquire_lease(
+            "prod", "me", pid=1, host="h", ttl_s=10, now=now, holder_gone=lambda p, h: gone
+        )
+
+    def test_held_lease_is_refused_until_it_expires_or_is_released(
+        self, record: SqliteRecord
+    ) -> None:
+        first, _ = self.take(record, 100.0)
+        assert first == 1
+        second, holder = self.take(record, 105.0)
+        assert second is None and isinstance(holder, dict) and holder["expires_in_s"] == 5.0
+        third, _ = self.take(record, 111.0)  # expired
+        assert third == 2
+        record.release_lease("prod", 2)
+        fourth, _ = self.take(record, 112.0)
+        assert fourth == 3
+
+    def test_a_dead_holder_is_taken_over_at_once(self, record: SqliteRecord) -> None:
+        assert self.take(record, 100.0)[0] == 1
+        assert self.take(record, 101.0, gone=True)[0] == 2
+
+    def test_a_stale_deployer_cannot_write(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run)])
+        stale, _ = self.take(record, 100.0)
+        newer, _ = self.take(record, 200.0)
+        assert stale is not None and newer is not None and newer > stale
+        event = ev.EnvironmentStopped(run_id=run, environment="prod", deployment_id=1, actor="a")
+        before = list(record.iter_events())
+        with pytest.raises(LeaseLost):
+            record.append([event], fence=("prod", stale))
+        assert list(record.iter_events()) == before
+        record.append([event], fence=("prod", newer))
+        assert len(list(record.iter_events())) == len(before) + 1
+        assert not record.renew_lease("prod", stale, 10, 201.0)
+        assert record.renew_lease("prod", newer, 10, 201.0)

@@ -377,6 +377,26 @@ class Deployer:
         )
 
 
+def take_lease(record: Any, environment: str, actor: str, ttl_s: float = 60.0) -> int:
+    """The environment's lease for a short operation (``env stop``), without waiting."""
+    token, holder = record.acquire_lease(
+        environment,
+        f"{actor} (pid {os.getpid()})",
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        ttl_s=ttl_s,
+        now=time.time(),
+        holder_gone=_holder_gone,
+    )
+    if token is None:
+        raise DeployError(
+            f"environment '{environment}' is being deployed by {holder['holder']}"
+            f" on {holder['host']} (lease expires in {holder['expires_in_s']} s)",
+            hint="try again when the deployment has ended",
+        )
+    return int(token)
+
+
 def _holder_gone(pid: int | None, host: str | None) -> bool:
     """Whether a lease holder on this machine no longer runs (it crashed)."""
     if pid is None or host != socket.gethostname():

@@ -260,6 +260,7 @@ def env_history(name: str, limit: int, home: Path | None, as_json: bool) -> None
 @home_option
 def env_stop(name: str, as_user: str | None, pipeline_file: str, home: Path | None) -> None:
     """Stop what runs in ENV (recorded; the next deployment starts it again)."""
+    from conveyor.app.deploy import take_lease
     from conveyor.bootstrap import make_target
     from conveyor.cli.main import _actor
     from conveyor.domain import events as ev
@@ -281,15 +282,18 @@ def env_stop(name: str, as_user: str | None, pipeline_file: str, home: Path | No
         artifact_path="",
         revision=row["revision"],
     )
-    make_target(home_obj, source, spec_env, release).stop(release)
-    record.append(
-        [
-            ev.EnvironmentStopped(
-                run_id=row["run"],
-                environment=name,
-                deployment_id=row["id"],
-                actor=_actor(as_user, root),
-            )
-        ]
-    )
+    actor = _actor(as_user, root)
+    token = take_lease(record, name, actor)
+    try:
+        make_target(home_obj, source, spec_env, release).stop(release)
+        record.append(
+            [
+                ev.EnvironmentStopped(
+                    run_id=row["run"], environment=name, deployment_id=row["id"], actor=actor
+                )
+            ],
+            fence=(name, token),
+        )
+    finally:
+        record.release_lease(name, token)
     click.echo(f"stopped deployment {row['id']} in '{name}'")

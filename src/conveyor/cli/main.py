@@ -308,6 +308,17 @@ def plan(
                             ]
                             for level in s.levels
                         ],
+                        "deploy": (
+                            {
+                                "environment": s.deploy.environment,
+                                "artifact": s.deploy.artifact,
+                                "target": s.deploy.target,
+                                "requires": list(s.deploy.requires),
+                                "branches": list(s.deploy.branches),
+                            }
+                            if s.deploy
+                            else None
+                        ),
                     }
                     for s in the_plan.stages
                 ],
@@ -321,6 +332,22 @@ def plan(
     for number, stage in enumerate(the_plan.stages, 1):
         note = "" if stage.selected else "  (not selected: skipped)"
         click.echo(f"{number}. stage {stage.name}{note}")
+        if stage.deploy is not None:
+            d = stage.deploy
+            policy = ""
+            if d.requires or d.branches:
+                policy = (
+                    " (accepts "
+                    + ", ".join(
+                        ([f"builds of {'/'.join(d.branches)}"] if d.branches else [])
+                        + ([f"artifacts that passed {', '.join(d.requires)}"] if d.requires else [])
+                    )
+                    + ")"
+                )
+            click.echo(
+                f"   deploy {d.artifact} to {d.environment} ({d.target} target, recreate,"
+                f" automatic rollback){policy}"
+            )
         for depth, level in enumerate(stage.levels):
             click.echo(f"   level {depth}:")
             for job in level:
@@ -561,7 +588,10 @@ def runs_show(run_ref: str, home: Path | None, as_json: bool, events: bool) -> N
         + (f"  ({doc['duration_s']:.2f}s)" if doc["duration_s"] is not None else "")
     )
     for stage in doc["stages"]:
-        click.echo(f"  stage {stage['name']}: {stage['status']}")
+        click.echo(
+            f"  stage {stage['name']}: {stage['status']}"
+            + (f" ({stage['reason']})" if stage.get("reason") else "")
+        )
         for job in stage["jobs"]:
             parts = [f"    {job['name']:<20} {job['status']:<10}"]
             if job["duration_s"] is not None:

@@ -25,10 +25,22 @@ class PlannedJob:
 
 
 @dataclass(frozen=True)
+class PlannedDeploy:
+    """What a deploy stage will do."""
+
+    environment: str
+    artifact: str
+    target: str
+    requires: tuple[str, ...]
+    branches: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class PlannedStage:
     name: str
     selected: bool
     levels: list[list[PlannedJob]]
+    deploy: PlannedDeploy | None = None
 
 
 @dataclass(frozen=True)
@@ -62,5 +74,15 @@ def build_plan(
                     action, reason, hit = "skip", "stage not selected (--stage)", None
                 row.append(PlannedJob(name, job.needs, keys[name], action, reason, hit))
             levels.append(row)
-        stages.append(PlannedStage(stage.name, chosen, levels))
+        deploy = None
+        if stage.deploy is not None:
+            environment = spec.environment(stage.deploy.environment)
+            deploy = PlannedDeploy(
+                environment.name,
+                stage.deploy.artifact,
+                environment.target.type,
+                environment.requires,
+                environment.branches,
+            )
+        stages.append(PlannedStage(stage.name, chosen, levels, deploy))
     return Plan(spec.name, source.revision, stages)

@@ -505,7 +505,7 @@ class SqliteRecord:
         run["dirty"] = bool(run["dirty"])
         run["duration_s"] = _duration(run["started_at"], run["finished_at"])
         stages = self._conn.execute(
-            "SELECT name, status, started_at, finished_at FROM stages WHERE run_id = ?"
+            "SELECT name, status, started_at, finished_at, reason FROM stages WHERE run_id = ?"
             " ORDER BY idx",
             (run_id,),
         ).fetchall()
@@ -544,6 +544,7 @@ class SqliteRecord:
                 "status": s[1],
                 "started_at": s[2],
                 "finished_at": s[3],
+                "reason": s[4],
                 "jobs": jobs_by_stage.get(s[0], []),
             }
             for s in stages
@@ -737,8 +738,8 @@ def _stage_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
 
 def _stage_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
     conn.execute(
-        "UPDATE stages SET status = ?, finished_at = ? WHERE run_id = ? AND name = ?",
-        (e.status, at, e.run_id, e.stage),
+        "UPDATE stages SET status = ?, finished_at = ?, reason = ? WHERE run_id = ? AND name = ?",
+        (e.status, at, getattr(e, "reason", ""), e.run_id, e.stage),
     )
 
 

@@ -18,6 +18,8 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("runs") as batch:
         batch.add_column(sa.Column("branch", sa.Text, nullable=False, server_default=""))
+    with op.batch_alter_table("stages") as batch:
+        batch.add_column(sa.Column("reason", sa.Text, nullable=False, server_default=""))
     op.create_table(
         "deployment_ids",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -74,5 +76,7 @@ def downgrade() -> None:
     op.drop_index("deployments_environment", table_name="deployments")
     op.drop_table("deployments")
     op.drop_table("deployment_ids")
+    with op.batch_alter_table("stages") as batch:
+        batch.drop_column("reason")
     with op.batch_alter_table("runs") as batch:
         batch.drop_column("branch")

@@ -1,0 +1,138 @@
+"""``environments`` and deploy stages in the pipeline file."""
+
+from __future__ import annotations
+
+import pytest
+
+from conveyor.errors import SpecError
+from conveyor.spec import parse_pipeline
+from conveyor.spec.models import DeploySpec, PipelineSpec, TargetSpec
+
+BASE = """\
+pipeline: shop
+artifacts:
+  app: {path: dist/app.tar.gz}
+environments:
+  staging:
+    target: {type: process, command: "./serve --port $PORT", health: {http: /healthz}}
+    port: 8080
+    timeout: 45s
+  production:
+    requires: [acceptance]
+    branches: [main, "release/*"]
+    target:
+      type: command
+      deploy: ./ops/deploy.sh
+      health: ./ops/health.sh
+      rollback: ./ops/rollback.sh
+stages:
+  - name: commit
+    jobs:
+      build: {run: make dist, outputs: [app]}
+  - name: acceptance
+    jobs:
+      e2e: {run: ./e2e.sh}
+  - name: staging
+    deploy: {environment: staging, artifact: app}
+"""
+
+
+def parse(text: str) -> PipelineSpec:
+    return parse_pipeline(text.encode(), "conveyor.yml")
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse(text)
+    return [p.render() for p in info.value.problems]
+
+
+def test_environments_and_deploy_stages_parse() -> None:
+    spec = parse(BASE)
+    staging = spec.environment("staging")
+    assert staging.target == TargetSpec(
+        "process", command="./serve --port $PORT", health_http="/healthz"
+    )
+    assert staging.port == 8080 and staging.health_timeout_s == 45.0
+    production = spec.environment("production")
+    assert production.requires == ("acceptance",)
+    assert production.branches == ("main", "release/*")
+    assert production.target == TargetSpec(
+        "command",
+        deploy="./ops/deploy.sh",
+        health_command="./ops/health.sh",
+        rollback="./ops/rollback.sh",
+    )
+    stage = spec.stage("staging")
+    assert stage.jobs == () and stage.deploy is not None
+    assert (stage.deploy.environment, stage.deploy.artifact) == ("staging", "app")
+    assert isinstance(stage.deploy, DeploySpec)
+    assert PipelineSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_the_only_artifact_is_the_default() -> None:
+    spec = parse(
+        BASE.replace(
+            "deploy: {environment: staging, artifact: app}", "deploy: {environment: staging}"
+        )
+    )
+    assert spec.stage("staging").deploy.artifact == "app"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ("environment: staging, artifact: app", "environment: stagin, artifact: app"),
+            "deploys to 'stagin', which is not an environment",
+        ),
+        (
+            ("environment: staging, artifact: app", "environment: staging, artifact: ap"),
+            "deploys artifact 'ap', which is not declared",
+        ),
+        (("type: process, command", "type: docker, command"), "unknown target type 'docker'"),
+        (
+            ("requires: [acceptance]", "requires: [acceptanse]"),
+            "requires stage 'acceptanse', which is not a stage",
+        ),
+        (
+            ("health: {http: /healthz}", "health: {http: healthz}"),
+            "health path 'healthz' must start with '/'",
+        ),
+        (("port: 8080", "port: 70000"), "'port' must be between 1 and 65535"),
+        (("      deploy: ./ops/deploy.sh\n", ""), "missing required key 'deploy'"),
+        (("timeout: 45s", "timeout: soon"), "'timeout'"),
+        (
+            (
+                "    deploy: {environment: staging, artifact: app}",
+                "    jobs: {x: {run: y}}\n    deploy: {environment: staging, artifact: app}",
+            ),
+            "has both 'jobs' and 'deploy'",
+        ),
+    ],
+)
+def test_bad_environments_and_deploys_are_explained(change: tuple[str, str], expected: str) -> None:
+    found = problems(BASE.replace(*change))
+    assert any(expected in p for p in found), found
+    assert all(p.startswith("conveyor.yml:") for p in found)
+
+
+def test_a_deploy_needs_an_artifact_built_earlier() -> None:
+    text = BASE.replace(
+        "  - name: commit\n    jobs:\n      build: {run: make dist, outputs: [app]}\n", ""
+    ) + ("  - name: late\n    jobs:\n      build: {run: make dist, outputs: [app]}\n")
+    found = problems(text)
+    assert any("deploys 'app', but no earlier stage builds it" in p for p in found), found
+
+
+def test_a_required_stage_must_run_before_the_deploy() -> None:
+    text = BASE.replace(
+        "  - name: staging\n    deploy: {environment: staging, artifact: app}",
+        "  - name: prod\n    deploy: {environment: production, artifact: app}",
+    ).replace("  - name: acceptance\n    jobs:\n      e2e: {run: ./e2e.sh}\n", "") + (
+        "  - name: acceptance\n    jobs:\n      e2e: {run: ./e2e.sh}\n"
+    )
+    found = problems(text)
+    assert any(
+        "requires stage 'acceptance', which does not run before stage 'prod'" in p for p in found
+    ), found
