@@ -148,6 +148,8 @@ def test_promotion_policies_refuse_with_nothing_changed(shop: Repo) -> None:
     assert "refused" in refused.err and "branch 'feature'" in refused.err
     assert "Traceback" not in refused.err
     assert shop.conveyor("env", "history", "production", "--json").json() == []
+    checked = shop.conveyor("verify", "app@latest", "--env", "production")
+    assert checked.code == 1 and "FAIL policy" in checked.out and "feature" in checked.out
 
     # A run that stopped before acceptance: the artifact has not passed the required stage.
     shop.git("checkout", "-q", "main")
@@ -278,3 +280,73 @@ def test_concurrent_promotions_to_one_environment_are_serialised(shop: Repo) -> 
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert end <= start, spans  # no two deployments overlapped
     assert get(str(status(shop, "production")["url"])).startswith("v1 ")
+
+
+COMMAND_PIPELINE = """\
+pipeline: ops
+artifacts:
+  bundle: {path: dist/bundle.txt}
+environments:
+  prod:
+    timeout: 5s
+    target:
+      type: command
+      deploy: ./ops/deploy.sh
+      health: ./ops/health.sh
+      rollback: ./ops/rollback.sh
+stages:
+  - name: commit
+    jobs:
+      build:
+        run: mkdir -p dist && cp VERSION dist/bundle.txt
+        outputs: [bundle]
+  - name: prod
+    deploy: {environment: prod}
+"""
+
+
+def test_command_target_scripts_deploy_check_and_roll_back(repo: Repo, tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    repo.env["LIVE_DIR"] = str(live)
+    repo.write(
+        "ops/deploy.sh",
+        """\
+        mkdir -p "$LIVE_DIR"
+        cp "$CONVEYOR_ARTIFACT_PATH" "$LIVE_DIR/current"
+        echo "$CONVEYOR_ENVIRONMENT $CONVEYOR_ARTIFACT_DIGEST prev=$CONVEYOR_PREVIOUS_DIGEST" \\
+          >> "$LIVE_DIR/deploys"
+        """,
+    )
+    repo.write("ops/health.sh", 'grep -qv broken "$LIVE_DIR/current"\n')
+    repo.write(
+        "ops/rollback.sh",
+        """\
+        cp "$CONVEYOR_ARTIFACT_PATH" "$LIVE_DIR/current"
+        echo "rolled back to $CONVEYOR_ARTIFACT_DIGEST from $CONVEYOR_FAILED_DIGEST" \\
+          >> "$LIVE_DIR/deploys"
+        """,
+    )
+    for script in ("deploy", "health", "rollback"):
+        os.chmod(repo.path / "ops" / f"{script}.sh", 0o755)
+    repo.write("VERSION", "v1\n")
+    repo.pipeline(COMMAND_PIPELINE)
+    first = repo.conveyor("run", "--progress", "plain")
+    assert first.code == 0, first.out + first.err
+    assert (live / "current").read_text() == "v1\n"
+    good = repo.conveyor("artifacts", "list", "--json").json()[0]["digest"]
+    assert f"prod {good} prev=" in (live / "deploys").read_text()
+
+    repo.write("VERSION", "broken\n")
+    repo.commit("broken")
+    second = repo.conveyor("run", "--progress", "plain")
+    assert second.code == 1
+    assert (live / "current").read_text() == "v1\n"
+    assert f"rolled back to {good}" in (live / "deploys").read_text()
+    history = repo.conveyor("env", "history", "prod", "--json").json()
+    assert [h["status"] for h in history] == ["rolled_back", "succeeded"]
+    assert "health script" in history[0]["health"]
+
+    # `verify --env` applies the environment's policy as a promotion would.
+    checked = repo.conveyor("verify", "bundle@1", "--env", "prod", "--json")
+    assert checked.code == 0, checked.out + checked.err
+    assert [c["name"] for c in checked.json()["checks"]][-1] == "policy"

@@ -91,44 +91,10 @@ class Deployer:
                 hint="only artifacts this instance built and signed can be deployed;"
                 " `conveyor verify` explains every check",
             )
-        facts = self.record.run_facts(item.run_id)
-        if facts is None:
-            raise refusal(f"the run {item.run_id} that built {item.name} is not in the record")
-        policy = bool(environment.branches or environment.requires)
-        if policy and facts["dirty"]:
-            raise refusal(
-                f"{item.name}@{item.run_id} was built from a dirty working tree; environment"
-                f" '{environment.name}' accepts only committed builds",
-                hint="commit, run the pipeline, and promote that run's artifact",
-            )
-        if environment.branches:
-            branch = facts["branch"]
-            if not any(fnmatch.fnmatchcase(branch, p) for p in environment.branches):
-                shown = f"branch '{branch}'" if branch else "a revision that is not a branch"
-                raise refusal(
-                    f"{item.name}@{item.run_id} was built from {shown}; environment"
-                    f" '{environment.name}' accepts builds of {', '.join(environment.branches)}",
-                    hint="build it on an accepted branch (e.g. merge, then run the pipeline)",
-                )
-        missing = self._missing_stages(environment, item)
-        if missing:
-            raise refusal(
-                f"{item.name} ({item.digest[:19]}…) has not passed stage"
-                f"{'s' if len(missing) > 1 else ''} {', '.join(repr(s) for s in missing)},"
-                f" which environment '{environment.name}' requires",
-                hint="promote an artifact of a run in which those stages succeeded",
-            )
-
-    def _missing_stages(self, environment: EnvironmentSpec, item: ArtifactRecord) -> list[str]:
-        if not environment.requires:
-            return []
-        best: list[str] | None = None
-        for run_id in self.record.artifact_runs(item.digest):
-            facts = self.record.run_facts(run_id) or {"stages": {}}
-            missing = [s for s in environment.requires if facts["stages"].get(s) != "succeeded"]
-            if best is None or len(missing) < len(best):
-                best = missing
-        return list(environment.requires) if best is None else best
+        problems = policy_problems(self.record, environment, item)
+        if problems:
+            message, hint = problems[0]
+            raise refusal(message, hint=hint)
 
     # -- the deployment ----------------------------------------------------------------------
 
@@ -375,6 +341,59 @@ class Deployer:
             artifact_path=str(artifact_path),
             revision=row["revision"],
         )
+
+
+def policy_problems(
+    record: Any, environment: EnvironmentSpec, item: ArtifactRecord
+) -> list[tuple[str, str]]:
+    """Why ``environment`` must not accept ``item`` (besides verification): ``(why, hint)``."""
+    facts = record.run_facts(item.run_id)
+    if facts is None:
+        return [(f"the run {item.run_id} that built {item.name} is not in the record", "")]
+    problems: list[tuple[str, str]] = []
+    if (environment.branches or environment.requires) and facts["dirty"]:
+        problems.append(
+            (
+                f"{item.name}@{item.run_id} was built from a dirty working tree; environment"
+                f" '{environment.name}' accepts only committed builds",
+                "commit, run the pipeline, and promote that run's artifact",
+            )
+        )
+    if environment.branches:
+        branch = facts["branch"]
+        if not any(fnmatch.fnmatchcase(branch, p) for p in environment.branches):
+            shown = f"branch '{branch}'" if branch else "a revision that is not a branch"
+            problems.append(
+                (
+                    f"{item.name}@{item.run_id} was built from {shown}; environment"
+                    f" '{environment.name}' accepts builds of {', '.join(environment.branches)}",
+                    "build it on an accepted branch (e.g. merge, then run the pipeline)",
+                )
+            )
+    missing = _missing_stages(record, environment, item)
+    if missing:
+        problems.append(
+            (
+                f"{item.name} ({item.digest[:19]}…) has not passed stage"
+                f"{'s' if len(missing) > 1 else ''} {', '.join(repr(s) for s in missing)},"
+                f" which environment '{environment.name}' requires",
+                "promote an artifact of a run in which those stages succeeded",
+            )
+        )
+    return problems
+
+
+def _missing_stages(record: Any, environment: EnvironmentSpec, item: ArtifactRecord) -> list[str]:
+    """The required stages that no run publishing ``item``'s bytes passed (the fewest)."""
+    if not environment.requires:
+        return []
+    best: list[str] | None = None
+    for run_id in record.artifact_runs(item.digest):
+        facts = record.run_facts(run_id) or {"stages": {}}
+        missing = [s for s in environment.requires if facts["stages"].get(s) != "succeeded"]
+        if best is None or len(missing) < len(best):
+            best = missing
+    return list(environment.requires) if best is None else best
 
 
 def take_lease(record: Any, environment: str, actor: str, ttl_s: float = 60.0) -> int:

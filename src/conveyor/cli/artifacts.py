@@ -11,6 +11,7 @@ import click
 from conveyor.cli.common import (
     EXIT_FAILED,
     echo_json,
+    file_option,
     home_of,
     home_option,
     json_option,
@@ -179,8 +180,22 @@ def keys_show(home: Path | None, as_json: bool) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Verify with this public key (PEM) instead of this instance's.",
 )
+@click.option(
+    "--env",
+    "environment",
+    metavar="ENV",
+    help="Also check ENV's policy (branches, required stages) as a promotion would.",
+)
+@file_option
 @json_option
-def verify(ref: str, home: Path | None, key_file: Path | None, as_json: bool) -> None:
+def verify(
+    ref: str,
+    home: Path | None,
+    key_file: Path | None,
+    environment: str | None,
+    pipeline_file: str,
+    as_json: bool,
+) -> None:
     """Check that an artifact is what the pipeline built and signed (exit 1 if not)."""
     from conveyor.adapters.signing import InstanceKey
     from conveyor.app.artifacts import resolve
@@ -201,6 +216,18 @@ def verify(ref: str, home: Path | None, key_file: Path | None, as_json: bool) ->
         key = InstanceKey.load_or_create(_home(home).keys)
         public_pem, builder_id = key.public_pem, key.builder_id
     result = verify_artifact(item, _store(home), public_pem, builder_id)
+    if environment is not None:
+        from conveyor.app.artifacts import Check
+        from conveyor.app.deploy import policy_problems
+        from conveyor.cli.environments import _context, _environment
+
+        _, _, spec, _, _ = _context(pipeline_file, home)
+        problems = policy_problems(record, _environment(spec, environment), item)
+        result.checks.append(
+            Check("policy", False, "; ".join(p for p, _ in problems))
+            if problems
+            else Check("policy", True, f"environment '{environment}' accepts it")
+        )
     if as_json:
         echo_json(result.to_dict())
     else:
