@@ -140,7 +140,39 @@ def _actor(as_user: str | None, root: Path | None) -> str:
 # -- commands -------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose commands in other modules are imported only when used (click's lazy
+    loading pattern): ``conveyor run`` does not pay for importing ``promote``."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            import importlib
+
+            module, _, name = self.lazy[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), name)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "artifacts": "conveyor.cli.artifacts:artifacts",
+        "keys": "conveyor.cli.artifacts:keys",
+        "verify": "conveyor.cli.artifacts:verify",
+        "promote": "conveyor.cli.environments:promote",
+        "env": "conveyor.cli.environments:env",
+    },
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="conveyor")
 def cli() -> None:
     """Conveyor: one automated path from commit to production.
@@ -773,20 +805,6 @@ def demo(directory: Path | None, progress: str) -> None:
     from conveyor.demo import run_demo
 
     sys.exit(run_demo(directory, progress))
-
-
-def _add_commands() -> None:
-    from conveyor.cli.artifacts import artifacts, keys, verify
-    from conveyor.cli.environments import env, promote
-
-    cli.add_command(artifacts)
-    cli.add_command(keys)
-    cli.add_command(verify)
-    cli.add_command(promote)
-    cli.add_command(env)
-
-
-_add_commands()
 
 
 def _fail(exc: ConveyorError) -> NoReturn:
