@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conveyor.errors import StoreError
 
-HEAD = "0004"
+HEAD = "0005"
 """The newest migration; update it with every new file in ``migrations/versions``."""
 
 
