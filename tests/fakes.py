@@ -155,8 +155,16 @@ class MemoryLogStore:
 
 
 class NoReports:
+    def __init__(self) -> None:
+        self.reports: dict[tuple[str, str], dict[str, Any]] = {}
+
     def read_junit(self, workspace: str, patterns: Sequence[str]) -> ReportResult:
         return ReportResult()
+
+    def read_report(self, workspace: str, kind: str, path: str) -> dict[str, Any]:
+        if (kind, path) not in self.reports:
+            raise ArtifactError(f"{kind} report {path} cannot be read")
+        return self.reports[(kind, path)]
 
 
 class FixedWorkspace:

@@ -28,7 +28,7 @@ from conveyor.adapters.processes import (
     owner_is_gone,
 )
 from conveyor.domain.events import RunInterrupted
-from conveyor.domain.ports import Observer, Release, SourceSnapshot, Target
+from conveyor.domain.ports import Observer, Release, SourceSnapshot, StageGates, Target
 from conveyor.engine.engine import Engine, RunOptions, RunRequest
 from conveyor.errors import DeployError
 from conveyor.executors.local import LocalExecutor
@@ -222,9 +222,16 @@ def prepare_run(
         artifacts=artifacts,
         attestor=attestor,
         deployer=deployer,
+        stage_gates=_stage_gates(record) if any(stage.gates for stage in spec.stages) else None,
     )
     chosen.start()
     return PreparedRun(request, engine, executor, lock, chosen)
+
+
+def _stage_gates(record: SqliteRecord) -> StageGates:
+    from conveyor.app.gates import RecordStageGates
+
+    return RecordStageGates(record)
 
 
 def environment_port(env_dir: Path, fixed: int | None) -> int:
@@ -306,6 +313,8 @@ def make_deployer(
         make_target=lambda env, release: make_target(home, source, env, release),
         wait_s=wait_s,
         say=say,
+        commits=source.commits_since if source is not None else None,
+        authors=source.authors_of if source is not None else None,
     )
 
 

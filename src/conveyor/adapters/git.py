@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from conveyor.domain.ports import SourceSnapshot
@@ -73,6 +74,26 @@ class GitSource:
         proc = _git(self.root, "config", "--get", "remote.origin.url", check=False)
         url = proc.stdout.decode("utf-8", "replace").strip()
         return url if proc.returncode == 0 and url else self.root.resolve().as_uri()
+
+    def commits_since(self, revision: str, known: Sequence[str]) -> list[tuple[str, float]]:
+        """Commits in ``revision`` and in none of ``known``, with their commit times (epoch)."""
+        args = ["log", "--format=%H %ct", revision, "--not", *[k for k in known if k]]
+        proc = _git(self.root, *args, check=False)
+        if proc.returncode != 0:
+            proc = _git(self.root, "log", "-1", "--format=%H %ct", revision, check=False)
+            if proc.returncode != 0:
+                raise SourceError(f"cannot list the commits of {revision[:12]}")
+        result = []
+        for line in proc.stdout.decode().splitlines():
+            sha, _, when = line.partition(" ")
+            if sha and when.isdigit():
+                result.append((sha, float(when)))
+        return result
+
+    def authors_of(self, revision: str) -> list[str]:
+        """The author and committer e-mails of ``revision``."""
+        proc = _git(self.root, "log", "-1", "--format=%ae%n%ce", revision, check=False)
+        return sorted({line.strip() for line in proc.stdout.decode().splitlines() if line.strip()})
 
     def branch_of(self, rev: str) -> str:
         """The branch ``rev`` names (``HEAD`` on a branch counts), or ``""``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from conveyor.domain.ports import ReportResult, TestCaseResult
 
@@ -54,7 +55,28 @@ def _cases(node: object, rel: str) -> list[TestCaseResult]:
 
 
 class JunitReportReader:
-    """``ReportReader`` backed by junitparser."""
+    """``ReportReader``: JUnit XML with junitparser; coverage and metrics with ``reports``."""
+
+    def read_report(self, workspace: str, kind: str, path: str) -> dict[str, Any]:
+        """A coverage report or metrics file at ``path`` under ``workspace`` (not outside)."""
+        from conveyor.adapters.reports import read_cobertura, read_metrics
+        from conveyor.errors import ConveyorError
+
+        root = Path(workspace).resolve()
+        full = (root / path).resolve()
+        if not full.is_relative_to(root):
+            raise ConveyorError(f"{kind} report {path} leaves the workspace")
+        try:
+            with open(full, "rb") as handle:
+                data = handle.read(64 * 1024 * 1024 + 1)
+        except OSError as exc:
+            raise ConveyorError(
+                f"{kind} report {path} cannot be read: {exc.strerror or exc}",
+                hint="the job must write it before it ends",
+            ) from exc
+        if kind == "coverage":
+            return {"percent": read_cobertura(data)}
+        return dict(read_metrics(data))
 
     def read_junit(self, workspace: str, patterns: Sequence[str]) -> ReportResult:
         """Every test case of every report under ``workspace`` that matches ``patterns``."""

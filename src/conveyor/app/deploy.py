@@ -25,7 +25,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,8 @@ class Deployer:
         now: Callable[[], float] = time.time,
         wait_s: float = 0.0,
         say: Callable[[str], None] = lambda _: None,
+        commits: Callable[[str, Sequence[str]], list[tuple[str, float]]] | None = None,
+        authors: Callable[[str], list[str]] | None = None,
     ) -> None:
         self.record = record
         self.store = store
@@ -77,11 +79,20 @@ class Deployer:
         self.now = now
         self.wait_s = wait_s
         self.say = say
+        self.commits = commits
+        """Commits (sha, commit time) in a revision and not in the given ones (git)."""
+        self.authors = authors
+        """The author(s) of a revision, for ``approval`` gates with ``not_author``."""
 
     # -- policy ------------------------------------------------------------------------------
 
-    def check_policy(self, environment: EnvironmentSpec, item: ArtifactRecord) -> None:
-        """Refuse, with the reason, an artifact the environment must not accept."""
+    def check_policy(
+        self, environment: EnvironmentSpec, item: ArtifactRecord, revision: str = ""
+    ) -> bool:
+        """Refuse, with the reason, an artifact the environment must not accept.
+
+        Returns whether an override let a failed gate pass. Gate verdicts are recorded.
+        """
         result = verify(item, self.store, self.public_pem, self.builder_id)
         if not result.ok:
             failure = result.failures()[0]
@@ -95,6 +106,54 @@ class Deployer:
         if problems:
             message, hint = problems[0]
             raise refusal(message, hint=hint)
+        return self.check_gates(environment, item, revision)
+
+    def check_gates(
+        self, environment: EnvironmentSpec, item: ArtifactRecord, revision: str
+    ) -> bool:
+        """Evaluate and record the environment's gates; refuse if one blocks."""
+        if not environment.gates:
+            return False
+        from conveyor.app.gates import environment_gates
+
+        authors = self.authors
+        outcomes = environment_gates(
+            self.record,
+            environment,
+            item,
+            now_epoch=self.now(),
+            authors=lambda: authors(revision) if authors and revision else [],
+        )
+        self.record.append(
+            [
+                ev.GateEvaluated(
+                    run_id=item.run_id,
+                    environment=environment.name,
+                    stage="",
+                    digest=item.digest,
+                    gate=o.verdict.gate,
+                    gate_kind=o.verdict.kind,
+                    verdict=o.status,
+                    summary=o.verdict.summary,
+                    evidence=dict(o.verdict.evidence),
+                    override_id=o.override_id,
+                )
+                for o in outcomes
+            ]
+        )
+        for o in outcomes:
+            mark = {"passed": "ok  ", "failed": "FAIL", "overridden": "OVERRIDDEN"}[o.status]
+            self.say(f"gate {o.verdict.gate}: {mark} {o.verdict.summary}")
+        blocking = [o for o in outcomes if o.blocks]
+        if blocking:
+            first = blocking[0].verdict
+            raise refusal(
+                f"gate '{first.gate}' of environment '{environment.name}' failed: {first.summary}",
+                hint="fix what the gate measures, or, in an emergency, `conveyor override"
+                f" {item.name}@{item.run_id} --gate {first.gate} --environment"
+                f" {environment.name} --reason ...`",
+            )
+        return any(o.status == "overridden" for o in outcomes)
 
     # -- the deployment ----------------------------------------------------------------------
 
@@ -106,13 +165,16 @@ class Deployer:
         revision: str,
         actor: str,
         trigger: str,
+        hotfix: bool = False,
     ) -> Outcome:
         """Deploy ``item`` to ``environment`` (see the module docstring)."""
-        self.check_policy(environment, item)
+        overridden = self.check_policy(environment, item, revision)
         token = self._acquire(environment, actor)
         fence = (environment.name, token)
         try:
-            return self._deploy_leased(environment, item, revision, actor, trigger, fence)
+            return self._deploy_leased(
+                environment, item, revision, actor, trigger, fence, hotfix, overridden
+            )
         finally:
             self.record.release_lease(environment.name, token)
 
@@ -156,6 +218,8 @@ class Deployer:
         actor: str,
         trigger: str,
         fence: tuple[str, int],
+        hotfix: bool = False,
+        overridden: bool = False,
     ) -> Outcome:
         name = environment.name
         self._recover_interrupted(environment, fence)
@@ -184,6 +248,9 @@ class Deployer:
                     previous_digest=previous_row["digest"] if previous_row else None,
                     previous_deployment=previous_row["id"] if previous_row else None,
                     lease=fence[1],
+                    hotfix=hotfix,
+                    overridden=overridden,
+                    started_epoch=self.now(),
                 )
             ],
             fence=fence,
@@ -194,6 +261,13 @@ class Deployer:
         if not self.record.renew_lease(name, fence[1], self._ttl(environment), self.now()):
             raise LeaseLost(f"the lease on environment '{name}' was taken over")
         status, reason, running, health = self._recreate(environment, release, previous)
+        shipped: list[list[Any]] = []
+        if status == "succeeded" and self.commits is not None:
+            try:
+                earlier = self.record.successful_revisions(name, limit=50)
+                shipped = [[sha, when] for sha, when in self.commits(revision, earlier)]
+            except ConveyorError as exc:
+                self.say(f"the commits of this deployment are not recorded: {exc.message}")
         self.record.append(
             [
                 ev.DeploymentFinished(
@@ -205,6 +279,8 @@ class Deployer:
                     health=health.detail,
                     duration_s=round(time.monotonic() - started, 3),
                     running_deployment=running,
+                    finished_epoch=self.now(),
+                    commits=shipped,
                 )
             ],
             fence=fence,

@@ -80,6 +80,7 @@ def _artifact_of(record: Any, spec: Any, ref: str, artifact: str | None) -> Any:
     help="Seconds to wait for a deployment already going on in the environment.",
 )
 @click.option("--as", "as_user", help="Who promotes [default: CONVEYOR_USER or git user.email].")
+@click.option("--hotfix", is_flag=True, help="Mark the deployment as an unplanned fix.")
 @file_option
 @home_option
 @json_option
@@ -89,6 +90,7 @@ def promote(
     artifact_name: str | None,
     wait: float,
     as_user: str | None,
+    hotfix: bool,
     pipeline_file: str,
     home: Path | None,
     as_json: bool,
@@ -116,6 +118,7 @@ def promote(
         revision=facts.get("revision", ""),
         actor=_actor(as_user, root),
         trigger="promote",
+        hotfix=hotfix,
     )
     if as_json:
         echo_json(record.deployment(outcome.deployment_id))
@@ -147,6 +150,7 @@ def _status_doc(
         "deployed_by": None,
         "url": None,
         "running": None,
+        "gates": _latest_verdicts(record, name),
     }
     if state is None or state["deployment"] is None:
         return doc
@@ -176,6 +180,19 @@ def _status_doc(
         doc["running"] = live.get("running")
         doc["url"] = live.get("url")
     return doc
+
+
+def _latest_verdicts(record: Any, environment: str) -> list[dict[str, Any]]:
+    """The latest verdict of each gate of the environment (the last evaluation's digest)."""
+    rows = record.verdicts(environment=environment, limit=200)
+    if not rows:
+        return []
+    digest = rows[0]["digest"]
+    seen: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["digest"] == digest and row["gate"] not in seen:
+            seen[row["gate"]] = row
+    return list(reversed(list(seen.values())))
 
 
 @env.command("list")
@@ -223,6 +240,9 @@ def env_status(name: str, pipeline_file: str, home: Path | None, as_json: bool) 
             click.echo(f"  process     {'running' if doc['running'] else 'NOT running'}")
         if doc["url"]:
             click.echo(f"  url         {doc['url']}")
+    for gate in doc["gates"]:
+        note = f" (override {gate['override']})" if gate["override"] else ""
+        click.echo(f"  gate        {gate['gate']}: {gate['verdict']}{note}: {gate['summary']}")
 
 
 @env.command("history")

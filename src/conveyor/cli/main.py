@@ -170,6 +170,13 @@ class LazyGroup(click.Group):
         "verify": "conveyor.cli.artifacts:verify",
         "promote": "conveyor.cli.environments:promote",
         "env": "conveyor.cli.environments:env",
+        "users": "conveyor.cli.governance:users",
+        "approve": "conveyor.cli.governance:approve",
+        "override": "conveyor.cli.governance:override",
+        "gates": "conveyor.cli.governance:gates",
+        "report": "conveyor.cli.governance:report",
+        "incident": "conveyor.cli.governance:incident",
+        "metrics": "conveyor.cli.governance:metrics",
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )

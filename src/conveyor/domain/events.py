@@ -188,6 +188,10 @@ class DeploymentStarted(Event):
     previous_digest: str | None
     previous_deployment: int | None
     lease: int
+    hotfix: bool = False
+    overridden: bool = False
+    """Whether an override let a failed gate pass for this deployment."""
+    started_epoch: float = 0.0
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -204,6 +208,10 @@ class DeploymentFinished(Event):
     duration_s: float
     running_deployment: int | None
     """The deployment whose release runs in the environment now (``None``: nothing)."""
+    finished_epoch: float = 0.0
+    commits: list[list[Any]] = field(default_factory=list)
+    """For a success: the commits it shipped to the environment for the first time, as
+    ``[sha, commit time (epoch seconds)]`` (lead time for changes)."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -214,6 +222,104 @@ class EnvironmentStopped(Event):
     environment: str
     deployment_id: int
     actor: str
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ReportRecorded(Event):
+    """A job's declared coverage or metrics report, as read after it succeeded."""
+
+    kind: ClassVar[str] = "job.report.recorded"
+    stage: str
+    job: str
+    report: str
+    """``coverage`` (``data``: ``{"percent": n}``) or ``metrics`` (``data``: name -> number)."""
+    path: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class GateEvaluated(Event):
+    """A gate's verdict with its evidence, before a stage or a deployment.
+
+    ``verdict`` is ``passed``, ``failed`` or ``overridden`` (failed, but an unexpired override
+    for this gate, digest and environment lets it pass: ``override_id``).
+    """
+
+    kind: ClassVar[str] = "gate.evaluated"
+    environment: str
+    stage: str
+    digest: str
+    gate: str
+    gate_kind: str
+    verdict: str
+    summary: str
+    evidence: dict[str, Any]
+    override_id: int | None = None
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ApprovalGiven(Event):
+    """Someone approved one artifact digest for one environment (``run_id``: its run)."""
+
+    kind: ClassVar[str] = "approval.given"
+    environment: str
+    digest: str
+    approver: str
+    roles: list[str]
+    comment: str
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class OverrideGranted(Event):
+    """The escape hatch: a failed gate may pass for one digest in one environment, until
+    ``expires_epoch``; with ``needs_confirmation`` only once another person confirms."""
+
+    kind: ClassVar[str] = "override.granted"
+    override_id: int
+    environment: str
+    gate: str
+    digest: str
+    actor: str
+    reason: str
+    created_epoch: float
+    expires_epoch: float
+    needs_confirmation: bool
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class OverrideConfirmed(Event):
+    kind: ClassVar[str] = "override.confirmed"
+    override_id: int
+    actor: str
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class UserChanged(Event):
+    """A user's roles were set (``run_id`` is 0: not about a run)."""
+
+    kind: ClassVar[str] = "user.changed"
+    name: str
+    roles: list[str]
+    actor: str
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class IncidentOpened(Event):
+    kind: ClassVar[str] = "incident.opened"
+    incident_id: int
+    environment: str
+    deployment_id: int | None
+    title: str
+    actor: str
+    opened_epoch: float
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class IncidentResolved(Event):
+    kind: ClassVar[str] = "incident.resolved"
+    incident_id: int
+    actor: str
+    resolved_epoch: float
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -248,6 +354,14 @@ EVENT_TYPES: dict[str, type[Event]] = {
         DeploymentStarted,
         DeploymentFinished,
         EnvironmentStopped,
+        ReportRecorded,
+        GateEvaluated,
+        ApprovalGiven,
+        OverrideGranted,
+        OverrideConfirmed,
+        UserChanged,
+        IncidentOpened,
+        IncidentResolved,
         RunFinished,
         RunInterrupted,
     )

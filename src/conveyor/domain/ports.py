@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from conveyor.domain.events import Event
-from conveyor.spec.models import EnvironmentSpec
+from conveyor.spec.models import EnvironmentSpec, StageSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,6 +184,30 @@ class ReportReader(Protocol):
         """Parse every file under ``workspace`` matching ``patterns``."""
         ...
 
+    def read_report(self, workspace: str, kind: str, path: str) -> dict[str, Any]:
+        """A ``coverage`` report (``{"percent": n}``, from Cobertura XML) or a ``metrics`` file
+        (dotted name -> number) at ``path``; ``ConveyorError`` if missing or invalid."""
+        ...
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """A gate's verdict as a stage sees it (``status``: passed or failed)."""
+
+    gate: str
+    kind: str
+    status: str
+    summary: str
+    evidence: Mapping[str, Any]
+
+
+class StageGates(Protocol):
+    """Evaluates a stage's gates on what the run recorded so far."""
+
+    def check(self, stage: StageSpec, run_id: int) -> list[GateResult]:
+        """Every gate of ``stage``, in order."""
+        ...
+
 
 @dataclass(frozen=True)
 class StoredBlob:
@@ -303,6 +327,7 @@ class Deployments(Protocol):
         revision: str,
         actor: str,
         trigger: str,
+        hotfix: bool = False,
     ) -> DeploymentOutcome:
         """Deploy ``item``; raises ``DeployError`` if a policy refuses it (nothing changed)."""
         ...

@@ -33,6 +33,7 @@ from conveyor.domain.ports import (
     RecordWriter,
     ReportReader,
     SourceSnapshot,
+    StageGates,
     Workspace,
 )
 from conveyor.domain.states import JOB_PASSED
@@ -123,9 +124,11 @@ class Engine:
         artifacts: ArtifactStore | None = None,
         attestor: Attestor | None = None,
         deployer: Deployments | None = None,
+        stage_gates: StageGates | None = None,
     ) -> None:
         self.record = record
         self.deployer = deployer
+        self.stage_gates = stage_gates
         self.artifacts = artifacts
         self.attestor = attestor
         self.executor = executor
@@ -220,6 +223,22 @@ class Engine:
         it, with one transaction per loop for all the jobs that moved.
         """
         self._emit(ev.StageStarted(run_id=request.run_id, stage=stage.name))
+        if stage.gates:
+            blocked = self._check_stage_gates(request, stage)
+            if blocked:
+                for job in stage.jobs:
+                    self._emit(
+                        ev.JobSkipped(
+                            run_id=request.run_id, stage=stage.name, job=job.name, reason=blocked
+                        )
+                    )
+                self._emit(
+                    ev.StageFinished(
+                        run_id=request.run_id, stage=stage.name, status="failed", reason=blocked
+                    )
+                )
+                self._commit()
+                return "failed"
         if stage.deploy is not None:
             return self._deploy_stage(request, stage)
         run = _StageRun(request, stage, keys)
@@ -247,6 +266,31 @@ class Engine:
         self._emit(ev.StageFinished(run_id=request.run_id, stage=stage.name, status=status))
         self._commit()
         return status
+
+    def _check_stage_gates(self, request: RunRequest, stage: StageSpec) -> str:
+        """Evaluate the stage's gates (recorded); the reason the stage may not start, or ``""``."""
+        self._commit()  # the gates read what the run recorded so far
+        if self.stage_gates is None:
+            return "this engine cannot evaluate gates"
+        results = self.stage_gates.check(stage, request.run_id)
+        for result in results:
+            self._emit(
+                ev.GateEvaluated(
+                    run_id=request.run_id,
+                    environment="",
+                    stage=stage.name,
+                    digest="",
+                    gate=result.gate,
+                    gate_kind=result.kind,
+                    verdict=result.status,
+                    summary=result.summary,
+                    evidence=dict(result.evidence),
+                )
+            )
+        failed = [r for r in results if r.status != "passed"]
+        if not failed:
+            return ""
+        return f"gate '{failed[0].gate}' failed: {failed[0].summary}"
 
     def _deploy_stage(self, request: RunRequest, stage: StageSpec) -> str:
         """A deploy stage: the run's artifact goes to the environment (or the stage fails)."""
@@ -459,6 +503,9 @@ class Engine:
             status = state.kill_reason
         else:
             status = "succeeded" if exit_code == 0 else "failed"
+        reports: list[ev.ReportRecorded] = []
+        if status == "succeeded" and (job.coverage or job.metrics):
+            reports = self._read_reports(run, state)
         published: list[ev.ArtifactPublished] = []
         if status == "succeeded" and job.outputs:
             try:
@@ -498,6 +545,8 @@ class Engine:
             self._new_attempt(run, state)
             return
         state.status = status
+        for report in reports:
+            self._emit(report)
         for event in published:
             self._emit(event)
             self._published[event.name] = (
@@ -537,6 +586,33 @@ class Engine:
             )
         if request.options.fail_fast and not job.allow_failure and not self._cancelled:
             self._stop_stage(run, "cancelled", "a job of the stage failed (--fail-fast)")
+
+    def _read_reports(self, run: _StageRun, state: _JobState) -> list[ev.ReportRecorded]:
+        """The job's coverage and metrics reports; a missing one is noted in its log."""
+        assert state.log is not None
+        job = state.spec
+        events = []
+        for kind, path in (("coverage", job.coverage), ("metrics", job.metrics)):
+            if path is None:
+                continue
+            try:
+                data = self.reports.read_report(self.workspace.path(), kind, path)
+            except ConveyorError as exc:
+                note = f"conveyor: {exc.render()}\n".encode()
+                state.log.write(note)
+                self.observer.on_output(job.name, state.attempt, note.decode())
+                continue
+            events.append(
+                ev.ReportRecorded(
+                    run_id=run.request.run_id,
+                    stage=run.stage.name,
+                    job=job.name,
+                    report=kind,
+                    path=path,
+                    data=data,
+                )
+            )
+        return events
 
     # -- artifacts ---------------------------------------------------------------------------
 

@@ -15,7 +15,12 @@ _NUMBER = re.compile(r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)\s*")
 _EXPECTED = "expected a duration such as 90s, 10m or 1h30m"
 
 
-def _check(seconds: float, shown: str) -> float:
+def _limit(maximum: float) -> str:
+    days = maximum / 86400
+    return f"{days:g} days ({days:g}d)"
+
+
+def _check(seconds: float, shown: str, maximum: float = MAX_DURATION_S) -> float:
     """``seconds`` if it is a usable duration, else ``ValueError`` mentioning ``shown``."""
     if math.isnan(seconds):
         raise ValueError(f"{_EXPECTED}, got {shown}")
@@ -23,12 +28,12 @@ def _check(seconds: float, shown: str) -> float:
         raise ValueError(f"a duration cannot be negative, got {shown}")
     if seconds == 0:
         raise ValueError(f"a duration must be longer than zero, got {shown}")
-    if seconds > MAX_DURATION_S:
-        raise ValueError(f"a duration can be at most 7 days (7d), got {shown}")
+    if seconds > maximum:
+        raise ValueError(f"a duration can be at most {_limit(maximum)}, got {shown}")
     return seconds
 
 
-def parse_duration(text: str | int | float) -> float:
+def parse_duration(text: str | int | float, maximum: float = MAX_DURATION_S) -> float:
     """Seconds in a duration.
 
     Numbers are seconds. Strings combine a number and a unit, largest unit first, each unit at
@@ -39,7 +44,7 @@ def parse_duration(text: str | int | float) -> float:
         text: The duration as written in the pipeline file.
 
     Returns:
-        The duration in seconds, more than zero and at most 7 days.
+        The duration in seconds, more than zero and at most ``maximum`` (7 days by default).
 
     Raises:
         ValueError: With a message for the user when ``text`` is not such a duration.
@@ -47,25 +52,25 @@ def parse_duration(text: str | int | float) -> float:
     if isinstance(text, bool):
         raise ValueError(f"{_EXPECTED}, got {str(text).lower()}")
     if isinstance(text, int | float):
-        if abs(text) > 10 * MAX_DURATION_S:
+        if abs(text) > 10 * maximum:
             huge = isinstance(text, int) and abs(text) > 10**15
             shown = "a very large number" if huge else repr(text)
             if text < 0:
                 raise ValueError(f"a duration cannot be negative, got {shown}")
-            raise ValueError(f"a duration can be at most 7 days (7d), got {shown}")
-        return _check(float(text), repr(text))
+            raise ValueError(f"a duration can be at most {_limit(maximum)}, got {shown}")
+        return _check(float(text), repr(text), maximum)
     if not isinstance(text, str):
         raise ValueError(f"{_EXPECTED}, got {text!r}")
     shown = repr(text if len(text) <= 40 else text[:37] + "...")
     if _NUMBER.fullmatch(text):
-        return _check(float(text), shown)
+        return _check(float(text), shown, maximum)
     stripped = text.strip()
     if stripped.startswith("-") and _is_duration(stripped[1:]):
         raise ValueError(f"a duration cannot be negative, got {shown}")
     total = _sum_parts(stripped)
     if total is None:
         raise ValueError(f"{_EXPECTED}, got {shown}")
-    return _check(total, shown)
+    return _check(total, shown, maximum)
 
 
 def _is_duration(text: str) -> bool:

@@ -62,6 +62,10 @@ class JobSpec:
     allow_failure: bool = False
     outputs: tuple[str, ...] = ()
     """Names of the artifacts the job publishes when it succeeds."""
+    coverage: str | None = None
+    """A Cobertura XML report the job writes (workspace-relative), recorded for gates."""
+    metrics: str | None = None
+    """A JSON file of numbers the job writes (workspace-relative), recorded for gates."""
     location: Location = Location(1, 1)
 
 
@@ -86,6 +90,24 @@ class TargetSpec:
     rollback: str | None = None
 
 
+GATE_KINDS = ("tests", "coverage", "metric", "approval", "window")
+STAGE_GATE_KINDS = ("tests", "coverage", "metric", "window")
+DEFAULT_OVERRIDE_ROLES = ("overrider", "admin")
+DEFAULT_OVERRIDE_EXPIRY_S = 2 * 3600.0
+DEFAULT_OVERRIDE_MAX_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """An automated check before a stage or a deployment; ``params`` are the kind's settings
+    (validated, JSON values), e.g. ``{"min_passed_ratio": 1.0, "min_count": 50}``."""
+
+    name: str
+    kind: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    location: Location = Location(1, 1)
+
+
 @dataclass(frozen=True)
 class EnvironmentSpec:
     """A place the software runs, with its target and the policy for what it accepts."""
@@ -98,6 +120,13 @@ class EnvironmentSpec:
     """Glob patterns of the branches whose builds it accepts (empty: any)."""
     port: int | None = None
     health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
+    gates: tuple[GateSpec, ...] = ()
+    override_roles: tuple[str, ...] = DEFAULT_OVERRIDE_ROLES
+    override_expiry_s: float = DEFAULT_OVERRIDE_EXPIRY_S
+    """The expiry of an override when ``--expires`` is not given."""
+    override_max_s: float = DEFAULT_OVERRIDE_MAX_S
+    override_confirm: bool = False
+    """Whether an override needs a second person's ``--confirm``."""
     location: Location = Location(1, 1)
 
 
@@ -118,6 +147,7 @@ class StageSpec:
     jobs: tuple[JobSpec, ...]
     location: Location = Location(1, 1)
     deploy: DeploySpec | None = None
+    gates: tuple[GateSpec, ...] = ()
 
     def job(self, name: str) -> JobSpec:
         """The job called ``name`` in this stage (``KeyError`` if there is none)."""
@@ -214,6 +244,7 @@ class PipelineSpec:
                     None
                     if deploy is None
                     else DeploySpec(**{**deploy, "location": Location(**deploy["location"])}),
+                    tuple(_gate(g) for g in stage["gates"]),
                 )
             )
         return cls(
@@ -234,9 +265,15 @@ class PipelineSpec:
                         "target": TargetSpec(**e["target"]),
                         "requires": tuple(e["requires"]),
                         "branches": tuple(e["branches"]),
+                        "gates": tuple(_gate(g) for g in e["gates"]),
+                        "override_roles": tuple(e["override_roles"]),
                         "location": Location(**e["location"]),
                     }
                 )
                 for e in data["environments"]
             ),
         )
+
+
+def _gate(data: dict[str, Any]) -> GateSpec:
+    return GateSpec(data["name"], data["kind"], dict(data["params"]), Location(**data["location"]))

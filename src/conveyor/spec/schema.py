@@ -31,6 +31,7 @@ import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from conveyor.errors import SpecError, SpecProblem
 from conveyor.spec.durations import parse_duration
@@ -39,11 +40,17 @@ from conveyor.spec.loader import MapNode, Node, ScalarNode, SeqNode, resolve_pla
 from conveyor.spec.models import (
     ARTIFACT_KINDS,
     DEFAULT_HEALTH_TIMEOUT_S,
+    DEFAULT_OVERRIDE_EXPIRY_S,
+    DEFAULT_OVERRIDE_MAX_S,
+    DEFAULT_OVERRIDE_ROLES,
     DEFAULT_TIMEOUT_S,
+    GATE_KINDS,
+    STAGE_GATE_KINDS,
     TARGET_TYPES,
     ArtifactSpec,
     DeploySpec,
     EnvironmentSpec,
+    GateSpec,
     JobSpec,
     Location,
     PipelineSpec,
@@ -63,14 +70,23 @@ MAX_PROBLEMS = 100
 
 PIPELINE_KEYS = ("pipeline", "env", "secrets", "artifacts", "environments", "stages")
 ARTIFACT_KEYS = ("path", "kind")
-ENVIRONMENT_KEYS = ("target", "requires", "branches", "port", "timeout")
+ENVIRONMENT_KEYS = (
+    "target",
+    "requires",
+    "branches",
+    "port",
+    "timeout",
+    "gates",
+    "override_roles",
+    "overrides",
+)
 TARGET_KEYS = {
     "process": ("type", "command", "health"),
     "command": ("type", "deploy", "health", "rollback"),
 }
 HEALTH_KEYS = ("http", "command")
 DEPLOY_KEYS = ("environment", "artifact")
-STAGE_KEYS = ("name", "jobs", "deploy")
+STAGE_KEYS = ("name", "jobs", "deploy", "gates")
 JOB_KEYS = (
     "run",
     "needs",
@@ -83,7 +99,15 @@ JOB_KEYS = (
     "allow_failure",
     "outputs",
 )
-REPORT_KEYS = ("junit",)
+REPORT_KEYS = ("junit", "coverage", "metrics")
+GATE_KEYS: dict[str, tuple[str, ...]] = {
+    "tests": ("min_passed_ratio", "min_count", "name"),
+    "coverage": ("report", "min", "max_drop", "name"),
+    "metric": ("file", "expr", "name"),
+    "approval": ("count", "role", "not_author", "name"),
+    "window": ("deny", "timezone", "name"),
+}
+OVERRIDE_KEYS = ("expires", "max_expires", "confirm")
 
 _NAME_RULE = (
     "use letters, digits, '_', '.' and '-', starting with a letter or digit, at most 64 characters"
@@ -180,6 +204,8 @@ class _JobDraft:
     cache: bool = True
     allow_failure: bool = False
     outputs: list[tuple[str, ScalarNode]] = field(default_factory=list)
+    coverage: str | None = None
+    metrics: str | None = None
 
 
 @dataclass
@@ -189,6 +215,7 @@ class _StageDraft:
     jobs: list[_JobDraft] = field(default_factory=list)
     deploy: tuple[str | None, str | None, MapNode] | None = None
     """``(environment, artifact, node)`` of a deploy stage, as written."""
+    gates: tuple[GateSpec, ...] = ()
 
 
 class _Schema:
@@ -198,6 +225,8 @@ class _Schema:
         self.source = source
         self.problems: list[SpecProblem] = []
         self._requires_nodes: dict[str, list[tuple[str, ScalarNode]]] = {}
+        self._report_refs: list[tuple[str, str | None, Node]] = []
+        """Reports that gates read: (kind, path, node), checked against the jobs' reports."""
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -629,6 +658,8 @@ class _Schema:
             self.add(node, "missing required key 'name' in a stage")
         shown = name or "?"
         draft = _StageDraft(shown, node)
+        if "gates" in found:
+            draft.gates = self.gates(found["gates"][1], f"stage '{shown}'", STAGE_GATE_KINDS)
         jobs = found.get("jobs")
         if "deploy" in found:
             if jobs is not None:
@@ -803,9 +834,16 @@ class _Schema:
                 port = None
         timeout = DEFAULT_HEALTH_TIMEOUT_S
         if "timeout" in found:
-            draft = _JobDraft(name, "", key)
-            self.timeout(draft, found["timeout"][1])
-            timeout = draft.timeout_s
+            timeout = self.duration("timeout", found["timeout"][1], DEFAULT_HEALTH_TIMEOUT_S)
+        gates: tuple[GateSpec, ...] = ()
+        if "gates" in found:
+            gates = self.gates(found["gates"][1], f"environment '{name}'", GATE_KINDS)
+        roles: tuple[str, ...] = DEFAULT_OVERRIDE_ROLES
+        if "override_roles" in found:
+            roles = tuple(n for n, _ in self.names("override_roles", found["override_roles"][1]))
+        expiry, maximum, confirm = DEFAULT_OVERRIDE_EXPIRY_S, DEFAULT_OVERRIDE_MAX_S, False
+        if "overrides" in found:
+            expiry, maximum, confirm = self.overrides(found["overrides"][1])
         if target is None:
             return None
         return EnvironmentSpec(
@@ -815,8 +853,245 @@ class _Schema:
             branches=branches,
             port=port,
             health_timeout_s=timeout,
+            gates=gates,
+            override_roles=roles,
+            override_expiry_s=expiry,
+            override_max_s=maximum,
+            override_confirm=confirm,
             location=Location(key.line, key.column),
         )
+
+    def duration(self, key: str, node: Node, default: float) -> float:
+        draft = _JobDraft(key, "", ScalarNode(None, "", node.line, node.column))
+        draft.timeout_s = default
+        before = len(self.problems)
+        self.timeout(draft, node)
+        if len(self.problems) > before:
+            for index in range(before, len(self.problems)):
+                problem = self.problems[index]
+                self.problems[index] = SpecProblem(
+                    problem.source,
+                    problem.line,
+                    problem.column,
+                    problem.message.replace("'timeout'", f"'{key}'"),
+                    problem.hint,
+                )
+        return draft.timeout_s
+
+    def overrides(self, node: Node) -> tuple[float, float, bool]:
+        """``{expires: 2h, max_expires: 24h, confirm: true}``."""
+        expiry, maximum, confirm = DEFAULT_OVERRIDE_EXPIRY_S, DEFAULT_OVERRIDE_MAX_S, False
+        if not isinstance(node, MapNode):
+            self.wrong_type("overrides", "a mapping such as {expires: 2h, max_expires: 24h}", node)
+            return expiry, maximum, confirm
+        found = self.fields(node, OVERRIDE_KEYS, "in overrides")
+        if "max_expires" in found:
+            maximum = self.duration("max_expires", found["max_expires"][1], maximum)
+        if "expires" in found:
+            expiry = self.duration("expires", found["expires"][1], expiry)
+            if expiry > maximum:
+                self.add(
+                    found["expires"][1],
+                    "the default 'expires' is longer than 'max_expires'",
+                    hint="overrides must expire; make max_expires at least as long",
+                )
+        elif expiry > maximum:
+            expiry = maximum
+        if "confirm" in found:
+            value = self.boolean("confirm", found["confirm"][1])
+            confirm = bool(value)
+        return expiry, maximum, confirm
+
+    def gates(self, node: Node, where: str, kinds: Sequence[str]) -> tuple[GateSpec, ...]:
+        """A list of gates: ``- tests: {min_count: 50}``, ``- window: {deny: ...}``..."""
+        if not isinstance(node, SeqNode):
+            self.wrong_type("gates", "a list such as [{tests: {min_count: 1}}]", node)
+            return ()
+        result: list[GateSpec] = []
+        names: dict[str, int] = {}
+        for item in node.items:
+            gate = self.gate(item, where, kinds)
+            if gate is None:
+                continue
+            if gate.name in names:
+                self.add(
+                    item,
+                    f"two gates of {where} are called '{gate.name}' (first at line"
+                    f" {names[gate.name]})",
+                    hint="give each a distinct 'name'",
+                )
+                continue
+            names[gate.name] = item.line
+            result.append(gate)
+        return tuple(result)
+
+    def gate(self, node: Node, where: str, kinds: Sequence[str]) -> GateSpec | None:
+        if not isinstance(node, MapNode) or len(node.items) != 1:
+            self.add(
+                node,
+                f"each gate of {where} is a mapping with one kind, got {describe(node)}",
+                hint="e.g. - tests: {min_passed_ratio: 1.0, min_count: 50}",
+            )
+            return None
+        key, value = node.items[0]
+        kind = key.value if isinstance(key.value, str) else key.raw
+        if kind not in kinds:
+            hint = did_you_mean(kind, kinds) or "kinds: " + ", ".join(kinds)
+            if kind == "approval":
+                hint = "approvals belong to environments (they approve a digest for one)"
+            self.add(key, f"unknown gate kind '{kind}' in {where}", hint=hint)
+            return None
+        if isinstance(value, ScalarNode) and value.value is None and not value.quoted:
+            value = MapNode([], value.line, value.column)
+        if not isinstance(value, MapNode):
+            self.wrong_type(kind, "a mapping of settings", value)
+            return None
+        found = self.fields(value, GATE_KEYS[kind], f"in a {kind} gate")
+        params: dict[str, object] = {}
+        name = kind
+        if "name" in found:
+            name = self.name(found["name"][1], "gate") or kind
+        reader = getattr(self, f"gate_{kind}")
+        if not reader(value, found, params):
+            return None
+        return GateSpec(name, kind, params, Location(key.line, key.column))
+
+    def number(self, key: str, node: Node, low: float, high: float | None) -> float | None:
+        value = node.value if isinstance(node, ScalarNode) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.wrong_type(key, "a number", node)
+            return None
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+            self.add(node, f"'{key}' must be {bounds}, got {value:g}")
+            return None
+        return float(value)
+
+    def gate_tests(
+        self, node: MapNode, found: Mapping[str, Any], params: dict[str, object]
+    ) -> bool:
+        ok = True
+        ratio = 1.0
+        if "min_passed_ratio" in found:
+            value = self.number("min_passed_ratio", found["min_passed_ratio"][1], 0.0, 1.0)
+            ok = ok and value is not None
+            ratio = value if value is not None else ratio
+        count = 1
+        if "min_count" in found:
+            got = self.integer("min_count", found["min_count"][1])
+            if got is not None and got < 1:
+                self.add(
+                    found["min_count"][1],
+                    "'min_count' must be at least 1: a build where no tests ran never passes",
+                )
+                got = None
+            ok = ok and got is not None
+            count = got if got is not None else count
+        params.update(min_passed_ratio=ratio, min_count=count)
+        return ok
+
+    def gate_coverage(
+        self, node: MapNode, found: Mapping[str, Any], params: dict[str, object]
+    ) -> bool:
+        if "report" not in found:
+            self.add(
+                node,
+                "missing required key 'report' in a coverage gate",
+                hint="the Cobertura XML a job declares in reports: {coverage: ...}",
+            )
+            return False
+        report = self.report_path("report", found["report"][1])
+        minimum = self.number("min", found["min"][1], 0, 100) if "min" in found else None
+        drop = (
+            self.number("max_drop", found["max_drop"][1], 0, 100) if "max_drop" in found else None
+        )
+        if "min" not in found and "max_drop" not in found:
+            self.add(node, "a coverage gate needs 'min', 'max_drop' or both")
+            return False
+        params.update(report=report, min=minimum, max_drop=drop)
+        self._report_refs.append(("coverage", report, found["report"][1]))
+        return report is not None
+
+    def gate_metric(
+        self, node: MapNode, found: Mapping[str, Any], params: dict[str, object]
+    ) -> bool:
+        missing = [k for k in ("file", "expr") if k not in found]
+        if missing:
+            self.add(
+                node,
+                f"missing required key '{missing[0]}' in a metric gate",
+                hint='e.g. - metric: {file: reports/perf.json, expr: "p95_ms <= 200"}',
+            )
+            return False
+        file = self.report_path("file", found["file"][1])
+        expr = self.text("expr", found["expr"][1])
+        if expr is not None:
+            from conveyor.spec.expressions import ExpressionError, parse_expression
+
+            try:
+                parse_expression(expr)
+            except ExpressionError as exc:
+                column = found["expr"][1].column + (getattr(exc, "column", 0) or 0)
+                self.add(
+                    Location(found["expr"][1].line, column),
+                    f"'expr': {exc.message}",
+                    hint=exc.hint or "comparisons of numbers: p95_ms <= 200 and errors == 0",
+                )
+                expr = None
+        params.update(file=file, expr=expr)
+        self._report_refs.append(("metrics", file, found["file"][1]))
+        return file is not None and expr is not None
+
+    def gate_approval(
+        self, node: MapNode, found: Mapping[str, Any], params: dict[str, object]
+    ) -> bool:
+        count = 1
+        if "count" in found:
+            got = self.integer("count", found["count"][1])
+            if got is not None and got < 1:
+                self.add(found["count"][1], "'count' must be at least 1")
+                return False
+            if got is None:
+                return False
+            count = got
+        role = self.text("role", found["role"][1]) if "role" in found else None
+        not_author = False
+        if "not_author" in found:
+            not_author = bool(self.boolean("not_author", found["not_author"][1]))
+        params.update(count=count, role=role, not_author=not_author)
+        return True
+
+    def gate_window(
+        self, node: MapNode, found: Mapping[str, Any], params: dict[str, object]
+    ) -> bool:
+        if "deny" not in found:
+            self.add(
+                node,
+                "missing required key 'deny' in a window gate",
+                hint='e.g. - window: {deny: "Fri 16:00-Mon 08:00", timezone: Europe/Berlin}',
+            )
+            return False
+        spans = self.strings("deny", found["deny"][1])
+        timezone = "UTC"
+        if "timezone" in found:
+            timezone = self.text("timezone", found["timezone"][1]) or "UTC"
+        from conveyor.spec.windows import WindowError, check_timezone, parse_windows
+
+        ok = spans is not None
+        for text, item in spans or ():
+            try:
+                parse_windows(text)
+            except WindowError as exc:
+                self.add(item, f"'deny': {exc.message}", hint=exc.hint)
+                ok = False
+        if "timezone" in found:
+            try:
+                check_timezone(timezone)
+            except WindowError as exc:
+                self.add(found["timezone"][1], exc.message, hint=exc.hint)
+                ok = False
+        params.update(deny=[t for t, _ in spans or ()], timezone=timezone)
+        return ok
 
     def target(self, environment: str, node: Node) -> TargetSpec | None:
         """``{type: process, command, health}`` or ``{type: command, deploy, health, rollback}``."""
@@ -934,6 +1209,23 @@ class _Schema:
             patterns = self.path_patterns("junit", found["junit"][1])
             if patterns is not None:
                 job.junit = patterns
+        for key in ("coverage", "metrics"):
+            if key in found:
+                setattr(job, key, self.report_path(key, found[key][1]))
+
+    def report_path(self, key: str, node: Node) -> str | None:
+        """One file in the workspace (no wildcards): ``coverage.xml``, ``reports/perf.json``."""
+        patterns = self.path_patterns(key, node)
+        if patterns is None:
+            return None
+        if len(patterns) != 1 or any(c in patterns[0] for c in "*?["):
+            self.add(
+                node,
+                f"'{key}' names one file, got {describe(node)}",
+                hint="e.g. coverage: coverage.xml or metrics: reports/perf.json",
+            )
+            return None
+        return patterns[0]
 
     def timeout(self, job: _JobDraft, node: Node) -> None:
         value = node.value if isinstance(node, ScalarNode) else None
@@ -1001,14 +1293,35 @@ class _Schema:
                             cache=job.cache,
                             allow_failure=job.allow_failure,
                             outputs=outputs.get(job.name, ()),
+                            coverage=job.coverage,
+                            metrics=job.metrics,
                             location=Location(job.key.line, job.key.column),
                         )
                         for job in stage.jobs
                     ),
                     location=Location(stage.node.line, stage.node.column),
+                    gates=stage.gates,
                 )
             )
+        self.check_report_refs(stages)
         return tuple(specs)
+
+    def check_report_refs(self, stages: list[_StageDraft]) -> None:
+        """A gate reads a coverage or metrics file only if some job declares it as a report."""
+        declared = {
+            (kind, getattr(job, kind))
+            for stage in stages
+            for job in stage.jobs
+            for kind in ("coverage", "metrics")
+            if getattr(job, kind)
+        }
+        for kind, path, node in self._report_refs:
+            if path is not None and (kind, path) not in declared:
+                self.add(
+                    node,
+                    f"no job declares '{path}' as its {kind} report",
+                    hint=f"add reports: {{{kind}: {path}}} to the job that writes it",
+                )
 
     def deploy_stages(
         self,
@@ -1090,6 +1403,7 @@ class _Schema:
                         (),
                         spec.location,
                         DeploySpec(env_name, artifact, Location(node.line, node.column)),
+                        spec.gates,
                     )
                 )
         return tuple(result)

@@ -75,7 +75,8 @@ def _upgrade(db_path: Path) -> None:
 
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    engine = create_engine(f"sqlite:///{db_path}")
+    # A creator, not a URL: a path with '?' or '%' in it must not be read as URL syntax.
+    engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(str(db_path)))
     try:
         with engine.begin() as conn:
             config.attributes["connection"] = conn

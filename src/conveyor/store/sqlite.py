@@ -74,6 +74,31 @@ def connect(path: Path) -> sqlite3.Connection:
 
 _CHECKPOINT_PAGES = 8192
 _ARTIFACT_COLUMNS = "name, kind, digest, size, path, provenance, job, run_id"
+_OVERRIDE_KEYS = (
+    "id",
+    "environment",
+    "gate",
+    "digest",
+    "run",
+    "actor",
+    "reason",
+    "created_at",
+    "created_epoch",
+    "expires_epoch",
+    "needs_confirmation",
+    "confirmed_by",
+    "confirmed_at",
+    "used",
+)
+_OVERRIDE_COLUMNS = ", ".join("run_id" if k == "run" else k for k in _OVERRIDE_KEYS)
+
+
+def _override(row: Sequence[Any]) -> dict[str, Any]:
+    item = dict(zip(_OVERRIDE_KEYS, row, strict=True))
+    item["needs_confirmation"] = bool(item["needs_confirmation"])
+    return item
+
+
 _DEPLOYMENT_KEYS = (
     "id",
     "environment",
@@ -93,6 +118,8 @@ _DEPLOYMENT_KEYS = (
     "started_at",
     "finished_at",
     "duration_s",
+    "hotfix",
+    "overridden",
 )
 _DEPLOYMENT_COLUMNS = ", ".join("run_id" if key == "run" else key for key in _DEPLOYMENT_KEYS)
 
@@ -249,6 +276,161 @@ class SqliteRecord:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    def allocate_id(self, kind: str) -> int:
+        """A new id for an override or an incident (unique across both)."""
+        try:
+            cur = self._conn.execute(
+                "INSERT INTO allocations (kind, at) VALUES (?, ?)", (kind, self._now())
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot allocate an id: {exc}") from exc
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    # -- gates, approvals, overrides, users, incidents ----------------------------------------
+
+    def users(self) -> list[dict[str, Any]]:
+        """Every user and their roles."""
+        rows = self._conn.execute(
+            "SELECT name, roles, added_at, added_by FROM users ORDER BY name"
+        ).fetchall()
+        return [
+            {"name": r[0], "roles": json.loads(r[1]), "added_at": r[2], "added_by": r[3]}
+            for r in rows
+        ]
+
+    def roles_of(self, name: str) -> list[str] | None:
+        """A user's roles (``None``: not a user)."""
+        row = self._conn.execute("SELECT roles FROM users WHERE name = ?", (name,)).fetchone()
+        return list(json.loads(row[0])) if row else None
+
+    def approvals_for(self, environment: str, digest: str) -> list[dict[str, Any]]:
+        """The approvals of one digest for one environment, oldest first."""
+        rows = self._conn.execute(
+            "SELECT approver, roles, comment, at, digest, run_id FROM approvals"
+            " WHERE environment = ? AND digest = ? ORDER BY id",
+            (environment, digest),
+        ).fetchall()
+        return [
+            {
+                "approver": r[0],
+                "roles": json.loads(r[1]),
+                "comment": r[2],
+                "at": r[3],
+                "digest": r[4],
+                "run": r[5],
+            }
+            for r in rows
+        ]
+
+    def overrides_for(self, environment: str, digest: str, gate: str) -> list[dict[str, Any]]:
+        """The overrides of one gate for one digest in one environment, newest first."""
+        rows = self._conn.execute(
+            f"SELECT {_OVERRIDE_COLUMNS} FROM overrides WHERE environment = ? AND digest = ?"
+            " AND gate = ? ORDER BY id DESC",
+            (environment, digest, gate),
+        ).fetchall()
+        return [_override(r) for r in rows]
+
+    def override(self, override_id: int) -> dict[str, Any] | None:
+        row = self._conn.execute(
+            f"SELECT {_OVERRIDE_COLUMNS} FROM overrides WHERE id = ?", (override_id,)
+        ).fetchone()
+        return _override(row) if row else None
+
+    def list_overrides(self, since_epoch: float) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            f"SELECT {_OVERRIDE_COLUMNS} FROM overrides WHERE created_epoch >= ? ORDER BY id",
+            (since_epoch,),
+        ).fetchall()
+        return [_override(r) for r in rows]
+
+    def override_rates(self, since_epoch: float) -> dict[str, dict[str, Any]]:
+        """Per environment: deployments finished since ``since_epoch`` and how many of them an
+        override let through."""
+        rows = self._conn.execute(
+            "SELECT environment, COUNT(*), SUM(overridden) FROM deployments"
+            " WHERE status IN ('succeeded', 'failed', 'rolled_back') AND finished_epoch >= ?"
+            " GROUP BY environment",
+            (since_epoch,),
+        ).fetchall()
+        return {
+            env: {"deployments": n, "overridden": int(o or 0), "rate": (o or 0) / n if n else 0.0}
+            for env, n, o in rows
+        }
+
+    def report_of(self, run_id: int, kind: str, path: str) -> dict[str, Any] | None:
+        """A recorded coverage or metrics report of a run."""
+        row = self._conn.execute(
+            "SELECT data FROM reports WHERE run_id = ? AND kind = ? AND path = ?",
+            (run_id, kind, path),
+        ).fetchone()
+        return dict(json.loads(row[0])) if row else None
+
+    def test_counts(self, run_id: int) -> dict[str, int]:
+        """The run's test counts from its JUnit reports (cached jobs count as their source)."""
+        row = self._conn.execute(
+            "SELECT COALESCE(SUM(tests_passed), 0), COALESCE(SUM(tests_failed), 0),"
+            " COALESCE(SUM(tests_skipped), 0) FROM jobs WHERE run_id = ?",
+            (run_id,),
+        ).fetchone()
+        return {"passed": row[0], "failed": row[1], "skipped": row[2]}
+
+    def verdicts(
+        self, *, environment: str | None = None, run_id: int | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """Recorded gate verdicts, newest first."""
+        where: list[str] = []
+        args: list[Any] = []
+        if environment is not None:
+            where.append("environment = ?")
+            args.append(environment)
+        if run_id is not None:
+            where.append("run_id = ?")
+            args.append(run_id)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        rows = self._conn.execute(
+            "SELECT id, run_id, environment, stage, digest, gate, kind, verdict, summary,"
+            f" evidence, override_id, at FROM gate_verdicts {clause} ORDER BY id DESC LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        keys = (
+            "id",
+            "run",
+            "environment",
+            "stage",
+            "digest",
+            "gate",
+            "kind",
+            "verdict",
+            "summary",
+            "evidence",
+            "override",
+            "at",
+        )
+        result = [dict(zip(keys, r, strict=True)) for r in rows]
+        for item in result:
+            item["evidence"] = json.loads(item["evidence"])
+        return result
+
+    def incident(self, incident_id: int) -> dict[str, Any] | None:
+        row = self._conn.execute(
+            "SELECT id, environment, deployment_id, title, opened_by, opened_at, resolved_by,"
+            " resolved_at FROM incidents WHERE id = ?",
+            (incident_id,),
+        ).fetchone()
+        keys = (
+            "id",
+            "environment",
+            "deployment",
+            "title",
+            "opened_by",
+            "opened_at",
+            "resolved_by",
+            "resolved_at",
+        )
+        return dict(zip(keys, row, strict=True)) if row else None
+
     def acquire_lease(
         self,
         environment: str,
@@ -346,6 +528,16 @@ class SqliteRecord:
             (environment, limit),
         ).fetchall()
         return [_deployment(row) for row in rows]
+
+    def successful_revisions(self, environment: str, limit: int = 50) -> list[str]:
+        """The distinct revisions that were deployed successfully to ``environment``, newest
+        first (what a new deployment's commits are counted against)."""
+        rows = self._conn.execute(
+            "SELECT revision FROM deployments WHERE environment = ? AND status = 'succeeded'"
+            " GROUP BY revision ORDER BY MAX(id) DESC LIMIT ?",
+            (environment, limit),
+        ).fetchall()
+        return [row[0] for row in rows]
 
     def unfinished_deployments(self, environment: str) -> list[dict[str, Any]]:
         """Deployments recorded as started and never finished (their deployer died)."""
@@ -902,8 +1094,9 @@ def _artifact_published(conn: sqlite3.Connection, e: Any, at: str) -> None:
 def _deployment_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
     conn.execute(
         "INSERT INTO deployments (id, environment, run_id, artifact, digest, revision, actor,"
-        " trigger, strategy, status, previous_digest, previous_deployment, lease, started_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
+        " trigger, strategy, status, previous_digest, previous_deployment, lease, started_at,"
+        " hotfix, overridden, started_epoch)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
         (
             e.deployment_id,
             e.environment,
@@ -918,6 +1111,9 @@ def _deployment_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
             e.previous_deployment,
             e.lease,
             at,
+            int(getattr(e, "hotfix", False)),
+            int(getattr(e, "overridden", False)),
+            getattr(e, "started_epoch", None) or None,
         ),
     )
 
@@ -925,9 +1121,24 @@ def _deployment_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
 def _deployment_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
     conn.execute(
         "UPDATE deployments SET status = ?, reason = ?, health = ?, finished_at = ?,"
-        " duration_s = ? WHERE id = ?",
-        (e.status, e.reason, e.health, at, e.duration_s, e.deployment_id),
+        " duration_s = ?, finished_epoch = ? WHERE id = ?",
+        (
+            e.status,
+            e.reason,
+            e.health,
+            at,
+            e.duration_s,
+            getattr(e, "finished_epoch", None) or None,
+            e.deployment_id,
+        ),
     )
+    commits = getattr(e, "commits", None)
+    if commits:
+        conn.executemany(
+            'INSERT OR IGNORE INTO deployment_commits (deployment_id, "commit", committed_epoch)'
+            " VALUES (?, ?, ?)",
+            [(e.deployment_id, sha, when) for sha, when in commits],
+        )
     running = e.running_deployment
     conn.execute(
         "INSERT INTO environments (name, deployment, status, since) VALUES (?, ?, ?, ?)"
@@ -944,7 +1155,103 @@ def _environment_stopped(conn: sqlite3.Connection, e: Any, at: str) -> None:
     )
 
 
+def _report_recorded(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO reports (run_id, job, kind, path, data) VALUES (?, ?, ?, ?, ?)",
+        (e.run_id, e.job, e.report, e.path, canonical(e.data)),
+    )
+
+
+def _gate_evaluated(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "INSERT INTO gate_verdicts (run_id, environment, stage, digest, gate, kind, verdict,"
+        " summary, evidence, override_id, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            e.run_id,
+            e.environment,
+            e.stage,
+            e.digest,
+            e.gate,
+            e.gate_kind,
+            e.verdict,
+            e.summary,
+            canonical(e.evidence),
+            e.override_id,
+            at,
+        ),
+    )
+    if e.override_id is not None:
+        conn.execute("UPDATE overrides SET used = used + 1 WHERE id = ?", (e.override_id,))
+
+
+def _approval_given(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "INSERT INTO approvals (environment, digest, run_id, approver, roles, comment, at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (e.environment, e.digest, e.run_id, e.approver, canonical(e.roles), e.comment, at),
+    )
+
+
+def _override_granted(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "INSERT INTO overrides (id, environment, gate, digest, run_id, actor, reason, created_at,"
+        " created_epoch, expires_epoch, needs_confirmation)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            e.override_id,
+            e.environment,
+            e.gate,
+            e.digest,
+            e.run_id,
+            e.actor,
+            e.reason,
+            at,
+            e.created_epoch,
+            e.expires_epoch,
+            int(e.needs_confirmation),
+        ),
+    )
+
+
+def _override_confirmed(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE overrides SET confirmed_by = ?, confirmed_at = ? WHERE id = ?",
+        (e.actor, at, e.override_id),
+    )
+
+
+def _user_changed(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "INSERT INTO users (name, roles, added_at, added_by) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET roles = excluded.roles",
+        (e.name, canonical(sorted(e.roles)), at, e.actor),
+    )
+
+
+def _incident_opened(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "INSERT INTO incidents (id, environment, deployment_id, title, opened_by, opened_at,"
+        " opened_epoch) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (e.incident_id, e.environment, e.deployment_id, e.title, e.actor, at, e.opened_epoch),
+    )
+
+
+def _incident_resolved(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    conn.execute(
+        "UPDATE incidents SET resolved_by = ?, resolved_at = ?, resolved_epoch = ? WHERE id = ?",
+        (e.actor, at, e.resolved_epoch, e.incident_id),
+    )
+
+
 _PROJECTIONS: dict[str, Callable[[sqlite3.Connection, Any, str], None]] = {
+    "job.report.recorded": _report_recorded,
+    "gate.evaluated": _gate_evaluated,
+    "approval.given": _approval_given,
+    "override.granted": _override_granted,
+    "override.confirmed": _override_confirmed,
+    "user.changed": _user_changed,
+    "incident.opened": _incident_opened,
+    "incident.resolved": _incident_resolved,
     "environment.stopped": _environment_stopped,
     "deployment.started": _deployment_started,
     "deployment.finished": _deployment_finished,

@@ -19,6 +19,13 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.create_table(
+        "allocations",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("kind", sa.Text, nullable=False),
+        sa.Column("at", sa.Text, nullable=False),
+        sqlite_autoincrement=True,
+    )
     with op.batch_alter_table("deployments") as batch:
         batch.add_column(sa.Column("hotfix", sa.Integer, nullable=False, server_default="0"))
         batch.add_column(sa.Column("overridden", sa.Integer, nullable=False, server_default="0"))
@@ -115,6 +122,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("reports")
+    op.drop_table("allocations")
     op.drop_index("incidents_environment", table_name="incidents")
     op.drop_table("incidents")
     op.drop_index("gate_verdicts_run", table_name="gate_verdicts")
