@@ -295,3 +295,38 @@ def test_incidents_and_hotfixes_feed_the_dora_keys(shop: Repo) -> None:
     assert doc["recovery_time_hours"]["count"] == 1
     text = shop.conveyor("metrics", "--since", "1d")
     assert text.code == 0 and "deployment frequency" in text.out
+
+
+def test_a_stage_gate_stops_the_line_with_its_reason(repo: Repo) -> None:
+    repo.write("build.py", BUILD)
+    repo.write("quality.env", "PASSED=3\nFAILED=1\nLINE_RATE=0.5\nP95=1\n")
+    repo.write("VERSION", "1\n")
+    repo.pipeline(
+        """\
+        pipeline: shop
+        stages:
+          - name: commit
+            jobs:
+              build:
+                run: python3 build.py
+                reports: {junit: reports/unit.xml, coverage: coverage.xml}
+          - name: acceptance
+            gates:
+              - tests: {min_passed_ratio: 1.0}
+              - coverage: {report: coverage.xml, min: 40}
+            jobs:
+              e2e: {run: "true"}
+        """
+    )
+    run = repo.conveyor("run", "--progress", "plain")
+    assert run.code == 1
+    assert "gate 'tests' failed: 3 of 4 tests passed" in run.out
+    doc = repo.show()
+    acceptance = doc["stages"][1]
+    assert acceptance["status"] == "failed"
+    assert acceptance["reason"].startswith("gate 'tests' failed")
+    assert [(g["gate"], g["verdict"]) for g in acceptance["gates"]] == [
+        ("tests", "failed"),
+        ("coverage", "passed"),
+    ]
+    assert acceptance["jobs"][0]["status"] == "skipped"

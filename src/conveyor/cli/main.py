@@ -603,9 +603,12 @@ def runs_show(run_ref: str, home: Path | None, as_json: bool, events: bool) -> N
     record = open_record_at(home)
     run_id = run_id_of(record, run_ref)
     doc = record.get_run(run_id)
+    verdicts = list(reversed(record.verdicts(run_id=run_id, limit=1000)))
     for stage in doc["stages"]:
+        stage["gates"] = [_verdict_doc(v) for v in verdicts if v["stage"] == stage["name"]]
         for job in stage["jobs"]:
             job["attempt_details"] = record.attempts(run_id, job["name"])
+    doc["environment_gates"] = [_verdict_doc(v) for v in verdicts if v["environment"]]
     if events:
         doc["events"] = record.events_of_run(run_id)
     if as_json:
@@ -649,9 +652,16 @@ def runs_show(run_ref: str, home: Path | None, as_json: bool, events: bool) -> N
             if job["reason"]:
                 parts.append(job["reason"])
             click.echo("  ".join(parts))
+        for gate in stage["gates"]:
+            click.echo(f"    gate {gate['gate']}: {gate['verdict']}: {gate['summary']}")
     if events:
         for event in doc["events"]:
             click.echo(f"  #{event['seq']} {event['at']} {event['type']}")
+
+
+def _verdict_doc(v: dict[str, Any]) -> dict[str, Any]:
+    keys = ("gate", "kind", "verdict", "summary", "evidence", "override", "environment", "at")
+    return {k: v[k] for k in keys}
 
 
 @cli.command()
