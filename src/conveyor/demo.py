@@ -31,6 +31,8 @@ environments:
   production:
     requires: [acceptance]
     branches: [main]
+    gates:
+      - tests: {min_passed_ratio: 1.0, min_count: 4}
     target: {type: process, command: "python -m shop --port $PORT", health: {http: /healthz}}
     timeout: 30s
 stages:
@@ -265,7 +267,14 @@ def run_demo(directory: Path | None, progress: str = "auto") -> int:
         step("the artifact, built once, used by both runs", "artifacts", "list")
         step("is it what the pipeline built and signed?", "verify", "shop@1")
         step(
-            "the same digest to production (policy: main, acceptance passed)",
+            "would production take it? (its gate: every test passed, at least 4)",
+            "gates",
+            "check",
+            "production",
+            "shop@1",
+        )
+        step(
+            "the same digest to production (policy: main, acceptance passed, gates)",
             "promote",
             "1",
             "--to",
@@ -275,6 +284,7 @@ def run_demo(directory: Path | None, progress: str = "auto") -> int:
         _ask_services(conveyor, directory, env)
         step("every deployment to staging", "env", "history", "staging")
         step("every deployment to production", "env", "history", "production")
+        step("delivery performance from the record (DORA keys)", "metrics", "--since", "1d")
         step("prove the record was not altered", "audit", "verify")
     finally:
         for name in ("staging", "production"):
