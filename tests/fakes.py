@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from conveyor.domain import events as ev
+from conveyor.domain.delivery import ArtifactRecord, StoredBlob
 from conveyor.domain.ports import (
-    ArtifactRecord,
     CacheHit,
     ExecutorEvent,
     Exited,
@@ -19,7 +19,6 @@ from conveyor.domain.ports import (
     LogSummary,
     Output,
     ReportResult,
-    StoredBlob,
 )
 from conveyor.errors import ArtifactError
 

@@ -28,7 +28,7 @@ from conveyor.adapters.processes import (
     owner_is_gone,
 )
 from conveyor.domain.events import RunInterrupted
-from conveyor.domain.ports import Observer, Release, SourceSnapshot, StageGates, Target
+from conveyor.domain.ports import Observer, SourceSnapshot
 from conveyor.engine.engine import Engine, RunOptions, RunRequest
 from conveyor.errors import DeployError
 from conveyor.executors.local import LocalExecutor
@@ -38,6 +38,7 @@ from conveyor.store.sqlite import SqliteRecord
 
 if TYPE_CHECKING:
     from conveyor.app.deploy import Deployer
+    from conveyor.domain.delivery import Release, StageGates, Target
 
 KEEP_WORKSPACES = 5
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conveyor.domain import delivery_events as de
 from conveyor.domain import events as ev
 from conveyor.errors import LeaseLost
 from conveyor.store.migrate import ensure_schema
@@ -198,7 +199,7 @@ class TestLeases:
         stale, _ = self.take(record, 100.0)
         newer, _ = self.take(record, 200.0)
         assert stale is not None and newer is not None and newer > stale
-        event = ev.EnvironmentStopped(run_id=run, environment="prod", deployment_id=1, actor="a")
+        event = de.EnvironmentStopped(run_id=run, environment="prod", deployment_id=1, actor="a")
         before = list(record.iter_events())
         with pytest.raises(LeaseLost):
             record.append([event], fence=("prod", stale))

@@ -21,7 +21,7 @@ import pytest
 
 from conveyor.adapters.targets import CommandTarget, ProcessTarget, allocate_port, process_alive
 from conveyor.adapters.targets.process import process_start_time
-from conveyor.domain.ports import Release
+from conveyor.domain.delivery import Release
 from conveyor.errors import DeployError
 
 SERVICE = textwrap.dedent(
@@ -290,7 +290,7 @@ def test_service_outlives_the_process_that_started_it(
         f"""
         from pathlib import Path
         from conveyor.adapters.targets import ProcessTarget
-        from conveyor.domain.ports import Release
+        from conveyor.domain.delivery import Release
         release = Release("staging", 1, "app", {release.digest!r}, {release.folder!r},
                           {release.artifact_path!r}, "rev1")
         ProcessTarget(Path({str(env_dir)!r}), {SERVE!r}, port={port}).start(release, None)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from conveyor.domain.ports import StoredBlob
+from conveyor.domain.delivery import StoredBlob
 from conveyor.errors import ArtifactError
 from conveyor.spec.models import ARTIFACT_KINDS
 

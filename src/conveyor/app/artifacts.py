@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from conveyor.domain.ports import ArtifactRecord
+from conveyor.domain.delivery import ArtifactRecord
 from conveyor.domain.provenance import PREDICATE_TYPE, STATEMENT_TYPE
 from conveyor.errors import ConveyorError, UsageError
 

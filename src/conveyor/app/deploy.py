@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.app.artifacts import verify
+from conveyor.domain import delivery_events as de
 from conveyor.domain import events as ev
-from conveyor.domain.ports import ArtifactRecord, DeploymentOutcome, Health, Release, Target
+from conveyor.domain.delivery import ArtifactRecord, DeploymentOutcome, Health, Release, Target
 from conveyor.errors import ConveyorError, DeployError, LeaseLost
 from conveyor.spec.models import EnvironmentSpec
 
@@ -235,7 +236,7 @@ class Deployer:
         started = time.monotonic()
         self.record.append(
             [
-                ev.DeploymentStarted(
+                de.DeploymentStarted(
                     run_id=item.run_id,
                     deployment_id=deployment_id,
                     environment=name,
@@ -270,7 +271,7 @@ class Deployer:
                 self.say(f"the commits of this deployment are not recorded: {exc.message}")
         self.record.append(
             [
-                ev.DeploymentFinished(
+                de.DeploymentFinished(
                     run_id=item.run_id,
                     deployment_id=deployment_id,
                     environment=name,
@@ -342,7 +343,7 @@ class Deployer:
             state = self.record.environment_state(environment.name)
             self.record.append(
                 [
-                    ev.DeploymentFinished(
+                    de.DeploymentFinished(
                         run_id=row["run"],
                         deployment_id=row["id"],
                         environment=environment.name,

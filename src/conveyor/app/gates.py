@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import conveyor.domain.gates as g
-from conveyor.domain.ports import ArtifactRecord, GateResult
+from conveyor.domain.delivery import ArtifactRecord, GateResult
 from conveyor.spec.models import EnvironmentSpec, GateSpec, StageSpec
 
 

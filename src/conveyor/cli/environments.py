@@ -135,7 +135,7 @@ def _status_doc(
     record: Any, home_obj: Any, source: Any, spec_env: Any, name: str
 ) -> dict[str, Any]:
     from conveyor.bootstrap import make_target
-    from conveyor.domain.ports import Release
+    from conveyor.domain.delivery import Release
 
     state = record.environment_state(name)
     doc: dict[str, Any] = {
@@ -283,8 +283,8 @@ def env_stop(name: str, as_user: str | None, pipeline_file: str, home: Path | No
     from conveyor.app.deploy import take_lease
     from conveyor.bootstrap import make_target
     from conveyor.cli.main import _actor
-    from conveyor.domain import events as ev
-    from conveyor.domain.ports import Release
+    from conveyor.domain import delivery_events as de
+    from conveyor.domain.delivery import Release
 
     root, home_obj, spec, source, record = _context(pipeline_file, home)
     spec_env = _environment(spec, name)
@@ -308,7 +308,7 @@ def env_stop(name: str, as_user: str | None, pipeline_file: str, home: Path | No
         make_target(home_obj, source, spec_env, release).stop(release)
         record.append(
             [
-                ev.EnvironmentStopped(
+                de.EnvironmentStopped(
                     run_id=row["run"], environment=name, deployment_id=row["id"], actor=actor
                 )
             ],

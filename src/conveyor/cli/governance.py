@@ -68,7 +68,7 @@ def users() -> None:
 def users_add(name: str, roles: tuple[str, ...], as_user: str | None, home: Path | None) -> None:
     """Give NAME these roles (replacing earlier ones). Needs the admin role, except for the
     first user."""
-    from conveyor.domain import events as ev
+    from conveyor.domain import delivery_events as de
 
     if not re.fullmatch(r"[^\s\x00-\x1f]{1,200}", name):
         raise UsageError(f"'{name[:40]}' is not a user name", hint="e.g. an e-mail address")
@@ -85,7 +85,7 @@ def users_add(name: str, roles: tuple[str, ...], as_user: str | None, home: Path
             f"{actor} may not manage users: that needs the admin role",
             hint="ask an admin: `conveyor users list` shows them",
         )
-    record.append([ev.UserChanged(run_id=0, name=name, roles=sorted(set(roles)), actor=actor)])
+    record.append([de.UserChanged(run_id=0, name=name, roles=sorted(set(roles)), actor=actor)])
     click.echo(f"{name}: {', '.join(sorted(set(roles)))}")
     if not existing and "admin" not in roles:
         click.echo("note: the first user is not an admin; nobody can change users now", err=True)
@@ -138,14 +138,14 @@ def approve(
 
     The approval is bound to that digest: another build needs its own approvals.
     """
-    from conveyor.domain import events as ev
+    from conveyor.domain import delivery_events as de
 
     _, _, _, _, record, env, item = _target(pipeline_file, home, ref, environment)
     actor = _who(as_user)
     roles = record.roles_of(actor) or []
     record.append(
         [
-            ev.ApprovalGiven(
+            de.ApprovalGiven(
                 run_id=item.run_id,
                 environment=env.name,
                 digest=item.digest,
@@ -200,7 +200,7 @@ def override(
     Needs a role in the environment's override_roles (default: overrider, admin). The gate's
     failing evidence stays on the record next to the override.
     """
-    from conveyor.domain import events as ev
+    from conveyor.domain import delivery_events as de
     from conveyor.spec.durations import parse_duration
 
     if confirm_id is not None:
@@ -242,7 +242,7 @@ def override(
     override_id = record.allocate_id("override")
     record.append(
         [
-            ev.OverrideGranted(
+            de.OverrideGranted(
                 run_id=item.run_id,
                 override_id=override_id,
                 environment=env.name,
@@ -284,7 +284,7 @@ def _confirm(
     override_id: int, as_user: str | None, pipeline_file: str, home: Path | None, as_json: bool
 ) -> None:
     from conveyor.cli.environments import _context, _environment
-    from conveyor.domain import events as ev
+    from conveyor.domain import delivery_events as de
 
     _, _, spec, _, record = _context(pipeline_file, home)
     item = record.override(override_id)
@@ -301,7 +301,7 @@ def _confirm(
         raise UsageError(f"override {override_id} was already confirmed by {item['confirmed_by']}")
     if item["expires_epoch"] <= time.time():
         raise UsageError(f"override {override_id} has expired; grant a new one")
-    record.append([ev.OverrideConfirmed(run_id=item["run"], override_id=override_id, actor=actor)])
+    record.append([de.OverrideConfirmed(run_id=item["run"], override_id=override_id, actor=actor)])
     if as_json:
         echo_json(record.override(override_id))
         return
@@ -491,7 +491,7 @@ def incident_open(
     as_json: bool,
 ) -> None:
     """Open an incident, linked to a deployment."""
-    from conveyor.domain import events as ev
+    from conveyor.domain import delivery_events as de
 
     record = open_record_at(home)
     if deployment is None:
@@ -505,7 +505,7 @@ def incident_open(
     incident_id = record.allocate_id("incident")
     record.append(
         [
-            ev.IncidentOpened(
+            de.IncidentOpened(
                 run_id=row["run"] if row else 0,
                 incident_id=incident_id,
                 environment=environment,
@@ -531,7 +531,7 @@ def incident_open(
 @home_option
 def incident_resolve(incident_id: int, as_user: str | None, home: Path | None) -> None:
     """Resolve an incident."""
-    from conveyor.domain import events as ev
+    from conveyor.domain import delivery_events as de
 
     record = open_record_at(home)
     item = record.incident(incident_id)
@@ -542,7 +542,7 @@ def incident_resolve(incident_id: int, as_user: str | None, home: Path | None) -
     row = record.deployment(item["deployment"]) if item["deployment"] is not None else None
     record.append(
         [
-            ev.IncidentResolved(
+            de.IncidentResolved(
                 run_id=row["run"] if row else 0,
                 incident_id=incident_id,
                 actor=_who(as_user),

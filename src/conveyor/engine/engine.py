@@ -11,19 +11,15 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conveyor import __version__
 from conveyor.domain import events as ev
 from conveyor.domain.masking import Masker, StreamMasker
 from conveyor.domain.ports import (
-    ArtifactRecord,
-    ArtifactStore,
     AttemptLog,
-    Attestor,
     CancelToken,
     Clock,
-    Deployments,
     Executor,
     Exited,
     JobLaunch,
@@ -33,13 +29,21 @@ from conveyor.domain.ports import (
     RecordWriter,
     ReportReader,
     SourceSnapshot,
-    StageGates,
     Workspace,
 )
 from conveyor.domain.states import JOB_PASSED
 from conveyor.engine.planning import cache_keys, job_decision
 from conveyor.errors import ArtifactError, ConveyorError
 from conveyor.spec.models import JobSpec, PipelineSpec, StageSpec
+
+if TYPE_CHECKING:  # delivery interfaces: imported only by pipelines that use them
+    from conveyor.domain.delivery import (
+        ArtifactRecord,
+        ArtifactStore,
+        Attestor,
+        Deployments,
+        StageGates,
+    )
 
 ARTIFACTS_DIR = ".conveyor-artifacts"
 """Folder of the workspace where each attempt receives its input artifacts."""
@@ -97,16 +101,6 @@ class _JobState:
     inputs: list[ArtifactRecord] = field(default_factory=list)
 
 
-@dataclass(eq=False)
-class _Batch:
-    """Events waiting to be committed together before the engine acts on them."""
-
-    events: list[ev.Event] = field(default_factory=list)
-
-    def add(self, event: ev.Event) -> None:
-        self.events.append(event)
-
-
 class Engine:
     """Drives one run through its stages; see the module docstring."""
 
@@ -138,7 +132,8 @@ class Engine:
         self.clock = clock
         self.observer = observer
         self.cancel = cancel
-        self._batch = _Batch()
+        self._batch: list[ev.Event] = []
+        """Events waiting to be committed together before the engine acts on them."""
         self._masker = Masker(())
         self._cancelled = False
         self._published: dict[str, tuple[str, ArtifactRecord]] = {}
@@ -147,13 +142,13 @@ class Engine:
     # -- recording ---------------------------------------------------------------------------
 
     def _emit(self, event: ev.Event) -> None:
-        self._batch.add(event)
+        self._batch.append(event)
 
     def _commit(self) -> None:
         """Commit pending events (one transaction), then tell the observer."""
-        if not self._batch.events:
+        if not self._batch:
             return
-        pending, self._batch = self._batch.events, _Batch()
+        pending, self._batch = self._batch, []
         self.record.append(pending)
         for event in pending:
             self.observer.on_event(event)
@@ -549,19 +544,7 @@ class Engine:
             self._emit(report)
         for event in published:
             self._emit(event)
-            self._published[event.name] = (
-                run.stage.name,
-                ArtifactRecord(
-                    event.name,
-                    event.artifact_kind,
-                    event.digest,
-                    event.size,
-                    event.path,
-                    event.provenance,
-                    event.job,
-                    event.run_id,
-                ),
-            )
+            self._published[event.name] = (run.stage.name, _record_of(event))
         self._emit(
             ev.JobFinished(
                 run_id=request.run_id,
@@ -648,15 +631,18 @@ class Engine:
         )
         self._published[item.name] = (
             run.stage.name,
-            ArtifactRecord(
-                item.name,
-                item.kind,
-                item.digest,
-                item.size,
-                item.path,
-                item.provenance,
-                job.name,
-                run.request.run_id,
+            _record_of(
+                ev.ArtifactPublished(
+                    run_id=run.request.run_id,
+                    stage=run.stage.name,
+                    job=job.name,
+                    name=item.name,
+                    artifact_kind=item.kind,
+                    digest=item.digest,
+                    size=item.size,
+                    path=item.path,
+                    provenance=item.provenance,
+                )
             ),
         )
 
@@ -788,6 +774,22 @@ class Engine:
                 problems=[mask(p) for p in result.problems],
             )
         )
+
+
+def _record_of(event: ev.ArtifactPublished) -> ArtifactRecord:
+    """What the engine remembers of an artifact this run published (to hand it on)."""
+    from conveyor.domain.delivery import ArtifactRecord
+
+    return ArtifactRecord(
+        event.name,
+        event.artifact_kind,
+        event.digest,
+        event.size,
+        event.path,
+        event.provenance,
+        event.job,
+        event.run_id,
+    )
 
 
 class _StageRun:

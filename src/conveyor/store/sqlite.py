@@ -19,11 +19,14 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conveyor.domain import events as ev
-from conveyor.domain.ports import ArtifactRecord, CacheHit
+from conveyor.domain.ports import CacheHit
 from conveyor.errors import LeaseLost, StoreError
+
+if TYPE_CHECKING:
+    from conveyor.domain.delivery import ArtifactRecord
 
 GENESIS = "0" * 64
 _DURABLE_KINDS = frozenset({"run.started", "run.finished", "run.interrupted"})
@@ -129,6 +132,8 @@ def _deployment(row: Sequence[Any]) -> dict[str, Any]:
 
 
 def _artifact(row: Sequence[Any]) -> ArtifactRecord:
+    from conveyor.domain.delivery import ArtifactRecord
+
     return ArtifactRecord(*row)
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.adapters.targets.process import BASH, describe_exit, release_env, run_bounded
-from conveyor.domain.ports import Health, Release
+from conveyor.domain.delivery import Health, Release
 from conveyor.errors import DeployError
 
 

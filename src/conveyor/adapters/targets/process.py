@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from conveyor.domain.ports import Health, Release
+from conveyor.domain.delivery import Health, Release
 from conveyor.domain.text import neutralise
 from conveyor.errors import DeployError
 
