@@ -390,7 +390,8 @@ class Engine:
                 continue
             try:
                 workspace = self.workspace.path()
-                state.started_at = self.clock.now()
+                if job.outputs:  # the provenance says when the build started
+                    state.started_at = self.clock.now()
                 inputs = self._receive_artifacts(run, state, workspace)
                 env = dict(request.base_env)
                 env.update(request.spec.env)
