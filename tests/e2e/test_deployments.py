@@ -350,3 +350,18 @@ def test_command_target_scripts_deploy_check_and_roll_back(repo: Repo, tmp_path:
     checked = repo.conveyor("verify", "bundle@1", "--env", "prod", "--json")
     assert checked.code == 0, checked.out + checked.err
     assert [c["name"] for c in checked.json()["checks"]][-1] == "policy"
+
+
+def test_a_broken_target_state_ends_the_deployment_on_the_record(shop: Repo) -> None:
+    assert shop.conveyor("run").code == 0
+    state = next((shop.path / ".conveyor" / "environments" / "staging" / "run").glob("*.json"))
+    service = json.loads(state.read_text())["pid"]
+    state.write_text('{"pid": 1, "start_time": 1e400, "port": 1, "digest": "x", "started_at": ""}')
+    promoted = shop.conveyor("promote", "1", "--to", "staging", "--wait", "0")
+    assert promoted.code == 1
+    assert "unreadable" in promoted.err and "Traceback" not in promoted.err
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert history[0]["status"] == "failed"
+    assert history[0]["reason"].startswith("the deployment stopped:")
+    state.unlink()
+    os.killpg(service, signal.SIGKILL)  # the service whose record was broken

@@ -330,3 +330,39 @@ def test_a_stage_gate_stops_the_line_with_its_reason(repo: Repo) -> None:
         ("coverage", "passed"),
     ]
     assert acceptance["jobs"][0]["status"] == "skipped"
+
+
+def test_a_cached_job_keeps_its_reports_for_the_gates(repo: Repo) -> None:
+    repo.write("build.py", BUILD)
+    repo.write("quality.env", GOOD)
+    repo.write("VERSION", "1\n")
+    repo.pipeline(
+        """\
+        pipeline: shop
+        stages:
+          - name: commit
+            jobs:
+              build:
+                run: python3 build.py
+                reports: {junit: reports/unit.xml, coverage: coverage.xml}
+          - name: acceptance
+            gates:
+              - coverage: {report: coverage.xml, min: 80}
+            jobs:
+              e2e: {run: "true"}
+        """
+    )
+    assert repo.conveyor("run").code == 0
+    second = repo.conveyor("run", "--progress", "plain")
+    assert second.code == 0, second.out
+    assert "build cached" in second.out
+    gates = repo.show()["stages"][1]["gates"]
+    assert [(g["gate"], g["verdict"]) for g in gates] == [("coverage", "passed")]
+
+
+def test_not_author_fails_closed_for_a_dirty_build(shop: Repo) -> None:
+    shop.write("VERSION", "local change\n")
+    assert shop.conveyor("run", "--dirty").code == 0
+    shop.conveyor("approve", "latest", "-e", "production", "--as", "rm@example.invalid")
+    code, out = promote(shop, int(shop.show()["id"]))
+    assert code == 1 and "dirty working tree" in out

@@ -38,7 +38,10 @@ from conveyor.spec.models import EnvironmentSpec
 
 STRATEGY = "recreate"
 LEASE_MARGIN_S = 120.0
-"""A lease lasts the health deadline twice plus this margin (a deployment renews it)."""
+"""Added to a deployment's worst-case duration to get its lease's lifetime."""
+SCRIPT_TIMEOUT_S = 600.0
+"""How long one script of a ``command`` target may run (the target's default)."""
+STOP_TIMEOUT_S = 10.0
 
 
 Outcome = DeploymentOutcome
@@ -88,7 +91,12 @@ class Deployer:
     # -- policy ------------------------------------------------------------------------------
 
     def check_policy(
-        self, environment: EnvironmentSpec, item: ArtifactRecord, revision: str = ""
+        self,
+        environment: EnvironmentSpec,
+        item: ArtifactRecord,
+        revision: str = "",
+        *,
+        gates: bool = True,
     ) -> bool:
         """Refuse, with the reason, an artifact the environment must not accept.
 
@@ -107,7 +115,7 @@ class Deployer:
         if problems:
             message, hint = problems[0]
             raise refusal(message, hint=hint)
-        return self.check_gates(environment, item, revision)
+        return self.check_gates(environment, item, revision) if gates else False
 
     def check_gates(
         self, environment: EnvironmentSpec, item: ArtifactRecord, revision: str
@@ -169,10 +177,13 @@ class Deployer:
         hotfix: bool = False,
     ) -> Outcome:
         """Deploy ``item`` to ``environment`` (see the module docstring)."""
-        overridden = self.check_policy(environment, item, revision)
+        self.check_policy(environment, item, revision, gates=False)
         token = self._acquire(environment, actor)
         fence = (environment.name, token)
         try:
+            # Gates are evaluated once the lease is held: a window, an override's expiry or the
+            # coverage baseline may have changed while this deployment waited for it.
+            overridden = self.check_gates(environment, item, revision)
             return self._deploy_leased(
                 environment, item, revision, actor, trigger, fence, hotfix, overridden
             )
@@ -208,8 +219,17 @@ class Deployer:
             time.sleep(0.2)
 
     def _ttl(self, environment: EnvironmentSpec | None = None) -> float:
+        """The lease's lifetime: longer than the worst case of one deployment (two health
+        deadlines, and two stops or two scripts), so that a live deployer never loses it; a
+        dead one is taken over at once on the same machine. The lease is also renewed between
+        the steps of a deployment."""
         timeout = environment.health_timeout_s if environment else 60.0
-        return 2 * timeout + LEASE_MARGIN_S
+        steps = (
+            SCRIPT_TIMEOUT_S
+            if environment and environment.target.type == "command"
+            else (STOP_TIMEOUT_S)
+        )
+        return 2 * timeout + 3 * steps + LEASE_MARGIN_S
 
     def _deploy_leased(
         self,
@@ -259,9 +279,38 @@ class Deployer:
         self.say(
             f"deploying {item.name} {item.digest[:19]}… to {name} (deployment {deployment_id})"
         )
-        if not self.record.renew_lease(name, fence[1], self._ttl(environment), self.now()):
-            raise LeaseLost(f"the lease on environment '{name}' was taken over")
-        status, reason, running, health = self._recreate(environment, release, previous)
+
+        def renew() -> None:
+            if not self.record.renew_lease(name, fence[1], self._ttl(environment), self.now()):
+                raise LeaseLost(f"the lease on environment '{name}' was taken over")
+
+        renew()
+        try:
+            status, reason, running, health = self._recreate(environment, release, previous, renew)
+        except LeaseLost:
+            raise
+        except BaseException as exc:
+            # Whatever went wrong, the deployment does not stay "running" on the record.
+            detail = (
+                exc.message if isinstance(exc, ConveyorError) else f"{type(exc).__name__}: {exc}"
+            )
+            self.record.append(
+                [
+                    de.DeploymentFinished(
+                        run_id=item.run_id,
+                        deployment_id=deployment_id,
+                        environment=name,
+                        status="failed",
+                        reason=f"the deployment stopped: {detail}",
+                        health="",
+                        duration_s=round(time.monotonic() - started, 3),
+                        running_deployment=None,
+                        finished_epoch=self.now(),
+                    )
+                ],
+                fence=fence,
+            )
+            raise
         shipped: list[list[Any]] = []
         if status == "succeeded" and self.commits is not None:
             try:
@@ -292,17 +341,26 @@ class Deployer:
         return Outcome(deployment_id, status, reason, health.detail)
 
     def _recreate(
-        self, environment: EnvironmentSpec, release: Release, previous: Release | None
+        self,
+        environment: EnvironmentSpec,
+        release: Release,
+        previous: Release | None,
+        renew: Callable[[], None] = lambda: None,
     ) -> tuple[str, str, int | None, Health]:
         """Stop the old release, start the new one; roll back if it is not healthy."""
         new_target = self.make_target(environment, release)
         if previous is not None:
             self.make_target(environment, previous).stop(previous)
+            renew()
         try:
             new_target.start(release, previous)
+            renew()
             health = new_target.check(release, environment.health_timeout_s)
         except ConveyorError as exc:
+            if isinstance(exc, LeaseLost):
+                raise
             health = Health(False, exc.message)
+        renew()
         if health.ok:
             return "succeeded", "", release.deployment_id, health
         self.say(f"release {release.deployment_id} is not healthy: {health.detail}")
@@ -310,9 +368,11 @@ class Deployer:
         if previous is None:
             return "failed", f"unhealthy: {health.detail}", None, health
         self.say(f"rolling back to deployment {previous.deployment_id}")
+        renew()
         old_target = self.make_target(environment, previous)
         try:
             old_target.restore(previous, release)
+            renew()
             restored = old_target.check(previous, environment.health_timeout_s)
         except ConveyorError as exc:
             restored = Health(False, exc.message)

@@ -83,6 +83,23 @@ def evaluate_gate(
         return g.metric_gate(gate.name, values=values, expr=p["expr"], file=p["file"])
     if gate.kind == "approval":
         assert environment is not None
+        if p["not_author"]:
+            facts = record.run_facts(run_id) or {}
+            excluded = list(authors()) if not facts.get("dirty") else []
+            if not excluded:
+                # Fail closed: without a known author, "not the author" cannot be checked.
+                why = (
+                    "the build is of a dirty working tree: its author is unknown"
+                    if facts.get("dirty")
+                    else "the revision's author cannot be read from git"
+                )
+                return g.Verdict(
+                    gate.name,
+                    "approval",
+                    False,
+                    f"cannot check that approvers are not the author: {why}",
+                    {"not_author": True, "required": p["count"], "role": p["role"]},
+                )
         approvals = [
             g.Approval(a["approver"], tuple(a["roles"]), a["comment"], a["at"], a["digest"])
             for a in record.approvals_for(environment.name, digest)
@@ -93,7 +110,7 @@ def evaluate_gate(
             count=p["count"],
             role=p["role"],
             not_author=p["not_author"],
-            authors=authors() if p["not_author"] else (),
+            authors=excluded if p["not_author"] else (),
         )
     if gate.kind == "window":
         return g.window_gate(

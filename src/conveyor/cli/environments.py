@@ -281,14 +281,26 @@ def env_history(name: str, limit: int, home: Path | None, as_json: bool) -> None
 def env_stop(name: str, as_user: str | None, pipeline_file: str, home: Path | None) -> None:
     """Stop what runs in ENV (recorded; the next deployment starts it again)."""
     from conveyor.app.deploy import take_lease
-    from conveyor.bootstrap import make_target
     from conveyor.cli.main import _actor
-    from conveyor.domain import delivery_events as de
-    from conveyor.domain.delivery import Release
 
     root, home_obj, spec, source, record = _context(pipeline_file, home)
     spec_env = _environment(spec, name)
-    state = record.environment_state(name)
+    actor = _actor(as_user, root)
+    token = take_lease(record, name, actor)
+    try:
+        _stop_leased(record, home_obj, source, spec_env, name, actor, token)
+    finally:
+        record.release_lease(name, token)
+
+
+def _stop_leased(
+    record: Any, home_obj: Any, source: Any, spec_env: Any, name: str, actor: str, token: int
+) -> None:
+    from conveyor.bootstrap import make_target
+    from conveyor.domain import delivery_events as de
+    from conveyor.domain.delivery import Release
+
+    state = record.environment_state(name)  # read under the lease: it cannot change now
     if state is None or state["deployment"] is None or state["status"] != "running":
         click.echo(f"nothing runs in '{name}'")
         return
@@ -302,18 +314,13 @@ def env_stop(name: str, as_user: str | None, pipeline_file: str, home: Path | No
         artifact_path="",
         revision=row["revision"],
     )
-    actor = _actor(as_user, root)
-    token = take_lease(record, name, actor)
-    try:
-        make_target(home_obj, source, spec_env, release).stop(release)
-        record.append(
-            [
-                de.EnvironmentStopped(
-                    run_id=row["run"], environment=name, deployment_id=row["id"], actor=actor
-                )
-            ],
-            fence=(name, token),
-        )
-    finally:
-        record.release_lease(name, token)
+    make_target(home_obj, source, spec_env, release).stop(release)
+    record.append(
+        [
+            de.EnvironmentStopped(
+                run_id=row["run"], environment=name, deployment_id=row["id"], actor=actor
+            )
+        ],
+        fence=(name, token),
+    )
     click.echo(f"stopped deployment {row['id']} in '{name}'")

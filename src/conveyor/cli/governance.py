@@ -177,7 +177,11 @@ def _check_reason(reason: str) -> None:
 @click.option("--reason", help="Why (required, recorded, shown next to the failing evidence).")
 @click.option("--expires", help="How long it holds (e.g. 2h) [default: the environment's].")
 @click.option(
-    "--confirm", "confirm_id", type=int, metavar="ID", help="Confirm override ID (second person)."
+    "--confirm",
+    "confirm_id",
+    type=click.IntRange(1, 2**62),
+    metavar="ID",
+    help="Confirm override ID (second person).",
 )
 @as_option
 @file_option
@@ -342,10 +346,14 @@ def gates_check(
     if at_text:
         try:
             at = datetime.fromisoformat(at_text.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise UsageError(f"--at {at_text}: not an ISO 8601 time") from exc
+            if at.tzinfo is not None:
+                at.astimezone(UTC)
+        except (ValueError, OverflowError) as exc:
+            raise UsageError(f"--at {at_text}: not an ISO 8601 time we can use") from exc
         if at.tzinfo is None:
             raise UsageError(f"--at {at_text} has no time zone", hint="add Z or +01:00")
+        if not 1970 <= at.astimezone(UTC).year <= 9998:
+            raise UsageError(f"--at {at_text}: choose a year between 1970 and 9998")
     results: list[dict[str, Any]] = []
     if ref is not None:
         item = _artifact_of(record, spec, ref, None)
@@ -526,7 +534,7 @@ def incident_open(
 
 
 @incident.command("resolve")
-@click.argument("incident_id", type=int, metavar="ID")
+@click.argument("incident_id", type=click.IntRange(1, 2**62), metavar="ID")
 @as_option
 @home_option
 def incident_resolve(incident_id: int, as_user: str | None, home: Path | None) -> None:

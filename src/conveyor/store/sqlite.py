@@ -949,6 +949,12 @@ def _job_skipped(conn: sqlite3.Connection, e: Any, at: str) -> None:
 
 
 def _job_cached(conn: sqlite3.Connection, e: Any, at: str) -> None:
+    # Its coverage and metrics reports are those of the run that built it, as its test counts.
+    conn.execute(
+        "INSERT OR REPLACE INTO reports (run_id, job, kind, path, data)"
+        " SELECT ?, ?, kind, path, data FROM reports WHERE run_id = ? AND job = ?",
+        (e.run_id, e.job, e.source_run, e.source_job),
+    )
     # The source job may have another name: cache keys cover what a job does, not its name.
     source = conn.execute(
         "SELECT tests_passed, tests_failed, tests_skipped FROM jobs WHERE run_id = ? AND name = ?",
@@ -1155,8 +1161,8 @@ def _deployment_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
 
 def _environment_stopped(conn: sqlite3.Connection, e: Any, at: str) -> None:
     conn.execute(
-        "UPDATE environments SET status = 'stopped', since = ? WHERE name = ?",
-        (at, e.environment),
+        "UPDATE environments SET status = 'stopped', since = ? WHERE name = ? AND deployment = ?",
+        (at, e.environment, e.deployment_id),
     )
 
 

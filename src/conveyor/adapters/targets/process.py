@@ -286,7 +286,7 @@ class ProcessTarget:
             )
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as exc:
             raise DeployError(
                 f"the record of {_name(release)} in {path} is unreadable ({exc})",
                 hint="stop the service by hand if it still runs, then remove that file",
