@@ -105,3 +105,7 @@ class DeployError(ConveyorError):
 
 class LeaseLost(DeployError):
     """A deployer's lease on an environment was taken over: it may not write any more."""
+
+
+class PermissionDenied(ConveyorError):
+    """The user does not hold a role the action needs."""

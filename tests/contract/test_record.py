@@ -14,7 +14,7 @@ import pytest
 
 from conveyor.domain import delivery_events as de
 from conveyor.domain import events as ev
-from conveyor.errors import LeaseLost
+from conveyor.errors import LeaseLost, PermissionDenied
 from conveyor.store.migrate import ensure_schema
 from conveyor.store.sqlite import SqliteRecord
 from tests.fakes import InMemoryRecord
@@ -208,3 +208,21 @@ class TestLeases:
         assert len(list(record.iter_events())) == len(before) + 1
         assert not record.renew_lease("prod", stale, 10, 201.0)
         assert record.renew_lease("prod", newer, 10, 201.0)
+
+
+def test_only_the_first_user_may_be_created_without_an_admin(tmp_path: Path) -> None:
+    db = tmp_path / "conveyor.db"
+    ensure_schema(db)
+    first = SqliteRecord(db, lambda: "2026-01-01T00:00:00.000000Z")
+    second = SqliteRecord(db, lambda: "2026-01-01T00:00:00.000000Z")
+    try:
+        first.change_user(de.UserChanged(run_id=0, name="a", roles=["admin"], actor="a"), "a")
+        # The other process checked "no users yet" too late: the check runs inside its write.
+        with pytest.raises(PermissionDenied):
+            second.change_user(de.UserChanged(run_id=0, name="b", roles=["admin"], actor="b"), "b")
+        second.change_user(de.UserChanged(run_id=0, name="b", roles=["overrider"], actor="a"), "a")
+        assert [u["name"] for u in second.users()] == ["a", "b"]
+        assert second.verify().ok
+    finally:
+        first.close()
+        second.close()

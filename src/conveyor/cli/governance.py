@@ -21,15 +21,11 @@ from conveyor.cli.common import (
     json_option,
     open_record_at,
 )
-from conveyor.errors import ConveyorError, UsageError
+from conveyor.errors import PermissionDenied, UsageError
 
 as_option = click.option(
     "--as", "as_user", help="Who does it [default: CONVEYOR_USER, else git user.email]."
 )
-
-
-class PermissionDenied(ConveyorError):
-    """The user does not hold a role the action needs."""
 
 
 def _who(as_user: str | None) -> str:
@@ -80,12 +76,9 @@ def users_add(name: str, roles: tuple[str, ...], as_user: str | None, home: Path
     record = open_record_at(home)
     actor = _who(as_user)
     existing = record.users()
-    if existing and "admin" not in (record.roles_of(actor) or []):
-        raise PermissionDenied(
-            f"{actor} may not manage users: that needs the admin role",
-            hint="ask an admin: `conveyor users list` shows them",
-        )
-    record.append([de.UserChanged(run_id=0, name=name, roles=sorted(set(roles)), actor=actor)])
+    record.change_user(
+        de.UserChanged(run_id=0, name=name, roles=sorted(set(roles)), actor=actor), actor
+    )
     click.echo(f"{name}: {', '.join(sorted(set(roles)))}")
     if not existing and "admin" not in roles:
         click.echo("note: the first user is not an admin; nobody can change users now", err=True)

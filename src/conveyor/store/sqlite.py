@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.domain import events as ev
 from conveyor.domain.ports import CacheHit
-from conveyor.errors import LeaseLost, StoreError
+from conveyor.errors import LeaseLost, PermissionDenied, StoreError
 
 if TYPE_CHECKING:
     from conveyor.domain.delivery import ArtifactRecord
@@ -163,12 +163,19 @@ class SqliteRecord:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    def append(self, events: Sequence[ev.Event], fence: tuple[str, int] | None = None) -> None:
+    def append(
+        self,
+        events: Sequence[ev.Event],
+        fence: tuple[str, int] | None = None,
+        guard: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
         """Append events hash-linked and update read models, in one transaction.
 
         With ``fence`` (environment, lease token) nothing is written, and ``LeaseLost`` is
         raised, unless that token still holds the environment's lease: a deployer whose lease
-        was taken over cannot write after the newer one.
+        was taken over cannot write after the newer one. ``guard`` runs inside the transaction,
+        before anything is written, and may raise to write nothing (a check no other writer
+        can invalidate before the commit).
         """
         if not events:
             return
@@ -178,13 +185,13 @@ class SqliteRecord:
             if durable:
                 conn.execute("PRAGMA synchronous=FULL")
             try:
-                if not self._try_append(events, self._tail, fence):
+                if not self._try_append(events, self._tail, fence, guard):
                     # Another process appended since our last write: link to the real tail.
                     row = conn.execute(
                         "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
                     ).fetchone()
                     tail = (row[0], row[1]) if row else (0, GENESIS)
-                    if not self._try_append(events, tail, fence):
+                    if not self._try_append(events, tail, fence, guard):
                         raise StoreError(f"concurrent writers kept racing on {self.path}")
             finally:
                 if durable:
@@ -197,6 +204,7 @@ class SqliteRecord:
         events: Sequence[ev.Event],
         tail: tuple[int, str] | None,
         fence: tuple[str, int] | None = None,
+        guard: Callable[[sqlite3.Connection], None] | None = None,
     ) -> bool:
         """One transaction linking ``events`` after ``tail`` (``None``: read it first).
 
@@ -206,6 +214,8 @@ class SqliteRecord:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if guard is not None:
+                guard(conn)
             if fence is not None:
                 row = conn.execute(
                     "SELECT token FROM leases WHERE environment = ?", (fence[0],)
@@ -303,6 +313,23 @@ class SqliteRecord:
             {"name": r[0], "roles": json.loads(r[1]), "added_at": r[2], "added_by": r[3]}
             for r in rows
         ]
+
+    def change_user(self, event: ev.Event, actor: str) -> None:
+        """Record a user's new roles: anyone may create the first user; after that only an
+        admin may change users (checked inside the write transaction, so two first users cannot
+        both be created)."""
+
+        def only_admins(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT COUNT(*) FROM users").fetchone()[0] == 0:
+                return
+            row = conn.execute("SELECT roles FROM users WHERE name = ?", (actor,)).fetchone()
+            if row is None or "admin" not in json.loads(row[0]):
+                raise PermissionDenied(
+                    f"{actor} may not manage users: that needs the admin role",
+                    hint="ask an admin: `conveyor users list` shows them",
+                )
+
+        self.append([event], guard=only_admins)
 
     def roles_of(self, name: str) -> list[str] | None:
         """A user's roles (``None``: not a user)."""
