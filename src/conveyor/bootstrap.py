@@ -326,15 +326,57 @@ def log_cap() -> int:
 
 
 def prune_workspaces(home: Home, keep: int = KEEP_WORKSPACES) -> None:
-    """Remove the workspaces of all but the ``keep`` newest runs."""
-    import shutil
+    """Remove the workspaces of all but the ``keep`` newest runs, and abandoned checkouts.
 
+    They are moved aside at once (a rename) and deleted by a detached ``rm -rf``, so that the
+    command does not wait for large trees (``node_modules``) to be deleted.
+    """
     if not home.workspaces.is_dir():
         return
-    for stale in home.workspaces.glob(".checkout-*"):
-        pid = stale.name.removeprefix(".checkout-")
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            shutil.rmtree(stale, ignore_errors=True)
+    stale: list[Path] = []
+    for entry in home.workspaces.iterdir():
+        name = entry.name
+        if name.startswith(".checkout-"):
+            pid = name.removeprefix(".checkout-")
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                stale.append(entry)
+        elif name == ".trash":
+            stale.extend(entry.iterdir())  # left by an rm that did not finish
     ids = sorted((int(p.name) for p in home.workspaces.iterdir() if p.name.isdigit()), reverse=True)
-    for run_id in ids[keep:]:
-        shutil.rmtree(home.workspaces / str(run_id), ignore_errors=True)
+    stale.extend(home.workspaces / str(run_id) for run_id in ids[keep:])
+    if not stale:
+        return
+    trash = home.workspaces / ".trash"
+    doomed = []
+    for path in stale:
+        target = path if path.parent == trash else trash / f"{path.name}.{os.getpid()}"
+        try:
+            trash.mkdir(exist_ok=True)
+            if target != path:
+                os.replace(path, target)
+        except OSError:
+            continue
+        doomed.append(str(target))
+    if doomed:
+        _delete_in_background(doomed)
+
+
+def _delete_in_background(paths: list[str]) -> None:
+    """``rm -rf`` in its own session, not waited for; synchronously if it cannot start."""
+    try:
+        os.posix_spawnp(
+            "rm",
+            ["rm", "-rf", "--", *paths],
+            {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"},
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+            ],
+            setsid=True,
+        )
+    except OSError:
+        import shutil
+
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)

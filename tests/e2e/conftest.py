@@ -68,10 +68,11 @@ class Repo:
         env: dict[str, str] | None = None,
         timeout: float = 60,
         input_bytes: bytes | None = None,
+        cwd: Path | None = None,
     ) -> Result:
         proc = subprocess.run(
             [sys.executable, "-m", "conveyor", *args],
-            cwd=self.path,
+            cwd=cwd or self.path,
             env={**self.env, **(env or {})},
             capture_output=True,
             timeout=timeout,

@@ -83,6 +83,53 @@ def test_jobs_share_the_workspace_and_get_the_conveyor_variables(repo: Repo) -> 
     assert Path(ws).is_dir() and ws != str(repo.path)
 
 
+def test_the_workspace_is_a_clean_git_checkout_that_borrows_the_objects(
+    repo: Repo, tmp_path: Path
+) -> None:
+    repo.pipeline("""\
+        pipeline: ws
+        stages:
+          - name: commit
+            jobs:
+              inspect:
+                run: |
+                  git rev-parse HEAD
+                  echo "status=[$(git status --porcelain)]"
+                  git cat-file -t HEAD
+                  echo "alternates=$(cat .git/objects/info/alternates)"
+                  ls .git/objects | grep -c . || true
+        """)
+    repo.write("sub/readme.txt", "hello\n")
+    rev = repo.commit("sub")
+    (repo.path / "sub" / "untracked.txt").write_text("not committed\n")
+    ran = repo.conveyor("run", cwd=repo.path / "sub")
+    assert ran.code == 0, ran.out + ran.err
+    log = repo.conveyor("logs", "latest", "inspect").out
+    assert rev in log and "status=[]" in log and "commit" in log
+    assert f"alternates={repo.path.resolve() / '.git' / 'objects'}" in log
+    # A linked worktree's runs borrow the common object database.
+    linked = tmp_path / "linked"
+    repo.git("worktree", "add", "-q", "--detach", str(linked))
+    in_linked = repo.conveyor("run", "--home", str(tmp_path / "home"), cwd=linked)
+    assert in_linked.code == 0, in_linked.out + in_linked.err
+
+
+def test_old_workspaces_are_pruned(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    for _ in range(7):
+        assert repo.conveyor("run", "--no-cache").code == 0
+    workspaces = repo.path / ".conveyor" / "workspaces"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # deleted by a background rm
+        left = sorted(p.name for p in workspaces.iterdir() if not p.name.startswith("."))
+        trash = workspaces / ".trash"
+        if left == ["3", "4", "5", "6", "7"] and not (trash.exists() and any(trash.iterdir())):
+            break
+        time.sleep(0.05)
+    assert left == ["3", "4", "5", "6", "7"]
+    assert not any((workspaces / ".trash").iterdir())
+
+
 def test_failed_stage_stops_the_line(repo: Repo) -> None:
     repo.pipeline(SIMPLE.replace("cat dist/out.txt", "echo boom; exit 4"))
     result = repo.conveyor("run")

@@ -1,21 +1,23 @@
 """The git repository a run comes from, and the clean workspace it runs in.
 
-A run works on a clean checkout of a committed revision (a shared clone, so no object is
-copied); with ``--dirty`` it works on a copy of the working tree's tracked and untracked,
-not-ignored files instead. The pipeline file is read from the same revision.
+A run works on a clean checkout of a committed revision (borrowing the repository's
+objects, so no object is copied); with ``--dirty`` it works on a copy of the working tree's
+tracked and untracked, not-ignored files instead. The pipeline file is read from the same revision.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from conveyor.domain.ports import SourceSnapshot
 from conveyor.errors import SourceError
+
+if TYPE_CHECKING:
+    from conveyor.domain.ports import SourceSnapshot
 
 
 def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
@@ -39,10 +41,13 @@ def find_repo_root(start: Path) -> Path | None:
     return Path(proc.stdout.decode().strip())
 
 
-def discover(cwd: Path, rev: str, rel_path: str) -> tuple[Path, str, str, str, str] | None:
-    """In one git call: repository root, path of ``rel_path`` (relative to ``cwd``) from the
+def discover(cwd: Path, rev: str, rel_path: str) -> tuple[GitSource, str, str, str, str] | None:
+    """In one git call: the repository, the path of ``rel_path`` (relative to ``cwd``) from its
     root, and the commit, tree and blob ids at ``rev``. ``None`` if anything is missing (the
-    caller then asks step by step, to explain what is wrong)."""
+    caller then asks step by step, to explain what is wrong).
+
+    This module imports little, so that a run can start its checkout before the rest of
+    Conveyor is loaded."""
     if rev.startswith("-") or rel_path.startswith("/"):
         return None
     proc = _git(
@@ -50,23 +55,34 @@ def discover(cwd: Path, rev: str, rel_path: str) -> tuple[Path, str, str, str, s
         "rev-parse",
         "--show-toplevel",
         "--show-prefix",
+        "--git-path",
+        "objects",
         f"{rev}^{{commit}}",
         f"{rev}^{{tree}}",
         f"{rev}:./{rel_path}",
         check=False,
     )
     lines = proc.stdout.decode().split("\n")
-    if proc.returncode != 0 or len(lines) < 5:
+    if proc.returncode != 0 or len(lines) < 6:
         return None
-    root, prefix, commit, tree, blob = lines[:5]
-    return Path(root), prefix + rel_path, commit, tree, blob
+    root, prefix, objects, commit, tree, blob = lines[:6]
+    source = GitSource(Path(root), objects=cwd / objects)
+    return source, prefix + rel_path, commit, tree, blob
 
 
 class GitSource:
     """Reads revisions, files and trees of one repository."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, objects: Path | None = None) -> None:
         self.root = root
+        self._objects = objects
+
+    def objects_dir(self) -> Path:
+        """The repository's object database (shared by the workspaces' checkouts)."""
+        if self._objects is None:
+            out = _git(self.root, "rev-parse", "--git-path", "objects").stdout.decode().strip()
+            self._objects = self.root / out
+        return self._objects
 
     def repository_uri(self) -> str:
         """Where the code comes from, for provenance: the ``origin`` remote's URL if there is
@@ -148,6 +164,8 @@ class GitSource:
 
     def snapshot(self, commit: str, with_files: bool, tree: str | None = None) -> SourceSnapshot:
         """Tree id and (if asked) the blob id of every file, for cache keys."""
+        from conveyor.domain.ports import SourceSnapshot
+
         if tree is None:
             tree = _git(self.root, "rev-parse", f"{commit}^{{tree}}").stdout.decode().strip()
         files: dict[str, str] = {}
@@ -167,6 +185,10 @@ class GitSource:
 
     def dirty_snapshot(self) -> SourceSnapshot:
         """A snapshot of the working tree as it is now (content sha256 per file)."""
+        import hashlib
+
+        from conveyor.domain.ports import SourceSnapshot
+
         head = _git(self.root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False)
         revision = head.stdout.decode().strip() if head.returncode == 0 else "0" * 40
         files: dict[str, str] = {}
@@ -181,17 +203,17 @@ class GitSource:
 
 
 class GitWorkspace:
-    """A clean checkout of one commit: a shared clone (no object copied), checked out detached.
+    """A clean checkout of one commit, detached, in a repository that borrows the source's
+    objects through ``objects/info/alternates`` (what ``git clone --shared`` sets up; no object
+    is copied).
 
     ``start`` begins the checkout in the background so that it overlaps with the rest of the
     run's set-up; ``path`` waits for it (or does it) the first time a job needs it.
     """
 
     _SCRIPT = (
-        'git clone --quiet --shared --no-checkout -- "$1" "$2" && '
-        'git -C "$2" -c advice.detachedHead=false checkout --quiet --detach "$3" && '
-        # Where jobs receive artifacts: not part of the tree, so `git status` stays clean.
-        'mkdir -p "$2/.git/info" && echo "/.conveyor-artifacts/" >> "$2/.git/info/exclude"'
+        'git init --quiet --template= "$1" && '
+        'git -C "$1" -c advice.detachedHead=false checkout --quiet --detach "$2"'
     )
 
     def __init__(self, source: GitSource, commit: str, directory: Path) -> None:
@@ -207,23 +229,33 @@ class GitWorkspace:
         """Begin the checkout in the background."""
         if self._ready or self._proc is not None:
             return
-        if self.directory.exists():
-            shutil.rmtree(self.directory)
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._prepare()
+        except OSError as exc:
+            raise SourceError(
+                f"cannot prepare the workspace {self.directory}: {exc.strerror or exc}"
+            ) from exc
         self._proc = subprocess.Popen(
-            [
-                "sh",
-                "-c",
-                self._SCRIPT,
-                "sh",
-                str(self.source.root),
-                str(self.directory),
-                self.commit,
-            ],
+            ["sh", "-c", self._SCRIPT, "sh", str(self.directory), self.commit],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+
+    def _prepare(self) -> None:
+        """An empty repository that borrows the source's objects (``git init`` adds the rest)."""
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        dot_git = self.directory / ".git"
+        (dot_git / "objects" / "info").mkdir(parents=True)
+        (dot_git / "info").mkdir()
+        objects = str(self.source.objects_dir().resolve())
+        if "\n" in objects or objects.startswith('"'):  # git reads C-quoted lines
+            escaped = objects.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            objects = f'"{escaped}"'
+        (dot_git / "objects" / "info" / "alternates").write_text(f"{objects}\n")
+        # Where jobs receive artifacts: not part of the tree, so `git status` stays clean.
+        (dot_git / "info" / "exclude").write_text("/.conveyor-artifacts/\n")
 
     def path(self) -> str:
         """The checkout directory, once the checkout is complete."""

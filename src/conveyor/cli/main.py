@@ -80,36 +80,43 @@ def _load_for_run(
     """Root, home, spec, git source, snapshot and (if ``checkout``) the run's workspace, whose
     checkout starts at once in the background, for ``run`` and ``plan``."""
     from conveyor.adapters.git import GitSource, GitWorkspace, discover
-    from conveyor.bootstrap import source_snapshot
-    from conveyor.spec import load_pipeline_file
+
+    workspace = None
 
     found = None if dirty else discover(Path.cwd(), revision or "HEAD", pipeline_file)
     if found is not None:  # the common case, in one git call
-        root, rel, commit, tree, blob = found
+        source, rel, commit, tree, blob = found
+        root = source.root
         home = home_of(home_opt, root)
-        source = GitSource(root)
-    else:
-        found_root = repo_root()
-        assert found_root is not None
-        root = found_root
-        home = home_of(home_opt, root)
-        full, rel = _pipeline_path(root, pipeline_file)
-        source = GitSource(root)
-        if dirty:
-            if revision:
-                raise UsageError(
-                    "--dirty and --revision cannot be combined",
-                    hint="--dirty runs the working tree as it is now",
-                )
-            spec = load_pipeline_file(full, pipeline_file)
-            return root, home, spec, source, source_snapshot(source, None, spec), None
-        commit, tree, found_blob = source.resolve_file(revision or "HEAD", rel)
-        blob = found_blob or ""
-    workspace = None
-    if checkout and blob:
-        workspace = GitWorkspace(source, commit, home.workspaces / f".checkout-{os.getpid()}")
-        workspace.start()
+        if checkout and blob:  # at once: the checkout overlaps with loading the rest
+            workspace = GitWorkspace(source, commit, home.workspaces / f".checkout-{os.getpid()}")
+            workspace.start()
     try:
+        from conveyor.bootstrap import source_snapshot
+        from conveyor.spec import load_pipeline_file
+
+        if found is None:
+            found_root = repo_root()
+            assert found_root is not None
+            root = found_root
+            home = home_of(home_opt, root)
+            full, rel = _pipeline_path(root, pipeline_file)
+            source = GitSource(root)
+            if dirty:
+                if revision:
+                    raise UsageError(
+                        "--dirty and --revision cannot be combined",
+                        hint="--dirty runs the working tree as it is now",
+                    )
+                spec = load_pipeline_file(full, pipeline_file)
+                return root, home, spec, source, source_snapshot(source, None, spec), None
+            commit, tree, found_blob = source.resolve_file(revision or "HEAD", rel)
+            blob = found_blob or ""
+            if checkout and blob:
+                workspace = GitWorkspace(
+                    source, commit, home.workspaces / f".checkout-{os.getpid()}"
+                )
+                workspace.start()
         spec = _committed_spec(source, commit, blob or None, rel, pipeline_file, home)
         snapshot = source_snapshot(source, commit, spec, tree)
     except BaseException:
@@ -469,14 +476,15 @@ def run(
     progress: str,
 ) -> None:
     """Run the pipeline on the committed revision (exit 1 if it fails, 130 if cancelled)."""
-    from conveyor.bootstrap import cancellation, prepare_run, prune_workspaces
-    from conveyor.engine.engine import RunOptions
-    from conveyor.executors.local import LocalExecutor
-
+    # First: the checkout starts in the background while the rest of Conveyor loads.
     root, home_obj, spec, source, snapshot, workspace = _load_for_run(
         pipeline_file, revision, dirty, home, checkout=True
     )
     try:
+        from conveyor.bootstrap import cancellation, prepare_run, prune_workspaces
+        from conveyor.engine.engine import RunOptions
+        from conveyor.executors.local import LocalExecutor
+
         selected = _check_stages(spec, stages)
         record = open_record_at(home_obj.root, root)
         secrets, missing = _secrets(spec)

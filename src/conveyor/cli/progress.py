@@ -31,6 +31,8 @@ SYMBOLS = {
 
 @dataclass
 class _Job:
+    """What the progress view shows of one job."""
+
     stage: str
     status: str = "pending"
     attempt: int = 0

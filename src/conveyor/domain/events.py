@@ -49,12 +49,16 @@ class RunStarted(Event):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class StageStarted(Event):
+    """A stage began (its gates, if any, are evaluated next)."""
+
     kind: ClassVar[str] = "stage.started"
     stage: str
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class StageFinished(Event):
+    """A stage ended, with its status (and for a deploy stage, why)."""
+
     kind: ClassVar[str] = "stage.finished"
     stage: str
     status: str
@@ -87,6 +91,8 @@ class JobCached(Event):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class JobAttemptStarted(Event):
+    """An attempt of a job was recorded as started; its process is spawned after the commit."""
+
     kind: ClassVar[str] = "job.attempt.started"
     stage: str
     job: str
@@ -132,6 +138,8 @@ class TestsReported(Event):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class JobFinished(Event):
+    """A job reached its final status (its last attempt is folded in as ``attempt``)."""
+
     kind: ClassVar[str] = "job.finished"
     stage: str
     job: str
@@ -204,6 +212,8 @@ class GateEvaluated(Event):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class RunFinished(Event):
+    """A run ended: ``succeeded``, ``failed`` or ``cancelled``."""
+
     kind: ClassVar[str] = "run.finished"
     status: str
     reason: str = ""

@@ -83,6 +83,8 @@ class RunRequest:
 
 @dataclass(eq=False)
 class _JobState:
+    """What the engine knows about one job of the stage it is running."""
+
     spec: JobSpec
     key: str
     status: str = "pending"

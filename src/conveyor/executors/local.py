@@ -126,6 +126,8 @@ def _which(name: str, path: str | None) -> str | None:
 
 @dataclass
 class _Proc:
+    """One running attempt: its pid, output pipe and pidfd."""
+
     key: str
     pid: int
     out_fd: int | None
