@@ -21,7 +21,7 @@ class FileAttemptLog:
 
     def __init__(self, home: Path, rel_path: str, cap: int) -> None:
         self.path = rel_path
-        self._abs = home / rel_path
+        self._home = home
         self._cap = cap
         self._fd: int | None = None
         self._size = 0
@@ -54,11 +54,10 @@ class FileAttemptLog:
         return LogSummary(self.path, self._size, self._sha.hexdigest(), truncated)
 
     def _raw_write(self, data: bytes) -> None:
-        if self._fd is None:
-            self._abs.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(
-                self._abs, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
-            )
+        if self._fd is None:  # most attempts of a quiet job never get here
+            path = self._home / self.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)

@@ -395,12 +395,10 @@ class Engine:
                 if job.outputs:  # the provenance says when the build started
                     state.started_at = self.clock.now()
                 inputs = self._receive_artifacts(run, state, workspace)
-                env = dict(request.base_env)
-                env.update(request.spec.env)
-                env.update(job.env)
-                env.update(request.secrets)
-                env.update(
-                    {
+                if run.env_head is None:  # the same for every job of the stage
+                    run.env_head = {**request.base_env, **request.spec.env}
+                    run.env_tail = {
+                        **request.secrets,
                         "CI": "true",
                         "CONVEYOR": "true",
                         "CONVEYOR_RUN_ID": str(request.run_id),
@@ -408,11 +406,15 @@ class Engine:
                         "CONVEYOR_REVISION": request.source.revision,
                         "CONVEYOR_PIPELINE": request.spec.name,
                         "CONVEYOR_STAGE": run.stage.name,
-                        "CONVEYOR_JOB": job.name,
-                        "CONVEYOR_ATTEMPT": str(state.attempt),
                         "CONVEYOR_WORKSPACE": workspace,
                     }
-                )
+                # Later wins: the OS, the pipeline's env, the job's env, secrets, Conveyor's
+                # variables, received artifacts.
+                env = dict(run.env_head)
+                env.update(job.env)
+                env.update(run.env_tail)
+                env["CONVEYOR_JOB"] = job.name
+                env["CONVEYOR_ATTEMPT"] = str(state.attempt)
                 env.update(inputs)
                 now = self.clock.monotonic()
                 if state.attempt == 1:
@@ -814,6 +816,8 @@ class _StageRun:
         heapq.heapify(self.ready)
         self.running: dict[str, _JobState] = {}
         self.to_spawn: list[_JobState] = []
+        self.env_head: dict[str, str] | None = None
+        self.env_tail: dict[str, str] = {}
 
     def release(self, name: str) -> None:
         """``name`` passed: its dependants whose needs are all met become ready."""

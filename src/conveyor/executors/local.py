@@ -10,6 +10,7 @@ shell syntax is executed directly, as make does; anything else runs with
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import selectors
 import shutil
@@ -102,6 +103,17 @@ _REAP_INTERVAL_S = 0.02
 
 def direct_argv(script: str, path: str | None) -> list[str] | None:
     """The argv to execute ``script`` without a shell, or ``None`` if it needs one."""
+    key = (script, path)
+    if key not in _DIRECT:
+        _DIRECT[key] = _direct_argv(script, path)
+    found = _DIRECT[key]
+    return None if found is None else list(found)
+
+
+_DIRECT: dict[tuple[str, str | None], tuple[str, ...] | None] = {}
+
+
+def _direct_argv(script: str, path: str | None) -> tuple[str, ...] | None:
     text = script.strip()
     if not text or any(ch in _SHELL_SYNTAX for ch in text):
         return None
@@ -111,7 +123,7 @@ def direct_argv(script: str, path: str | None) -> list[str] | None:
     exe = _which(argv[0], path) if "/" not in argv[0] else argv[0]
     if exe is None:
         return None
-    return [exe, *argv[1:]]
+    return (exe, *argv[1:])
 
 
 _WHICH: dict[tuple[str, str | None], str | None] = {}
@@ -185,7 +197,7 @@ class LocalExecutor:
             raise
         finally:
             os.close(write_fd)
-        os.set_blocking(read_fd, False)
+        fcntl.fcntl(read_fd, fcntl.F_SETFL, os.O_NONBLOCK)  # a new pipe has no other flag
         pid_fd = None
         if _HAVE_PIDFD:
             try:
