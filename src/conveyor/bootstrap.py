@@ -32,13 +32,14 @@ from conveyor.domain.ports import Observer, SourceSnapshot
 from conveyor.engine.engine import Engine, RunOptions, RunRequest
 from conveyor.errors import DeployError
 from conveyor.executors.local import LocalExecutor
-from conveyor.spec.models import EnvironmentSpec, PipelineSpec
+from conveyor.spec.models import PipelineSpec
 from conveyor.store.migrate import ensure_schema
 from conveyor.store.sqlite import SqliteRecord
 
 if TYPE_CHECKING:
     from conveyor.app.deploy import Deployer
     from conveyor.domain.delivery import Release, StageGates, Target
+    from conveyor.spec.delivery import EnvironmentSpec
 
 KEEP_WORKSPACES = 5
 

@@ -6,7 +6,8 @@ import pytest
 
 from conveyor.errors import SpecError
 from conveyor.spec import parse_pipeline
-from conveyor.spec.models import GateSpec, PipelineSpec
+from conveyor.spec.delivery import GateSpec
+from conveyor.spec.models import PipelineSpec
 
 BASE = """\
 pipeline: shop

@@ -34,7 +34,7 @@ from conveyor.domain import delivery_events as de
 from conveyor.domain import events as ev
 from conveyor.domain.delivery import ArtifactRecord, DeploymentOutcome, Health, Release, Target
 from conveyor.errors import ConveyorError, DeployError, LeaseLost
-from conveyor.spec.models import EnvironmentSpec
+from conveyor.spec.delivery import EnvironmentSpec
 
 STRATEGY = "recreate"
 LEASE_MARGIN_S = 120.0

@@ -25,7 +25,8 @@ from typing import Any
 
 import conveyor.domain.gates as g
 from conveyor.domain.delivery import ArtifactRecord, GateResult
-from conveyor.spec.models import EnvironmentSpec, GateSpec, StageSpec
+from conveyor.spec.delivery import EnvironmentSpec, GateSpec
+from conveyor.spec.models import StageSpec
 
 
 @dataclass(frozen=True)

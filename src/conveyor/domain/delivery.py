@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from conveyor.spec.models import EnvironmentSpec, StageSpec
+from conveyor.spec.delivery import EnvironmentSpec
+from conveyor.spec.models import StageSpec
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from conveyor.spec.delivery import DeploySpec, EnvironmentSpec, GateSpec
 
 DEFAULT_TIMEOUT_S = 3600.0
 DEFAULT_FILE = "conveyor.yml"
@@ -66,76 +69,6 @@ class JobSpec:
     """A Cobertura XML report the job writes (workspace-relative), recorded for gates."""
     metrics: str | None = None
     """A JSON file of numbers the job writes (workspace-relative), recorded for gates."""
-    location: Location = Location(1, 1)
-
-
-TARGET_TYPES = ("process", "command")
-DEFAULT_HEALTH_TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """How an environment is deployed to.
-
-    ``process``: ``command`` runs the release as a local service; health by ``health_http``
-    (a path on ``$PORT``) or ``health_command``. ``command``: the user's ``deploy``, ``health``
-    and ``rollback`` scripts.
-    """
-
-    type: str
-    command: str = ""
-    health_http: str | None = None
-    health_command: str | None = None
-    deploy: str = ""
-    rollback: str | None = None
-
-
-GATE_KINDS = ("tests", "coverage", "metric", "approval", "window")
-STAGE_GATE_KINDS = ("tests", "coverage", "metric", "window")
-DEFAULT_OVERRIDE_ROLES = ("overrider", "admin")
-DEFAULT_OVERRIDE_EXPIRY_S = 2 * 3600.0
-DEFAULT_OVERRIDE_MAX_S = 24 * 3600.0
-
-
-@dataclass(frozen=True)
-class GateSpec:
-    """An automated check before a stage or a deployment; ``params`` are the kind's settings
-    (validated, JSON values), e.g. ``{"min_passed_ratio": 1.0, "min_count": 50}``."""
-
-    name: str
-    kind: str
-    params: Mapping[str, Any] = field(default_factory=dict)
-    location: Location = Location(1, 1)
-
-
-@dataclass(frozen=True)
-class EnvironmentSpec:
-    """A place the software runs, with its target and the policy for what it accepts."""
-
-    name: str
-    target: TargetSpec
-    requires: tuple[str, ...] = ()
-    """Stages that must have passed in the run that built the artifact."""
-    branches: tuple[str, ...] = ()
-    """Glob patterns of the branches whose builds it accepts (empty: any)."""
-    port: int | None = None
-    health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
-    gates: tuple[GateSpec, ...] = ()
-    override_roles: tuple[str, ...] = DEFAULT_OVERRIDE_ROLES
-    override_expiry_s: float = DEFAULT_OVERRIDE_EXPIRY_S
-    """The expiry of an override when ``--expires`` is not given."""
-    override_max_s: float = DEFAULT_OVERRIDE_MAX_S
-    override_confirm: bool = False
-    """Whether an override needs a second person's ``--confirm``."""
-    location: Location = Location(1, 1)
-
-
-@dataclass(frozen=True)
-class DeploySpec:
-    """A deploy stage: put ``artifact`` (built earlier in the run) into ``environment``."""
-
-    environment: str
-    artifact: str
     location: Location = Location(1, 1)
 
 
@@ -241,10 +174,8 @@ class PipelineSpec:
                     stage["name"],
                     jobs,
                     Location(**stage["location"]),
-                    None
-                    if deploy is None
-                    else DeploySpec(**{**deploy, "location": Location(**deploy["location"])}),
-                    tuple(_gate(g) for g in stage["gates"]),
+                    None if deploy is None else _deploy(deploy),
+                    _gates(stage["gates"]),
                 )
             )
         return cls(
@@ -258,22 +189,30 @@ class PipelineSpec:
                 ArtifactSpec(**{**a, "location": Location(**a["location"])})
                 for a in data["artifacts"]
             ),
-            environments=tuple(
-                EnvironmentSpec(
-                    **{
-                        **e,
-                        "target": TargetSpec(**e["target"]),
-                        "requires": tuple(e["requires"]),
-                        "branches": tuple(e["branches"]),
-                        "gates": tuple(_gate(g) for g in e["gates"]),
-                        "override_roles": tuple(e["override_roles"]),
-                        "location": Location(**e["location"]),
-                    }
-                )
-                for e in data["environments"]
-            ),
+            environments=_environments(data["environments"]),
         )
 
 
-def _gate(data: dict[str, Any]) -> GateSpec:
-    return GateSpec(data["name"], data["kind"], dict(data["params"]), Location(**data["location"]))
+# Environments, gates and deploy stages are built only for pipelines that have them.
+
+
+def _gates(items: list[dict[str, Any]]) -> tuple[GateSpec, ...]:
+    if not items:
+        return ()
+    from conveyor.spec.delivery import gate_from_dict
+
+    return tuple(gate_from_dict(g) for g in items)
+
+
+def _deploy(data: dict[str, Any]) -> DeploySpec:
+    from conveyor.spec.delivery import deploy_from_dict
+
+    return deploy_from_dict(data)
+
+
+def _environments(items: list[dict[str, Any]]) -> tuple[EnvironmentSpec, ...]:
+    if not items:
+        return ()
+    from conveyor.spec.delivery import environment_from_dict
+
+    return tuple(environment_from_dict(e) for e in items)

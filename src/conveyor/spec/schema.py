@@ -34,28 +34,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor.errors import SpecError, SpecProblem
+from conveyor.spec.delivery import (
+    DEFAULT_HEALTH_TIMEOUT_S,
+    DEFAULT_OVERRIDE_EXPIRY_S,
+    DEFAULT_OVERRIDE_MAX_S,
+    DEFAULT_OVERRIDE_ROLES,
+    GATE_KINDS,
+    STAGE_GATE_KINDS,
+    TARGET_TYPES,
+    DeploySpec,
+    EnvironmentSpec,
+    GateSpec,
+    TargetSpec,
+)
 from conveyor.spec.durations import parse_duration
 from conveyor.spec.graph import find_cycle
 from conveyor.spec.loader import MapNode, Node, ScalarNode, SeqNode, resolve_plain
 from conveyor.spec.models import (
     ARTIFACT_KINDS,
-    DEFAULT_HEALTH_TIMEOUT_S,
-    DEFAULT_OVERRIDE_EXPIRY_S,
-    DEFAULT_OVERRIDE_MAX_S,
-    DEFAULT_OVERRIDE_ROLES,
     DEFAULT_TIMEOUT_S,
-    GATE_KINDS,
-    STAGE_GATE_KINDS,
-    TARGET_TYPES,
     ArtifactSpec,
-    DeploySpec,
-    EnvironmentSpec,
-    GateSpec,
     JobSpec,
     Location,
     PipelineSpec,
     StageSpec,
-    TargetSpec,
 )
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
