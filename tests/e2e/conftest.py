@@ -34,12 +34,13 @@ class Result:
 class Repo:
     """A temporary git repository and a way to run ``conveyor`` in it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, object_format: str = "sha1") -> None:
         self.path = path
+        self.path.mkdir(parents=True, exist_ok=True)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
         self.env.update(GIT_ENV)
         self.env["CONVEYOR_USER"] = "tester@example.invalid"
-        self.git("init", "-q", "-b", "main")
+        self.git("init", "-q", "-b", "main", f"--object-format={object_format}")
 
     def git(self, *args: str) -> str:
         return subprocess.run(

@@ -114,6 +114,14 @@ def test_the_workspace_is_a_clean_git_checkout_that_borrows_the_objects(
     assert in_linked.code == 0, in_linked.out + in_linked.err
 
 
+def test_a_sha256_repository_is_checked_out(tmp_path: Path) -> None:
+    repo = Repo(tmp_path / "sha256", object_format="sha256")
+    repo.pipeline(SIMPLE)
+    result = repo.conveyor("run", "--no-cache")
+    assert result.code == 0, result.out + result.err
+    assert len(repo.show()["revision"]) == 64
+
+
 def test_old_workspaces_are_pruned(repo: Repo) -> None:
     repo.pipeline(SIMPLE)
     for _ in range(7):

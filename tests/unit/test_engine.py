@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from conveyor.domain import events as ev
 from conveyor.domain.ports import SourceSnapshot
 from conveyor.engine.engine import Engine, RunOptions, RunRequest
+from conveyor.errors import SourceError
 from conveyor.spec.models import ArtifactSpec, JobSpec, PipelineSpec, StageSpec
 from tests.fakes import (
     FakeAttestor,
@@ -51,14 +54,18 @@ class Harness:
         self.attestor = FakeAttestor()
 
     def run(
-        self, spec: PipelineSpec, secrets: dict[str, str] | None = None, **options: object
+        self,
+        spec: PipelineSpec,
+        secrets: dict[str, str] | None = None,
+        workspace: Any = None,
+        **options: object,
     ) -> str:
         engine = Engine(
             record=self.record,
             executor=self.executor,
             logs=self.logs,
             reports=NoReports(),
-            workspace=FixedWorkspace(),
+            workspace=workspace or FixedWorkspace(),
             clock=self.clock,
             observer=self.observer,
             cancel=self.cancel,
@@ -127,6 +134,23 @@ def test_failed_stage_stops_the_line() -> None:
         ("commit", "failed"),  # type: ignore[attr-defined]
         ("acceptance", "skipped"),
     ]
+
+
+def test_a_workspace_that_cannot_be_prepared_fails_the_job_with_a_true_duration() -> None:
+    class BrokenWorkspace:
+        def path(self) -> str:
+            raise SourceError("cannot check out abc into /ws: fatal: bad object")
+
+    h = Harness()
+    h.clock.t = 50_000.0  # the monotonic clock is far from zero, as on a machine up for hours
+    assert h.run(pipeline(("commit", [job("build", "commit")])), workspace=BrokenWorkspace()) == (
+        "failed"
+    )
+    finished = h.record.of(ev.JobFinished)[0]
+    assert finished.status == "failed" and finished.exit_code is None  # type: ignore[attr-defined]
+    assert finished.duration_s < 1  # type: ignore[attr-defined]
+    assert finished.attempt["duration_s"] < 1  # type: ignore[attr-defined]
+    assert b"cannot check out abc" in h.logs.logs[("build", 1)].data
 
 
 def test_allow_failure_does_not_fail_the_stage() -> None:

@@ -57,31 +57,36 @@ def discover(cwd: Path, rev: str, rel_path: str) -> tuple[GitSource, str, str, s
         "--show-prefix",
         "--git-path",
         "objects",
+        "--show-object-format",
         f"{rev}^{{commit}}",
         f"{rev}^{{tree}}",
         f"{rev}:./{rel_path}",
         check=False,
     )
     lines = proc.stdout.decode().split("\n")
-    if proc.returncode != 0 or len(lines) < 6:
+    if proc.returncode != 0 or len(lines) < 7:
         return None
-    root, prefix, objects, commit, tree, blob = lines[:6]
-    source = GitSource(Path(root), objects=cwd / objects)
+    root, prefix, objects, object_format, commit, tree, blob = lines[:7]
+    source = GitSource(Path(root), objects=(cwd / objects, object_format))
     return source, prefix + rel_path, commit, tree, blob
 
 
 class GitSource:
     """Reads revisions, files and trees of one repository."""
 
-    def __init__(self, root: Path, objects: Path | None = None) -> None:
+    def __init__(self, root: Path, objects: tuple[Path, str] | None = None) -> None:
         self.root = root
         self._objects = objects
 
-    def objects_dir(self) -> Path:
-        """The repository's object database (shared by the workspaces' checkouts)."""
+    def objects_dir(self) -> tuple[Path, str]:
+        """The repository's object database (shared by the workspaces' checkouts) and its
+        object format (``sha1`` or ``sha256``)."""
         if self._objects is None:
-            out = _git(self.root, "rev-parse", "--git-path", "objects").stdout.decode().strip()
-            self._objects = self.root / out
+            out = _git(
+                self.root, "rev-parse", "--git-path", "objects", "--show-object-format"
+            ).stdout.decode()
+            path, object_format = out.split("\n")[:2]
+            self._objects = (self.root / path, object_format)
         return self._objects
 
     def repository_uri(self) -> str:
@@ -212,7 +217,7 @@ class GitWorkspace:
     """
 
     _SCRIPT = (
-        'git init --quiet --template= "$1" && '
+        'git init --quiet --template= --object-format="$3" "$1" && '
         'git -C "$1" -c advice.detachedHead=false checkout --quiet --detach "$2"'
     )
 
@@ -224,6 +229,7 @@ class GitWorkspace:
         """Where the checkout ends up (a checkout may start before the run id is known)."""
         self._ready = False
         self._proc: subprocess.Popen[bytes] | None = None
+        self._format = "sha1"
 
     def start(self) -> None:
         """Begin the checkout in the background."""
@@ -236,7 +242,7 @@ class GitWorkspace:
                 f"cannot prepare the workspace {self.directory}: {exc.strerror or exc}"
             ) from exc
         self._proc = subprocess.Popen(
-            ["sh", "-c", self._SCRIPT, "sh", str(self.directory), self.commit],
+            ["sh", "-c", self._SCRIPT, "sh", str(self.directory), self.commit, self._format],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -249,7 +255,8 @@ class GitWorkspace:
         dot_git = self.directory / ".git"
         (dot_git / "objects" / "info").mkdir(parents=True)
         (dot_git / "info").mkdir()
-        objects = str(self.source.objects_dir().resolve())
+        objects_dir, self._format = self.source.objects_dir()
+        objects = str(objects_dir.resolve())
         if "\n" in objects or objects.startswith('"'):  # git reads C-quoted lines
             escaped = objects.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
             objects = f'"{escaped}"'

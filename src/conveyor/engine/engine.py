@@ -390,6 +390,10 @@ class Engine:
             if state.kill_reason is not None:
                 self._attempt_ended(run, state, None)
                 continue
+            now = self.clock.monotonic()
+            if state.attempt == 1:
+                state.first_start = now
+            state.attempt_start = now
             try:
                 workspace = self.workspace.path()
                 if job.outputs:  # the provenance says when the build started
@@ -416,11 +420,7 @@ class Engine:
                 env["CONVEYOR_JOB"] = job.name
                 env["CONVEYOR_ATTEMPT"] = str(state.attempt)
                 env.update(inputs)
-                now = self.clock.monotonic()
-                if state.attempt == 1:
-                    state.first_start = now
-                state.attempt_start = now
-                state.deadline = now + job.timeout_s
+                state.deadline = self.clock.monotonic() + job.timeout_s
                 state.pid = self.executor.start(
                     JobLaunch(key=state.launch_key, script=job.run, env=env, cwd=workspace)
                 )
