@@ -9,7 +9,6 @@ holding back only the tail that could still become a secret.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable
 from urllib.parse import quote
 
@@ -19,6 +18,8 @@ MIN_LINE = 4
 
 def secret_variants(values: Iterable[str]) -> list[bytes]:
     """Every byte string to mask for the given secret values, longest first."""
+    import base64  # only when there are secrets
+
     found: set[bytes] = set()
     for value in values:
         if not value:

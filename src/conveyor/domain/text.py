@@ -9,20 +9,26 @@ characters and makes bidi controls visible.
 from __future__ import annotations
 
 import re
+from functools import cache
 
-_ESCAPES = re.compile(
-    r"""
-    \x1b\[[0-?]*[ -/]*[@-~]          # CSI ... final byte (colours, cursor moves, clear screen)
-  | \x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?  # OSC ... BEL or ST (title, hyperlinks, clipboard)
-  | \x1b[PX^_][^\x1b]*(?:\x1b\\)?     # DCS, SOS, PM, APC strings
-  | \x1b[@-Z\\-_]                    # other two-byte escapes
-  | \x1b                             # a lone ESC
-  | \x9b[0-?]*[ -/]*[@-~]            # 8-bit CSI
-    """,
-    re.VERBOSE,
-)
-_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_BIDI = re.compile(r"[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+
+@cache
+def _patterns() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """Escape sequences, control characters, bidi controls (compiled on first use)."""
+    escapes = re.compile(
+        r"""
+        \x1b\[[0-?]*[ -/]*[@-~]          # CSI ... final byte (colours, cursor moves, clear screen)
+      | \x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?  # OSC ... BEL or ST (title, hyperlinks, clipboard)
+      | \x1b[PX^_][^\x1b]*(?:\x1b\\)?     # DCS, SOS, PM, APC strings
+      | \x1b[@-Z\\-_]                    # other two-byte escapes
+      | \x1b                             # a lone ESC
+      | \x9b[0-?]*[ -/]*[@-~]            # 8-bit CSI
+        """,
+        re.VERBOSE,
+    )
+    controls = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+    bidi = re.compile(r"[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+    return escapes, controls, bidi
 
 
 def neutralise(text: str) -> str:
@@ -31,7 +37,8 @@ def neutralise(text: str) -> str:
     A carriage return that is not part of CRLF becomes a newline, so progress bars stay
     readable; bidi controls are shown as ``<U+XXXX>``.
     """
-    text = _ESCAPES.sub("", text)
+    escapes, controls, bidi = _patterns()
+    text = escapes.sub("", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROLS.sub("", text)
-    return _BIDI.sub(lambda m: f"<U+{ord(m.group()):04X}>", text)
+    text = controls.sub("", text)
+    return bidi.sub(lambda m: f"<U+{ord(m.group()):04X}>", text)
