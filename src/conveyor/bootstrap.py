@@ -47,8 +47,15 @@ KEEP_WORKSPACES = 5
 def open_record(home: Home, *, recover: bool = True) -> SqliteRecord:
     """The record of ``home`` (created and migrated if needed), orphans recovered."""
     home.ensure()
-    ensure_schema(home.database)
-    record = SqliteRecord(home.database, SystemClock().now)
+    if home.database.exists():
+        # Open the record first: the schema check's own connection then does not close last,
+        # and SQLite does not checkpoint the previous command's write-ahead log into the
+        # database on the way (it stays in the log until the next automatic checkpoint).
+        record = SqliteRecord(home.database, SystemClock().now)
+        ensure_schema(home.database)
+    else:
+        ensure_schema(home.database)  # a new record: created with its page size, then migrated
+        record = SqliteRecord(home.database, SystemClock().now)
     if recover:
         recover_orphans(record, home)
     return record

@@ -79,3 +79,23 @@ def test_upgrade_from_the_first_revision_keeps_the_record(tmp_path: Path) -> Non
         " AND status = 'succeeded' ORDER BY run_id DESC LIMIT 1"
     )
     assert "jobs_cache" in " ".join(str(row) for row in plan)
+
+
+def test_opening_an_old_record_upgrades_it_under_the_open_connection(tmp_path: Path) -> None:
+    from conveyor.adapters.home import Home
+    from conveyor.bootstrap import open_record
+
+    home = Home(tmp_path / "home")
+    home.ensure()
+    upgrade_to(home.database, "0003")
+    record = open_record(home)  # opened first, then migrated to HEAD by Alembic
+    try:
+        assert current_revision(home.database) == HEAD
+        run = record.allocate_run_id()
+        record.append([started(run), finished(run, "a", "k1")])
+        record.append([ev.RunFinished(run_id=run, status="succeeded")])
+        assert record.verify().ok
+        doc = record.get_run(run)
+        assert doc is not None and doc["status"] == "succeeded"
+    finally:
+        record.close()

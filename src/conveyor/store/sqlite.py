@@ -70,6 +70,13 @@ def connect(path: Path) -> sqlite3.Connection:
         # a run's many small commits rewrite the same pages, so fewer, larger checkpoints.
         conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
         conn.execute(f"PRAGMA journal_size_limit={_CHECKPOINT_PAGES * 4096}")
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError):  # locked, unreadable, no space...
+            raise StoreError(f"cannot open the record at {path}: {exc}") from exc
+        raise StoreError(
+            f"{path} is not a Conveyor record: {exc}",
+            hint="point --home at another folder, or move the file away",
+        ) from exc
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open the record at {path}: {exc}") from exc
     return conn
