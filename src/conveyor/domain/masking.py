@@ -18,12 +18,13 @@ MIN_LINE = 4
 
 def secret_variants(values: Iterable[str]) -> list[bytes]:
     """Every byte string to mask for the given secret values, longest first."""
+    present = [value for value in values if value]
+    if not present:
+        return []
     import base64  # only when there are secrets
 
     found: set[bytes] = set()
-    for value in values:
-        if not value:
-            continue
+    for value in present:
         raw = value.encode()
         found.add(raw)
         found.add(base64.b64encode(raw))
