@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conveyor.adapters.clock import SystemClock
-from conveyor.adapters.git import DirtyWorkspace, GitSource, GitWorkspace
+from conveyor.adapters.git import (
+    DirtyWorkspace,
+    GitSource,
+    GitWorkspace,
+    without_repository_env,
+)
 from conveyor.adapters.home import Home
 from conveyor.adapters.junit import JunitReportReader
 from conveyor.adapters.logs import DEFAULT_CAP as DEFAULT_LOG_CAP
@@ -26,6 +31,7 @@ from conveyor.adapters.processes import (
     kill_orphans,
     new_owner,
     owner_is_gone,
+    run_is_live,
 )
 from conveyor.domain.events import RunInterrupted
 from conveyor.domain.ports import Observer, SourceSnapshot
@@ -196,7 +202,11 @@ def prepare_run(
         chosen = workspace
     else:
         chosen = GitWorkspace(source, snapshot.revision, directory)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    # Jobs get the environment conveyor was started with, but not Conveyor's own variables nor
+    # those that point git at the user's repository (set when conveyor runs from a git hook).
+    base_env = {
+        k: v for k, v in without_repository_env(os.environ).items() if not k.startswith("CONVEYOR_")
+    }
     request = RunRequest(
         run_id=run_id,
         spec=spec,
@@ -267,7 +277,10 @@ def make_target(
 ) -> Target:
     """The adapter for an environment's target."""
     env_dir = home.environments / environment.name
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    # Releases get the environment conveyor was started with, less the same variables.
+    base_env = {
+        k: v for k, v in without_repository_env(os.environ).items() if not k.startswith("CONVEYOR_")
+    }
     target = environment.target
     if target.type == "process":
         from conveyor.adapters.targets.process import ProcessTarget
@@ -351,7 +364,11 @@ def prune_workspaces(home: Home, keep: int = KEEP_WORKSPACES) -> None:
         elif name == ".trash":
             stale.extend(entry.iterdir())  # left by an rm that did not finish
     ids = sorted((int(p.name) for p in home.workspaces.iterdir() if p.name.isdigit()), reverse=True)
-    stale.extend(home.workspaces / str(run_id) for run_id in ids[keep:])
+    stale.extend(
+        home.workspaces / str(run_id)
+        for run_id in ids[keep:]
+        if not run_is_live(home.locks, run_id)  # an older run that is still going keeps it
+    )
     if not stale:
         return
     trash = home.workspaces / ".trash"

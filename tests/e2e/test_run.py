@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -120,6 +121,82 @@ def test_a_sha256_repository_is_checked_out(tmp_path: Path) -> None:
     result = repo.conveyor("run", "--no-cache")
     assert result.code == 0, result.out + result.err
     assert len(repo.show()["revision"]) == 64
+
+
+def test_the_workspace_has_the_tags_branches_and_history_jobs_expect(
+    repo: Repo, tmp_path: Path
+) -> None:
+    repo.pipeline("""\
+        pipeline: refs
+        stages:
+          - name: commit
+            jobs:
+              describe:
+                run: |
+                  echo "describe=$(git describe --tags)"
+                  echo "branches=$(git branch -a --format='%(refname:short)' | tr '\\n' ' ')"
+                  echo "commits=$(git rev-list --count HEAD)"
+        """)
+    repo.git("tag", "v1.0")
+    repo.write("later.txt", "x\n")
+    repo.commit("later")
+    assert repo.conveyor("run").code == 0
+    log = repo.conveyor("logs", "latest", "describe").out
+    assert "describe=v1.0-1-g" in log
+    assert "origin/main" in log and "commits=2" in log
+    # A shallow clone (what most CI systems check out) keeps its boundary.
+    shallow = Repo.__new__(Repo)
+    shallow.path, shallow.env = tmp_path / "shallow", dict(repo.env)
+    subprocess.run(
+        ["git", "clone", "-q", "--depth", "1", f"file://{repo.path}", str(shallow.path)],
+        check=True,
+        env=repo.env,
+    )
+    ran = shallow.conveyor("run")
+    assert ran.code == 0, ran.out + ran.err
+    assert "commits=1" in shallow.conveyor("logs", "latest", "describe").out
+
+
+def test_git_variables_of_a_hook_do_not_reach_the_checkout_or_the_jobs(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: hook
+        stages:
+          - name: commit
+            jobs:
+              env:
+                run: |
+                  echo "gitdir=[${GIT_DIR:-}] index=[${GIT_INDEX_FILE:-}]"
+                  git status --porcelain
+        """)
+    head = repo.git("symbolic-ref", "HEAD").strip()
+    hook_env = {"GIT_DIR": str(repo.path / ".git"), "GIT_INDEX_FILE": str(repo.path / ".git/index")}
+    ran = repo.conveyor("run", env=hook_env)  # as from a pre-push hook
+    assert ran.code == 0, ran.out + ran.err
+    assert repo.git("symbolic-ref", "HEAD").strip() == head  # the user's repository is untouched
+    assert repo.git("status", "--porcelain") == ""
+    assert "gitdir=[] index=[]" in repo.conveyor("logs", "latest", "env").out
+
+
+def test_pruning_keeps_the_workspace_of_a_run_still_going(tmp_path: Path) -> None:
+    from conveyor.adapters.home import Home
+    from conveyor.adapters.processes import acquire_run_lock
+    from conveyor.bootstrap import prune_workspaces
+
+    home = Home(tmp_path / "home")
+    for run_id in range(1, 9):
+        (home.workspaces / str(run_id)).mkdir(parents=True)
+    lock = acquire_run_lock(home.locks, 1)  # run 1 is still running
+    try:
+        prune_workspaces(home, keep=5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            left = sorted(p.name for p in home.workspaces.iterdir() if not p.name.startswith("."))
+            if left == ["1", "4", "5", "6", "7", "8"]:
+                break
+            time.sleep(0.05)
+        assert left == ["1", "4", "5", "6", "7", "8"]
+    finally:
+        lock.release()
 
 
 def test_old_workspaces_are_pruned(repo: Repo) -> None:

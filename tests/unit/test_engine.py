@@ -153,6 +153,19 @@ def test_a_workspace_that_cannot_be_prepared_fails_the_job_with_a_true_duration(
     assert b"cannot check out abc" in h.logs.logs[("build", 1)].data
 
 
+def test_a_job_cancelled_before_its_process_starts_has_a_true_duration() -> None:
+    class BrokenWorkspace:
+        def path(self) -> str:
+            raise SourceError("cannot check out abc into /ws: fatal: bad object")
+
+    h = Harness()
+    h.clock.t = 50_000.0
+    spec = pipeline(("commit", [job("a", "commit"), job("b", "commit")]))
+    assert h.run(spec, workspace=BrokenWorkspace(), fail_fast=True) == "failed"
+    for finished in h.record.of(ev.JobFinished):
+        assert finished.duration_s < 1, finished  # type: ignore[attr-defined]
+
+
 def test_allow_failure_does_not_fail_the_stage() -> None:
     h = Harness({"flaky": [Script(code=1)]})
     spec = pipeline(("s", [job("flaky", "s", allow_failure=True), job("ok", "s")]))

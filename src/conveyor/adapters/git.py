@@ -1,7 +1,7 @@
 """The git repository a run comes from, and the clean workspace it runs in.
 
-A run works on a clean checkout of a committed revision (borrowing the repository's
-objects, so no object is copied); with ``--dirty`` it works on a copy of the working tree's
+A run works on a clean checkout of a committed revision (a shared clone, so no object is
+copied); with ``--dirty`` it works on a copy of the working tree's
 tracked and untracked, not-ignored files instead. The pipeline file is read from the same revision.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,39 +55,48 @@ def discover(cwd: Path, rev: str, rel_path: str) -> tuple[GitSource, str, str, s
         "rev-parse",
         "--show-toplevel",
         "--show-prefix",
-        "--git-path",
-        "objects",
-        "--show-object-format",
         f"{rev}^{{commit}}",
         f"{rev}^{{tree}}",
         f"{rev}:./{rel_path}",
         check=False,
     )
     lines = proc.stdout.decode().split("\n")
-    if proc.returncode != 0 or len(lines) < 7:
+    if proc.returncode != 0 or len(lines) < 5:
         return None
-    root, prefix, objects, object_format, commit, tree, blob = lines[:7]
-    source = GitSource(Path(root), objects=(cwd / objects, object_format))
-    return source, prefix + rel_path, commit, tree, blob
+    root, prefix, commit, tree, blob = lines[:5]
+    return GitSource(Path(root)), prefix + rel_path, commit, tree, blob
+
+
+REPOSITORY_ENV = frozenset(
+    {
+        "GIT_DIR",
+        "GIT_WORK_TREE",
+        "GIT_INDEX_FILE",
+        "GIT_OBJECT_DIRECTORY",
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+        "GIT_COMMON_DIR",
+        "GIT_PREFIX",
+        "GIT_IMPLICIT_WORK_TREE",
+        "GIT_GRAFT_FILE",
+        "GIT_SHALLOW_FILE",
+        "GIT_INTERNAL_SUPER_PREFIX",
+    }
+)
+"""Variables that point git at one repository (from ``git rev-parse --local-env-vars``), as git
+sets them for hooks. A workspace is a repository of its own: neither its checkout nor the
+jobs in it may see them (``git checkout`` would move the user's own repository)."""
+
+
+def without_repository_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without the variables that point git at a repository."""
+    return {k: v for k, v in env.items() if k not in REPOSITORY_ENV}
 
 
 class GitSource:
     """Reads revisions, files and trees of one repository."""
 
-    def __init__(self, root: Path, objects: tuple[Path, str] | None = None) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self._objects = objects
-
-    def objects_dir(self) -> tuple[Path, str]:
-        """The repository's object database (shared by the workspaces' checkouts) and its
-        object format (``sha1`` or ``sha256``)."""
-        if self._objects is None:
-            out = _git(
-                self.root, "rev-parse", "--git-path", "objects", "--show-object-format"
-            ).stdout.decode()
-            path, object_format = out.split("\n")[:2]
-            self._objects = (self.root / path, object_format)
-        return self._objects
 
     def repository_uri(self) -> str:
         """Where the code comes from, for provenance: the ``origin`` remote's URL if there is
@@ -208,17 +217,17 @@ class GitSource:
 
 
 class GitWorkspace:
-    """A clean checkout of one commit, detached, in a repository that borrows the source's
-    objects through ``objects/info/alternates`` (what ``git clone --shared`` sets up; no object
-    is copied).
+    """A clean checkout of one commit: a shared clone (no object copied, but the branches as
+    ``origin/*``, the tags and a shallow history's boundary), checked out detached.
 
     ``start`` begins the checkout in the background so that it overlaps with the rest of the
-    run's set-up; ``path`` waits for it (or does it) the first time a job needs it.
+    run's set-up (for ``conveyor run``, with loading the engine); ``path`` waits for it (or
+    does it) the first time a job needs it.
     """
 
     _SCRIPT = (
-        'git init --quiet --template= --object-format="$3" "$1" && '
-        'git -C "$1" -c advice.detachedHead=false checkout --quiet --detach "$2"'
+        'git clone --quiet --shared --no-checkout -- "$1" "$2" && '
+        'git -C "$2" -c advice.detachedHead=false checkout --quiet --detach "$3"'
     )
 
     def __init__(self, source: GitSource, commit: str, directory: Path) -> None:
@@ -229,40 +238,34 @@ class GitWorkspace:
         """Where the checkout ends up (a checkout may start before the run id is known)."""
         self._ready = False
         self._proc: subprocess.Popen[bytes] | None = None
-        self._format = "sha1"
 
     def start(self) -> None:
         """Begin the checkout in the background."""
         if self._ready or self._proc is not None:
             return
         try:
-            self._prepare()
+            if self.directory.exists():
+                shutil.rmtree(self.directory)
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SourceError(
                 f"cannot prepare the workspace {self.directory}: {exc.strerror or exc}"
             ) from exc
         self._proc = subprocess.Popen(
-            ["sh", "-c", self._SCRIPT, "sh", str(self.directory), self.commit, self._format],
+            [
+                "sh",
+                "-c",
+                self._SCRIPT,
+                "sh",
+                str(self.source.root),
+                str(self.directory),
+                self.commit,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env=without_repository_env(os.environ),
         )
-
-    def _prepare(self) -> None:
-        """An empty repository that borrows the source's objects (``git init`` adds the rest)."""
-        if self.directory.exists():
-            shutil.rmtree(self.directory)
-        dot_git = self.directory / ".git"
-        (dot_git / "objects" / "info").mkdir(parents=True)
-        (dot_git / "info").mkdir()
-        objects_dir, self._format = self.source.objects_dir()
-        objects = str(objects_dir.resolve())
-        if "\n" in objects or objects.startswith('"'):  # git reads C-quoted lines
-            escaped = objects.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            objects = f'"{escaped}"'
-        (dot_git / "objects" / "info" / "alternates").write_text(f"{objects}\n")
-        # Where jobs receive artifacts: not part of the tree, so `git status` stays clean.
-        (dot_git / "info" / "exclude").write_text("/.conveyor-artifacts/\n")
 
     def path(self) -> str:
         """The checkout directory, once the checkout is complete."""
@@ -277,20 +280,30 @@ class GitWorkspace:
                     f"cannot check out {self.commit[:12]} into {self.directory}: "
                     + (message[-1] if message else f"exit {code}")
                 )
-            if self.final_directory != self.directory:
-                if self.final_directory.exists():
-                    shutil.rmtree(self.final_directory)
-                os.replace(self.directory, self.final_directory)
-                self.directory = self.final_directory
+            try:
+                # Where jobs receive artifacts: not part of the tree, so `git status` stays clean.
+                info = self.directory / ".git" / "info"
+                info.mkdir(exist_ok=True)
+                with open(info / "exclude", "a", encoding="utf-8") as exclude:
+                    exclude.write("/.conveyor-artifacts/\n")
+                if self.final_directory != self.directory:
+                    if self.final_directory.exists():
+                        shutil.rmtree(self.final_directory)
+                    os.replace(self.directory, self.final_directory)
+                    self.directory = self.final_directory
+            except OSError as exc:
+                raise SourceError(
+                    f"cannot prepare the workspace {self.final_directory}: {exc.strerror or exc}"
+                ) from exc
             self._ready = True
         return str(self.directory)
 
     def close(self) -> None:
-        """Finish or discard a background checkout that no job needed."""
+        """Finish and discard a background checkout that no job needed."""
         if self._proc is not None:
             self._proc.communicate()
             self._proc = None
-        if not self._ready and self.directory != self.final_directory:
+        if not self._ready:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 

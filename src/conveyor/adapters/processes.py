@@ -46,6 +46,20 @@ def acquire_run_lock(locks_dir: Path, run_id: int) -> RunLock:
     return RunLock(path, handle)
 
 
+def run_is_live(locks_dir: Path, run_id: int) -> bool:
+    """Whether a process holds the lock of run ``run_id`` (it is running now)."""
+    try:
+        with open(locks_dir / f"run-{run_id}.lock", "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
+
+
 def owner_is_gone(
     locks_dir: Path, run_id: int, owner_pid: int | None, owner_host: str | None
 ) -> bool:

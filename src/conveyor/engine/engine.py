@@ -387,13 +387,10 @@ class Engine:
         pending, run.to_spawn = run.to_spawn, []
         for state in pending:
             job = state.spec
+            self._mark_start(state)  # also for an attempt that ends before its process starts
             if state.kill_reason is not None:
                 self._attempt_ended(run, state, None)
                 continue
-            now = self.clock.monotonic()
-            if state.attempt == 1:
-                state.first_start = now
-            state.attempt_start = now
             try:
                 workspace = self.workspace.path()
                 if job.outputs:  # the provenance says when the build started
@@ -420,7 +417,8 @@ class Engine:
                 env["CONVEYOR_JOB"] = job.name
                 env["CONVEYOR_ATTEMPT"] = str(state.attempt)
                 env.update(inputs)
-                state.deadline = self.clock.monotonic() + job.timeout_s
+                self._mark_start(state)  # durations measure the process, not its preparation
+                state.deadline = state.attempt_start + job.timeout_s
                 state.pid = self.executor.start(
                     JobLaunch(key=state.launch_key, script=job.run, env=env, cwd=workspace)
                 )
@@ -429,6 +427,12 @@ class Engine:
                 state.log.write(f"conveyor: {exc.render()}\n".encode())
                 state.pid = None
                 self._attempt_ended(run, state, None)
+
+    def _mark_start(self, state: _JobState) -> None:
+        now = self.clock.monotonic()
+        if state.attempt == 1:
+            state.first_start = now
+        state.attempt_start = now
 
     # -- waiting -----------------------------------------------------------------------------
 
