@@ -591,6 +591,10 @@ def test_stage_selection(repo: Repo) -> None:
     jobs = repo.jobs()
     assert jobs["build"]["status"] == "skipped"
     assert jobs["smoke"]["status"] == "succeeded"
+    # An unknown stage is a usage error, and the checkout started for it is removed.
+    assert repo.conveyor("run", "--stage", "nosuch").code == 2
+    workspaces = repo.path / ".conveyor" / "workspaces"
+    assert not [p for p in workspaces.iterdir() if p.name.startswith(".checkout-")]
 
 
 def test_no_commits_yet_is_a_clear_error(repo: Repo) -> None:
