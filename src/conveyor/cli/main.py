@@ -557,10 +557,10 @@ def run(
 
 
 def _summary(record: Any, run_id: int, status: str) -> None:
-    run_doc = record.get_run(run_id)
-    duration = run_doc.get("duration_s") if run_doc else None
+    duration = record.run_duration(run_id)
     click.echo(f"run {run_id} {status}" + (f" in {duration:.2f}s" if duration is not None else ""))
-    if run_doc and status != "succeeded":
+    run_doc = record.get_run(run_id) if status != "succeeded" else None
+    if run_doc:
         for stage in run_doc["stages"]:
             for job in stage["jobs"]:
                 if job["status"] in ("failed", "timed_out"):

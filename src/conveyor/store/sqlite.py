@@ -708,6 +708,13 @@ class SqliteRecord:
             run["duration_s"] = _duration(run["started_at"], run["finished_at"])
         return runs
 
+    def run_duration(self, run_id: int) -> float | None:
+        """Seconds from a run's start to its end (``None`` while it runs or if unknown)."""
+        row = self._conn.execute(
+            "SELECT started_at, finished_at FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        return _duration(row[0], row[1]) if row else None
+
     def get_run(self, run_id: int) -> dict[str, Any] | None:
         """One run with its stages and jobs (the ``runs show --json`` document)."""
         row = self._conn.execute(
