@@ -60,11 +60,15 @@ def discover(cwd: Path, rev: str, rel_path: str) -> tuple[GitSource, str, str, s
         f"{rev}:./{rel_path}",
         check=False,
     )
-    lines = proc.stdout.decode().split("\n")
-    if proc.returncode != 0 or len(lines) < 5:
-        return None
+    lines = proc.stdout.decode("utf-8", "surrogateescape").split("\n")
+    if proc.returncode != 0 or len(lines) != 6 or not all(map(_is_object_id, lines[2:5])):
+        return None  # e.g. a newline in the repository's path: asked step by step instead
     root, prefix, commit, tree, blob = lines[:5]
     return GitSource(Path(root)), prefix + rel_path, commit, tree, blob
+
+
+def _is_object_id(text: str) -> bool:
+    return len(text) in (40, 64) and all(c in "0123456789abcdef" for c in text)
 
 
 REPOSITORY_ENV = frozenset(
