@@ -301,8 +301,10 @@ def make_target(
             hint="run this command inside the git repository",
         )
     checkout = env_dir / "checkouts" / str(release.deployment_id)
-    if not (checkout / ".git").exists():
+    complete = checkout / ".git" / "conveyor-complete"
+    if not complete.exists():  # a checkout that was interrupted is made again
         GitWorkspace(source, release.revision, checkout).path()
+        complete.touch()
     return CommandTarget(
         env_dir,
         deploy=target.deploy,

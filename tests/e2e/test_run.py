@@ -199,6 +199,14 @@ def test_pruning_keeps_the_workspace_of_a_run_still_going(tmp_path: Path) -> Non
         lock.release()
 
 
+def test_a_repository_path_with_a_newline_is_refused_clearly(tmp_path: Path) -> None:
+    repo = Repo(tmp_path / "new\nline")
+    repo.pipeline(SIMPLE)
+    result = repo.conveyor("run")
+    assert result.code == 2
+    assert "contains a newline" in result.err and "Traceback" not in result.err
+
+
 def test_old_workspaces_are_pruned(repo: Repo) -> None:
     repo.pipeline(SIMPLE)
     for _ in range(7):
@@ -277,6 +285,25 @@ def test_retries_then_success(repo: Repo) -> None:
     assert job["attempts"] == 2
     assert [a["status"] for a in job["attempt_details"]] == ["failed", "succeeded"]
     assert "first try fails" in repo.conveyor("logs", "latest", "flaky", "--attempt", "1").out
+
+
+def test_a_timed_out_attempt_is_retried(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: retry-timeout
+        stages:
+          - name: s
+            jobs:
+              slow-once:
+                timeout: 1s
+                retries: 1
+                run: |
+                  if [ ! -e marker ]; then touch marker; sleep 30; fi
+                  echo second try passes
+        """)
+    assert repo.conveyor("run").code == 0
+    job = repo.jobs()["slow-once"]
+    assert [a["status"] for a in job["attempt_details"]] == ["timed_out", "succeeded"]
+    assert "second try passes" in repo.conveyor("logs", "latest", "slow-once").out
 
 
 def test_timeout_kills_the_whole_process_group(repo: Repo) -> None:

@@ -196,6 +196,29 @@ def test_timeout_kills_and_records_timed_out() -> None:
     assert h.executor.killed[0] == ("slow#1", False)
 
 
+def test_a_retry_after_a_timeout_gets_its_own_deadline_and_runs() -> None:
+    h = Harness({"slow": [Script(hang=True), Script(code=0)]})
+    spec = pipeline(("s", [job("slow", "s", timeout_s=5.0, retries=1)]))
+    assert h.run(spec) == "succeeded"
+    assert [launch.key for launch in h.executor.started] == ["slow#1", "slow#2"]
+    finished = h.record.of(ev.JobFinished)[0]
+    assert finished.attempts == 2 and finished.attempt["status"] == "succeeded"  # type: ignore[attr-defined]
+
+
+def test_a_cancel_during_the_checkout_cancels_the_run_before_any_job_starts() -> None:
+    h = Harness()
+
+    class SlowCheckout:
+        def path(self) -> str:
+            h.cancel.value = True  # Ctrl-C while git checks out
+            return "/workspace"
+
+    spec = pipeline(("s", [job("a", "s"), job("b", "s", "a")]), ("t", [job("c", "t")]))
+    assert h.run(spec, workspace=SlowCheckout()) == "cancelled"
+    assert h.executor.started == []
+    assert h.statuses() == {"a": "cancelled", "b": "skipped", "c": "skipped"}
+
+
 def test_fail_fast_cancels_running_jobs() -> None:
     h = Harness({"bad": [Script(code=1, ticks=1)], "long": [Script(hang=True)]})
     spec = pipeline(("s", [job("long", "s"), job("bad", "s"), job("later", "s", "long")]))

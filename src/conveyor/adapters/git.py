@@ -86,9 +86,10 @@ REPOSITORY_ENV = frozenset(
         "GIT_INTERNAL_SUPER_PREFIX",
     }
 )
-"""Variables that point git at one repository (from ``git rev-parse --local-env-vars``), as git
+"""The variables of ``git rev-parse --local-env-vars`` that point git at one repository, as git
 sets them for hooks. A workspace is a repository of its own: neither its checkout nor the
-jobs in it may see them (``git checkout`` would move the user's own repository)."""
+jobs in it may see them (``git checkout`` would move the user's own repository). The
+configuration ones (``GIT_CONFIG*``, ``git -c``) are the user's settings and are kept."""
 
 
 def without_repository_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -247,6 +248,12 @@ class GitWorkspace:
         """Begin the checkout in the background."""
         if self._ready or self._proc is not None:
             return
+        if "\n" in str(self.source.root):
+            raise SourceError(
+                f"cannot check out from {str(self.source.root)!r}: git cannot share the objects"
+                " of a repository whose path contains a newline",
+                hint="rename or move the repository",
+            )
         try:
             if self.directory.exists():
                 shutil.rmtree(self.directory)
@@ -269,6 +276,7 @@ class GitWorkspace:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=without_repository_env(os.environ),
+            start_new_session=True,  # a terminal's Ctrl-C cancels the run, not git half-way
         )
 
     def path(self) -> str:

@@ -252,6 +252,9 @@ class Engine:
                 break
             self._wait(run)
             self._check_deadlines(run)
+        if self.cancel.is_set() and not self._cancelled:  # after the last attempt had ended
+            self._cancelled = True
+            self._stop_stage(run, "cancelled", "the run was cancelled")
         if self._cancelled:
             status = "cancelled"
         elif any(
@@ -365,6 +368,8 @@ class Engine:
         state.status = "running"
         state.kill_reason = None
         state.kill_at = None
+        state.pid = None  # not spawned yet: a cancel marks it instead of signalling attempt 1
+        state.deadline = self.clock.monotonic() + job.timeout_s  # attempt 1's has passed
         state.log = self.logs.open_attempt(request.run_id, job.name, state.attempt)
         state.stream = self._masker.stream()
         state.launch_key = f"{job.name}#{state.attempt}"
@@ -388,11 +393,17 @@ class Engine:
         for state in pending:
             job = state.spec
             self._mark_start(state)  # also for an attempt that ends before its process starts
+            if state.kill_reason is None and self.cancel.is_set():
+                state.kill_reason = "cancelled"
             if state.kill_reason is not None:
                 self._attempt_ended(run, state, None)
                 continue
             try:
                 workspace = self.workspace.path()
+                if self.cancel.is_set():  # while the checkout ran (Ctrl-C, SIGTERM)
+                    state.kill_reason = "cancelled"
+                    self._attempt_ended(run, state, None)
+                    continue
                 if job.outputs:  # the provenance says when the build started
                     state.started_at = self.clock.now()
                 inputs = self._receive_artifacts(run, state, workspace)
