@@ -7,8 +7,10 @@ tracked and untracked, not-ignored files instead. The pipeline file is read from
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -311,8 +313,12 @@ class GitWorkspace:
         return str(self.directory)
 
     def close(self) -> None:
-        """Finish and discard a background checkout that no job needed."""
+        """Stop and discard a background checkout that no job needed (every job was cached,
+        or the command failed before one started)."""
         if self._proc is not None:
+            if not self._ready and self._proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)  # its own session: git included
             self._proc.communicate()
             self._proc = None
         if not self._ready:
