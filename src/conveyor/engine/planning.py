@@ -36,9 +36,10 @@ def cache_keys(
             if patterns not in inputs_memo:
                 inputs_memo[patterns] = inputs_digest(source.files, patterns, source.tree_id)
             from_needs: dict[str, str] = {}
-            for need in job.needs:
-                from_needs.update(received[need])
-                from_needs.update({out: keys[need] for out in stage.job(need).outputs})
+            if spec.artifacts:  # what the job receives through its needs (none without artifacts)
+                for need in job.needs:
+                    from_needs.update(received[need])
+                    from_needs.update(dict.fromkeys(stage.job(need).outputs, keys[need]))
             received[name] = from_needs
             keys[name] = job_cache_key(
                 script=job.run,
