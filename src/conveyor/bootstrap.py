@@ -125,7 +125,7 @@ class PreparedRun:
     workspace: GitWorkspace | DirtyWorkspace
 
 
-SPEC_CACHE_VERSION = "3"
+SPEC_CACHE_VERSION = "4"
 
 
 def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Home) -> PipelineSpec:

@@ -580,3 +580,35 @@ def test_too_large_file_is_not_read_whole(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         load_pipeline_file(path, display_name="big.yml")
     assert "2,000,003 bytes" in info.value.problems[0].message
+
+
+def test_the_cached_form_round_trips_through_json_and_leaves_defaults_out() -> None:
+    import json
+
+    text = textwrap.dedent(
+        """\
+        pipeline: shop
+        env: {APP_ENV: ci}
+        secrets: [TOKEN]
+        stages:
+          - name: commit
+            jobs:
+              build: {run: make}
+              unit:
+                needs: [build]
+                run: pytest
+                reports: {junit: "reports/*.xml", coverage: cov.xml, metrics: m.json}
+                timeout: 10m
+                retries: 2
+                env: {SEED: "0"}
+                inputs: ["src/**"]
+                cache: false
+                allow_failure: true
+        """
+    )
+    spec = parse_pipeline(text.encode(), "conveyor.yml")
+    cached = json.loads(json.dumps(spec.to_dict()))
+    assert PipelineSpec.from_dict(cached) == spec
+    build, unit = cached["stages"][0]["jobs"]
+    assert set(build) == {"name", "stage", "run", "location"}  # the rest are defaults
+    assert unit["retries"] == 2 and unit["inputs"] == ["src/**"] and unit["cache"] is False

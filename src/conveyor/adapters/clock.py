@@ -11,7 +11,7 @@ class SystemClock:
 
     def now(self) -> str:
         """Current UTC time."""
-        return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"  # -"+00:00"
 
     def monotonic(self) -> float:
         """Monotonic seconds."""

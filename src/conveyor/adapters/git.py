@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -19,7 +18,16 @@ from typing import TYPE_CHECKING
 from conveyor.errors import SourceError
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from conveyor.domain.ports import SourceSnapshot
+
+
+def _shutil() -> ModuleType:
+    """``shutil`` on first use: importing it costs 2 ms (zlib, bz2 and lzma) at every start."""
+    import shutil
+
+    return shutil
 
 
 def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
@@ -258,7 +266,7 @@ class GitWorkspace:
             )
         try:
             if self.directory.exists():
-                shutil.rmtree(self.directory)
+                _shutil().rmtree(self.directory)
             self.directory.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SourceError(
@@ -302,7 +310,7 @@ class GitWorkspace:
                     exclude.write("/.conveyor-artifacts/\n")
                 if self.final_directory != self.directory:
                     if self.final_directory.exists():
-                        shutil.rmtree(self.final_directory)
+                        _shutil().rmtree(self.final_directory)
                     os.replace(self.directory, self.final_directory)
                     self.directory = self.final_directory
             except OSError as exc:
@@ -322,7 +330,7 @@ class GitWorkspace:
             self._proc.communicate()
             self._proc = None
         if not self._ready:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            _shutil().rmtree(self.directory, ignore_errors=True)
 
 
 class DirtyWorkspace:
@@ -343,7 +351,7 @@ class DirtyWorkspace:
         """The copy's directory."""
         if not self._ready:
             if self.directory.exists():
-                shutil.rmtree(self.directory)
+                _shutil().rmtree(self.directory)
             self.directory.mkdir(parents=True)
             for rel in self.source.dirty_files():
                 src = self.source.root / rel
@@ -352,6 +360,6 @@ class DirtyWorkspace:
                 if src.is_symlink():
                     os.symlink(os.readlink(src), dst)
                 elif src.is_file():
-                    shutil.copy2(src, dst)
+                    _shutil().copy2(src, dst)
             self._ready = True
         return str(self.directory)

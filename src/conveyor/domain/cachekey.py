@@ -8,17 +8,18 @@ A job's key covers everything that can change what it does: its script, its reso
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+
+from conveyor.domain.canonical import canonical_json
 
 KEY_VERSION = 2
 
 
 def digest_json(value: object) -> str:
     """``sha256:<hex>`` of the canonical JSON form of ``value``."""
-    data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    data = canonical_json(value)
     return "sha256:" + hashlib.sha256(data.encode()).hexdigest()
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conveyor.domain import events as ev
+from conveyor.domain.canonical import canonical_json
 from conveyor.domain.ports import CacheHit
 from conveyor.errors import LeaseLost, PermissionDenied, StoreError
 
@@ -34,7 +35,7 @@ _DURABLE_KINDS = frozenset({"run.started", "run.finished", "run.interrupted"})
 
 def canonical(value: object) -> str:
     """The canonical JSON text used for hashing and storing payloads."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return canonical_json(value)
 
 
 def event_hash(prev_hash: str, seq: int, at: str, kind: str, run_id: int, payload: str) -> str:
@@ -952,19 +953,16 @@ def _run_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
             getattr(e, "branch", ""),
         ),
     )
-    idx = 0
-    for stage_idx, stage in enumerate(e.stages):
-        conn.execute(
-            "INSERT INTO stages (run_id, idx, name, status) VALUES (?, ?, ?, 'pending')",
-            (e.run_id, stage_idx, stage["name"]),
-        )
-        for job in stage["jobs"]:
-            conn.execute(
-                "INSERT INTO jobs (run_id, idx, name, stage, status, attempts)"
-                " VALUES (?, ?, ?, ?, 'pending', 0)",
-                (e.run_id, idx, job, stage["name"]),
-            )
-            idx += 1
+    conn.executemany(
+        "INSERT INTO stages (run_id, idx, name, status) VALUES (?, ?, ?, 'pending')",
+        [(e.run_id, idx, stage["name"]) for idx, stage in enumerate(e.stages)],
+    )
+    jobs = [(stage["name"], job) for stage in e.stages for job in stage["jobs"]]
+    conn.executemany(
+        "INSERT INTO jobs (run_id, idx, name, stage, status, attempts)"
+        " VALUES (?, ?, ?, ?, 'pending', 0)",
+        [(e.run_id, idx, job, stage) for idx, (stage, job) in enumerate(jobs)],
+    )
 
 
 def _stage_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
