@@ -133,8 +133,12 @@ def _which(name: str, path: str | None) -> str | None:
     ``shutil`` costs 2 ms at every start: it loads zlib, bz2 and lzma)."""
     key = (name, path)
     if key not in _WHICH:
+        if path is None:
+            path = os.environ.get("PATH")
+            if path is None:
+                path = os.confstr("CS_PATH") or os.defpath
         found = None
-        for folder in (os.environ.get("PATH", os.defpath) if path is None else path).split(":"):
+        for folder in path.split(os.pathsep) if path else ():  # PATH="" finds nothing
             candidate = os.path.join(folder, name)
             if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
                 found = candidate
