@@ -136,7 +136,10 @@ def _which(name: str, path: str | None) -> str | None:
         if path is None:
             path = os.environ.get("PATH")
             if path is None:
-                path = os.confstr("CS_PATH") or os.defpath
+                try:
+                    path = os.confstr("CS_PATH") or os.defpath
+                except (AttributeError, ValueError):
+                    path = os.defpath
         found = None
         for folder in path.split(os.pathsep) if path else ():  # PATH="" finds nothing
             candidate = os.path.join(folder, name)
