@@ -237,6 +237,16 @@ def test_failed_stage_stops_the_line(repo: Repo) -> None:
     assert "conveyor logs" in result.out
 
 
+def test_the_summary_names_ten_failed_jobs_and_counts_the_rest(repo: Repo) -> None:
+    jobs = "".join(f"      f{i}: {{run: 'exit 3'}}\n" for i in range(13))
+    repo.pipeline("pipeline: many\nstages:\n  - name: s\n    jobs:\n" + jobs)
+    result = repo.conveyor("run", "--progress", "quiet")
+    assert result.code == 1
+    named = [line for line in result.out.splitlines() if "failed: see `conveyor logs" in line]
+    assert len(named) == 10
+    assert "and 3 more failed jobs: `conveyor runs show 1` lists them" in result.out
+
+
 def test_jobs_run_in_parallel_up_to_the_limit(repo: Repo) -> None:
     jobs = "\n".join(
         f"      j{i}:\n        run: |\n          date +%s.%N >> ../times-$CONVEYOR_RUN_ID-{i}\n"

@@ -556,18 +556,30 @@ def run(
             workspace.close()
 
 
+SUMMARY_FAILURES = 10
+"""Failed jobs named one per line after a run; the others are counted."""
+
+
 def _summary(record: Any, run_id: int, status: str) -> None:
     duration = record.run_duration(run_id)
     click.echo(f"run {run_id} {status}" + (f" in {duration:.2f}s" if duration is not None else ""))
     run_doc = record.get_run(run_id) if status != "succeeded" else None
     if run_doc:
-        for stage in run_doc["stages"]:
-            for job in stage["jobs"]:
-                if job["status"] in ("failed", "timed_out"):
-                    click.echo(
-                        f"  {job['name']} {job['status']}: see `conveyor logs {run_id}"
-                        f" {job['name']}`"
-                    )
+        failed = [
+            job
+            for stage in run_doc["stages"]
+            for job in stage["jobs"]
+            if job["status"] in ("failed", "timed_out")
+        ]
+        for job in failed[:SUMMARY_FAILURES]:
+            click.echo(
+                f"  {job['name']} {job['status']}: see `conveyor logs {run_id} {job['name']}`"
+            )
+        if len(failed) > SUMMARY_FAILURES:
+            click.echo(
+                f"  and {len(failed) - SUMMARY_FAILURES} more failed jobs:"
+                f" `conveyor runs show {run_id}` lists them"
+            )
 
 
 @cli.group()
