@@ -207,6 +207,10 @@ class QuietProgress:
         pass
 
 
+TAILS_SHOWN = 3
+"""Failed jobs whose log tail the live view shows (a matrix of failures would not fit)."""
+
+
 class LiveProgress:
     """A rich live table of stages and jobs, with the log tail of failing jobs."""
 
@@ -307,8 +311,19 @@ class LiveProgress:
                 )
                 first = False
         parts: list[Any] = [table]
-        for name, job in view.jobs.items():
-            if job.status in ("failed", "timed_out") and job.tail:
-                parts.append(Text(f"── {name}: last lines of the log ──", style="red"))
-                parts.append(Text("\n".join(job.tail)))
+        failing = [
+            (name, job)
+            for name, job in view.jobs.items()
+            if job.status in ("failed", "timed_out") and job.tail
+        ]
+        for name, job in failing[:TAILS_SHOWN]:
+            parts.append(Text(f"── {name}: last lines of the log ──", style="red"))
+            parts.append(Text("\n".join(job.tail)))
+        if len(failing) > TAILS_SHOWN:
+            parts.append(
+                Text(
+                    f"── and {len(failing) - TAILS_SHOWN} more failed jobs with output ──",
+                    style="red",
+                )
+            )
         return Group(*parts)
