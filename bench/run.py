@@ -10,7 +10,8 @@ Workloads (every job runs ``true``):
 Each workload runs with ``conveyor run --jobs 2``, with ``make -j2`` on the same DAG (the floor of
 process scheduling) and with a minimal asyncio script that spawns the same processes and commits
 one SQLite row per job event (the Python floor). Runs alternate (A B A B ...) and the ratio is the
-median of per-pair ratios. Usage: ``python bench/run.py [-n RUNS] [--only W1,W2]``.
+median of per-pair ratios (p25-p75: their spread).
+Usage: ``python bench/run.py [-n RUNS] [--only W1,W2]``.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env["CONVEYOR_USER"] = "bench"
-    results: list[tuple[str, str, float, float, float, str]] = []
+    results: list[tuple[str, str, float, float, float, list[float]]] = []
     make = shutil.which("make")
     # Bytecode for Conveyor's modules, as `make` installs it (PYTHONDONTWRITEBYTECODE may be set).
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE.parent / "src")], check=True)
@@ -149,7 +150,7 @@ def main() -> None:
                         statistics.median(ta),
                         statistics.median(tb),
                         statistics.median(ratios),
-                        "",
+                        ratios,
                     )
                 )
             floor = [sys.executable, str(FLOOR), workload, "--db", str(work / "floor.db")]
@@ -162,7 +163,7 @@ def main() -> None:
                     statistics.median(ta),
                     statistics.median(tb),
                     statistics.median(ratios),
-                    "",
+                    ratios,
                 )
             )
         if "W5" in wanted:
@@ -186,14 +187,19 @@ def main() -> None:
                     statistics.median(ta),
                     statistics.median(tb),
                     statistics.median(ratios),
-                    "",
+                    ratios,
                 )
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     targets = {("W1", "make -j2"): 3.0, ("W2", "make -j2"): 2.0, ("W3", "make -j2"): 3.0}
-    print(f"{'workload':<8} {'baseline':<15} {'conveyor':>9} {'baseline':>9} {'ratio':>7}  target")
-    for workload, base, t_conv, t_base, ratio, _ in results:
+    print(
+        f"{'workload':<8} {'baseline':<15} {'conveyor':>9} {'baseline':>9} {'ratio':>7}"
+        f" {'p25-p75':>11}  target"
+    )
+    for workload, base, t_conv, t_base, ratio, ratios in results:
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio] * 3
+        spread = f"{q1:.2f}-{q3:.2f}"
         if workload == "W4":
             target = "conveyor < 0.5 s " + ("ok" if t_conv < 0.5 else "MISSED")
         elif workload == "W5":
@@ -203,7 +209,10 @@ def main() -> None:
             target = f"<= {limit:.0f}x " + ("ok" if ratio <= limit else "MISSED")
         else:
             target = ""
-        print(f"{workload:<8} {base:<15} {t_conv:9.3f} {t_base:9.3f} {ratio:6.2f}x  {target}")
+        print(
+            f"{workload:<8} {base:<15} {t_conv:9.3f} {t_base:9.3f} {ratio:6.2f}x"
+            f" {spread:>11}  {target}"
+        )
 
 
 if __name__ == "__main__":
