@@ -49,3 +49,17 @@ def test_which_without_a_path_uses_the_environment(
     _tool(tmp_path, "only-here")
     monkeypatch.setenv("PATH", str(tmp_path))
     assert local._which("only-here", None) == str(tmp_path / "only-here")
+
+
+def test_a_name_with_a_slash_is_checked_as_given(tmp_path: Path) -> None:
+    _tool(tmp_path / "sub", "tool")
+    _tool(tmp_path / "sub", "plain", 0o644)
+    for name in (str(tmp_path / "sub" / "tool"), str(tmp_path / "sub" / "plain"), "/bin/sh"):
+        for path in ("/usr/bin", ""):
+            local._WHICH.clear()
+            assert local._which(name, path) == shutil.which(name, path=path), (name, path)
+
+
+def test_which_with_path_unset_uses_the_system_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PATH", raising=False)
+    assert local._which("sh", None) == shutil.which("sh")

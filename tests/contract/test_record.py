@@ -107,6 +107,37 @@ class TestSqliteRecord(RecordContract):
         assert jobs["b"]["status"] == "skipped"
         assert jobs["b"]["reason"] == "why"
 
+    def test_the_stored_form_of_an_event_is_stable(self, record: SqliteRecord) -> None:
+        """Canonical JSON and the hash of a known event, pinned: a change here would make every
+        existing record fail ``audit verify``."""
+        record.append([started(record.allocate_run_id())])
+        conn = sqlite3.connect(record.path)
+        payload, digest = conn.execute("SELECT payload, hash FROM events").fetchone()
+        conn.close()
+        assert payload == (
+            '{"actor":"me","branch":"","dirty":false,"options":{},'
+            '"owner":{"host":"h","pid":1,"token":"t"},"pipeline":"p",'
+            '"pipeline_digest":"sha256:0","pipeline_file":"conveyor.yml",'
+            f'"revision":"{"r" * 40}","run_id":1,"stages":[{{"jobs":["a","b"],"name":"s"}}]}}'
+        )
+        assert digest == "5919fdb623fcd5fde1985bf153e79a2f01f676ac30bb6079cdafa30ca21ef307"
+
+    def test_jobs_are_numbered_across_stages(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        event = started(run)
+        stages = [
+            {"name": "s", "jobs": ["a", "b"]},
+            {"name": "d", "jobs": []},
+            {"name": "t", "jobs": ["c"]},
+        ]
+        record.append([ev.RunStarted(**{**event.payload(), "stages": stages})])
+        conn = sqlite3.connect(record.path)
+        rows = conn.execute("SELECT name, stage, idx FROM jobs ORDER BY idx").fetchall()
+        stage_rows = conn.execute("SELECT name, idx FROM stages ORDER BY idx").fetchall()
+        conn.close()
+        assert rows == [("a", "s", 0), ("b", "s", 1), ("c", "t", 2)]
+        assert stage_rows == [("s", 0), ("d", 1), ("t", 2)]
+
     def test_chain_verifies_and_detects_tampering(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()
         record.append([started(run), finished(run, "a", "k"), finished(run, "b", "k2")])

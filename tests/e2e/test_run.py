@@ -244,7 +244,7 @@ def test_the_summary_names_ten_failed_jobs_and_counts_the_rest(repo: Repo) -> No
     assert result.code == 1
     named = [line for line in result.out.splitlines() if "failed: see `conveyor logs" in line]
     assert len(named) == 10
-    assert "and 3 more failed jobs: `conveyor runs show 1` lists them" in result.out
+    assert "and 3 more failed jobs: `conveyor runs show 1` lists them all" in result.out
 
 
 def test_jobs_run_in_parallel_up_to_the_limit(repo: Repo) -> None:

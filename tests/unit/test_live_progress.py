@@ -66,4 +66,4 @@ def test_the_log_tails_of_a_few_failed_jobs_are_shown() -> None:
 def test_many_failed_jobs_show_a_few_tails_and_a_count() -> None:
     out = _render(_view_with_failures(TAILS_SHOWN + 7))
     assert out.count("last lines of the log") == TAILS_SHOWN
-    assert "and 7 more failed jobs with output" in out
+    assert "and 7 more failed jobs" in out

@@ -612,3 +612,13 @@ def test_the_cached_form_round_trips_through_json_and_leaves_defaults_out() -> N
     build, unit = cached["stages"][0]["jobs"]
     assert set(build) == {"name", "stage", "run", "location"}  # the rest are defaults
     assert unit["retries"] == 2 and unit["inputs"] == ["src/**"] and unit["cache"] is False
+
+
+def test_the_cached_form_keeps_a_value_of_another_type_than_the_default() -> None:
+    import json
+
+    job = JobSpec("j", "s", "true", timeout_s=3600, retries=0)  # an int, not the float default
+    spec = PipelineSpec("p", (StageSpec("s", (job,)),))
+    back = PipelineSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert type(back.stages[0].jobs[0].timeout_s) is int
+    assert back == spec

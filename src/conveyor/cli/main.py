@@ -575,10 +575,11 @@ def _summary(record: Any, run_id: int, status: str) -> None:
             click.echo(
                 f"  {job['name']} {job['status']}: see `conveyor logs {run_id} {job['name']}`"
             )
-        if len(failed) > SUMMARY_FAILURES:
+        more = len(failed) - SUMMARY_FAILURES
+        if more > 0:
             click.echo(
-                f"  and {len(failed) - SUMMARY_FAILURES} more failed jobs:"
-                f" `conveyor runs show {run_id}` lists them"
+                f"  and {more} more failed job{'s' if more > 1 else ''}:"
+                f" `conveyor runs show {run_id}` lists them all"
             )
 
 

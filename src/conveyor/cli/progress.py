@@ -319,11 +319,9 @@ class LiveProgress:
         for name, job in failing[:TAILS_SHOWN]:
             parts.append(Text(f"── {name}: last lines of the log ──", style="red"))
             parts.append(Text("\n".join(job.tail)))
-        if len(failing) > TAILS_SHOWN:
+        more = len(failing) - TAILS_SHOWN
+        if more > 0:
             parts.append(
-                Text(
-                    f"── and {len(failing) - TAILS_SHOWN} more failed jobs with output ──",
-                    style="red",
-                )
+                Text(f"── and {more} more failed job{'s' if more > 1 else ''} ──", style="red")
             )
         return Group(*parts)

@@ -133,21 +133,30 @@ def _which(name: str, path: str | None) -> str | None:
     ``shutil`` costs 2 ms at every start: it loads zlib, bz2 and lzma)."""
     key = (name, path)
     if key not in _WHICH:
-        if path is None:
-            path = os.environ.get("PATH")
-            if path is None:
-                try:
-                    path = os.confstr("CS_PATH") or os.defpath
-                except (AttributeError, ValueError):
-                    path = os.defpath
-        found = None
-        for folder in path.split(os.pathsep) if path else ():  # PATH="" finds nothing
-            candidate = os.path.join(folder, name)
-            if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
-                found = candidate
-                break
-        _WHICH[key] = found
+        _WHICH[key] = _find_executable(name, path)
     return _WHICH[key]
+
+
+def _find_executable(name: str, path: str | None) -> str | None:
+    def runnable(candidate: str) -> bool:
+        return os.access(candidate, os.X_OK) and not os.path.isdir(candidate)
+
+    if os.path.dirname(name):  # a path: not looked up
+        return name if runnable(name) else None
+    if path is None:
+        path = os.environ.get("PATH")
+        if path is None:
+            try:
+                path = os.confstr("CS_PATH")
+            except (AttributeError, ValueError):
+                path = os.defpath
+    if not path:  # PATH="" finds nothing; PATH=":" looks in the current directory
+        return None
+    for folder in path.split(os.pathsep):
+        candidate = os.path.join(folder, name)
+        if runnable(candidate):
+            return candidate
+    return None
 
 
 @dataclass

@@ -156,7 +156,7 @@ class PipelineSpec:
         defaults = _job_defaults()
         for stage in data["stages"]:
             stage["jobs"] = [
-                {k: v for k, v in job.items() if k not in defaults or v != defaults[k]}
+                {k: v for k, v in job.items() if not _is_default(defaults, k, v)}
                 for job in stage["jobs"]
             ]
         return data
@@ -207,6 +207,11 @@ def _job_defaults() -> dict[str, Any]:
                 continue
             _JOB_DEFAULTS[f.name] = asdict(value) if isinstance(value, Location) else value
     return _JOB_DEFAULTS
+
+
+def _is_default(defaults: dict[str, Any], key: str, value: Any) -> bool:
+    """Whether ``value`` is the field's default, type included (``3600`` is not ``3600.0``)."""
+    return key in defaults and type(value) is type(defaults[key]) and value == defaults[key]
 
 
 def _job_from_dict(data: dict[str, Any]) -> JobSpec:
