@@ -560,6 +560,21 @@ def test_logs_neutralise_escapes_and_are_capped(repo: Repo) -> None:
     assert attempt["log_truncated"] == 1
 
 
+def test_logs_of_an_unknown_job_suggest_one_and_list_or_count_the_jobs(repo: Repo) -> None:
+    jobs = "".join(f"      job{i}: {{run: 'true'}}\n" for i in range(21))
+    repo.pipeline("pipeline: wide\nstages:\n  - name: s\n    jobs:\n" + jobs)
+    assert repo.conveyor("run", "--progress", "quiet").code == 0
+    result = repo.conveyor("logs", "1", "jobb3")
+    assert result.code == 2
+    assert "run 1 has no job 'jobb3'" in result.err
+    assert "did you mean 'job3'?" in result.err
+    assert "`conveyor runs show 1` lists its 21 jobs" in result.err
+    assert "job20," not in result.err
+    repo.pipeline("pipeline: narrow\nstages:\n  - name: s\n    jobs:\n      a: {run: 'true'}\n")
+    assert repo.conveyor("run", "--progress", "quiet").code == 0
+    assert "jobs: a" in repo.conveyor("logs", "2", "zzz").err
+
+
 def test_logs_follow_streams_while_the_job_runs(repo: Repo) -> None:
     repo.pipeline("""\
         pipeline: follow

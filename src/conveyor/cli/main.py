@@ -708,9 +708,14 @@ def logs(
         import difflib
 
         close = difflib.get_close_matches(job, names, n=1)
+        listing = (
+            "jobs: " + ", ".join(names)
+            if len(names) <= 20
+            else f"`conveyor runs show {run_id}` lists its {len(names)} jobs"
+        )
         raise UsageError(
             f"run {run_id} has no job '{job}'",
-            hint=(f"did you mean '{close[0]}'? " if close else "") + "jobs: " + ", ".join(names),
+            hint=(f"did you mean '{close[0]}'? " if close else "") + listing,
         )
     root = record.path.parent
 
