@@ -6,8 +6,10 @@ assemble an engine for a run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -126,6 +128,8 @@ class PreparedRun:
 
 
 SPEC_CACHE_VERSION = "4"
+SPEC_CACHE_KEEP = 32
+"""Parsed pipeline files kept in the cache: the most recently used ones."""
 
 
 def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Home) -> PipelineSpec:
@@ -134,7 +138,7 @@ def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Ho
     A run of an unchanged pipeline file skips reading and parsing it (YAML parsing is slow in
     pure Python for large files): the validated spec is kept as JSON under ``cache/specs/``,
     keyed by the git blob id (a content hash), the file's name and the cache version. A damaged
-    entry is ignored and rewritten.
+    entry is ignored and rewritten; the ``SPEC_CACHE_KEEP`` most recently used entries are kept.
     """
     import hashlib
     import json
@@ -142,9 +146,13 @@ def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Ho
     key = hashlib.sha256(f"{SPEC_CACHE_VERSION}\0{source_name}\0{blob}".encode()).hexdigest()
     path = home.root / "cache" / "specs" / f"{key}.json"
     try:
-        return PipelineSpec.from_dict(json.loads(path.read_text()))
+        spec = PipelineSpec.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    else:
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: kept by the pruning below
+        return spec
     from conveyor.spec import (
         parse_pipeline,
     )  # only on a cache miss: YAML libraries are slow to import
@@ -155,9 +163,31 @@ def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Ho
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(spec.to_dict()))
         os.replace(tmp, path)
+        _prune_spec_cache(path.parent)
     except OSError:
         pass  # the cache is an optimisation only
     return spec
+
+
+def _prune_spec_cache(folder: Path) -> None:
+    """Delete all but the ``SPEC_CACHE_KEEP`` most recently used entries (and stray temporary
+    files of writers that died)."""
+    entries = []
+    for entry in os.scandir(folder):
+        with contextlib.suppress(OSError):
+            entries.append((entry.stat().st_mtime, entry.path))
+    entries.sort(reverse=True)
+    now = time.time()
+    kept = 0
+    for mtime, name in entries:
+        if name.endswith(".json"):
+            kept += 1
+            if kept <= SPEC_CACHE_KEEP:
+                continue
+        elif now - mtime < 60:  # a temporary file another writer may still be renaming
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 def source_snapshot(

@@ -1,0 +1,75 @@
+"""The cache of parsed pipeline files: reused, repaired, and bounded."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conveyor import bootstrap
+from conveyor.adapters.home import Home
+
+PIPELINE = "pipeline: p{n}\nstages:\n  - name: s\n    jobs:\n      j: {{run: 'true'}}\n"
+
+
+class _Source:
+    """Stands in for the git source: blob id -> bytes, counting reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read_blob(self, blob: str) -> bytes:
+        self.reads += 1
+        return PIPELINE.format(n=blob).encode()
+
+
+def _load(source: Any, blob: str, home: Home) -> Any:
+    return bootstrap.load_committed_spec(source, blob, "conveyor.yml", home)
+
+
+def test_a_file_is_parsed_once_then_read_from_the_cache(tmp_path: Path) -> None:
+    source, home = _Source(), Home(tmp_path)
+    first = _load(source, "1", home)
+    again = _load(source, "1", home)
+    assert source.reads == 1
+    assert again == first and again.name == "p1"
+
+
+def test_a_damaged_entry_is_parsed_again(tmp_path: Path) -> None:
+    source, home = _Source(), Home(tmp_path)
+    _load(source, "1", home)
+    for entry in (tmp_path / "cache" / "specs").glob("*.json"):
+        entry.write_text("{not json")
+    assert _load(source, "1", home).name == "p1"
+    assert source.reads == 2
+
+
+def test_the_cache_keeps_the_most_recently_used_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bootstrap, "SPEC_CACHE_KEEP", 3)
+    source, home = _Source(), Home(tmp_path)
+    folder = tmp_path / "cache" / "specs"
+    seen: set[Path] = set()
+    for n in range(3):  # used 100, 99 and 98 seconds ago
+        _load(source, str(n), home)
+        (entry,) = set(folder.glob("*.json")) - seen
+        seen.add(entry)
+        os.utime(entry, (time.time() - 100 + n, time.time() - 100 + n))
+    stale_tmp = folder / "dead-writer.123.tmp"
+    stale_tmp.write_text("{}")
+    os.utime(stale_tmp, (time.time() - 3600, time.time() - 3600))
+    _load(source, "0", home)  # a hit: "0" becomes the most recently used
+    _load(source, "3", home)  # a miss: the oldest entry ("1") goes
+    assert len(list(folder.glob("*.json"))) == 3
+    assert not stale_tmp.exists()
+    reads = source.reads
+    _load(source, "0", home)
+    _load(source, "2", home)
+    _load(source, "3", home)
+    assert source.reads == reads  # all still cached
+    _load(source, "1", home)
+    assert source.reads == reads + 1  # evicted, parsed again
