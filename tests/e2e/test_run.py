@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -432,6 +433,30 @@ def test_kill_9_leaves_a_consistent_record_and_the_run_is_interrupted(repo: Repo
     assert after == before + 1  # every event before the kill is there, plus run.interrupted
     assert repo.jobs()["long"]["status"] == "interrupted"
     assert repo.conveyor("audit", "verify").code == 0
+
+
+def test_a_copy_of_a_live_home_does_not_take_the_run_for_an_orphan(
+    repo: Repo, tmp_path: Path
+) -> None:
+    repo.pipeline(LONG)
+    proc = repo.popen("run")
+    pidfile = repo.path / ".conveyor" / "workspaces" / "long.pid"
+    _wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+    job_pid = int(pidfile.read_text())
+    copy = tmp_path / "copy"
+    shutil.copytree(repo.path / ".conveyor", copy)
+    # Nobody holds the copied lock, but the owner lives (it locks the original home's file).
+    shown = repo.conveyor("runs", "show", "latest", "--json", "--home", str(copy))
+    assert shown.code == 0, shown.err
+    assert shown.json()["status"] == "running"
+    assert Path(f"/proc/{job_pid}").exists() and not _is_zombie(job_pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    # Once the owner is gone, the copy recovers the run like the original would.
+    assert repo.conveyor("runs", "show", "latest", "--json", "--home", str(copy)).json()[
+        "status"
+    ] == "interrupted"
+    _wait_for(lambda: not Path(f"/proc/{job_pid}").exists() or _is_zombie(job_pid))
 
 
 def test_cache_hits_and_misses(repo: Repo) -> None:

@@ -75,6 +75,10 @@ def owner_is_gone(
             return False
         except OSError:
             pass
+        if owner_pid is not None and _holds_run_lock(owner_pid, run_id):
+            # Alive, and locking another file of that name: this home is a copy of the one the
+            # run is recorded in (or its lock file was replaced). Not an orphan: its jobs live.
+            return False
         with contextlib.suppress(OSError):
             path.unlink()
         return True
@@ -86,6 +90,23 @@ def owner_is_gone(
         return True
     except PermissionError:
         return False
+    return False
+
+
+def _holds_run_lock(pid: int, run_id: int) -> bool:
+    """Whether process ``pid`` has a run lock of ``run_id`` open (in any home)."""
+    suffix = f"{os.sep}run-{run_id}.lock"
+    try:
+        entries = os.scandir(f"/proc/{pid}/fd")
+    except PermissionError:
+        return True  # another user's process: assume it is what it says
+    except OSError:
+        return False  # no such process (or no /proc)
+    with entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if os.readlink(entry.path).endswith(suffix):
+                    return True
     return False
 
 
