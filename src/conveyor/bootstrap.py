@@ -42,7 +42,7 @@ from conveyor.errors import DeployError
 from conveyor.executors.local import LocalExecutor
 from conveyor.spec.models import PipelineSpec
 from conveyor.store.migrate import ensure_schema
-from conveyor.store.sqlite import SqliteRecord
+from conveyor.store.sqlite import SqliteRecord, check_not_lost
 
 if TYPE_CHECKING:
     from conveyor.app.deploy import Deployer
@@ -55,6 +55,7 @@ KEEP_WORKSPACES = 5
 def open_record(home: Home, *, recover: bool = True) -> SqliteRecord:
     """The record of ``home`` (created and migrated if needed), orphans recovered."""
     home.ensure()
+    check_not_lost(home.database)
     if home.database.exists():
         # Open the record first: the schema check's own connection then does not close last,
         # and SQLite does not checkpoint the previous command's write-ahead log into the

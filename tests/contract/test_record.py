@@ -16,7 +16,7 @@ from conveyor.domain import delivery_events as de
 from conveyor.domain import events as ev
 from conveyor.errors import LeaseLost, PermissionDenied
 from conveyor.store.migrate import ensure_schema
-from conveyor.store.sqlite import SqliteRecord
+from conveyor.store.sqlite import SqliteRecord, _write_head, head_path, read_head
 from tests.fakes import InMemoryRecord
 
 
@@ -121,6 +121,46 @@ class TestSqliteRecord(RecordContract):
             f'"revision":"{"r" * 40}","run_id":1,"stages":[{{"jobs":["a","b"],"name":"s"}}]}}'
         )
         assert digest == "5919fdb623fcd5fde1985bf153e79a2f01f676ac30bb6079cdafa30ca21ef307"
+
+    def test_the_newest_durable_event_is_remembered_beside_the_database(
+        self, record: SqliteRecord, tmp_path: Path
+    ) -> None:
+        assert read_head(record.path) is None
+        run = record.allocate_run_id()
+        record.append([started(run)])
+        head = read_head(record.path)
+        assert head is not None and head[0] == 1
+        record.append([finished(run, "a", "k")])  # not durable: the head stays
+        assert read_head(record.path) == head
+        record.append([ev.RunFinished(run_id=run, status="succeeded")])
+        newest = read_head(record.path)
+        assert newest is not None and newest[0] == 3
+        assert record.verify().ok
+        # A database replaced by another with as many events: the head's hash tells.
+        other = tmp_path / "other.db"
+        ensure_schema(other)
+        forged = SqliteRecord(other, lambda: "2026-02-02T00:00:00.000000Z")
+        forged_run = forged.allocate_run_id()
+        forged.append([started(forged_run), finished(forged_run, "a", "k")])
+        forged.append([ev.RunFinished(run_id=forged_run, status="failed")])
+        forged.close()
+        head_path(other).replace(tmp_path / "discarded.head")
+        record.close()
+        other.replace(record.path)
+        replaced = SqliteRecord(record.path, lambda: "2026-01-01T00:00:00.000000Z")
+        report = replaced.verify()
+        replaced.close()
+        assert not report.ok
+        assert report.first_bad_seq == 3
+        assert "remembered" in report.problem
+
+    def test_a_stale_head_never_replaces_a_newer_one(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run), ev.RunFinished(run_id=run, status="succeeded")])
+        newest = read_head(record.path)
+        assert newest is not None
+        _write_head(record.path, 1, "0" * 64)  # a slower concurrent writer
+        assert read_head(record.path) == newest
 
     def test_jobs_are_numbered_across_stages(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()

@@ -652,6 +652,40 @@ def test_audit_verify_detects_reordering(repo: Repo) -> None:
     assert result.json()["first_bad_seq"] == 3
 
 
+def test_audit_verify_detects_a_deleted_write_ahead_log(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    assert repo.conveyor("run", "--no-cache").code == 0
+    home = repo.path / ".conveyor"
+    last = repo.conveyor("audit", "verify", "--json").json()["events"]
+    # The second run's events are only in the write-ahead log (no checkpoint yet).
+    assert (home / "conveyor.db-wal").stat().st_size > 0
+    (home / "conveyor.db-wal").unlink()
+    (home / "conveyor.db-shm").unlink(missing_ok=True)
+    result = repo.conveyor("audit", "verify", "--json")
+    assert result.code == 1
+    report = result.json()
+    assert report["first_bad_seq"] <= last
+    assert "removed from the end" in report["problem"]
+    assert "conveyor.db.head" in report["problem"]
+
+
+def test_a_deleted_database_is_not_silently_replaced(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    home = repo.path / ".conveyor"
+    for name in ("conveyor.db", "conveyor.db-wal", "conveyor.db-shm"):
+        (home / name).unlink(missing_ok=True)
+    for args in (("runs", "list"), ("audit", "verify"), ("run",)):
+        result = repo.conveyor(*args)
+        assert result.code == 1, args
+        assert "missing or empty" in result.err
+        assert "Traceback" not in result.err
+    assert not (home / "conveyor.db").exists()
+    (home / "conveyor.db").write_bytes(b"")  # emptied rather than deleted: the same
+    assert "missing or empty" in repo.conveyor("runs", "list").err
+
+
 def test_usage_errors_exit_2(repo: Repo) -> None:
     repo.pipeline(SIMPLE)
     result = repo.conveyor("run", "--stage", "comit")

@@ -7,14 +7,21 @@ process (``kill -9``) without losing a committed transaction; transactions that 
 run are committed with ``synchronous=FULL`` so they also survive a power loss. Triggers make the
 event table append-only. Schema changes are Alembic migrations (``conveyor.store.migrate``).
 
+After each such durable commit the newest event's sequence number and hash are also written
+next to the database (``conveyor.db.head``): a log cut short from outside (a deleted
+write-ahead log, a database replaced or emptied) then no longer verifies, which a hash chain
+alone cannot tell.
+
 This adapter uses the stdlib ``sqlite3`` driver directly on the hot path: importing SQLAlchemy
 costs about 0.2 s per command, more than a whole cached run is allowed to take (ADR 0003).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +64,58 @@ class AuditReport:
     first_bad_seq: int | None = None
     problem: str = ""
     head_hash: str = GENESIS
+
+
+def head_path(db_path: Path) -> Path:
+    """Where the newest durable event of the record at ``db_path`` is remembered."""
+    return db_path.with_name(db_path.name + ".head")
+
+
+def read_head(db_path: Path) -> tuple[int, str] | None:
+    """The remembered ``(seq, hash)`` of the newest durable event, if any (and readable)."""
+    try:
+        data = json.loads(head_path(db_path).read_text(encoding="utf-8"))
+        seq, digest = data["seq"], data["hash"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if type(seq) is not int or not isinstance(digest, str):
+        return None
+    return seq, digest
+
+
+def check_not_lost(db_path: Path) -> None:
+    """Refuse a record whose database is gone or empty although it held events.
+
+    Starting a new record there would reuse run ids (and their log files) and hide the loss.
+    """
+    head = read_head(db_path)
+    if head is None:
+        return
+    try:
+        empty = db_path.stat().st_size == 0
+    except FileNotFoundError:
+        empty = True
+    except OSError:
+        return  # opening it reports the problem
+    if empty:
+        raise StoreError(
+            f"the record {db_path} is missing or empty, but it held {head[0]} events"
+            f" ({head_path(db_path).name} remembers the last one)",
+            hint="restore the database (and its -wal file) from a backup, or move this home"
+            " away to start a new record",
+        )
+
+
+def _write_head(db_path: Path, seq: int, digest: str) -> None:
+    """Remember a durable event, unless a newer one is remembered (concurrent writers)."""
+    known = read_head(db_path)
+    if known is not None and known[0] >= seq:
+        return
+    path = head_path(db_path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(OSError):  # a secondary check: never fails a committed write
+        temporary.write_text(json.dumps({"seq": seq, "hash": digest}) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -206,6 +265,8 @@ class SqliteRecord:
                     conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write to the record at {self.path}: {exc}") from exc
+        if durable and self._tail is not None:
+            _write_head(self.path, *self._tail)
 
     def _try_append(
         self,
@@ -908,6 +969,32 @@ class SqliteRecord:
                 last_seq + 1,
                 f"events {last_seq + 1}..{high} were removed from the end of the log",
             )
+        head = read_head(self.path)
+        if head is not None:
+            seq, digest = head
+            if seq > last_seq:
+                return AuditReport(
+                    False,
+                    count,
+                    last_seq + 1,
+                    f"events {last_seq + 1}..{seq} were removed from the end of the log"
+                    f" (event {seq} is remembered in {head_path(self.path).name}; was the"
+                    f" write-ahead log {self.path.name}-wal deleted, or the database replaced?)",
+                )
+            try:
+                row = self._conn.execute(
+                    "SELECT hash FROM events WHERE seq = ?", (seq,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the event log: {exc}") from exc
+            if row is None or row[0] != digest:
+                return AuditReport(
+                    False,
+                    count,
+                    seq,
+                    f"event {seq} is not the one remembered in {head_path(self.path).name}:"
+                    " the log was replaced",
+                )
         return AuditReport(True, count, head_hash=expected_prev)
 
 
