@@ -453,9 +453,10 @@ def test_a_copy_of_a_live_home_does_not_take_the_run_for_an_orphan(
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=10)
     # Once the owner is gone, the copy recovers the run like the original would.
-    assert repo.conveyor("runs", "show", "latest", "--json", "--home", str(copy)).json()[
-        "status"
-    ] == "interrupted"
+    assert (
+        repo.conveyor("runs", "show", "latest", "--json", "--home", str(copy)).json()["status"]
+        == "interrupted"
+    )
     _wait_for(lambda: not Path(f"/proc/{job_pid}").exists() or _is_zombie(job_pid))
 
 
@@ -509,10 +510,15 @@ def test_secrets_are_masked_everywhere(repo: Repo) -> None:
           - name: s
             jobs:
               leak:
+                reports: {metrics: m.json}
                 run: |
                   echo "plain: $API_TOKEN"
                   printf 'split: %s' "${API_TOKEN:0:5}"; sleep 0.3; printf '%s\\n' "${API_TOKEN:5}"
                   echo "b64: $(printf %s "$API_TOKEN" | base64)"
+                  a=${API_TOKEN:0:7} b=${API_TOKEN:7}
+                  printf 'colour: %s\\033[01;31m\\033[K%s\\033[m\\n' "$a" "$b"
+                  printf 'nul: %s\\000%s\\n' "$a" "$b"
+                  printf '{"%s": 1}' "$API_TOKEN" > m.json
         """)
     secret = "s3cr3t-value-123"
     result = repo.conveyor("run", env={"API_TOKEN": secret})
@@ -522,11 +528,16 @@ def test_secrets_are_masked_everywhere(repo: Repo) -> None:
     assert "plain: ***" in log
     assert "split: ***" in log
     assert "b64: ***" in log
+    assert "colour: ***" in log
+    assert "nul: ***" in log
+    assert "s3cr3t" not in log
     raw = (repo.path / ".conveyor").rglob("*")
     for path in raw:
         if path.is_file() and "workspaces" not in path.parts:
             assert secret.encode() not in path.read_bytes(), path
-    assert secret not in repo.conveyor("runs", "show", "latest", "--json", "--events").out
+    events = repo.conveyor("runs", "show", "latest", "--json", "--events").out
+    assert secret not in events
+    assert '"***": 1' in events or '"***":1' in events  # the metric named by the secret
 
 
 def test_junit_reports_become_test_results(repo: Repo) -> None:

@@ -88,3 +88,45 @@ def test_cache_key_changes_with_each_part() -> None:
         ("inputs", "tree:u"),
     ]:
         assert job_cache_key(**{**parts, name: other}) != key  # type: ignore[arg-type]
+
+
+def test_a_secret_split_by_escape_sequences_or_controls_is_masked_as_shown() -> None:
+    """Showing output removes escapes and controls, which would join a secret's parts."""
+    masker = Masker(["hunter2pass"])
+    cases = [
+        b"TOK=hunter2\x1b[01;31m\x1b[Kpass\x1b[m\x1b[K end",  # grep --color
+        b"hunter2\x00pass\n",
+        b"a \x1b]0;title\x07hunter2\x1b]8;;http://x\x1b\\pass z",
+        b"hunter2\xc2\x85pass",  # a C1 control
+    ]
+    for data in cases:
+        for size in (1, 2, 3, 5, len(data)):
+            chunks = [data[i : i + size] for i in range(0, len(data), size)]
+            out = stream(masker, chunks)
+            shown = neutralise(out.decode("utf-8", "replace"))
+            assert "hunter2" not in shown and "pass" not in shown.replace("***", ""), (data, size)
+            assert "***" in shown
+        assert "hunter2" not in neutralise(masker.mask_text(data.decode("utf-8", "replace")))
+    plain = b"no secret \x1b[31mred\x1b[0m here \x1b]0;t\x07"
+    assert stream(masker, [plain[:12], plain[12:]]) == plain
+
+
+def test_quoted_and_trimmed_forms_of_a_secret_are_masked() -> None:
+    masker = Masker(["hunter2pass\n", 'pa$s"w\\ord1'])
+    assert masker.mask_text("printf: hunter2pass|") == "printf: ***|"
+    assert masker.mask_text('declare -x B="pa\\$s\\"w\\\\ord1"') == 'declare -x B="***"'
+    assert masker.mask_text('{"B": "pa$s\\"w\\\\ord1"}') == '{"B": "***"}'
+    assert masker.mask_text("{'B': 'pa$s\"w\\\\ord1'}") == "{'B': '***'}"
+
+
+def test_mask_value_masks_every_string_inside() -> None:
+    masker = Masker(["hunter2pass"])
+    value = {"hunter2pass": ["x hunter2pass", ("hunter2pass", 3)], "n": None}
+    assert masker.mask_value(value) == {"***": ["x ***", ("***", 3)], "n": None}
+
+
+def test_a_text_cut_inside_a_secret_does_not_keep_its_beginning() -> None:
+    masker = Masker(["superSecret1"])
+    assert masker.mask_cut("x" * 10 + "superSec") == "x" * 10 + "***"
+    assert masker.mask_cut("ends with sup") == "ends with sup"  # under 4 characters: kept
+    assert masker.mask_cut("a superSecret1 b") == "a *** b"

@@ -8,6 +8,8 @@ what happened, repeat. Every event is committed to the record before the engine 
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -97,6 +99,8 @@ class _JobState:
     kill_at: float | None = None
     log: AttemptLog | None = None
     stream: StreamMasker | None = None
+    decoder: codecs.IncrementalDecoder | None = None
+    """Job output to text for the observer (a character may be split across writes)."""
     launch_key: str = ""
     pid: int | None = None
     started_at: str = ""
@@ -144,7 +148,23 @@ class Engine:
     # -- recording ---------------------------------------------------------------------------
 
     def _emit(self, event: ev.Event) -> None:
+        if self._masker:  # secrets are masked in every record, whatever field they reach
+            changes: dict[str, Any] = {}
+            for item in dataclasses.fields(event):
+                value = getattr(event, item.name)
+                masked = self._masker.mask_value(value)
+                if masked != value:
+                    changes[item.name] = masked
+            if changes:
+                event = dataclasses.replace(event, **changes)
         self._batch.append(event)
+
+    def _note(self, state: _JobState, text: str) -> None:
+        """A line from Conveyor itself in the attempt's log and live output (masked)."""
+        assert state.log is not None
+        data = self._masker.mask_bytes(f"conveyor: {text}\n".encode())
+        state.log.write(data)
+        self.observer.on_output(state.spec.name, state.attempt, data.decode("utf-8", "replace"))
 
     def _commit(self) -> None:
         """Commit pending events (one transaction), then tell the observer."""
@@ -372,6 +392,7 @@ class Engine:
         state.deadline = self.clock.monotonic() + job.timeout_s  # attempt 1's has passed
         state.log = self.logs.open_attempt(request.run_id, job.name, state.attempt)
         state.stream = self._masker.stream()
+        state.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         state.launch_key = f"{job.name}#{state.attempt}"
         run.running[state.launch_key] = state
         run.to_spawn.append(state)
@@ -434,8 +455,7 @@ class Engine:
                     JobLaunch(key=state.launch_key, script=job.run, env=env, cwd=workspace)
                 )
             except ConveyorError as exc:
-                assert state.log is not None
-                state.log.write(f"conveyor: {exc.render()}\n".encode())
+                self._note(state, exc.render())
                 state.pid = None
                 self._attempt_ended(run, state, None)
 
@@ -463,13 +483,13 @@ class Engine:
                 self._attempt_ended(run, state, event.exit_code)
 
     def _output(self, state: _JobState, data: bytes) -> None:
-        assert state.stream is not None and state.log is not None
+        assert state.stream is not None and state.log is not None and state.decoder is not None
         masked = state.stream.feed(data)
         if masked:
             state.log.write(masked)
-            self.observer.on_output(
-                state.spec.name, state.attempt, masked.decode("utf-8", "replace")
-            )
+            text = state.decoder.decode(masked)
+            if text:
+                self.observer.on_output(state.spec.name, state.attempt, text)
 
     def _check_deadlines(self, run: _StageRun) -> None:
         now = self.clock.monotonic()
@@ -508,12 +528,14 @@ class Engine:
 
     def _attempt_ended(self, run: _StageRun, state: _JobState, exit_code: int | None) -> None:
         """Record an ended attempt, then retry it or finish the job."""
-        assert state.stream is not None and state.log is not None
+        assert state.stream is not None and state.log is not None and state.decoder is not None
         request, job = run.request, state.spec
         rest = state.stream.flush()
         if rest:
             state.log.write(rest)
-            self.observer.on_output(job.name, state.attempt, rest.decode("utf-8", "replace"))
+        text = state.decoder.decode(rest, final=True)
+        if text:
+            self.observer.on_output(job.name, state.attempt, text)
         if state.kill_reason is not None:
             status = state.kill_reason
         else:
@@ -526,9 +548,7 @@ class Engine:
             try:
                 published = self._publish_outputs(run, state)
             except ConveyorError as exc:
-                note = f"conveyor: {exc.render()}\n".encode()
-                state.log.write(note)
-                self.observer.on_output(job.name, state.attempt, note.decode())
+                self._note(state, exc.render())
                 status = "failed"
         summary = state.log.close()
         del run.running[state.launch_key]
@@ -601,9 +621,7 @@ class Engine:
             try:
                 data = self.reports.read_report(self.workspace.path(), kind, path)
             except ConveyorError as exc:
-                note = f"conveyor: {exc.render()}\n".encode()
-                state.log.write(note)
-                self.observer.on_output(job.name, state.attempt, note.decode())
+                self._note(state, exc.render())
                 continue
             events.append(
                 ev.ReportRecorded(
@@ -777,7 +795,7 @@ class Engine:
                 "file": mask(t.file),
                 "outcome": t.outcome,
                 "duration_s": t.duration_s,
-                "message": mask(t.message),
+                "message": self._masker.mask_cut(t.message),  # the reader may cut it short
             }
             for t in result.tests
         ]

@@ -982,9 +982,7 @@ class SqliteRecord:
                     f" write-ahead log {self.path.name}-wal deleted, or the database replaced?)",
                 )
             try:
-                row = self._conn.execute(
-                    "SELECT hash FROM events WHERE seq = ?", (seq,)
-                ).fetchone()
+                row = self._conn.execute("SELECT hash FROM events WHERE seq = ?", (seq,)).fetchone()
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot read the event log: {exc}") from exc
             if row is None or row[0] != digest:
