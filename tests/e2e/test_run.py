@@ -65,6 +65,38 @@ def test_run_uses_the_committed_revision_not_the_working_tree(repo: Repo) -> Non
     assert repo.jobs()["smoke"]["exit_code"] == 3
 
 
+def test_a_dirty_run_is_a_repository_of_its_own(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: dirty
+        stages:
+          - name: s
+            jobs:
+              git:
+                run: |
+                  git tag job-was-here
+                  git rev-parse --show-toplevel > toplevel.txt
+                  git status --porcelain > status.txt
+                  cat kept.txt new.txt
+                  test ! -e gone.txt
+        """)
+    repo.write("kept.txt", "committed\n")
+    repo.write("gone.txt", "deleted in the working tree\n")
+    repo.commit("files")
+    repo.write("kept.txt", "changed\n")
+    repo.write("new.txt", "untracked\n")
+    (repo.path / "gone.txt").unlink()
+    result = repo.conveyor("run", "--dirty")
+    assert result.code == 0, result.out + result.err
+    assert "job-was-here" not in repo.git("tag")  # the user's repository is untouched
+    log = repo.conveyor("logs", "latest", "git").out
+    assert "changed\nuntracked" in log
+    workspaces = repo.path / ".conveyor" / "workspaces"
+    toplevel = next(workspaces.rglob("toplevel.txt")).read_text().strip()
+    assert Path(toplevel) != repo.path and workspaces in Path(toplevel).parents
+    status = next(workspaces.rglob("status.txt")).read_text()
+    assert " M kept.txt" in status and " D gone.txt" in status and "?? new.txt" in status
+
+
 def test_jobs_share_the_workspace_and_get_the_conveyor_variables(repo: Repo) -> None:
     repo.pipeline("""\
         pipeline: vars

@@ -334,7 +334,12 @@ class GitWorkspace:
 
 
 class DirtyWorkspace:
-    """A copy of the working tree (``--dirty``), made on first use."""
+    """A copy of the working tree (``--dirty``), made on first use: a checkout of ``HEAD``
+    with the working tree's files laid over it, so that its changes show as uncommitted.
+
+    It is a repository of its own, as a clean checkout is: a job's ``git`` commands must never
+    reach the user's repository (which encloses the default home).
+    """
 
     def start(self) -> None:
         """Nothing to do ahead of time: the copy is made by ``path``."""
@@ -349,17 +354,46 @@ class DirtyWorkspace:
 
     def path(self) -> str:
         """The copy's directory."""
-        if not self._ready:
-            if self.directory.exists():
-                _shutil().rmtree(self.directory)
-            self.directory.mkdir(parents=True)
-            for rel in self.source.dirty_files():
-                src = self.source.root / rel
-                dst = self.directory / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                if src.is_symlink():
-                    os.symlink(os.readlink(src), dst)
-                elif src.is_file():
-                    _shutil().copy2(src, dst)
-            self._ready = True
+        if self._ready:
+            return str(self.directory)
+        head = _git(
+            self.source.root, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False
+        )
+        wanted = self.source.dirty_files()
+        try:
+            if head.returncode == 0:
+                GitWorkspace(self.source, head.stdout.decode().strip(), self.directory).path()
+                tracked = _git(self.directory, "ls-files", "-z").stdout
+                for entry in tracked.split(b"\0"):
+                    rel = entry.decode("utf-8", "surrogateescape")
+                    if rel and not os.path.lexists(self.source.root / rel):  # deleted since
+                        with contextlib.suppress(FileNotFoundError):
+                            (self.directory / rel).unlink()
+            else:  # no commit yet: an empty repository of its own
+                if self.directory.exists():
+                    _shutil().rmtree(self.directory)
+                self.directory.mkdir(parents=True)
+                _git(self.directory, "init", "--quiet")
+            for rel in wanted:
+                self._copy(rel)
+        except OSError as exc:
+            raise SourceError(
+                f"cannot copy the working tree to {self.directory}: {exc.strerror or exc}"
+            ) from exc
+        self._ready = True
         return str(self.directory)
+
+    def _copy(self, rel: str) -> None:
+        src = self.source.root / rel
+        dst = self.directory / rel
+        if not (src.is_symlink() or src.is_file()):
+            return
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_dir() and not dst.is_symlink():
+            _shutil().rmtree(dst)
+        elif dst.is_symlink() or dst.exists():
+            dst.unlink()
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        else:
+            _shutil().copy2(src, dst)
