@@ -128,7 +128,7 @@ class PreparedRun:
     workspace: GitWorkspace | DirtyWorkspace
 
 
-SPEC_CACHE_VERSION = "4"
+SPEC_CACHE_VERSION = "5"
 SPEC_CACHE_KEEP = 32
 """Parsed pipeline files kept in the cache: the most recently used ones."""
 

@@ -14,7 +14,10 @@ unusable input and for Conveyor's own faults::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_UNPRINTABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 class ConveyorError(Exception):
@@ -48,12 +51,26 @@ class SpecProblem:
     message: str
     hint: str | None = None
 
+    def __post_init__(self) -> None:
+        # Messages quote the user's text, and a NUL or a lone surrogate (from an escape in the
+        # file, or a file name that is not UTF-8) cannot be written to a terminal or as JSON:
+        # such characters are shown as escapes.
+        for name in ("source", "message", "hint"):
+            value = getattr(self, name)
+            if value is not None and _UNPRINTABLE.search(value):
+                object.__setattr__(self, name, _UNPRINTABLE.sub(_escape, value))
+
     def render(self) -> str:
         """``file:LINE:COL: message`` and an indented hint line."""
         text = f"{self.source}:{self.line}:{self.column}: {self.message}"
         if self.hint:
             text += "\n  hint: " + self.hint.replace("\n", "\n  ")
         return text
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return "\\0" if code == 0 else f"\\u{code:04x}"
 
 
 class SpecError(ConveyorError):

@@ -236,6 +236,33 @@ def test_control_characters_are_located() -> None:
     assert "U+0007" in problem.message
 
 
+@pytest.mark.parametrize(
+    ("text", "where", "what"),
+    [
+        ('env: {A: "a\\x00b"}\n', (1, 10), "NUL character"),
+        ('env: {A: "a\\0b"}\n', (1, 10), "NUL character"),
+        ('run: "echo \\ud800"\n', (1, 6), "U+D800, a lone surrogate"),
+        ('jobs:\n  "a\\udfff": 1\n', (2, 3), "U+DFFF, a lone surrogate"),  # a key
+        ("- 'x'\n- \"\\U0000DC00\"\n", (2, 3), "U+DC00, a lone surrogate"),
+    ],
+)
+def test_escaped_characters_no_process_can_receive_are_located(
+    text: str, where: tuple[int, int], what: str
+) -> None:
+    problem = only_problem(text)
+    assert (problem.line, problem.column) == where
+    assert what in problem.message
+    assert problem.hint
+
+
+def test_problems_show_unprintable_characters_as_escapes() -> None:
+    problems = problems_of('{"a\\ud800": 1, "a\\ud800": 2}\n')  # also a duplicate key
+    assert "duplicate key 'a\\ud800'" in [p.message for p in problems][-1]
+    for problem in problems:
+        problem.render().encode("utf-8")  # printable
+    assert SpecProblem("f\udcfe.yml", 1, 1, "x\0").render() == "f\\udcfe.yml:1:1: x\\0"
+
+
 def test_tabs_for_indentation() -> None:
     problem = only_problem("a:\n\tb: 1\n")
     assert (problem.line, problem.column) == (2, 1)

@@ -98,6 +98,9 @@ _FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
 _INF = re.compile(r"[-+]?\.(?:inf|Inf|INF)")
 _NAN = frozenset({".nan", ".NaN", ".NAN"})
 _MAX_INT_DIGITS = 1000
+_UNUSABLE = re.compile("[\x00\ud800-\udfff]")
+"""Characters an escape can put in a string that no process can receive: NUL ends a C string
+(``execve`` refuses it in an argument or a variable) and a lone surrogate has no UTF-8 form."""
 
 _INIT_HINT = "run `conveyor init` to write a starter conveyor.yml"
 
@@ -273,6 +276,24 @@ def _parse_problem(source: str, exc: MarkedYAMLError) -> SpecProblem:
     return SpecProblem(source, line, column, f"invalid YAML: {problem}", hint=hint)
 
 
+def _unusable_character(text: str) -> tuple[str, str] | None:
+    """A message and a hint for the first NUL or lone surrogate in ``text``, if there is one."""
+    match = _UNUSABLE.search(text)
+    if match is None:
+        return None
+    if match.group() == "\0":
+        return (
+            "this string contains a NUL character (\\0), which no job or command can receive",
+            "remove the \\0 or \\x00 escape",
+        )
+    return (
+        f"this string contains U+{ord(match.group()):04X}, a lone surrogate, which is not a"
+        " character",
+        "write the character itself, or escape it with 8 hex digits (\\U0001F600),"
+        " not as a pair of \\u escapes",
+    )
+
+
 def _position(text: str, index: int) -> tuple[int, int]:
     """1-based line and column of character ``index`` of ``text``."""
     line_start = text.rfind("\n", 0, index) + 1
@@ -401,6 +422,9 @@ class _Builder:
         else:
             value = text
         mark = event.start_mark
+        unusable = _unusable_character(text)
+        if unusable is not None:
+            self.add(mark, *unusable)
         node = ScalarNode(value, text, mark.line + 1, mark.column + 1, quoted=not plain)
         if event.anchor is not None:
             self.anchors[event.anchor] = (node, 1)
