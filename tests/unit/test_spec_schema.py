@@ -281,6 +281,29 @@ def test_secret_problems() -> None:
     assert "secrets come from the environment of `conveyor run`" in problems[3].hint
 
 
+def test_variables_conveyor_sets_are_reserved() -> None:
+    text = """\
+    pipeline: shop
+    secrets: [CI, TOKEN, CONVEYOR_RUN_ID]
+    env: {CONVEYOR: x, CONVEYOR_JOB: mine, CONVEYORS: ok, ci: ok}
+    stages:
+      - name: s
+        jobs:
+          a:
+            run: x
+            env: {CONVEYOR_WORKSPACE: /tmp, CIA: ok}
+    """
+    problems = problems_of(text)
+    assert [(p.line, p.column, p.message) for p in problems] == [
+        (2, 11, "'CI' is set by Conveyor and cannot be a secret"),
+        (2, 22, "'CONVEYOR_RUN_ID' is set by Conveyor and cannot be a secret"),
+        (3, 7, "'CONVEYOR' is set by Conveyor and cannot be set in env"),
+        (3, 20, "'CONVEYOR_JOB' is set by Conveyor and cannot be set in env"),
+        (9, 15, "'CONVEYOR_WORKSPACE' is set by Conveyor and cannot be set in env"),
+    ]
+    assert all("CONVEYOR_*" in (p.hint or "") for p in problems)
+
+
 # -- stages ----------------------------------------------------------------------------------
 
 

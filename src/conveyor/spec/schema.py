@@ -66,6 +66,8 @@ ARTIFACT_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 """Artifact names (they become ``CONVEYOR_ARTIFACT_<NAME>`` variables)."""
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 """Environment variable names (env keys and secrets)."""
+RESERVED_ENV_NAMES = frozenset({"CI", "CONVEYOR"})
+"""Variables Conveyor sets for every job, as well as every name starting with ``CONVEYOR_``."""
 MAX_RETRIES = 10
 MAX_PROBLEMS = 100
 """At most this many problems are reported (then a count of the rest)."""
@@ -115,6 +117,10 @@ _NAME_RULE = (
     "use letters, digits, '_', '.' and '-', starting with a letter or digit, at most 64 characters"
 )
 _ENV_RULE = "use letters, digits and '_', not starting with a digit"
+_RESERVED_HINT = (
+    "Conveyor sets CI, CONVEYOR and the CONVEYOR_* variables of every job itself, over any"
+    " other value; choose another name"
+)
 _ARTIFACT_RULE = "use letters, digits, '_' and '-', starting with a letter, at most 64 characters"
 _YAML11_BOOLS = frozenset({"yes", "no", "on", "off", "y", "n"})
 _STARTER = (
@@ -183,6 +189,11 @@ def _quoted_as(node: Node, kind: type) -> bool:
         return False
     value = resolve_plain(node.raw.strip())
     return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def is_reserved(name: str) -> bool:
+    """Whether Conveyor sets the variable ``name`` for every job (``CI``, ``CONVEYOR_JOB``...)."""
+    return name in RESERVED_ENV_NAMES or name.startswith("CONVEYOR_")
 
 
 def _quote_list(names: Sequence[str]) -> str:
@@ -403,6 +414,11 @@ class _Schema:
             if not ENV_NAME_PATTERN.fullmatch(name):
                 self.add(key, f"invalid environment variable name {name!r} in env", _ENV_RULE)
                 continue
+            if is_reserved(name):
+                self.add(
+                    key, f"'{name}' is set by Conveyor and cannot be set in env", _RESERVED_HINT
+                )
+                continue
             if name in secrets:
                 self.add(
                     key,
@@ -590,6 +606,10 @@ class _Schema:
         for name, item in self.names("secrets", node):
             if not ENV_NAME_PATTERN.fullmatch(name):
                 self.add(item, f"invalid secret name {name!r}", hint=_ENV_RULE)
+            elif is_reserved(name):
+                self.add(
+                    item, f"'{name}' is set by Conveyor and cannot be a secret", _RESERVED_HINT
+                )
             elif name in secrets:
                 self.add(
                     item, f"secret '{name}' is listed twice (first at line {secrets[name].line})"
