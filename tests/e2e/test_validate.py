@@ -119,3 +119,13 @@ def test_missing_file_and_init(repo: Repo) -> None:
     assert repo.conveyor("init").code == 0
     assert repo.conveyor("init").code == 2  # refuses to overwrite
     assert repo.conveyor("validate").code == 0
+
+
+def test_plan_json_prints_the_problems_of_an_invalid_file(repo: Repo) -> None:
+    repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: x, retries: 99}\n")
+    validated = repo.conveyor("validate", "--json")
+    result = repo.conveyor("plan", "--json")
+    assert result.code == 2, result.err
+    assert result.json() == validated.json()
+    assert result.json()["problems"][0]["line"] == 5
+    assert "Traceback" not in result.err

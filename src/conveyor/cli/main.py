@@ -29,7 +29,7 @@ from conveyor.cli.common import (
     repo_root,
     run_id_of,
 )
-from conveyor.errors import ConveyorError, UsageError
+from conveyor.errors import ConveyorError, SpecError, UsageError
 
 
 def _pipeline_path(root: Path, pipeline_file: str) -> tuple[Path, str]:
@@ -239,12 +239,31 @@ def init(force: bool, pipeline_file: str) -> None:
     click.echo("next: `conveyor validate`, commit it, then `conveyor run`")
 
 
+def _exit_with_problems_json(exc: SpecError) -> NoReturn:
+    """Print a ``SpecError``'s problems as the JSON document of ``validate --json``; exit 2."""
+    echo_json(
+        {
+            "valid": False,
+            "problems": [
+                {
+                    "file": p.source,
+                    "line": p.line,
+                    "column": p.column,
+                    "message": p.message,
+                    "hint": p.hint,
+                }
+                for p in exc.problems
+            ],
+        }
+    )
+    sys.exit(EXIT_USAGE)
+
+
 @cli.command()
 @file_option
 @json_option
 def validate(pipeline_file: str, as_json: bool) -> None:
     """Check the pipeline file and explain every problem (exit 2 if there is any)."""
-    from conveyor.errors import SpecError
     from conveyor.spec import load_pipeline_file
 
     path = Path(pipeline_file)
@@ -256,22 +275,7 @@ def validate(pipeline_file: str, as_json: bool) -> None:
         spec = load_pipeline_file(path, pipeline_file)
     except SpecError as exc:
         if as_json:
-            echo_json(
-                {
-                    "valid": False,
-                    "problems": [
-                        {
-                            "file": p.source,
-                            "line": p.line,
-                            "column": p.column,
-                            "message": p.message,
-                            "hint": p.hint,
-                        }
-                        for p in exc.problems
-                    ],
-                }
-            )
-            sys.exit(EXIT_USAGE)
+            _exit_with_problems_json(exc)
         raise
     jobs = sum(len(s.jobs) for s in spec.stages)
     if as_json:
@@ -313,7 +317,12 @@ def plan(
     from conveyor.engine.explain import build_plan
     from conveyor.engine.planning import cache_keys
 
-    root, home_obj, spec, _, snapshot, _ = _load_for_run(pipeline_file, revision, dirty, home)
+    try:
+        root, home_obj, spec, _, snapshot, _ = _load_for_run(pipeline_file, revision, dirty, home)
+    except SpecError as exc:
+        if as_json:
+            _exit_with_problems_json(exc)
+        raise
     selected = _check_stages(spec, stages)
     record = open_record_at(home_obj.root, root)
     secrets, _ = _secrets(spec)
