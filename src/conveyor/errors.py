@@ -73,21 +73,49 @@ def _escape(match: re.Match[str]) -> str:
     return "\\0" if code == 0 else f"\\u{code:04x}"
 
 
+MAX_SHOWN_PROBLEMS = 100
+"""A :class:`SpecError` lists at most this many problems; it counts all of them."""
+
+
 class SpecError(ConveyorError):
-    """The pipeline file cannot be used; ``problems`` lists every problem found, in file order."""
+    """The pipeline file cannot be used.
+
+    ``problems`` lists the first :data:`MAX_SHOWN_PROBLEMS` problems in file order, ``count``
+    says how many were found and ``omitted`` how many of those are not listed. ``complete`` is
+    false when reading stopped early: the file may have more problems than ``count``.
+    """
 
     exit_code = 2
 
-    def __init__(self, problems: list[SpecProblem]) -> None:
-        self.problems = sorted(problems, key=lambda p: (p.line, p.column))
-        count = len(self.problems)
-        super().__init__(f"{count} problem{'s' if count != 1 else ''} in the pipeline file")
+    def __init__(self, problems: list[SpecProblem], *, complete: bool = True) -> None:
+        ordered = sorted(problems, key=lambda p: (p.line, p.column))
+        self.count = len(ordered)
+        self.problems = ordered[:MAX_SHOWN_PROBLEMS]
+        self.omitted = self.count - len(self.problems)
+        self.complete = complete
+        self._next_line = ordered[len(self.problems)].line if self.omitted else None
+        if complete:
+            summary = f"{_plural(self.count, 'problem')} in the pipeline file"
+        else:
+            summary = f"more than {_plural(len(self.problems), 'problem')} in the pipeline file"
+        super().__init__(summary)
 
     def render(self) -> str:
-        """Every problem, one block each, then a count."""
+        """Every listed problem, one block each, then what is left out and a count."""
         lines = [p.render() for p in self.problems]
+        if self._next_line is not None and not self.complete:
+            lines.append(f"... too many problems: reading stopped at line {self._next_line}")
+        elif self._next_line is not None:
+            lines.append(
+                f"... and {_plural(self.omitted, 'more problem')} from line {self._next_line} on,"
+                " not shown"
+            )
         lines.append(self.message)
         return "\n".join(lines)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'s' if count != 1 else ''}"
 
 
 class SourceError(ConveyorError):

@@ -129,3 +129,17 @@ def test_plan_json_prints_the_problems_of_an_invalid_file(repo: Repo) -> None:
     assert result.json() == validated.json()
     assert result.json()["problems"][0]["line"] == 5
     assert "Traceback" not in result.err
+
+
+def test_past_100_problems_the_count_stays_right(repo: Repo) -> None:
+    jobs = "".join(f"      j{index}: {{run: x, retries: -1}}\n" for index in range(150))
+    repo.write("conveyor.yml", f"pipeline: p\nstages:\n  - name: s\n    jobs:\n{jobs}")
+    result = repo.conveyor("validate")
+    assert result.code == 2
+    assert result.err.count("must be between 0 and 10") == 100
+    assert result.err.endswith(
+        "... and 50 more problems from line 105 on, not shown\n150 problems in the pipeline file\n"
+    )
+    document = repo.conveyor("validate", "--json").json()
+    assert len(document["problems"]) == 100
+    assert (document["count"], document["omitted"], document["complete"]) == (150, 50, True)

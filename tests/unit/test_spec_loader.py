@@ -305,11 +305,18 @@ def test_complex_keys_are_refused() -> None:
     assert problem.message.startswith("a mapping key must be a plain value")
 
 
-def test_problems_are_capped() -> None:
+def test_reading_stops_after_too_many_problems() -> None:
     text = "{" + "a: 1, " * 500 + "}"
-    problems = problems_of(text)
-    assert len(problems) == 101
-    assert problems[-1].message == "too many problems; stopped reading here"
+    with pytest.raises(SpecError) as info:
+        load(text)
+    error = info.value
+    assert len(error.problems) == 100
+    assert all(p.message.startswith("duplicate key 'a'") for p in error.problems)
+    assert (error.count, error.omitted, error.complete) == (101, 1, False)
+    assert error.render().endswith(
+        "... too many problems: reading stopped at line 1\n"
+        "more than 100 problems in the pipeline file"
+    )
 
 
 # -- hostile input ---------------------------------------------------------------------------

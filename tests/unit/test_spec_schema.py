@@ -194,11 +194,17 @@ def test_all_problems_of_a_file_are_reported_at_once() -> None:
     assert rendered.endswith("7 problems in the pipeline file")
 
 
-def test_many_problems_are_capped() -> None:
+def test_many_problems_are_listed_up_to_100_and_all_counted() -> None:
     jobs = "".join(f"j{index}: {{run: x, retries: -1}}\n" for index in range(150))
-    problems = problems_of(pipeline_with_jobs(jobs))
-    assert len(problems) == 101
-    assert problems[-1].message == "... and 50 more problems from here on"
+    with pytest.raises(SpecError) as info:
+        parse(pipeline_with_jobs(jobs))
+    error = info.value
+    assert len(error.problems) == 100
+    assert all("'retries' must be between 0 and 10" in p.message for p in error.problems)
+    assert (error.count, error.omitted, error.complete) == (150, 50, True)
+    assert error.render().endswith(
+        "... and 50 more problems from line 105 on, not shown\n150 problems in the pipeline file"
+    )
 
 
 # -- the top level ---------------------------------------------------------------------------

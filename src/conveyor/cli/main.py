@@ -254,6 +254,9 @@ def _exit_with_problems_json(exc: SpecError) -> NoReturn:
                 }
                 for p in exc.problems
             ],
+            "count": exc.count,
+            "omitted": exc.omitted,
+            "complete": exc.complete,
         }
     )
     sys.exit(EXIT_USAGE)

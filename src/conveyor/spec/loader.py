@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -35,7 +35,7 @@ from ruamel.yaml.parser import Parser
 from ruamel.yaml.reader import Reader, ReaderError
 from ruamel.yaml.scanner import Scanner
 
-from conveyor.errors import SpecError, SpecProblem
+from conveyor.errors import MAX_SHOWN_PROBLEMS, SpecError, SpecProblem
 
 MAX_FILE_BYTES = 1024 * 1024
 """Largest pipeline file read (1 MiB)."""
@@ -43,8 +43,6 @@ MAX_DEPTH = 64
 """Deepest nesting of mappings and sequences."""
 MAX_NODES = 100_000
 """Most nodes in the document once every alias is expanded."""
-MAX_PROBLEMS = 100
-"""Reading stops after this many problems."""
 
 Scalar = str | int | float | bool | None
 
@@ -164,6 +162,10 @@ class _Fatal(Exception):
     def __init__(self, problem: SpecProblem) -> None:
         super().__init__(problem.message)
         self.problem = problem
+
+
+class _TooMany(Exception):
+    """Stops reading: more problems than a :class:`~conveyor.errors.SpecError` lists."""
 
 
 class _DocInfo:
@@ -340,12 +342,11 @@ class _Builder:
         self.report(self.problem(mark, message, hint))
 
     def report(self, problem: SpecProblem) -> None:
-        """Record a problem; stop reading once there are too many."""
-        if len(self.problems) >= MAX_PROBLEMS:
-            raise _Fatal(
-                replace(problem, message="too many problems; stopped reading here", hint=None)
-            )
+        """Record a problem; stop reading once there are more than can be shown (reading on
+        would only make a hostile file slower to refuse)."""
         self.problems.append(problem)
+        if len(self.problems) > MAX_SHOWN_PROBLEMS:
+            raise _TooMany
 
     def grow(self, mark: Any, amount: int, alias: bool) -> None:
         self.count += amount
@@ -560,6 +561,8 @@ def _read(text: str, source: str) -> Node | None:
         raise SpecError([*builder.problems, _parse_problem(source, exc)]) from None
     except _Fatal as exc:
         raise SpecError([*builder.problems, exc.problem]) from None
+    except _TooMany:
+        raise SpecError(builder.problems, complete=False) from None
     except _TooDeep as exc:
         problem = builder.problem(exc.mark, _TOO_DEEP, hint=_TOO_DEEP_HINT)
         raise SpecError([*builder.problems, problem]) from None

@@ -69,8 +69,6 @@ ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 RESERVED_ENV_NAMES = frozenset({"CI", "CONVEYOR"})
 """Variables Conveyor sets for every job, as well as every name starting with ``CONVEYOR_``."""
 MAX_RETRIES = 10
-MAX_PROBLEMS = 100
-"""At most this many problems are reported (then a count of the rest)."""
 
 PIPELINE_KEYS = ("pipeline", "env", "secrets", "artifacts", "environments", "stages")
 ARTIFACT_KEYS = ("path", "kind")
@@ -1519,19 +1517,6 @@ class _Schema:
         return valid
 
 
-def _capped(problems: list[SpecProblem]) -> list[SpecProblem]:
-    """At most :data:`MAX_PROBLEMS` problems, the last one counting those left out."""
-    if len(problems) <= MAX_PROBLEMS:
-        return problems
-    ordered = sorted(problems, key=lambda p: (p.line, p.column))
-    rest = ordered[MAX_PROBLEMS]
-    more = len(ordered) - MAX_PROBLEMS
-    note = SpecProblem(
-        rest.source, rest.line, rest.column, f"... and {more} more problems from here on"
-    )
-    return [*ordered[:MAX_PROBLEMS], note]
-
-
 def build_pipeline(root: Node, source: str, digest: str) -> PipelineSpec:
     """Validate a pipeline file's node tree and build its :class:`PipelineSpec`.
 
@@ -1549,5 +1534,5 @@ def build_pipeline(root: Node, source: str, digest: str) -> PipelineSpec:
     schema = _Schema(source)
     spec = schema.pipeline(root, digest)
     if schema.problems or spec is None:
-        raise SpecError(_capped(schema.problems))
+        raise SpecError(schema.problems)
     return spec
