@@ -80,15 +80,17 @@ MAX_SHOWN_PROBLEMS = 100
 class SpecError(ConveyorError):
     """The pipeline file cannot be used.
 
-    ``problems`` lists the first :data:`MAX_SHOWN_PROBLEMS` problems in file order, ``count``
-    says how many were found and ``omitted`` how many of those are not listed. ``complete`` is
-    false when reading stopped early: the file may have more problems than ``count``.
+    ``problems`` lists the first :data:`MAX_SHOWN_PROBLEMS` distinct problems in file order,
+    ``count`` says how many were found and ``omitted`` how many of those are not listed.
+    ``complete`` is false when reading stopped early: the file may have more problems than
+    ``count``.
     """
 
     exit_code = 2
 
     def __init__(self, problems: list[SpecProblem], *, complete: bool = True) -> None:
-        ordered = sorted(problems, key=lambda p: (p.line, p.column))
+        # An alias repeats a value, and with it the value's problems: each is listed once.
+        ordered = sorted(dict.fromkeys(problems), key=lambda p: (p.line, p.column))
         self.count = len(ordered)
         self.problems = ordered[:MAX_SHOWN_PROBLEMS]
         self.omitted = self.count - len(self.problems)

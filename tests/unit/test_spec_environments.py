@@ -137,3 +137,13 @@ def test_a_required_stage_must_run_before_the_deploy() -> None:
     assert any(
         "requires stage 'acceptance', which does not run before stage 'prod'" in p for p in found
     ), found
+
+
+def test_a_deploy_stage_cannot_require_itself() -> None:
+    text = BASE.replace("requires: [acceptance]", "requires: [prod]").replace(
+        "  - name: staging\n    deploy: {environment: staging, artifact: app}",
+        "  - name: prod\n    deploy: {environment: production, artifact: app}",
+    )
+    found = problems(text)
+    assert any("a stage cannot require itself" in p for p in found), found
+    assert not any("move stage 'prod' after 'prod'" in p for p in found), found

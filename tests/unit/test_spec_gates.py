@@ -101,6 +101,14 @@ def test_gates_and_overrides_parse() -> None:
             ("name: perf}", "name: tests}"),
             "two gates of environment 'production' are called 'tests'",
         ),
+        (
+            ("      - tests: {min_count: 10}", "      - {}"),
+            "is a mapping with one kind, got an empty mapping",
+        ),
+        (
+            ("      - tests: {min_count: 10}", "      - {tests: {}, coverage: {}}"),
+            "is a mapping with one kind, got 2 keys: 'tests', 'coverage'",
+        ),
     ],
 )
 def test_bad_gates_are_explained(change: tuple[str, str], expected: str) -> None:

@@ -568,6 +568,39 @@ def test_job_names_are_unique_across_the_pipeline() -> None:
     )
 
 
+def test_a_value_repeated_by_aliases_has_its_problems_listed_once() -> None:
+    text = """\
+    pipeline: shop
+    stages:
+      - &commit
+        name: commit
+        jobs:
+          a: &job {run: x, timeout: bad}
+          b: *job
+          c: *job
+      - *commit
+    """
+    assert found(text) == [
+        (3, 5, "stage 'commit' is listed twice: an alias repeats it"),
+        (6, 33, "'timeout': expected a duration such as 90s, 10m or 1h30m, got 'bad'"),
+    ]
+
+
+def test_jobs_repeated_by_an_alias_in_another_stage() -> None:
+    text = """\
+    pipeline: shop
+    artifacts: {app: {path: app}}
+    stages:
+      - name: one
+        jobs: &jobs {build: {run: x, outputs: [app]}}
+      - name: two
+        jobs: *jobs
+    """
+    assert found(text) == [
+        (5, 18, "job 'build' is in stages 'one' and 'two': an alias repeats the jobs of a stage")
+    ]
+
+
 def test_loader_problems_come_through() -> None:
     problem = only_problem(GOOD + "pipeline: again\n")
     assert problem.message == "duplicate key 'pipeline' (first defined at line 1)"

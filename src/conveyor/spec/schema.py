@@ -637,19 +637,27 @@ class _Schema:
             self.add(node, "the pipeline has no stages", hint=_STARTER)
             return []
         drafts: list[_StageDraft] = []
-        first_line: dict[str, int] = {}
+        first: dict[str, MapNode] = {}
         for item in node.items:
             draft = self.stage(item, secrets)
             if draft is None:
                 continue
-            if draft.name in first_line:
+            if draft.name in first and draft.node is first[draft.name]:
                 self.add(
                     draft.node,
-                    f"duplicate stage name '{draft.name}' (first at line {first_line[draft.name]})",
+                    f"stage '{draft.name}' is listed twice: an alias repeats it",
+                    hint="stage names must be unique; remove the alias, or copy the stage and"
+                    " rename the copy",
+                )
+                continue
+            if draft.name in first:
+                self.add(
+                    draft.node,
+                    f"duplicate stage name '{draft.name}' (first at line {first[draft.name].line})",
                     hint="stage names must be unique",
                 )
                 continue
-            first_line[draft.name] = draft.node.line
+            first[draft.name] = draft.node
             drafts.append(draft)
         return drafts
 
@@ -947,11 +955,13 @@ class _Schema:
 
     def gate(self, node: Node, where: str, kinds: Sequence[str]) -> GateSpec | None:
         if not isinstance(node, MapNode) or len(node.items) != 1:
-            self.add(
-                node,
-                f"each gate of {where} is a mapping with one kind, got {describe(node)}",
-                hint="e.g. - tests: {min_passed_ratio: 1.0, min_count: 50}",
-            )
+            got, hint = describe(node), "e.g. - tests: {min_passed_ratio: 1.0, min_count: 50}"
+            if isinstance(node, MapNode) and not node.items:
+                got = "an empty mapping"
+            elif isinstance(node, MapNode):
+                got = f"{len(node.items)} keys: " + _quote_list([k.raw for k, _ in node.items])
+                hint = "make each kind a list item of its own: - tests: {...}, - coverage: {...}"
+            self.add(node, f"each gate of {where} is a mapping with one kind, got {got}", hint)
             return None
         key, value = node.items[0]
         kind = key.value if isinstance(key.value, str) else key.raw
@@ -1273,6 +1283,14 @@ class _Schema:
                 if first is None:
                     owner[job.name] = job
                     continue
+                if job.key is first.key:
+                    self.add(
+                        job.key,
+                        f"job '{job.name}' is in stages '{first.stage}' and '{job.stage}':"
+                        " an alias repeats the jobs of a stage",
+                        hint="job names must be unique across the whole pipeline",
+                    )
+                    continue
                 self.add(
                     job.key,
                     f"duplicate job name '{job.name}': already defined in stage "
@@ -1409,7 +1427,14 @@ class _Schema:
                     )
             if environment is not None:
                 for required in environment.requires:
-                    if required in order and order[required] >= order[draft.name]:
+                    if required == draft.name:
+                        self.add(
+                            node,
+                            f"environment '{environment.name}' requires stage '{required}',"
+                            f" the stage that deploys to it: a stage cannot require itself",
+                            hint="require the stages whose jobs must pass before the deployment",
+                        )
+                    elif required in order and order[required] >= order[draft.name]:
                         self.add(
                             node,
                             f"environment '{environment.name}' requires stage '{required}',"
@@ -1454,7 +1479,7 @@ class _Schema:
                         )
                     elif name in valid:
                         self.add(node, f"'{name}' is listed twice in the outputs of '{job.name}'")
-                    elif name in producer and producer[name] is not job:
+                    elif name in producer and producer[name].key is not job.key:
                         first = producer[name]
                         self.add(
                             node,
