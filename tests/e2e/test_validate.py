@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.e2e.conftest import Repo
@@ -143,3 +145,13 @@ def test_past_100_problems_the_count_stays_right(repo: Repo) -> None:
     document = repo.conveyor("validate", "--json").json()
     assert len(document["problems"]) == 100
     assert (document["count"], document["omitted"], document["complete"]) == (150, 50, True)
+
+
+def test_a_fifo_or_a_device_is_refused_at_once(repo: Repo) -> None:
+    os.mkfifo(repo.path / "pipe.yml")
+    result = repo.conveyor("validate", "-f", "pipe.yml", timeout=5)
+    assert result.code == 2
+    assert "pipe.yml is a FIFO (named pipe), not a regular file" in result.err
+    result = repo.conveyor("validate", "-f", "/dev/zero", timeout=5)
+    assert result.code == 2
+    assert "/dev/zero is a character device, not a regular file" in result.err

@@ -8,6 +8,8 @@ problem in a file is reported at once in one :class:`~conveyor.errors.SpecError`
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 from conveyor.errors import SpecError, SpecProblem
@@ -53,6 +55,17 @@ def _file_error(source: str, message: str, hint: str | None = _FILE_HINT) -> Spe
     return SpecError([SpecProblem(source, 1, 1, message, hint=hint)])
 
 
+def _kind_of(mode: int) -> str:
+    """What a file that is not a regular file is (``a FIFO``, ``a character device``...)."""
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((kind for test, kind in kinds if test(mode)), "a special file")
+
+
 def load_pipeline_file(path: Path, display_name: str | None = None) -> PipelineSpec:
     """Read, parse and validate the pipeline file at ``path``.
 
@@ -69,7 +82,19 @@ def load_pipeline_file(path: Path, display_name: str | None = None) -> PipelineS
     """
     source = display_name if display_name is not None else str(path)
     try:
-        with path.open("rb") as handle:
+        # Non-blocking, so that opening a FIFO does not wait for a writer; only a regular file
+        # is then read (a FIFO or a device such as /dev/zero is refused, not read).
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(descriptor, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(mode):
+                raise _file_error(
+                    source,
+                    f"{path} is {_kind_of(mode)}, not a regular file",
+                    hint="pass -f PATH naming the pipeline file itself",
+                )
             data = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise _file_error(source, f"no pipeline file at {path}") from None
