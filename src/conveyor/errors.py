@@ -18,6 +18,11 @@ import re
 from dataclasses import dataclass
 
 _UNPRINTABLE = re.compile("[\x00\ud800-\udfff]")
+MAX_QUOTED = 80
+"""Text quoted in a problem's message or hint (a user's value) is cut to this many characters."""
+_LONG_QUOTED = re.compile(f"'[^'\\n]{{{MAX_QUOTED + 1},}}'|\"[^\"\\n]{{{MAX_QUOTED + 1},}}\"")
+MAX_MESSAGE = 500
+"""A longer message is cut (a safety net for text that is not quoted)."""
 
 
 class ConveyorError(Exception):
@@ -59,6 +64,14 @@ class SpecProblem:
             value = getattr(self, name)
             if value is not None and _UNPRINTABLE.search(value):
                 object.__setattr__(self, name, _UNPRINTABLE.sub(_escape, value))
+        # A quoted value may be anything up to the file's size (a 900 KB name): shown cut.
+        for name in ("message", "hint"):
+            value = getattr(self, name)
+            if value is not None and len(value) > MAX_QUOTED:
+                value = _LONG_QUOTED.sub(_cut_quoted, value)
+                if name == "message" and len(value) > MAX_MESSAGE:
+                    value = value[: MAX_MESSAGE - 3] + "..."
+                object.__setattr__(self, name, value)
 
     def render(self) -> str:
         """``file:LINE:COL: message`` and an indented hint line."""
@@ -66,6 +79,11 @@ class SpecProblem:
         if self.hint:
             text += "\n  hint: " + self.hint.replace("\n", "\n  ")
         return text
+
+
+def _cut_quoted(match: re.Match[str]) -> str:
+    text = match.group()
+    return text[: MAX_QUOTED - 2] + "..." + text[-1]
 
 
 def _escape(match: re.Match[str]) -> str:

@@ -528,6 +528,15 @@ def test_needs_problems() -> None:
     )
 
 
+def test_long_values_are_cut_in_messages() -> None:
+    name = "b" * 900_000
+    problem = only_problem(pipeline_with_jobs(f"a: {{run: x, needs: [{name}]}}\n"))
+    assert problem.message == f"job 'a' needs '{'b' * 77}...', which is not a job"
+    problem = only_problem(pipeline_with_jobs(f'"{"k " * 100}": {{run: x}}\n'))
+    assert problem.message == f"invalid job name '{('k ' * 39)[:77]}...'"
+    assert len(SpecProblem("f", 1, 1, "x" * 5000).message) == 500
+
+
 def test_unknown_need_without_a_close_match_lists_the_stage_jobs() -> None:
     problems = problems_of(pipeline_with_jobs("a: {run: x}\nb: {run: x, needs: zzz}\n"))
     assert problems[0].hint == "jobs of stage 'commit': 'a'"
