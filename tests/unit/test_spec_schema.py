@@ -528,6 +528,25 @@ def test_needs_problems() -> None:
     )
 
 
+def test_scripts_and_variables_too_long_for_a_process_are_refused() -> None:
+    limit = 100 * 1024
+    ok = pipeline_with_jobs(f"a: {{run: {'x' * limit}, env: {{A: {'y' * limit}}}}}\n")
+    assert parse(ok).job("a").run == "x" * limit
+    text = pipeline_with_jobs(f"a: {{run: {'x' * 150_000}, env: {{A: {'é' * 60_000}}}}}\n")
+    assert [(p.line, p.column, p.message) for p in problems_of(text)] == [
+        (
+            5,
+            16,
+            "'run' of job 'a' is too long: 150,000 bytes, the limit is 102,400 bytes (100 KiB)",
+        ),
+        (
+            5,
+            150_027,
+            "env variable 'A' is too long: 120,000 bytes, the limit is 102,400 bytes (100 KiB)",
+        ),
+    ]
+
+
 def test_long_values_are_cut_in_messages() -> None:
     name = "b" * 900_000
     problem = only_problem(pipeline_with_jobs(f"a: {{run: x, needs: [{name}]}}\n"))

@@ -69,6 +69,9 @@ ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 RESERVED_ENV_NAMES = frozenset({"CI", "CONVEYOR"})
 """Variables Conveyor sets for every job, as well as every name starting with ``CONVEYOR_``."""
 MAX_RETRIES = 10
+MAX_SCRIPT_BYTES = 100 * 1024
+"""Longest script or env value (UTF-8 bytes): Linux refuses to start a process with one argument
+or variable over 128 KiB (``MAX_ARG_STRLEN``), and scripts run as ``bash -c SCRIPT``."""
 
 PIPELINE_KEYS = ("pipeline", "env", "secrets", "artifacts", "environments", "stages")
 ARTIFACT_KEYS = ("path", "kind")
@@ -248,6 +251,22 @@ class _Schema:
     def wrong_type(self, key: str, expected: str, node: Node, hint: str | None = None) -> None:
         """Record ``'key' must be <expected>, got <what>``."""
         self.add(node, f"'{key}' must be {expected}, got {describe(node)}", hint)
+
+    def too_long(self, what: str, node: Node, text: str) -> bool:
+        """Record a problem if ``text`` (a script or a variable) cannot be passed to a process."""
+        if len(text) <= MAX_SCRIPT_BYTES // 4:  # at most 4 bytes a character
+            return False
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size <= MAX_SCRIPT_BYTES:
+            return False
+        self.add(
+            node,
+            f"{what} is too long: {size:,} bytes, the limit is {MAX_SCRIPT_BYTES:,} bytes"
+            " (100 KiB)",
+            hint="a process cannot be started with a longer argument or variable; put the script"
+            " in a file in the repository and run that file",
+        )
+        return True
 
     # -- generic readers -------------------------------------------------------------------
 
@@ -435,7 +454,7 @@ class _Schema:
         if isinstance(node, ScalarNode):
             value = node.value
             if isinstance(value, str):
-                return value
+                return None if self.too_long(f"env variable '{name}'", node, value) else value
             if isinstance(value, bool):
                 return "true" if value else "false"
             if isinstance(value, int | float):
@@ -1165,6 +1184,8 @@ class _Schema:
             )
         deploy = self.required_script(found, "deploy", node, environment)
         rollback = self.text("rollback", found["rollback"][1]) if "rollback" in found else None
+        if rollback is not None and self.too_long("'rollback'", found["rollback"][1], rollback):
+            return None
         if deploy is None:
             return None
         return TargetSpec(
@@ -1185,12 +1206,16 @@ class _Schema:
         if script is not None and not script.strip():
             self.add(found[key][1], f"'{key}' of environment '{environment}' is empty")
             return None
+        if script is not None and self.too_long(
+            f"'{key}' of environment '{environment}'", found[key][1], script
+        ):
+            return None
         return script
 
     def health(self, node: Node, kind: str) -> tuple[str | None, str | None]:
         """``{http: /path}``, ``{command: script}`` or a script (HTTP for process targets only)."""
         if isinstance(node, ScalarNode) and isinstance(node.value, str):
-            return None, node.value
+            return None, None if self.too_long("'health'", node, node.value) else node.value
         if not isinstance(node, MapNode):
             self.wrong_type("health", "{http: /healthz}, {command: ...} or a script", node)
             return None, None
@@ -1211,7 +1236,10 @@ class _Schema:
                 )
                 return None, None
             return path, None
-        return None, self.text("command", found["command"][1])
+        command = self.text("command", found["command"][1])
+        if command is not None and self.too_long("'health'", found["command"][1], command):
+            return None, None
+        return None, command
 
     def run(self, job: _JobDraft, node: Node) -> None:
         if isinstance(node, SeqNode):
@@ -1225,7 +1253,7 @@ class _Schema:
         script = self.text("run", node)
         if script is not None and not script.strip():
             self.add(node, f"'run' of job '{job.name}' is empty", hint="give the shell script")
-        elif script is not None:
+        elif script is not None and not self.too_long(f"'run' of job '{job.name}'", node, script):
             job.run = script
 
     def reports(self, job: _JobDraft, node: Node) -> None:
