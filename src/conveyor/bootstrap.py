@@ -133,18 +133,31 @@ SPEC_CACHE_KEEP = 32
 """Parsed pipeline files kept in the cache: the most recently used ones."""
 
 
-def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Home) -> PipelineSpec:
+def load_committed_spec(
+    source: GitSource,
+    blob: str,
+    source_name: str,
+    home: Home,
+    *,
+    commit: str | None = None,
+    rel_path: str | None = None,
+) -> PipelineSpec:
     """Parse and validate a committed pipeline file, reusing the result for the same blob.
 
     A run of an unchanged pipeline file skips reading and parsing it (YAML parsing is slow in
     pure Python for large files): the validated spec is kept as JSON under ``cache/specs/``,
     keyed by the git blob id (a content hash), the file's name and the cache version. A damaged
     entry is ignored and rewritten; the ``SPEC_CACHE_KEEP`` most recently used entries are kept.
+
+    On a cache miss, when ``commit`` and ``rel_path`` (from the repository's root) are given, the
+    entry is checked before it is read: a directory, a symbolic link or a file over the size
+    limit is refused (``SpecError``) without reading its content.
     """
     import hashlib
     import json
 
-    key = hashlib.sha256(f"{SPEC_CACHE_VERSION}\0{source_name}\0{blob}".encode()).hexdigest()
+    key_text = f"{SPEC_CACHE_VERSION}\0{source_name}\0{blob}"
+    key = hashlib.sha256(key_text.encode("utf-8", "surrogateescape")).hexdigest()
     path = home.root / "cache" / "specs" / f"{key}.json"
     try:
         spec = PipelineSpec.from_dict(json.loads(path.read_text()))
@@ -158,6 +171,8 @@ def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Ho
         parse_pipeline,
     )  # only on a cache miss: YAML libraries are slow to import
 
+    if commit is not None and rel_path is not None:
+        _check_committed_file(source, commit, rel_path, source_name)
     spec = parse_pipeline(source.read_blob(blob), source_name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +183,39 @@ def load_committed_spec(source: GitSource, blob: str, source_name: str, home: Ho
     except OSError:
         pass  # the cache is an optimisation only
     return spec
+
+
+def _check_committed_file(source: GitSource, commit: str, path: str, source_name: str) -> None:
+    """Refuse a committed pipeline "file" that is not a regular file of a readable size."""
+    import posixpath
+
+    from conveyor.errors import SpecError, SpecProblem
+    from conveyor.spec import MAX_FILE_BYTES
+
+    path = posixpath.normpath(path)
+    entry = source.tree_entry(commit, path)
+    if entry is None:
+        return
+    mode, kind, size = entry
+    at = f"in commit {commit[:12]}"
+    message = hint = None
+    if kind == "tree":
+        message, hint = (
+            f"{path} is a directory {at}, not a pipeline file",
+            "pass -f DIR/conveyor.yml",
+        )
+    elif mode == "120000":
+        message = f"{path} is a symbolic link {at}: Conveyor reads a committed file, not a link"
+        hint = "commit the file itself in place of the link, or pass -f with the file it names"
+    elif kind != "blob":
+        message, hint = f"{path} is a {kind} {at}, not a pipeline file", None
+    elif size is not None and size > MAX_FILE_BYTES:
+        message = (
+            f"the file is too large: {size:,} bytes, the limit is {MAX_FILE_BYTES:,} bytes (1 MiB)"
+        )
+        hint = "a pipeline file is a few kilobytes; is this the right file?"
+    if message is not None:
+        raise SpecError([SpecProblem(source_name, 1, 1, message, hint)])
 
 
 def _prune_spec_cache(folder: Path) -> None:

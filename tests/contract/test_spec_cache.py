@@ -11,6 +11,7 @@ import pytest
 
 from conveyor import bootstrap
 from conveyor.adapters.home import Home
+from conveyor.errors import SpecError
 
 PIPELINE = "pipeline: p{n}\nstages:\n  - name: s\n    jobs:\n      j: {{run: 'true'}}\n"
 
@@ -73,3 +74,43 @@ def test_the_cache_keeps_the_most_recently_used_entries(
     assert source.reads == reads  # all still cached
     _load(source, "1", home)
     assert source.reads == reads + 1  # evicted, parsed again
+
+
+class _Tree(_Source):
+    """A source whose committed pipeline file is the entry ``(mode, type, size)``."""
+
+    def __init__(self, entry: tuple[str, str, int | None]) -> None:
+        super().__init__()
+        self.entry = entry
+
+    def tree_entry(self, commit: str, rel_path: str) -> tuple[str, str, int | None]:
+        assert (commit, rel_path) == ("c" * 40, "ci/conveyor.yml")
+        return self.entry
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (("100644", "blob", 300_000_000), "the file is too large: 300,000,000 bytes"),
+        (("040000", "tree", None), "ci/conveyor.yml is a directory in commit cccccccccccc"),
+        (("120000", "blob", 12), "ci/conveyor.yml is a symbolic link in commit cccccccccccc"),
+    ],
+)
+def test_a_committed_entry_that_is_not_a_small_file_is_refused_unread(
+    tmp_path: Path, entry: tuple[str, str, int | None], message: str
+) -> None:
+    source = _Tree(entry)
+    with pytest.raises(SpecError) as info:
+        bootstrap.load_committed_spec(
+            source, "1", "ci.yml", Home(tmp_path), commit="c" * 40, rel_path="./ci/conveyor.yml"
+        )
+    assert source.reads == 0
+    assert info.value.problems[0].message.startswith(message)
+
+
+def test_a_committed_regular_file_is_read(tmp_path: Path) -> None:
+    source = _Tree(("100755", "blob", 70))
+    spec = bootstrap.load_committed_spec(
+        source, "1", "ci.yml", Home(tmp_path), commit="c" * 40, rel_path="ci/conveyor.yml"
+    )
+    assert (spec.name, source.reads) == ("p1", 1)

@@ -155,3 +155,21 @@ def test_a_fifo_or_a_device_is_refused_at_once(repo: Repo) -> None:
     result = repo.conveyor("validate", "-f", "/dev/zero", timeout=5)
     assert result.code == 2
     assert "/dev/zero is a character device, not a regular file" in result.err
+
+
+def test_plan_refuses_a_committed_directory_or_link_and_takes_any_file_name(repo: Repo) -> None:
+    good = "pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: x}\n"
+    repo.write("ci/conveyor.yml", good)
+    repo.write("good.yml", good)
+    os.symlink("good.yml", repo.path / "link.yml")
+    (repo.path / os.fsdecode(b"\xfe.yml")).write_text(good)
+    repo.commit()
+    result = repo.conveyor("plan", "-f", "ci")
+    assert result.code == 2
+    assert result.err.startswith("ci:1:1: ci is a directory in commit ")
+    result = repo.conveyor("plan", "-f", "link.yml")
+    assert result.code == 2
+    assert "link.yml is a symbolic link in commit " in result.err
+    for command in ("plan", "validate"):
+        result = repo.conveyor(command, "-f", os.fsdecode(b"\xfe.yml"))
+        assert result.code == 0, result.err

@@ -187,6 +187,31 @@ class GitSource:
         tree = _git(self.root, "rev-parse", f"{commit}^{{tree}}").stdout.decode().strip()
         return commit, tree, None
 
+    def tree_entry(self, commit: str, rel_path: str) -> tuple[str, str, int | None] | None:
+        """The mode (``100644``, ``120000`` for a symbolic link...), the type (``blob``,
+        ``tree``, ``commit``) and the size (``None`` but for a blob) of ``rel_path`` in
+        ``commit``, without reading it; ``None`` if it is not there."""
+        proc = _git(
+            self.root,
+            "--literal-pathspecs",
+            "ls-tree",
+            "-l",
+            "-z",
+            "--full-tree",
+            commit,
+            "--",
+            rel_path,
+            check=False,
+        )
+        wanted = os.fsencode(rel_path)
+        for entry in proc.stdout.split(b"\0"):
+            meta, _, path = entry.partition(b"\t")
+            fields = meta.split()
+            if path == wanted and len(fields) == 4:
+                size = fields[3].decode()
+                return fields[0].decode(), fields[1].decode(), int(size) if size.isdigit() else None
+        return None
+
     def read_blob(self, blob: str) -> bytes:
         """The bytes of a blob."""
         return _git(self.root, "cat-file", "blob", blob).stdout

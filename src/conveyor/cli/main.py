@@ -67,7 +67,7 @@ def _committed_spec(
                 )
             ]
         )
-    return load_committed_spec(source, blob, display, home)
+    return load_committed_spec(source, blob, display, home, commit=commit, rel_path=rel)
 
 
 def _load_for_run(
