@@ -37,7 +37,7 @@ def test_a_good_file(repo: Repo) -> None:
     repo.write("conveyor.yml", "pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: x}\n")
     result = repo.conveyor("validate")
     assert result.code == 0
-    assert "ok" in result.out
+    assert result.out == "conveyor.yml: ok: pipeline 'p', 1 stage, 1 job\n"
     assert repo.conveyor("validate", "--json").json()["valid"] is True
 
 

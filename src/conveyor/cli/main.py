@@ -292,8 +292,10 @@ def validate(pipeline_file: str, as_json: bool) -> None:
             }
         )
     else:
+        stages = len(spec.stages)
         click.echo(
-            f"{pipeline_file}: ok: pipeline '{spec.name}', {len(spec.stages)} stages, {jobs} jobs"
+            f"{pipeline_file}: ok: pipeline '{spec.name}',"
+            f" {stages} stage{'s' if stages != 1 else ''}, {jobs} job{'s' if jobs != 1 else ''}"
         )
 
 
