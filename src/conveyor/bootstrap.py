@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from conveyor.adapters.clock import SystemClock
 from conveyor.adapters.git import (
@@ -77,17 +77,34 @@ def recover_orphans(record: SqliteRecord, home: Home) -> list[int]:
         if not owner_is_gone(home.locks, run["id"], run["owner_pid"], run["owner_host"]):
             continue
         killed = kill_orphans(run["owner_token"])
-        record.append(
-            [
-                RunInterrupted(
-                    run_id=run["id"],
-                    reason="the conveyor process running it stopped without finishing it",
-                    killed_pids=killed,
-                )
-            ]
-        )
+        try:
+            record.append(
+                [
+                    RunInterrupted(
+                        run_id=run["id"],
+                        reason="the conveyor process running it stopped without finishing it",
+                        killed_pids=killed,
+                    )
+                ],
+                guard=_still_running(run["id"]),
+            )
+        except _AlreadyEnded:
+            continue  # another command recovered it meanwhile
         recovered.append(run["id"])
     return recovered
+
+
+class _AlreadyEnded(Exception):
+    """The run is no longer recorded as running (checked inside the write transaction)."""
+
+
+def _still_running(run_id: int) -> Callable[[Any], None]:
+    def guard(conn: Any) -> None:
+        row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None or row[0] != "running":
+            raise _AlreadyEnded()
+
+    return guard
 
 
 class CancelFlag:

@@ -297,3 +297,24 @@ def test_only_the_first_user_may_be_created_without_an_admin(tmp_path: Path) -> 
     finally:
         first.close()
         second.close()
+
+
+def test_an_orphan_is_recorded_interrupted_once_by_racing_commands(tmp_path: Path) -> None:
+    """Two commands that both saw the run running: only the first records the interruption."""
+    from conveyor.adapters.home import Home
+    from conveyor.bootstrap import open_record, recover_orphans
+
+    home = Home(tmp_path / "home")
+    record = open_record(home)
+    run = record.allocate_run_id()
+    event = started(run)
+    record.append(
+        [ev.RunStarted(**{**vars(event), "owner": {"pid": None, "host": "", "token": ""}})]
+    )
+    stale = record.running_runs()  # what the second command read before the first wrote
+    assert recover_orphans(record, home) == [run]
+    record.running_runs = lambda: stale  # type: ignore[method-assign]
+    assert recover_orphans(record, home) == []
+    kinds = [e["type"] for e in record.events_of_run(run)]
+    assert kinds.count("run.interrupted") == 1
+    record.close()
