@@ -97,6 +97,28 @@ def test_a_dirty_run_is_a_repository_of_its_own(repo: Repo) -> None:
     assert " M kept.txt" in status and " D gone.txt" in status and "?? new.txt" in status
 
 
+def test_a_reader_that_stops_reading_does_not_stop_the_run(repo: Repo) -> None:
+    """`conveyor run | head -2`: the run goes on without output and is recorded."""
+    repo.pipeline("""\
+        pipeline: head
+        stages:
+          - name: s
+            jobs:
+              talk:
+                run: |
+                  for i in 1 2 3 4 5; do echo "line $i"; sleep 0.2; done
+        """)
+    proc = repo.popen("run", "--progress", "plain")
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=30) == 0, err
+    assert b"Traceback" not in err and b"internal error" not in err
+    assert repo.show()["status"] == "succeeded"
+
+
 def test_jobs_share_the_workspace_and_get_the_conveyor_variables(repo: Repo) -> None:
     repo.pipeline("""\
         pipeline: vars

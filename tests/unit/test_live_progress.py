@@ -67,3 +67,63 @@ def test_many_failed_jobs_show_a_few_tails_and_a_count() -> None:
     out = _render(_view_with_failures(TAILS_SHOWN + 7))
     assert out.count("last lines of the log") == TAILS_SHOWN
     assert "and 7 more failed jobs" in out
+
+
+def test_plain_output_shows_an_unfinished_line_when_its_attempt_ends() -> None:
+    from conveyor.cli.progress import MAX_LINE, PlainProgress
+
+    out = io.StringIO()
+    plain = PlainProgress(out)
+    plain.on_event(
+        ev.RunStarted(
+            run_id=1,
+            pipeline="p",
+            revision="a" * 40,
+            pipeline_file="conveyor.yml",
+            pipeline_digest="sha256:0",
+            dirty=False,
+            actor="me",
+            stages=[{"name": "s", "jobs": ["r"]}],
+            owner={},
+        )
+    )
+    for attempt in (1, 2):
+        plain.on_event(
+            ev.JobAttemptStarted(
+                run_id=1, stage="s", job="r", attempt=attempt, cache_key="k", log="l"
+            )
+        )
+        plain.on_output("r", attempt, f"attempt-{attempt}-no-newline")
+        ending = dict(
+            attempt=attempt,
+            status="failed",
+            exit_code=1,
+            pid=1,
+            duration_s=0.1,
+            log_bytes=1,
+            log_sha256="x",
+            log_truncated=False,
+        )
+        if attempt == 1:
+            plain.on_event(ev.JobAttemptFinished(run_id=1, stage="s", job="r", **ending))
+        else:
+            plain.on_event(
+                ev.JobFinished(
+                    run_id=1,
+                    stage="s",
+                    job="r",
+                    status="failed",
+                    exit_code=1,
+                    attempts=2,
+                    duration_s=0.2,
+                    cache_key="k",
+                    attempt=ending,
+                )
+            )
+    lines = out.getvalue().splitlines()
+    first = lines.index("  r | attempt-1-no-newline")
+    assert lines[first + 1].startswith("  r attempt 1 failed")
+    second = lines.index("  r | attempt-2-no-newline")
+    assert lines[second + 1].startswith("  r failed in")
+    plain.on_output("r", 2, "x" * (MAX_LINE * 2 + 5))  # a line never ended is not kept whole
+    assert plain.view.jobs["r"].partial == "x" * 5

@@ -6,6 +6,8 @@ neutralised (escape sequences and control characters removed) before it reaches 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from collections import deque
@@ -16,6 +18,8 @@ from conveyor.domain import events as ev
 from conveyor.domain.text import neutralise
 
 TAIL_LINES = 12
+MAX_LINE = 64 * 1024
+"""Characters of an unfinished output line kept before it is shown as a line of its own."""
 SYMBOLS = {
     "pending": "·",
     "running": "▶",
@@ -84,10 +88,12 @@ class RunView:
             job.started = job.started or now
             job.detail = f"attempt {event.attempt}" if event.attempt > 1 else ""
         elif isinstance(event, ev.JobAttemptFinished):
+            self.end_output(event.job)
             job = self.jobs[event.job]
             if event.status != "succeeded":
                 job.detail = f"attempt {event.attempt} {event.status} (exit {event.exit_code})"
         elif isinstance(event, ev.JobFinished):
+            self.end_output(event.job)
             job = self.jobs[event.job]
             job.status, job.ended = event.status, now
             if event.status not in ("succeeded", "cached"):
@@ -109,12 +115,25 @@ class RunView:
             self.status = event.status
 
     def output(self, job_name: str, text: str) -> list[str]:
-        """Add output of a job; returns the complete lines it finished."""
+        """Add output of a job; returns the complete lines it finished (a line longer than
+        ``MAX_LINE`` is cut into pieces: a job need not end its lines)."""
         job = self.jobs[job_name]
         text = job.partial + neutralise(text)
         *lines, job.partial = text.split("\n")
+        while len(job.partial) > MAX_LINE:
+            lines.append(job.partial[:MAX_LINE])
+            job.partial = job.partial[MAX_LINE:]
         job.tail.extend(lines)
         return lines
+
+    def end_output(self, job_name: str) -> str | None:
+        """The unfinished last line of an attempt that ended (``None`` if there is none)."""
+        job = self.jobs.get(job_name)
+        if job is None or not job.partial:
+            return None
+        rest, job.partial = job.partial, ""
+        job.tail.append(rest)
+        return rest
 
     def duration(self, job: _Job) -> str:
         if job.started is None:
@@ -132,9 +151,32 @@ class PlainProgress:
         self.show_output = show_output
 
     def _print(self, text: str) -> None:
-        self.stream.write(text + "\n")
+        try:
+            self.stream.write(text + "\n")
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        """Whoever read the output stopped (``conveyor run | head``): the run goes on, and is
+        recorded, without output."""
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(null, self.stream.fileno())
+        finally:
+            os.close(null)
 
     def on_event(self, event: ev.Event) -> None:
+        if isinstance(event, (ev.JobAttemptFinished, ev.JobFinished)):
+            rest = self.view.end_output(event.job)
+            if rest is not None and self.show_output:
+                self._print(f"  {event.job} | {rest}")
         self.view.apply(event)
         if isinstance(event, ev.RunStarted):
             self._print(
@@ -170,18 +212,18 @@ class PlainProgress:
             )
             for problem in event.problems:
                 self._print(f"  {event.job} reports: {neutralise(problem)}")
-        self.stream.flush()
+        self._flush()
 
     def on_note(self, text: str) -> None:
         self._print(f"  {text}")
-        self.stream.flush()
+        self._flush()
 
     def on_output(self, job: str, attempt: int, text: str) -> None:
         lines = self.view.output(job, text)
         if self.show_output:
             for line in lines:
                 self._print(f"  {job} | {line}")
-            self.stream.flush()
+            self._flush()
 
     def close(self) -> None:
         """Print what is left of partial lines."""
