@@ -514,6 +514,45 @@ def test_a_copy_of_a_live_home_does_not_take_the_run_for_an_orphan(
     _wait_for(lambda: not Path(f"/proc/{job_pid}").exists() or _is_zombie(job_pid))
 
 
+def test_a_job_needing_an_uncached_job_runs_again(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: volatile
+        stages:
+          - name: s
+            jobs:
+              build: {run: "date +%s%N > out.txt", cache: false}
+              test: {run: "cat out.txt", needs: [build]}
+        """)
+    assert repo.conveyor("run").code == 0
+    plan = repo.conveyor("plan", "--json").json()
+    decided = {j["name"]: j for lvl in plan["stages"][0]["levels"] for j in lvl}
+    assert decided["test"]["action"] == "run"
+    assert "build" in decided["test"]["reason"]
+    assert repo.conveyor("run").code == 0
+    assert repo.jobs()["test"]["status"] == "succeeded"
+
+
+def test_an_inputs_file_losing_its_executable_bit_is_a_cache_miss(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: modes
+        stages:
+          - name: s
+            jobs:
+              check:
+                run: "test -x src/run.sh && echo exec || echo noexec"
+                inputs: ["src/**"]
+        """)
+    script = repo.write("src/run.sh", "#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    repo.commit("executable")
+    assert repo.conveyor("run").code == 0
+    script.chmod(0o644)
+    repo.commit("not executable")
+    assert repo.conveyor("run").code == 0
+    assert repo.jobs()["check"]["status"] == "succeeded"
+    assert "noexec" in repo.conveyor("logs", "latest", "check").out
+
+
 def test_cache_hits_and_misses(repo: Repo) -> None:
     repo.pipeline("""\
         pipeline: cache

@@ -264,6 +264,42 @@ def test_cache_false_always_runs() -> None:
     assert len(h.executor.started) == 2
 
 
+def test_what_depends_on_an_uncached_job_is_not_taken_from_the_cache() -> None:
+    """A `cache: false` job does something new each time: its dependants run again too."""
+    h = Harness()
+    spec = pipeline(
+        ("s", [job("build", "s", cache=False), job("test", "s", "build"), job("lint", "s")]),
+        ("later", [job("deploy", "later")]),
+    )
+    h.run(spec)
+    h.run(spec)
+    ran = [launch.key.split("#")[0] for launch in h.executor.started]
+    assert ran.count("build") == 2 and ran.count("test") == 2
+    assert ran.count("lint") == 1 and ran.count("deploy") == 1  # no artifact links them
+
+
+def test_uncached_sources_follow_needs_and_artifacts() -> None:
+    from conveyor.engine.planning import uncached_sources
+    from conveyor.spec.models import ArtifactSpec
+
+    spec = pipeline(
+        ("pre", [job("early", "pre")]),
+        (
+            "s",
+            [
+                job("gen", "s", cache=False),
+                job("mid", "s", "gen"),
+                job("top", "s", "mid", outputs=("app",)),
+                job("side", "s"),
+            ],
+        ),
+        ("ship", [job("up", "ship")]),
+        artifacts=(ArtifactSpec(name="app", path="dist/app", kind="file"),),
+    )
+    # `top` publishes an artifact built from gen's result: every later job's key includes it.
+    assert uncached_sources(spec) == {"mid": "gen", "top": "gen", "up": "gen"}
+
+
 def test_secrets_are_passed_and_masked_across_writes() -> None:
     h = Harness({"leak": [Script(output=[b"token=sup", b"ersecret!\n"])]})
     spec = pipeline(("s", [job("leak", "s")]), secrets=("TOKEN",))

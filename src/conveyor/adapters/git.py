@@ -229,7 +229,9 @@ class GitSource:
                 if not entry:
                     continue
                 meta, _, path = entry.partition(b"\t")
-                files[path.decode("utf-8", "surrogateescape")] = meta.split()[2].decode()
+                mode, _, blob = meta.split()
+                # The mode too: a script that loses its executable bit does something else.
+                files[path.decode("utf-8", "surrogateescape")] = f"{mode.decode()}:{blob.decode()}"
         return SourceSnapshot(revision=commit, tree_id=tree, files=files)
 
     def dirty_files(self) -> list[str]:
@@ -251,7 +253,8 @@ class GitSource:
             if path.is_symlink():
                 files[rel] = "link:" + os.readlink(path)
             elif path.is_file():
-                files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+                mode = "100755" if os.access(path, os.X_OK) else "100644"
+                files[rel] = f"{mode}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
         tree = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
         return SourceSnapshot(revision=revision, tree_id="dirty:" + tree, files=files, dirty=True)
 

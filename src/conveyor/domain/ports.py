@@ -29,7 +29,8 @@ class CacheHit:
 class SourceSnapshot:
     """The files of the revision a run works on, for cache keys.
 
-    ``files`` maps each path to a content id (a git blob id, or a sha256 for a dirty tree);
+    ``files`` maps each path to its mode and content id (``100755:<git blob id>``, or a sha256
+    for a dirty tree), so that a changed executable bit changes the keys of the jobs using it;
     ``tree_id`` identifies the whole tree.
     """
 

@@ -34,7 +34,7 @@ from conveyor.domain.ports import (
     Workspace,
 )
 from conveyor.domain.states import JOB_PASSED
-from conveyor.engine.planning import cache_keys, job_decision
+from conveyor.engine.planning import cache_keys, job_decision, uncached_sources
 from conveyor.errors import ArtifactError, ConveyorError
 from conveyor.spec.models import JobSpec, PipelineSpec, StageSpec
 
@@ -141,6 +141,8 @@ class Engine:
         self._batch: list[ev.Event] = []
         """Events waiting to be committed together before the engine acts on them."""
         self._masker = Masker(())
+        self._uncached: dict[str, str] = {}
+        """Jobs that depend on one that opts out of caching (see ``uncached_sources``)."""
         self._cancelled = False
         self._published: dict[str, tuple[str, ArtifactRecord]] = {}
         """This run's artifacts: name -> (stage, record)."""
@@ -184,6 +186,7 @@ class Engine:
             raise ConveyorError("this engine has no artifact store: the pipeline needs one")
         self._masker = Masker(request.secrets.values())
         keys = cache_keys(spec, request.source, request.secrets)
+        self._uncached = uncached_sources(spec)
         self._emit(
             ev.RunStarted(
                 run_id=request.run_id,
@@ -359,7 +362,11 @@ class Engine:
             if state.status != "pending":
                 continue
             action, _, hit = job_decision(
-                state.spec, state.key, request.options.use_cache, self.record.find_cache
+                state.spec,
+                state.key,
+                request.options.use_cache,
+                self.record.find_cache,
+                self._uncached.get(state.spec.name),
             )
             reused = self._reusable_artifacts(state.spec, hit) if hit is not None else None
             if action == "cached" and hit is not None and reused is not None:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from conveyor.domain.ports import CacheHit, SourceSnapshot
-from conveyor.engine.planning import job_decision
+from conveyor.engine.planning import job_decision, uncached_sources
 from conveyor.spec.graph import dag_levels
 from conveyor.spec.models import PipelineSpec
 
@@ -61,6 +61,7 @@ def build_plan(
 ) -> Plan:
     """Stages, DAG levels and the decision for each job, assuming every job succeeds."""
     stages: list[PlannedStage] = []
+    uncached = uncached_sources(spec)
     for stage in spec.stages:
         chosen = selected is None or stage.name in selected
         levels: list[list[PlannedJob]] = []
@@ -69,7 +70,9 @@ def build_plan(
             for name in level:
                 job = stage.job(name)
                 if chosen:
-                    action, reason, hit = job_decision(job, keys[name], use_cache, find_cache)
+                    action, reason, hit = job_decision(
+                        job, keys[name], use_cache, find_cache, uncached.get(name)
+                    )
                 else:
                     action, reason, hit = "skip", "stage not selected (--stage)", None
                 row.append(PlannedJob(name, job.needs, keys[name], action, reason, hit))

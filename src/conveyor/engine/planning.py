@@ -57,14 +57,51 @@ def cache_keys(
     return keys
 
 
+def uncached_sources(spec: PipelineSpec) -> dict[str, str]:
+    """Jobs whose inputs include the result of a job that opts out of caching: name -> that job.
+
+    A ``cache: false`` job does something different every time (that is why it opts out), so
+    what depends on it (its dependants in the stage, and every later job when it publishes an
+    artifact) cannot be taken from the cache either, though their keys are unchanged.
+    """
+    found: dict[str, str] = {}
+    earlier: str | None = None  # an uncached producer of an artifact of an earlier stage
+    for stage in spec.stages:
+        for name in topological_order({job.name: list(job.needs) for job in stage.jobs}):
+            job = stage.job(name)
+            source = earlier
+            for need in job.needs:
+                if source is not None:
+                    break
+                source = need if not stage.job(need).cache else found.get(need)
+            if source is not None:
+                found[name] = source
+        if spec.artifacts and earlier is None:
+            earlier = next(
+                (
+                    found.get(job.name, job.name)
+                    for job in stage.jobs
+                    if job.outputs and (not job.cache or job.name in found)
+                ),
+                None,
+            )
+    return found
+
+
 def job_decision(
-    job: JobSpec, key: str, use_cache: bool, find_cache: Callable[[str], CacheHit | None]
+    job: JobSpec,
+    key: str,
+    use_cache: bool,
+    find_cache: Callable[[str], CacheHit | None],
+    uncached_source: str | None = None,
 ) -> tuple[str, str, CacheHit | None]:
     """Whether a job whose needs passed runs or is taken from the cache, and why."""
     if not use_cache:
         return "run", "the cache is disabled for this run (--no-cache)", None
     if not job.cache:
         return "run", "the job opts out of caching (cache: false)", None
+    if uncached_source is not None:
+        return "run", f"it depends on '{uncached_source}', which opts out of caching", None
     hit = find_cache(key)
     if hit is None:
         return "run", "no successful attempt with this cache key", None
