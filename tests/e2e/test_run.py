@@ -7,6 +7,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -462,6 +463,35 @@ def test_sigint_and_sigterm_cancel_cleanly(repo: Repo, sig: int) -> None:
     assert jobs["later"]["status"] == "skipped"
     assert repo.show()["status"] == "cancelled"
     assert not Path(f"/proc/{job_pid}").exists() or _is_zombie(job_pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_conveyor_starts_cancels_it_without_a_traceback(sig: int) -> None:
+    """Before a command has started anything, Ctrl-C or SIGTERM just ends it (exit 130)."""
+    code = (
+        "import os, signal, time\n"
+        "import conveyor.cli\n"
+        f"os.kill(os.getpid(), {int(sig)})\n"
+        "time.sleep(5)\n"
+        "import conveyor.cli.main\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert proc.returncode == 130
+    assert proc.stderr.decode() == "cancelled\n"
+
+
+def test_sigterm_cancels_a_command_like_ctrl_c(repo: Repo) -> None:
+    repo.pipeline(LONG)
+    proc = repo.popen("run")
+    _wait_for_run(repo, 1)
+    follower = repo.popen("logs", "latest", "long", "--follow")
+    time.sleep(0.5)
+    follower.send_signal(signal.SIGTERM)
+    _, err = follower.communicate(timeout=10)
+    assert follower.returncode == 130 and b"cancelled" in err and b"Traceback" not in err
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
 
 
 def test_kill_9_leaves_a_consistent_record_and_the_run_is_interrupted(repo: Repo) -> None:

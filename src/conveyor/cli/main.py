@@ -8,6 +8,7 @@ commands that need them, so ``conveyor validate`` starts fast.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -896,8 +897,15 @@ def entry() -> NoReturn:
     os._exit(code)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and turn every error into a message and an exit code."""
+    # Ctrl-C and SIGTERM cancel the command (exit 130); `run` installs its own handlers.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         cli.main(args=argv, prog_name="conveyor", standalone_mode=False)
     except click.exceptions.Abort:
