@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -695,6 +696,44 @@ def test_junit_reports_become_test_results(repo: Repo) -> None:
         ("shop.test_a", "test_two", "failed", "assert 1 == 2"),
         ("shop.test_b", "test_skip", "skipped", ""),
     ]
+
+
+def test_unusable_junit_times_are_null_and_noted_never_nan(repo: Repo) -> None:
+    repo.pipeline("""\
+        pipeline: tests
+        stages:
+          - name: s
+            jobs:
+              unit:
+                reports: {junit: "reports/*.xml"}
+                run: |
+                  mkdir -p reports
+                  cat > reports/unit.xml <<'XML'
+                  <testsuite name="t">
+                    <testcase name="a" time="nan" file="tests/test_a.py"/>
+                    <testcase name="b" time="abc"/>
+                    <testcase name="c" time="-5"/>
+                    <testcase name="d" time="0.5"/>
+                  </testsuite>
+                  XML
+        """)
+    assert repo.conveyor("run").code == 0
+    result = repo.conveyor("runs", "show", "latest", "--events", "--json")
+    assert result.code == 0, result.err
+    doc = json.loads(result.out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    (event,) = [e for e in doc["events"] if e["type"] == "job.tests.reported"]
+    payload = event["payload"]
+    assert [(t["name"], t["duration_s"], t["file"]) for t in payload["tests"]] == [
+        ("a", None, "tests/test_a.py"),
+        ("b", None, "reports/unit.xml"),
+        ("c", None, "reports/unit.xml"),
+        ("d", 0.5, "reports/unit.xml"),
+    ]
+    assert payload["truncated"] is False
+    assert "3 test cases with an unusable time" in payload["problems"][0]
+    log = repo.conveyor("logs", "latest", "unit").out
+    assert "conveyor: JUnit reports: reports/unit.xml: 3 test cases with an unusable time" in log
+    assert repo.conveyor("audit", "verify").code == 0
 
 
 def test_logs_neutralise_escapes_and_are_capped(repo: Repo) -> None:

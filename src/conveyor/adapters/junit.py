@@ -1,20 +1,60 @@
 """JUnit XML reports -> per-test results, with junitparser.
 
 Report files are untrusted: only regular files inside the workspace are read (symlinks leaving it
-are ignored), each at most 50 MB, and a malformed file becomes a reported problem, not a crash.
+are ignored), each at most 50 MB and all of one attempt's together at most
+:data:`MAX_TOTAL_REPORT_BYTES`; at most :data:`MAX_TEST_CASES` test cases are kept. A malformed
+file becomes a reported problem, not a crash, and one unusable value (a ``time`` that is not a
+finite, non-negative number) costs only that value: the test case is kept, its duration ``None``.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from conveyor.domain.ports import ReportResult, TestCaseResult
 
 MAX_REPORT_BYTES = 50 * 1024 * 1024
+"""One report file."""
+MAX_TOTAL_REPORT_BYTES = 50 * 1024 * 1024
+"""All the report files of one attempt, together."""
+MAX_TEST_CASES = 50_000
+"""Test cases recorded per attempt: one event holds them all."""
 MAX_MESSAGE = 4000
+MAX_NAME = 1000
+"""Characters kept of a test's name, classname and file."""
+
+
+@cache
+def _case_class() -> Any:
+    """junitparser's ``TestCase`` with the attributes it does not read as we need them.
+
+    ``time`` is read as text (junitparser's ``float`` would fail the whole file on one bad
+    value); ``file`` is the attribute pytest and others write. Built on first use: junitparser
+    is imported only by runs that read reports.
+    """
+    from junitparser import Attr, TestCase
+
+    class Case(TestCase):
+        time = Attr()
+        file = Attr()
+
+    return Case
+
+
+@dataclass
+class _Found:
+    """What the files read so far gave."""
+
+    tests: list[TestCaseResult] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    truncated: bool = False
 
 
 def _outcome(case: object) -> tuple[str, str]:
@@ -32,26 +72,52 @@ def _outcome(case: object) -> tuple[str, str]:
     return "passed", ""
 
 
-def _cases(node: object, rel: str) -> list[TestCaseResult]:
-    """Every test case below a JUnitXml, TestSuite or TestCase node."""
+def duration_of(text: str | None) -> tuple[float | None, str]:
+    """A ``time`` attribute in seconds, or ``None`` and why it cannot be used.
+
+    A missing time is ``0.0``; NaN, infinities, numbers too large for a float and negative
+    numbers are refused (JSON has no NaN, and a duration is never negative).
+    """
+    if text is None or not text.strip():
+        return 0.0, ""
+    try:
+        value = float(text.replace(",", ""))
+    except ValueError:
+        return None, "is not a number"
+    if not math.isfinite(value):
+        return None, "is not a finite number"
+    if value < 0:
+        return None, "is negative"
+    return value, ""
+
+
+def _iter_cases(node: Any) -> Iterator[Any]:
+    """Every test case below a JUnitXml, TestSuite or TestCase node, in file order."""
     from junitparser import TestCase
 
     if isinstance(node, TestCase):
-        outcome, message = _outcome(node)
-        return [
-            TestCaseResult(
-                name=str(node.name or ""),
-                classname=str(node.classname or ""),
-                file=str(getattr(node, "file", None) or rel),
-                outcome=outcome,
-                duration_s=float(node.time or 0.0),
-                message=message,
-            )
-        ]
-    found: list[TestCaseResult] = []
-    for child in node:  # type: ignore[attr-defined]
-        found.extend(_cases(child, rel))
-    return found
+        yield node
+        return
+    for child in node:
+        yield from _iter_cases(child)
+
+
+def _result(node: Any, rel: str) -> tuple[TestCaseResult, str]:
+    """One test case, and why its time is not recorded (if it is not)."""
+    case = _case_class().fromelem(node)
+    raw_time = case.time
+    duration, why = duration_of(raw_time)
+    outcome, message = _outcome(case)
+    result = TestCaseResult(
+        name=str(case.name or "")[:MAX_NAME],
+        classname=str(case.classname or "")[:MAX_NAME],
+        file=str(case.file or rel)[:MAX_NAME],
+        outcome=outcome,
+        duration_s=duration,
+        message=message,
+    )
+    problem = f"time '{str(raw_time)[:40]}' {why}" if why else ""
+    return result, problem
 
 
 class JunitReportReader:
@@ -80,10 +146,8 @@ class JunitReportReader:
 
     def read_junit(self, workspace: str, patterns: Sequence[str]) -> ReportResult:
         """Every test case of every report under ``workspace`` that matches ``patterns``."""
-        from junitparser import JUnitXml
-
         root = Path(workspace).resolve()
-        result = ReportResult()
+        result = _Found()
         files: list[Path] = []
         for pattern in patterns:
             try:
@@ -95,6 +159,7 @@ class JunitReportReader:
                 result.problems.append(f"no report matches '{pattern}'")
             files.extend(matches)
         seen: set[Path] = set()
+        budget = MAX_TOTAL_REPORT_BYTES
         for path in files:
             real = path.resolve()
             rel = os.path.relpath(path, root)
@@ -104,11 +169,68 @@ class JunitReportReader:
             if not real.is_relative_to(root) or not real.is_file():
                 result.problems.append(f"{rel}: not a regular file inside the workspace; ignored")
                 continue
-            if real.stat().st_size > MAX_REPORT_BYTES:
+            if len(result.tests) >= MAX_TEST_CASES:
+                result.problems.append(
+                    f"{rel}: not read: {MAX_TEST_CASES} test cases were recorded already"
+                )
+                result.truncated = True
+                continue
+            size = real.stat().st_size
+            if size > MAX_REPORT_BYTES:
                 result.problems.append(f"{rel}: larger than {MAX_REPORT_BYTES} bytes; ignored")
                 continue
+            if size > budget:
+                result.problems.append(
+                    f"{rel}: not read: the reports of one attempt may hold at most"
+                    f" {MAX_TOTAL_REPORT_BYTES} bytes together"
+                )
+                result.truncated = True
+                continue
+            self._read_file(real, rel, budget, result)
+            budget -= size
+        return ReportResult(result.tests, result.problems, result.truncated)
+
+    def _read_file(self, real: Path, rel: str, budget: int, result: _Found) -> None:
+        """Add the test cases of one report file to ``result`` (up to the caps)."""
+        from junitparser import JUnitXml
+
+        try:
+            with open(real, "rb") as handle:
+                data = handle.read(min(budget, MAX_REPORT_BYTES) + 1)
+            if len(data) > min(budget, MAX_REPORT_BYTES):
+                result.problems.append(f"{rel}: grew while it was read; ignored")
+                return
+            document = JUnitXml.fromfile(io.BytesIO(data))
+            cases = list(_iter_cases(document))
+        except Exception as exc:  # malformed XML of any kind is the job's problem
+            result.problems.append(f"{rel}: not a readable JUnit report ({exc})")
+            return
+        bad_times: list[str] = []
+        unreadable = 0
+        for number, node in enumerate(cases, 1):
+            if len(result.tests) >= MAX_TEST_CASES:
+                result.problems.append(
+                    f"{rel}: only the first {MAX_TEST_CASES} test cases of the attempt are"
+                    f" recorded; {len(cases) - number + 1} more in this file were dropped"
+                )
+                result.truncated = True
+                break
             try:
-                result.tests.extend(_cases(JUnitXml.fromfile(str(real)), rel))
-            except Exception as exc:  # malformed XML of any kind is the job's problem
-                result.problems.append(f"{rel}: not a readable JUnit report ({exc})")
-        return result
+                test, problem = _result(node, rel)
+            except Exception as exc:  # one unusable test case costs only itself
+                unreadable += 1
+                if unreadable == 1:
+                    result.problems.append(f"{rel}: test case #{number} cannot be read ({exc})")
+                continue
+            result.tests.append(test)
+            if problem:
+                bad_times.append(f"'{test.name[:100]}': {problem}")
+        if unreadable > 1:
+            result.problems.append(f"{rel}: {unreadable} test cases could not be read in all")
+        if bad_times:
+            count = len(bad_times)
+            result.problems.append(
+                f"{rel}: {count} test case{'s' if count > 1 else ''} with an unusable time"
+                f" (first: {bad_times[0]}); {'their' if count > 1 else 'its'} duration is"
+                " not recorded"
+            )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
 """Built once: ``json.dumps`` with these options builds a new encoder at every call."""
 
 

@@ -132,8 +132,11 @@ class TestsReported(Event):
     failed: int
     skipped: int
     tests: list[dict[str, Any]]
-    """``{"name", "classname", "file", "outcome", "duration_s", "message"}`` per test case."""
+    """``{"name", "classname", "file", "outcome", "duration_s", "message"}`` per test case
+    (``duration_s`` is ``None`` when the report's value was unusable)."""
     problems: list[str] = field(default_factory=list)
+    truncated: bool = False
+    """Whether test cases were left out (too many, or too many bytes of reports)."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)

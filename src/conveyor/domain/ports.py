@@ -154,7 +154,8 @@ class TestCaseResult:
     file: str
     outcome: str
     """``passed``, ``failed``, ``error`` or ``skipped``."""
-    duration_s: float
+    duration_s: float | None
+    """Seconds; ``None`` when the report's value is unusable (not a finite number >= 0)."""
     message: str = ""
 
 
@@ -164,6 +165,8 @@ class ReportResult:
 
     tests: list[TestCaseResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    truncated: bool = False
+    """Whether test cases were left out because of the caps on count or size."""
 
 
 class ReportReader(Protocol):

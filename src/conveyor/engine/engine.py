@@ -30,6 +30,7 @@ from conveyor.domain.ports import (
     Output,
     RecordWriter,
     ReportReader,
+    ReportResult,
     SourceSnapshot,
     Workspace,
 )
@@ -557,6 +558,7 @@ class Engine:
             except ConveyorError as exc:
                 self._note(state, exc.render())
                 status = "failed"
+        junit = self._read_tests(state) if job.junit else None
         summary = state.log.close()
         del run.running[state.launch_key]
         state.exit_code = exit_code
@@ -582,8 +584,8 @@ class Engine:
                     run_id=request.run_id, stage=run.stage.name, job=job.name, **ending
                 )
             )
-            if job.junit:
-                self._report_tests(run, state)
+            if junit is not None:
+                self._report_tests(run, state, junit)
             self._new_attempt(run, state)
             return
         state.status = status
@@ -605,8 +607,8 @@ class Engine:
                 attempt=ending,
             )
         )
-        if job.junit:
-            self._report_tests(run, state)
+        if junit is not None:
+            self._report_tests(run, state, junit)
         if status in JOB_PASSED or job.allow_failure:
             run.release(job.name)  # an allowed failure does not block its dependants
             return
@@ -792,17 +794,24 @@ class Engine:
             conveyor_version=__version__,
         )
 
-    def _report_tests(self, run: _StageRun, state: _JobState) -> None:
+    def _read_tests(self, state: _JobState) -> ReportResult:
+        """The attempt's JUnit results; the problems met are noted in its log (still open)."""
         result = self.reports.read_junit(self.workspace.path(), state.spec.junit)
+        for problem in result.problems:
+            self._note(state, f"JUnit reports: {problem}")
+        return result
+
+    def _report_tests(self, run: _StageRun, state: _JobState, result: ReportResult) -> None:
         mask = self._masker.mask_text
+        cut = self._masker.mask_cut  # the reader may have cut these short, inside a secret
         tests = [
             {
-                "name": mask(t.name),
-                "classname": mask(t.classname),
-                "file": mask(t.file),
+                "name": cut(t.name),
+                "classname": cut(t.classname),
+                "file": cut(t.file),
                 "outcome": t.outcome,
                 "duration_s": t.duration_s,
-                "message": self._masker.mask_cut(t.message),  # the reader may cut it short
+                "message": cut(t.message),
             }
             for t in result.tests
         ]
@@ -817,6 +826,7 @@ class Engine:
                 skipped=sum(t.outcome == "skipped" for t in result.tests),
                 tests=tests,
                 problems=[mask(p) for p in result.problems],
+                truncated=result.truncated,
             )
         )
 
