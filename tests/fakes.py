@@ -135,6 +135,7 @@ class MemoryLog:
     def __init__(self, path: str) -> None:
         self.path = path
         self.data = b""
+        self.problem = ""
 
     def write(self, data: bytes) -> None:
         self.data += data

@@ -758,6 +758,20 @@ def test_logs_neutralise_escapes_and_are_capped(repo: Repo) -> None:
     assert attempt["log_truncated"] == 1
 
 
+def test_a_log_file_left_by_an_earlier_record_is_not_appended_to(repo: Repo) -> None:
+    repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'echo new'}\n")
+    old = repo.path / ".conveyor" / "logs" / "1" / "a.1.log"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"the log of run 1 of a record that was replaced\n")
+    result = repo.conveyor("run", "--progress", "plain")
+    assert result.code == 1
+    assert "the log file logs/1/a.1.log exists already" in result.out
+    assert result.out.count("exists already") == 1
+    assert old.read_bytes() == b"the log of run 1 of a record that was replaced\n"
+    (attempt,) = repo.jobs()["a"]["attempt_details"]
+    assert (attempt["status"], attempt["exit_code"], attempt["log_bytes"]) == ("failed", None, 0)
+
+
 def test_logs_of_an_unknown_job_suggest_one_and_list_or_count_the_jobs(repo: Repo) -> None:
     jobs = "".join(f"      job{i}: {{run: 'true'}}\n" for i in range(21))
     repo.pipeline("pipeline: wide\nstages:\n  - name: s\n    jobs:\n" + jobs)

@@ -121,12 +121,16 @@ class LogSummary:
     size: int
     sha256: str
     truncated: bool
+    problem: str = ""
+    """Why the output could not be stored (the log file existed already); ``""`` if it was."""
 
 
 class AttemptLog(Protocol):
     """The durable log of one attempt."""
 
     path: str
+    problem: str
+    """Why this log cannot be written (its file exists already): the attempt then fails."""
 
     def write(self, data: bytes) -> None:
         """Append (already masked) output; beyond the cap it is dropped with a mark."""

@@ -427,6 +427,11 @@ class Engine:
             if state.kill_reason is not None:
                 self._attempt_ended(run, state, None)
                 continue
+            if state.log is not None and state.log.problem:
+                # Its log file exists (another record's): never run output into it. It fails,
+                # and _attempt_ended says why.
+                self._attempt_ended(run, state, None)
+                continue
             try:
                 workspace = self.workspace.path()
                 if self.cancel.is_set():  # while the checkout ran (Ctrl-C, SIGTERM)
@@ -560,6 +565,11 @@ class Engine:
                 status = "failed"
         junit = self._read_tests(state) if job.junit else None
         summary = state.log.close()
+        if summary.problem:
+            note = self._masker.mask_text(f"conveyor: {summary.problem}\n")
+            self.observer.on_output(job.name, state.attempt, note)
+            if status == "succeeded":
+                status = "failed"
         del run.running[state.launch_key]
         state.exit_code = exit_code
         ending: dict[str, Any] = {
