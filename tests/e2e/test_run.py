@@ -520,6 +520,24 @@ def test_kill_9_leaves_a_consistent_record_and_the_run_is_interrupted(repo: Repo
     assert repo.conveyor("audit", "verify").code == 0
 
 
+def test_logs_follow_stops_when_the_run_process_is_killed(repo: Repo) -> None:
+    repo.pipeline(LONG)
+    proc = repo.popen("run")
+    pidfile = repo.path / ".conveyor" / "workspaces" / "long.pid"
+    _wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
+    follower = repo.popen("logs", "1", "long", "--follow")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    _, err = follower.communicate(timeout=15)  # it waited forever
+    assert follower.returncode == 1
+    assert err.decode().startswith(
+        "Error: run 1 was interrupted while its log was followed: the conveyor process running"
+        " it stopped without finishing it\n  hint: `conveyor runs show 1`"
+    )
+    assert repo.show()["status"] == "interrupted"
+
+
 def test_a_copy_of_a_live_home_does_not_take_the_run_for_an_orphan(
     repo: Repo, tmp_path: Path
 ) -> None:

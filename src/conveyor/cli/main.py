@@ -733,6 +733,7 @@ def logs(
             hint=(f"did you mean '{close[0]}'? " if close else "") + listing,
         )
     root = record.path.parent
+    watch = _OwnerWatch(record, run_id)
 
     def current() -> dict[str, Any] | None:
         tries = record.attempts(run_id, job)
@@ -743,8 +744,11 @@ def logs(
     chosen = current()
     while chosen is None and follow and record.job_status(run_id, job) not in JOB_FINAL:
         time.sleep(0.2)
+        watch.check()
         chosen = current()
     if chosen is None:
+        if follow:
+            watch.check(final=True)
         status = record.job_status(run_id, job)
         source = next(
             (j["cached_from"] for st in doc["stages"] for j in st["jobs"] if j["name"] == job),
@@ -766,8 +770,10 @@ def logs(
         )
     number = int(chosen["attempt"])
     while True:
-        _print_log(record, root, run_id, job, number, follow=follow, raw=raw)
+        _print_log(record, root, run_id, job, number, follow=follow, raw=raw, watch=watch)
         if not follow or attempt is not None:
+            if follow:
+                watch.check(final=True)
             return
         # --follow without --attempt: go on with the retry, if there is one.
         while True:
@@ -777,12 +783,60 @@ def logs(
                 click.echo(f"--- attempt {number} ---")
                 break
             if record.job_status(run_id, job) in JOB_FINAL:
+                watch.check(final=True)
                 return
             time.sleep(0.2)
+            watch.check()
+
+
+class _OwnerWatch:
+    """While ``logs --follow`` waits: notices that the ``conveyor run`` executing the run is
+    gone (killed: nobody holds the run's lock any more), has crash recovery record the run
+    ``interrupted`` (which ends the wait) and then stops the command with a clear message."""
+
+    def __init__(self, record: Any, run_id: int) -> None:
+        self.record = record
+        self.run_id = run_id
+        self.was_running = self._status() == "running"
+        self._next = 0.0
+
+    def _status(self) -> str | None:
+        facts = self.record.run_facts(self.run_id)
+        return facts["status"] if facts else None
+
+    def check(self, *, final: bool = False) -> None:
+        """Look about once a second; with ``final`` (the follow ended), say why if it was this."""
+        import time
+
+        if final:
+            if self.was_running and self._status() == "interrupted":
+                facts = self.record.get_run(self.run_id) or {}
+                raise ConveyorError(
+                    f"run {self.run_id} was interrupted while its log was followed: "
+                    + (facts.get("reason") or "its conveyor process stopped"),
+                    hint=f"`conveyor runs show {self.run_id}` shows what it recorded",
+                )
+            return
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + 1.0
+        from conveyor.adapters.home import Home
+        from conveyor.bootstrap import recover_orphans
+
+        recover_orphans(self.record, Home(self.record.path.parent))
 
 
 def _print_log(
-    record: Any, root: Path, run_id: int, job: str, number: int, *, follow: bool, raw: bool
+    record: Any,
+    root: Path,
+    run_id: int,
+    job: str,
+    number: int,
+    *,
+    follow: bool,
+    raw: bool,
+    watch: _OwnerWatch | None = None,
 ) -> None:
     """Print one attempt's log; with ``follow``, until the attempt has ended."""
     import time
@@ -816,6 +870,8 @@ def _print_log(
         if current["status"] != "running" and position >= (current["log_bytes"] or 0):
             break
         time.sleep(0.2)
+        if watch is not None:
+            watch.check()
     if tail:
         out.write(neutralise(tail.decode("utf-8", "replace")).encode())
         out.flush()
