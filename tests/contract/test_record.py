@@ -14,7 +14,7 @@ import pytest
 
 from conveyor.domain import delivery_events as de
 from conveyor.domain import events as ev
-from conveyor.errors import LeaseLost, PermissionDenied
+from conveyor.errors import LeaseLost, PermissionDenied, StoreError
 from conveyor.store.migrate import ensure_schema
 from conveyor.store.sqlite import SqliteRecord, _write_head, head_path, read_head
 from tests.fakes import InMemoryRecord
@@ -204,6 +204,69 @@ class TestSqliteRecord(RecordContract):
         report = record.verify()
         assert not report.ok
         assert report.first_bad_seq == 3
+
+    @staticmethod
+    def _tamper(record: SqliteRecord, sql: str) -> None:
+        conn = sqlite3.connect(record.path)
+        conn.execute("DROP TRIGGER events_append_only_update")
+        conn.execute(sql)
+        conn.commit()
+        conn.close()
+
+    def test_text_that_is_not_utf8_is_a_damaged_record(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run), finished(run, "a", "k")])
+        self._tamper(
+            record, "UPDATE events SET payload = CAST(X'7B22FF227D' AS TEXT) WHERE seq = 2"
+        )
+        with pytest.raises(
+            StoreError, match=r"is damaged: it holds text that is not UTF-8"
+        ) as info:
+            record.events_of_run(run)
+        assert info.value.hint is not None and "audit verify" in info.value.hint
+        report = record.verify()
+        assert (report.ok, report.first_bad_seq) == (False, 2)
+        assert report.problem.startswith("event 2 holds text that is not UTF-8")
+
+    def test_a_read_model_that_is_not_utf8_is_a_damaged_record(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run)])
+        conn = sqlite3.connect(record.path)
+        conn.execute("UPDATE runs SET actor = CAST(X'61FF62' AS TEXT)")
+        conn.commit()
+        conn.close()
+        for read in (lambda: record.get_run(run), lambda: record.list_runs()):
+            with pytest.raises(StoreError, match=r"damaged: it holds text that is not UTF-8"):
+                read()
+
+    def test_a_payload_that_is_not_json_is_a_damaged_record(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run), finished(run, "a", "k")])
+        self._tamper(record, "UPDATE events SET payload = 'not json' WHERE seq = 2")
+        with pytest.raises(StoreError, match=r"damaged: a stored JSON value is not valid JSON"):
+            record.events_of_run(run)
+        assert record.verify().first_bad_seq == 2
+
+    def test_flipped_bytes_are_a_damaged_record(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        record.append(
+            [started(run), finished(run, "a", "k"), ev.StageStarted(run_id=run, stage="s")]
+        )
+        record.close()
+        conn = sqlite3.connect(record.path)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.close()
+        data = bytearray(record.path.read_bytes())
+        page = data.find(b"stage.started") // page_size * page_size
+        data[page : page + 12] = bytes(b ^ 0xA5 for b in data[page : page + 12])
+        record.path.write_bytes(bytes(data))
+        damaged = SqliteRecord(record.path, lambda: "2026-01-01T00:00:00.000000Z")
+        try:
+            with pytest.raises(StoreError, match=r"is damaged: database disk image is malformed"):
+                damaged.verify()
+        finally:
+            damaged.close()
 
     def test_a_failed_transaction_writes_nothing(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()

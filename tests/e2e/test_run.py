@@ -824,6 +824,28 @@ def test_logs_follow_streams_while_the_job_runs(repo: Repo) -> None:
     assert out.decode().splitlines() == ["line 1", "line 2", "line 3"]
 
 
+def test_a_damaged_record_is_a_clear_error_and_audit_verify_names_the_event(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    conn = sqlite3.connect(repo.path / ".conveyor" / "conveyor.db")
+    conn.execute("DROP TRIGGER events_append_only_update")
+    conn.execute("UPDATE events SET payload = 'not json' WHERE seq = 2")
+    conn.commit()
+    shown = repo.conveyor("runs", "show", "1", "--events")
+    assert shown.code == 1
+    assert "is damaged: a stored JSON value is not valid JSON" in shown.err
+    assert "internal error" not in shown.err and "audit verify" in shown.err
+    conn.execute("UPDATE events SET payload = CAST(X'7B22FF227D' AS TEXT) WHERE seq = 2")
+    conn.commit()
+    conn.close()
+    verified = repo.conveyor("audit", "verify", "--json")
+    assert verified.code == 1
+    assert verified.json()["first_bad_seq"] == 2
+    assert verified.json()["problem"].startswith("event 2 holds text that is not UTF-8")
+    shown = repo.conveyor("runs", "show", "1", "--events", "--json")
+    assert shown.code == 1 and "is damaged: it holds text that is not UTF-8" in shown.err
+
+
 def test_audit_verify_detects_tampering(repo: Repo) -> None:
     repo.pipeline(SIMPLE)
     assert repo.conveyor("run").code == 0

@@ -19,9 +19,12 @@ costs about 0.2 s per command, more than a whole cached run is allowed to take (
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -133,6 +136,8 @@ def connect(path: Path) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         if isinstance(exc, sqlite3.OperationalError):  # locked, unreadable, no space...
             raise StoreError(f"cannot open the record at {path}: {exc}") from exc
+        if "malformed" in str(exc):  # a SQLite file, with flipped bytes
+            raise _unreadable(path, exc) from exc
         raise StoreError(
             f"{path} is not a Conveyor record: {exc}",
             hint="point --home at another folder, or move the file away",
@@ -907,10 +912,12 @@ class SqliteRecord:
             {"id": r[0], "owner_pid": r[1], "owner_host": r[2], "owner_token": r[3]} for r in rows
         ]
 
-    def iter_events(self) -> Iterator[tuple[int, str, str, int, str, str, str]]:
-        """Every stored event as ``(seq, at, type, run_id, payload, prev_hash, hash)``."""
+    def iter_events(self) -> Iterator[tuple[int, bytes, bytes, int, bytes, bytes, bytes]]:
+        """Every stored event as ``(seq, at, type, run_id, payload, prev_hash, hash)``, its text
+        as the stored bytes (a damaged record may hold bytes that are not UTF-8)."""
         yield from self._conn.execute(
-            "SELECT seq, at, type, run_id, payload, prev_hash, hash FROM events ORDER BY seq"
+            "SELECT seq, CAST(at AS BLOB), CAST(type AS BLOB), run_id, CAST(payload AS BLOB),"
+            " CAST(prev_hash AS BLOB), CAST(hash AS BLOB) FROM events ORDER BY seq"
         )
 
     def events_of_run(self, run_id: int) -> list[dict[str, Any]]:
@@ -930,8 +937,20 @@ class SqliteRecord:
         count = 0
         last_seq = 0
         try:
-            for seq, at, kind, run_id, payload, prev_hash, stored in self.iter_events():
+            for seq, *texts, run_id, raw_payload, raw_prev, raw_hash in self.iter_events():
                 count += 1
+                try:  # read as bytes: the first event that is not UTF-8 is named
+                    at, kind, payload, prev_hash, stored = (
+                        bytes(value or b"").decode()
+                        for value in (*texts, raw_payload, raw_prev, raw_hash)
+                    )
+                except UnicodeDecodeError as exc:
+                    return AuditReport(
+                        False,
+                        count,
+                        seq,
+                        f"event {seq} holds text that is not UTF-8 ({exc.reason})",
+                    )
                 if seq != last_seq + 1:
                     return AuditReport(
                         False,
@@ -960,7 +979,7 @@ class SqliteRecord:
                 "SELECT seq FROM sqlite_sequence WHERE name = 'events'"
             ).fetchone()
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot read the event log: {exc}") from exc
+            raise _unreadable(self.path, exc) from exc
         high = row[0] if row else 0
         if high > last_seq:
             return AuditReport(
@@ -984,7 +1003,7 @@ class SqliteRecord:
             try:
                 row = self._conn.execute("SELECT hash FROM events WHERE seq = ?", (seq,)).fetchone()
             except sqlite3.Error as exc:
-                raise StoreError(f"cannot read the event log: {exc}") from exc
+                raise _unreadable(self.path, exc) from exc
             if row is None or row[0] != digest:
                 return AuditReport(
                     False,
@@ -994,6 +1013,53 @@ class SqliteRecord:
                     " the log was replaced",
                 )
         return AuditReport(True, count, head_hash=expected_prev)
+
+
+_DAMAGE_HINT = (
+    "`conveyor audit verify` names the first bad event; restore the database (and its -wal"
+    " file) from a backup"
+)
+
+
+def _unreadable(path: Path, exc: Exception) -> StoreError:
+    """The error for a record whose bytes cannot be read as Conveyor wrote them."""
+    if isinstance(exc, UnicodeDecodeError):
+        detail = f"it holds text that is not UTF-8 ({exc.reason})"
+    elif isinstance(exc, json.JSONDecodeError):
+        detail = f"a stored JSON value is not valid JSON ({exc.msg})"
+    elif isinstance(exc, sqlite3.OperationalError) and "decode" not in str(exc):
+        # Locked, unreadable, no space: the record is fine, reading it failed.
+        return StoreError(f"cannot read the record at {path}: {exc}")
+    elif "decode" in str(exc):  # sqlite3's "Could not decode to UTF-8 column 'x' with text ..."
+        column = re.search(r"column '(\w+)'", str(exc))
+        detail = "it holds text that is not UTF-8" + (f" (column {column[1]})" if column else "")
+    else:
+        detail = str(exc).replace("\n", " ")[:300]
+    return StoreError(f"the record at {path} is damaged: {detail}", hint=_DAMAGE_HINT)
+
+
+def _reading(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with damaged bytes (flipped bytes, text that is not UTF-8, JSON that is not)
+    turned into a :class:`StoreError` instead of escaping as a foreign exception."""
+
+    @functools.wraps(method)
+    def guarded(self: SqliteRecord, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.DatabaseError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _unreadable(self.path, exc) from exc
+
+    return guarded
+
+
+# Every query method, rather than a try in each: a damaged page can surface in any of them.
+for _name, _method in list(vars(SqliteRecord).items()):
+    if (
+        inspect.isfunction(_method)
+        and not _name.startswith("_")
+        and not inspect.isgeneratorfunction(_method)
+    ):
+        setattr(SqliteRecord, _name, _reading(_method))
 
 
 def _duration(start: str | None, end: str | None) -> float | None:
