@@ -38,7 +38,7 @@ from conveyor.adapters.processes import (
 from conveyor.domain.events import RunInterrupted
 from conveyor.domain.ports import Observer, SourceSnapshot
 from conveyor.engine.engine import Engine, RunOptions, RunRequest
-from conveyor.errors import DeployError
+from conveyor.errors import DeployError, UsageError
 from conveyor.executors.local import LocalExecutor
 from conveyor.spec.models import PipelineSpec
 from conveyor.store.migrate import ensure_schema
@@ -286,6 +286,7 @@ def prepare_run(
     ``workspace`` is a checkout already under way (started as soon as the commit was known);
     it moves to ``workspaces/<run id>`` when it is complete.
     """
+    cap = log_cap()  # first: a bad setting allocates no run id
     run_id = record.allocate_run_id()
     lock = acquire_run_lock(home.locks, run_id)
     owner = new_owner()
@@ -328,7 +329,7 @@ def prepare_run(
     engine = Engine(
         record=record,
         executor=executor,
-        logs=FileLogStore(home.root, log_cap()),
+        logs=FileLogStore(home.root, cap),
         reports=JunitReportReader(),
         workspace=chosen,
         clock=SystemClock(),
@@ -439,9 +440,21 @@ def make_deployer(
 
 
 def log_cap() -> int:
-    """The per-attempt log cap in bytes: ``CONVEYOR_LOG_MAX_BYTES``, default 50 MB."""
-    value = os.environ.get("CONVEYOR_LOG_MAX_BYTES", "")
-    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_LOG_CAP
+    """The per-attempt log cap in bytes: ``CONVEYOR_LOG_MAX_BYTES``, default 50 MB.
+
+    Raises:
+        UsageError: the variable is set but is not a whole number of bytes above 0.
+    """
+    value = os.environ.get("CONVEYOR_LOG_MAX_BYTES", "").strip()
+    if not value:
+        return DEFAULT_LOG_CAP
+    if not (value.isascii() and value.isdigit()) or len(value) > 18 or int(value) == 0:
+        raise UsageError(
+            f"CONVEYOR_LOG_MAX_BYTES must be a whole number of bytes above 0, not '{value[:40]}'",
+            hint=f"e.g. CONVEYOR_LOG_MAX_BYTES=10000000 (10 MB), or unset it for the default"
+            f" ({DEFAULT_LOG_CAP})",
+        )
+    return int(value)
 
 
 def prune_workspaces(home: Home, keep: int = KEEP_WORKSPACES) -> None:
@@ -457,11 +470,14 @@ def prune_workspaces(home: Home, keep: int = KEEP_WORKSPACES) -> None:
         name = entry.name
         if name.startswith(".checkout-"):
             pid = name.removeprefix(".checkout-")
-            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            if pid.isascii() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
                 stale.append(entry)
         elif name == ".trash":
             stale.extend(entry.iterdir())  # left by an rm that did not finish
-    ids = sorted((int(p.name) for p in home.workspaces.iterdir() if p.name.isdigit()), reverse=True)
+    ids = sorted(
+        (int(p.name) for p in home.workspaces.iterdir() if p.name.isascii() and p.name.isdigit()),
+        reverse=True,
+    )
     stale.extend(
         home.workspaces / str(run_id)
         for run_id in ids[keep:]

@@ -790,6 +790,27 @@ def test_a_log_file_left_by_an_earlier_record_is_not_appended_to(repo: Repo) -> 
     assert (attempt["status"], attempt["exit_code"], attempt["log_bytes"]) == ("failed", None, 0)
 
 
+@pytest.mark.parametrize("value", ["0", "abc", "-5", "1.5", "²"])
+def test_an_invalid_log_cap_is_a_usage_error(repo: Repo, value: str) -> None:
+    repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'true'}\n")
+    result = repo.conveyor("run", env={"CONVEYOR_LOG_MAX_BYTES": value})
+    assert result.code == 2
+    assert result.err.startswith(
+        f"Error: CONVEYOR_LOG_MAX_BYTES must be a whole number of bytes above 0, not '{value}'"
+    )
+    assert repo.conveyor("runs", "list", "--json").json() == []
+
+
+@pytest.mark.parametrize("ref", ["²", "٣", "１"])
+def test_a_run_id_is_ascii_digits(repo: Repo, ref: str) -> None:
+    repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'true'}\n")
+    for _ in range(3):
+        assert repo.conveyor("run", "--progress", "quiet").code == 0
+    result = repo.conveyor("runs", "show", ref)
+    assert result.code == 2
+    assert result.err.startswith(f"Error: there is no run '{ref}'")
+
+
 def test_logs_of_an_unknown_job_suggest_one_and_list_or_count_the_jobs(repo: Repo) -> None:
     jobs = "".join(f"      job{i}: {{run: 'true'}}\n" for i in range(21))
     repo.pipeline("pipeline: wide\nstages:\n  - name: s\n    jobs:\n" + jobs)

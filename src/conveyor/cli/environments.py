@@ -47,7 +47,7 @@ def _artifact_of(record: Any, spec: Any, ref: str, artifact: str | None) -> Any:
     """The artifact a promotion takes: from an artifact reference, or from a run."""
     from conveyor.app.artifacts import resolve
 
-    if not (ref == "latest" or ref.isdigit()):
+    if not (ref == "latest" or (ref.isascii() and ref.isdigit())):
         if artifact:
             raise UsageError("--artifact goes with a RUN, not with an ARTIFACT reference")
         return resolve(record, ref)

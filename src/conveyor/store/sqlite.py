@@ -746,7 +746,7 @@ class SqliteRecord:
         if ref == "latest":
             row = self._conn.execute("SELECT MAX(id) FROM runs").fetchone()
             return row[0] if row and row[0] is not None else None
-        if not ref.isdigit() or len(ref) > 18:
+        if not (ref.isascii() and ref.isdigit()) or len(ref) > 18:  # not "²" nor "٣"
             return None
         row = self._conn.execute("SELECT id FROM runs WHERE id = ?", (int(ref),)).fetchone()
         return row[0] if row else None
