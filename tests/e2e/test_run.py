@@ -801,6 +801,17 @@ def test_an_invalid_log_cap_is_a_usage_error(repo: Repo, value: str) -> None:
     assert repo.conveyor("runs", "list", "--json").json() == []
 
 
+@pytest.mark.parametrize("home", ["/dev/null", "conveyor.yml/sub"])
+def test_a_home_that_cannot_be_a_folder_is_a_usage_error(repo: Repo, home: str) -> None:
+    repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'true'}\n")
+    result = repo.conveyor("runs", "list", "--home", home)
+    assert result.code == 2, result.err
+    assert "cannot be used:" in result.err and "not a folder" in result.err
+    assert "--home" in result.err  # the hint
+    run = repo.conveyor("run", "--home", home)  # its checkout starts first, and says so
+    assert run.code == 2 and "Not a directory" in run.err and "internal error" not in run.err
+
+
 @pytest.mark.parametrize("ref", ["²", "٣", "１"])
 def test_a_run_id_is_ascii_digits(repo: Repo, ref: str) -> None:
     repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'true'}\n")

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from conveyor.errors import UsageError
+
+_HOME_HINT = "pass --home (or set CONVEYOR_HOME to) a folder Conveyor can create and write"
+
 
 @dataclass(frozen=True)
 class Home:
@@ -40,8 +44,23 @@ class Home:
         return self.root / "keys"
 
     def ensure(self) -> None:
-        """Create the folder; a ``.gitignore`` inside keeps it out of the repository."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        ignore = self.root / ".gitignore"
-        if not ignore.exists():
-            ignore.write_text("# Conveyor's state: not part of the repository\n*\n")
+        """Create the folder; a ``.gitignore`` inside keeps it out of the repository.
+
+        Raises:
+            UsageError: the home is a file, under a file, or cannot be created or written.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            ignore = self.root / ".gitignore"
+            if not ignore.exists():
+                ignore.write_text("# Conveyor's state: not part of the repository\n*\n")
+        except (FileExistsError, NotADirectoryError):
+            what = "it is" if self.root.exists() else "a part of its path is"
+            raise UsageError(
+                f"the home {self.root} cannot be used: {what} not a folder", hint=_HOME_HINT
+            ) from None
+        except OSError as exc:
+            raise UsageError(
+                f"the home {self.root} cannot be created or written: {exc.strerror or exc}",
+                hint=_HOME_HINT,
+            ) from None
