@@ -193,6 +193,24 @@ class TestSqliteRecord(RecordContract):
         assert not report.ok
         assert report.first_bad_seq == 2
 
+    def test_an_event_numbered_below_1_is_the_first_bad_one(self, record: SqliteRecord) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run), finished(run, "a", "k")])
+        conn = sqlite3.connect(record.path)
+        conn.execute(
+            "INSERT INTO events (seq, at, type, run_id, payload, prev_hash, hash)"
+            " SELECT 0, at, type, run_id, payload, prev_hash, hash FROM events WHERE seq = 1"
+        )
+        conn.commit()
+        conn.close()
+        report = record.verify()
+        assert (report.ok, report.first_bad_seq) == (False, 0)
+        assert report.problem == "event 0 has an invalid sequence number (they start at 1)"
+        self._tamper(record, "UPDATE events SET seq = -seq")
+        report = record.verify()
+        assert (report.ok, report.first_bad_seq) == (False, -2)
+        assert "event 1 is missing" not in report.problem
+
     def test_removed_tail_is_detected(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()
         record.append([started(run), finished(run, "a", "k"), finished(run, "b", "k2")])

@@ -801,6 +801,15 @@ def test_an_invalid_log_cap_is_a_usage_error(repo: Repo, value: str) -> None:
     assert repo.conveyor("runs", "list", "--json").json() == []
 
 
+def test_logs_of_an_attempt_that_did_not_happen_says_so(repo: Repo) -> None:
+    repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      slow: {run: 'echo hi'}\n")
+    assert repo.conveyor("run", "--progress", "quiet").code == 0
+    result = repo.conveyor("logs", "1", "slow", "--attempt", "5")
+    assert result.code == 2
+    assert result.err.startswith("Error: job 'slow' of run 1 has no attempt 5: it had 1\n")
+    assert repo.conveyor("logs", "1", "slow", "--attempt", "1").out == "hi\n"
+
+
 @pytest.mark.parametrize("home", ["/dev/null", "conveyor.yml/sub"])
 def test_a_home_that_cannot_be_a_folder_is_a_usage_error(repo: Repo, home: str) -> None:
     repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'true'}\n")

@@ -749,6 +749,12 @@ def logs(
     if chosen is None:
         if follow:
             watch.check(final=True)
+        had = len(record.attempts(run_id, job))
+        if attempt is not None and had:
+            raise UsageError(
+                f"job '{job}' of run {run_id} has no attempt {attempt}: it had {had}",
+                hint=f"`conveyor logs {run_id} {job} --attempt {had}` shows its last one",
+            )
         status = record.job_status(run_id, job)
         source = next(
             (j["cached_from"] for st in doc["stages"] for j in st["jobs"] if j["name"] == job),

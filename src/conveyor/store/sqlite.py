@@ -951,6 +951,13 @@ class SqliteRecord:
                         seq,
                         f"event {seq} holds text that is not UTF-8 ({exc.reason})",
                     )
+                if seq <= last_seq:  # only the first can be (seq is unique): below 1
+                    return AuditReport(
+                        False,
+                        count,
+                        seq,
+                        f"event {seq} has an invalid sequence number (they start at 1)",
+                    )
                 if seq != last_seq + 1:
                     return AuditReport(
                         False,
