@@ -801,6 +801,19 @@ def test_an_invalid_log_cap_is_a_usage_error(repo: Repo, value: str) -> None:
     assert repo.conveyor("runs", "list", "--json").json() == []
 
 
+def test_runs_show_and_list_neutralise_what_users_chose(repo: Repo) -> None:
+    repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'true'}\n")
+    actor = "ev\x1b]0;PWNED\x07il\x1b[2J\nnext"
+    assert repo.conveyor("run", "--progress", "quiet", "--as", actor).code == 0
+    shown = repo.conveyor("runs", "show", "1", "--events")
+    assert shown.code == 0
+    assert "  by        evil next\n" in shown.out
+    assert not any(ord(c) < 32 and c != "\n" for c in shown.out)
+    listed = repo.conveyor("runs", "list")
+    assert "\x1b" not in listed.out
+    assert repo.show("1")["actor"] == actor  # recorded as given
+
+
 def test_logs_of_an_attempt_that_did_not_happen_says_so(repo: Repo) -> None:
     repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      slow: {run: 'echo hi'}\n")
     assert repo.conveyor("run", "--progress", "quiet").code == 0

@@ -6,7 +6,7 @@ import base64
 
 from conveyor.domain.cachekey import glob_regex, inputs_digest, job_cache_key
 from conveyor.domain.masking import Masker
-from conveyor.domain.text import neutralise
+from conveyor.domain.text import inline, neutralise
 
 
 def stream(masker: Masker, chunks: list[bytes]) -> bytes:
@@ -130,3 +130,9 @@ def test_a_text_cut_inside_a_secret_does_not_keep_its_beginning() -> None:
     assert masker.mask_cut("x" * 10 + "superSec") == "x" * 10 + "***"
     assert masker.mask_cut("ends with sup") == "ends with sup"  # under 4 characters: kept
     assert masker.mask_cut("a superSecret1 b") == "a *** b"
+
+
+def test_inline_leaves_no_control_character_at_all() -> None:
+    assert inline("ev\x1b]0;PWNED\x07il") == "evil"
+    assert inline("a\nb\tc\rd\x00e\u202e") == "a b c de<U+202E>"
+    assert all(ord(c) >= 32 and c != "\x7f" for c in inline("".join(map(chr, range(160)))))

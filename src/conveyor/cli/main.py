@@ -617,15 +617,17 @@ def runs_list(home: Path | None, limit: int, as_json: bool) -> None:
     if not items:
         click.echo("no runs yet: start one with `conveyor run`")
         return
+    from conveyor.domain.text import inline
+
     click.echo(
         f"{'RUN':>5}  {'STATUS':<11} {'PIPELINE':<16} {'REVISION':<12} {'STARTED':<20} DURATION"
     )
     for item in items:
-        started = (item["started_at"] or "")[:19].replace("T", " ")
+        started = inline(item["started_at"] or "")[:19].replace("T", " ")
         duration = f"{item['duration_s']:.2f}s" if item["duration_s"] is not None else "-"
         click.echo(
-            f"{item['id']:>5}  {item['status']:<11} {item['pipeline'][:16]:<16}"
-            f" {item['revision'][:12]:<12} {started:<20} {duration}"
+            f"{item['id']:>5}  {inline(item['status']):<11} {inline(item['pipeline'])[:16]:<16}"
+            f" {inline(item['revision'])[:12]:<12} {started:<20} {duration}"
         )
 
 
@@ -650,28 +652,33 @@ def runs_show(run_ref: str, home: Path | None, as_json: bool, events: bool) -> N
     if as_json:
         echo_json(doc)
         return
+    from conveyor.domain.text import inline  # text a user or a job chose: no escapes
+
     click.echo(
-        f"run {doc['id']}: {doc['status']}" + (f" ({doc['reason']})" if doc["reason"] else "")
+        f"run {doc['id']}: {inline(doc['status'])}"
+        + (f" ({inline(doc['reason'])})" if doc["reason"] else "")
     )
     click.echo(
-        f"  pipeline  {doc['pipeline']} ({doc['pipeline_file']}, {doc['pipeline_digest'][:19]})"
+        f"  pipeline  {inline(doc['pipeline'])} ({inline(doc['pipeline_file'])},"
+        f" {inline(doc['pipeline_digest'])[:19]})"
     )
     click.echo(
-        f"  revision  {doc['revision']}" + ("  (dirty working tree)" if doc["dirty"] else "")
+        f"  revision  {inline(doc['revision'])}"
+        + ("  (dirty working tree)" if doc["dirty"] else "")
     )
-    click.echo(f"  by        {doc['actor']}")
-    click.echo(f"  started   {doc['started_at']}")
+    click.echo(f"  by        {inline(doc['actor'])}")
+    click.echo(f"  started   {inline(doc['started_at'])}")
     click.echo(
-        f"  finished  {doc['finished_at'] or '-'}"
+        f"  finished  {inline(doc['finished_at'] or '-')}"
         + (f"  ({doc['duration_s']:.2f}s)" if doc["duration_s"] is not None else "")
     )
     for stage in doc["stages"]:
         click.echo(
-            f"  stage {stage['name']}: {stage['status']}"
-            + (f" ({stage['reason']})" if stage.get("reason") else "")
+            f"  stage {inline(stage['name'])}: {inline(stage['status'])}"
+            + (f" ({inline(stage['reason'])})" if stage.get("reason") else "")
         )
         for job in stage["jobs"]:
-            parts = [f"    {job['name']:<20} {job['status']:<10}"]
+            parts = [f"    {inline(job['name']):<20} {inline(job['status']):<10}"]
             if job["duration_s"] is not None:
                 parts.append(f"{job['duration_s']:.2f}s")
             if job["attempts"] and job["attempts"] > 1:
@@ -686,13 +693,16 @@ def runs_show(run_ref: str, home: Path | None, as_json: bool, events: bool) -> N
             if job["cached_from"]:
                 parts.append(f"cached from run {job['cached_from']['run']}")
             if job["reason"]:
-                parts.append(job["reason"])
+                parts.append(inline(job["reason"]))
             click.echo("  ".join(parts))
         for gate in stage["gates"]:
-            click.echo(f"    gate {gate['gate']}: {gate['verdict']}: {gate['summary']}")
+            click.echo(
+                f"    gate {inline(gate['gate'])}: {inline(gate['verdict'])}:"
+                f" {inline(gate['summary'])}"
+            )
     if events:
         for event in doc["events"]:
-            click.echo(f"  #{event['seq']} {event['at']} {event['type']}")
+            click.echo(f"  #{event['seq']} {inline(event['at'])} {inline(event['type'])}")
 
 
 def _verdict_doc(v: dict[str, Any]) -> dict[str, Any]:

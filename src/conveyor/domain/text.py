@@ -42,3 +42,9 @@ def neutralise(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = controls.sub("", text)
     return bidi.sub(lambda m: f"<U+{ord(m.group()):04X}>", text)
+
+
+def inline(text: str) -> str:
+    """``text`` neutralised for one line of a listing: no escape sequence nor control character
+    at all (line breaks and tabs become spaces), for values users choose (an actor, a name)."""
+    return neutralise(text).replace("\n", " ").replace("\t", " ")
