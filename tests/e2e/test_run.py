@@ -526,6 +526,8 @@ def test_logs_follow_stops_when_the_run_process_is_killed(repo: Repo) -> None:
     pidfile = repo.path / ".conveyor" / "workspaces" / "long.pid"
     _wait_for(lambda: pidfile.exists() and pidfile.read_text().strip() != "")
     follower = repo.popen("logs", "1", "long", "--follow")
+    (running,) = repo.jobs("1")["long"]["attempt_details"]
+    assert running["status"] == "running" and running["log_truncated"] is None
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=10)
@@ -773,7 +775,8 @@ def test_logs_neutralise_escapes_and_are_capped(repo: Repo) -> None:
     raw = repo.conveyor("logs", "latest", "noisy", "--raw").out
     assert "\x1b[31m" in raw
     attempt = repo.jobs()["noisy"]["attempt_details"][0]
-    assert attempt["log_truncated"] == 1
+    assert attempt["log_truncated"] is True
+    assert repo.conveyor("runs", "list", "--help").out.count("How many runs to list") == 1
 
 
 def test_a_log_file_left_by_an_earlier_record_is_not_appended_to(repo: Repo) -> None:
@@ -811,7 +814,10 @@ def test_runs_show_and_list_neutralise_what_users_chose(repo: Repo) -> None:
     assert not any(ord(c) < 32 and c != "\n" for c in shown.out)
     listed = repo.conveyor("runs", "list")
     assert "\x1b" not in listed.out
-    assert repo.show("1")["actor"] == actor  # recorded as given
+    doc = repo.show("1")
+    assert doc["actor"] == actor  # recorded as given
+    assert doc["environment_gates"] == [] and doc["stages"][0]["gates"] == []
+    assert doc["stages"][0]["jobs"][0]["attempt_details"][0]["log_truncated"] is False
 
 
 def test_logs_of_an_attempt_that_did_not_happen_says_so(repo: Repo) -> None:

@@ -605,7 +605,14 @@ def runs() -> None:
 
 @runs.command("list")
 @home_option
-@click.option("--limit", "-n", type=click.IntRange(1, 100000), default=20, show_default=True)
+@click.option(
+    "--limit",
+    "-n",
+    type=click.IntRange(1, 100000),
+    default=20,
+    show_default=True,
+    help="How many runs to list (the newest).",
+)
 @json_option
 def runs_list(home: Path | None, limit: int, as_json: bool) -> None:
     """The latest runs, newest first."""

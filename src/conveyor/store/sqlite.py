@@ -878,8 +878,9 @@ class SqliteRecord:
             "log_truncated",
         )
         out = [dict(zip(keys, r, strict=True)) for r in rows]
-        for item in out:
-            item["log_truncated"] = bool(item["log_truncated"])
+        for item in out:  # null until the attempt ends (still running, or interrupted)
+            if item["log_truncated"] is not None:
+                item["log_truncated"] = bool(item["log_truncated"])
         return out
 
     def job_status(self, run_id: int, job: str) -> str | None:
