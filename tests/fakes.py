@@ -80,6 +80,7 @@ class FakeExecutor:
         self.killed: list[tuple[str, bool]] = []
         self.max_concurrent = 0
         self.closed = False
+        self.sweeps = 0
         self._pid = 1000
 
     def start(self, launch: JobLaunch) -> int:
@@ -111,6 +112,10 @@ class FakeExecutor:
         if key in self.running:
             # The process dies at once; its exit shows on the next poll.
             self.running[key] = (Script(code=-9 if force else -15, ticks=1), 0)
+
+    def sweep(self) -> list[int]:
+        self.sweeps += 1
+        return []
 
     def close(self) -> None:
         self.closed = True

@@ -30,7 +30,6 @@ from conveyor.adapters.logs import FileLogStore
 from conveyor.adapters.processes import (
     RunLock,
     acquire_run_lock,
-    kill_orphans,
     new_owner,
     owner_is_gone,
     run_is_live,
@@ -39,7 +38,7 @@ from conveyor.domain.events import RunInterrupted
 from conveyor.domain.ports import Observer, SourceSnapshot
 from conveyor.engine.engine import Engine, RunOptions, RunRequest
 from conveyor.errors import DeployError, UsageError
-from conveyor.executors.local import LocalExecutor
+from conveyor.executors.local import LocalExecutor, kill_tagged
 from conveyor.spec.models import PipelineSpec
 from conveyor.store.migrate import ensure_schema
 from conveyor.store.sqlite import SqliteRecord, check_not_lost
@@ -76,7 +75,7 @@ def recover_orphans(record: SqliteRecord, home: Home) -> list[int]:
     for run in record.running_runs():
         if not owner_is_gone(home.locks, run["id"], run["owner_pid"], run["owner_host"]):
             continue
-        killed = kill_orphans(run["owner_token"])
+        killed = kill_tagged(run["owner_token"])
         try:
             record.append(
                 [

@@ -399,3 +399,28 @@ def test_an_orphan_is_recorded_interrupted_once_by_racing_commands(tmp_path: Pat
     kinds = [e["type"] for e in record.events_of_run(run)]
     assert kinds.count("run.interrupted") == 1
     record.close()
+
+
+def test_a_writer_that_loses_the_race_for_the_tail_twice_still_appends(tmp_path: Path) -> None:
+    db = tmp_path / "conveyor.db"
+    ensure_schema(db)
+    a = SqliteRecord(db, lambda: "now")
+    b = SqliteRecord(db, lambda: "now")
+    run = a.allocate_run_id()
+    a.append([started(run)])
+    b.append([ev.StageStarted(run_id=run, stage="s")])  # a's idea of the tail is stale now
+    calls: list[object] = []
+    original = a._try_append
+
+    def racing(events, tail, fence=None, guard=None):  # type: ignore[no-untyped-def]
+        calls.append(tail)
+        if len(calls) == 2:  # b writes again just before a's second attempt
+            b.append([ev.StageFinished(run_id=run, stage="s", status="succeeded")])
+        return original(events, tail, fence, guard)
+
+    a._try_append = racing  # type: ignore[method-assign]
+    a.append([finished(run, "a", "k")])
+    report = a.verify()
+    a.close()
+    b.close()
+    assert report.ok and report.events == 4

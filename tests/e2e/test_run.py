@@ -393,6 +393,38 @@ def test_timeout_kills_the_whole_process_group(repo: Repo) -> None:
     assert not Path(f"/proc/{child}").exists() or _is_zombie(child)
 
 
+def test_processes_that_leave_the_job_s_group_end_with_it(repo: Repo) -> None:
+    """`timeout` and `set -m` put children in groups of their own; they still end: with a
+    timed-out job, and at the end of the stage for a job that left one behind."""
+    repo.pipeline("""\
+        pipeline: strays
+        stages:
+          - name: s
+            jobs:
+              slow:
+                timeout: 1s
+                run: |
+                  timeout 1011 sleep 1010 &
+                  echo $! > ../slow-stray.pid
+                  sleep 1012
+              leaves:
+                run: |
+                  set -m
+                  sleep 1013 &
+                  echo $! > ../left-stray.pid
+          - name: later
+            jobs:
+              check: {run: "true"}
+        """)
+    result = repo.conveyor("run")
+    assert result.code == 1
+    assert repo.jobs()["slow"]["status"] == "timed_out"
+    workspaces = repo.path / ".conveyor" / "workspaces"
+    for name in ("slow-stray.pid", "left-stray.pid"):
+        pid = int((workspaces / name).read_text())
+        _wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists() or _is_zombie(pid))
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"

@@ -434,3 +434,14 @@ def test_a_cache_hit_whose_blob_is_gone_runs_again() -> None:
     h.artifacts.blobs.clear()
     assert h.run(artifact_pipeline()) == "succeeded"
     assert h.statuses(2)["build"] == "succeeded"
+
+
+def test_strays_are_swept_at_the_end_of_each_stage_and_of_a_killed_attempt() -> None:
+    h = Harness({"slow": [Script(hang=True)]})
+    spec = pipeline(("a", [job("x", "a")]), ("b", [job("y", "b")]))
+    h.run(spec)
+    assert h.executor.sweeps == 2
+    h = Harness({"slow": [Script(hang=True)]})
+    h.run(pipeline(("a", [job("slow", "a", timeout_s=5.0)])))
+    assert h.statuses() == {"slow": "timed_out"}
+    assert h.executor.sweeps == 2  # the killed attempt, then the stage

@@ -3,7 +3,8 @@
 The process executing a run holds an exclusive ``flock`` on ``locks/run-<id>.lock`` (not
 inherited by jobs). If a later command can take that lock, the owner is gone (killed, crashed)
 and the run is an orphan: its job processes, found by the run's unique token in their
-environment, are killed, and the run is recorded ``interrupted``.
+environment (``conveyor.executors.local.kill_tagged``), are killed, and the run is recorded
+``interrupted``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import signal
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -108,27 +107,3 @@ def _holds_run_lock(pid: int, run_id: int) -> bool:
                 if os.readlink(entry.path).endswith(suffix):
                     return True
     return False
-
-
-def _processes_with_token(token: str) -> Iterator[int]:
-    marker = f"CONVEYOR_RUN_TOKEN={token}".encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as handle:
-                if marker in handle.read().split(b"\0"):
-                    yield int(entry.name)
-        except OSError:
-            continue
-
-
-def kill_orphans(token: str | None) -> list[int]:
-    """Kill every process of an orphaned run (found by its token); returns their pids."""
-    killed: list[int] = []
-    if token and os.path.isdir("/proc"):
-        for pid in _processes_with_token(token):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-    return sorted(killed)

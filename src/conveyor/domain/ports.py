@@ -108,8 +108,13 @@ class Executor(Protocol):
         """Terminate the attempt's whole process group (SIGTERM, or SIGKILL if ``force``)."""
         ...
 
+    def sweep(self) -> list[int]:
+        """Kill what ended attempts left running outside their process group (a background
+        process that started its own group or session); returns the pids killed."""
+        ...
+
     def close(self) -> None:
-        """Release every resource; kill whatever still runs."""
+        """Release every resource; kill whatever still runs, strays included."""
         ...
 
 

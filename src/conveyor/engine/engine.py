@@ -279,6 +279,7 @@ class Engine:
         if self.cancel.is_set() and not self._cancelled:  # after the last attempt had ended
             self._cancelled = True
             self._stop_stage(run, "cancelled", "the run was cancelled")
+        self.executor.sweep()  # nothing a job of this stage started outlives the stage
         if self._cancelled:
             status = "cancelled"
         elif any(
@@ -571,6 +572,8 @@ class Engine:
             if status == "succeeded":
                 status = "failed"
         del run.running[state.launch_key]
+        if state.kill_reason is not None and state.pid is not None:
+            self.executor.sweep()  # what it started in groups of their own ends with it
         state.exit_code = exit_code
         ending: dict[str, Any] = {
             "attempt": state.attempt,

@@ -14,7 +14,7 @@ import fcntl
 import os
 import selectors
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from conveyor.domain.ports import ExecutorEvent, Exited, JobLaunch, Output
@@ -159,14 +159,65 @@ def _find_executable(name: str, path: str | None) -> str | None:
     return None
 
 
+RUN_TOKEN = "CONVEYOR_RUN_TOKEN"
+"""The variable, unique to a run, by which its processes are found wherever they went."""
+_SWEEP_ROUNDS = 10
+
+
+def _tagged(token: str) -> Iterator[tuple[int, list[bytes]]]:
+    """Processes whose environment carries the run's token: ``(pid, environment entries)``."""
+    marker = f"{RUN_TOKEN}={token}".encode()
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return
+    with entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as handle:
+                    env = handle.read().split(b"\0")
+            except OSError:
+                continue
+            if marker in env:
+                yield int(entry.name), env
+
+
+def kill_tagged(
+    token: str | None, spare: Callable[[int, list[bytes]], bool] | None = None
+) -> list[int]:
+    """SIGKILL every process carrying the run's token (but those ``spare`` keeps); scan again
+    while new ones show up (a job forking in a loop); returns the pids killed."""
+    if not token:
+        return []
+    killed: set[int] = set()
+    me = os.getpid()
+    for _ in range(_SWEEP_ROUNDS):
+        found = [
+            pid
+            for pid, env in _tagged(token)
+            if pid != me and not (spare is not None and spare(pid, env))
+        ]
+        for pid in found:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if not set(found) - killed:
+            break
+        killed.update(found)
+    return sorted(killed)
+
+
 @dataclass
 class _Proc:
-    """One running attempt: its pid, output pipe and pidfd."""
+    """One running attempt: its pid, output pipe and pidfd, and how its processes are known."""
 
     key: str
     pid: int
     out_fd: int | None
     pid_fd: int | None
+    tags: tuple[bytes, bytes] = (b"", b"")
+    """``CONVEYOR_JOB=...`` and ``CONVEYOR_ATTEMPT=...`` as in its processes' environment."""
     exit_code: int | None = None
 
 
@@ -185,6 +236,7 @@ class LocalExecutor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", ""))
         self._closed = False
+        self._token: str | None = None
         self._home_cwd = os.getcwd()
         self._cwd = self._home_cwd
 
@@ -227,7 +279,12 @@ class LocalExecutor:
                 pid_fd = os.pidfd_open(pid)
             except OSError:
                 pid_fd = None
-        proc = _Proc(launch.key, pid, read_fd, pid_fd)
+        self._token = launch.env.get(RUN_TOKEN) or self._token
+        tags = (
+            f"CONVEYOR_JOB={launch.env.get('CONVEYOR_JOB', '')}".encode(),
+            f"CONVEYOR_ATTEMPT={launch.env.get('CONVEYOR_ATTEMPT', '')}".encode(),
+        )
+        proc = _Proc(launch.key, pid, read_fd, pid_fd, tags)
         self._procs[launch.key] = proc
         self._selector.register(read_fd, selectors.EVENT_READ, ("out", launch.key))
         if pid_fd is not None:
@@ -266,14 +323,32 @@ class LocalExecutor:
         if proc is not None:
             _signal_group(proc.pid, signal.SIGKILL if force else signal.SIGTERM)
 
+    def sweep(self) -> list[int]:
+        """Kill the processes of ended attempts that left their process group (found by the
+        run's token; those of running attempts are spared)."""
+        running = list(self._procs.values())
+
+        def spare(pid: int, env: list[bytes]) -> bool:
+            for proc in running:
+                if proc.tags[0] in env and proc.tags[1] in env:
+                    return True
+                with contextlib.suppress(OSError):
+                    if os.getpgid(pid) == proc.pid:
+                        return True
+            return False
+
+        return kill_tagged(self._token, spare)
+
     def close(self) -> None:
-        """Kill and reap whatever still runs; close every descriptor; restore the cwd."""
+        """Kill and reap whatever still runs, strays included; close every descriptor;
+        restore the cwd."""
         if self._closed:
             return
         self._closed = True
         for proc in list(self._procs.values()):
             _signal_group(proc.pid, signal.SIGKILL)
             self._reap(proc, [])
+        kill_tagged(self._token)
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

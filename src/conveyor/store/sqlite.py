@@ -257,14 +257,12 @@ class SqliteRecord:
             if durable:
                 conn.execute("PRAGMA synchronous=FULL")
             try:
-                if not self._try_append(events, self._tail, fence, guard):
-                    # Another process appended since our last write: link to the real tail.
-                    row = conn.execute(
-                        "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
-                    ).fetchone()
-                    tail = (row[0], row[1]) if row else (0, GENESIS)
-                    if not self._try_append(events, tail, fence, guard):
-                        raise StoreError(f"concurrent writers kept racing on {self.path}")
+                # Another process may have appended since our last write: then link to the
+                # real tail, read inside the write transaction (no other writer can move it).
+                if not self._try_append(events, self._tail, fence, guard) and not (
+                    self._try_append(events, None, fence, guard)
+                ):
+                    raise StoreError(f"the event log of {self.path} has a gap at its end")
             finally:
                 if durable:
                     conn.execute("PRAGMA synchronous=NORMAL")
