@@ -206,7 +206,7 @@ def _check_committed_file(source: GitSource, commit: str, path: str, source_name
     import posixpath
 
     from conveyor.errors import SpecError, SpecProblem
-    from conveyor.spec import MAX_FILE_BYTES
+    from conveyor.spec import MAX_FILE_BYTES, too_large
 
     path = posixpath.normpath(path)
     entry = source.tree_entry(commit, path)
@@ -226,9 +226,7 @@ def _check_committed_file(source: GitSource, commit: str, path: str, source_name
     elif kind != "blob":
         message, hint = f"{path} is a {kind} {at}, not a pipeline file", None
     elif size is not None and size > MAX_FILE_BYTES:
-        message = (
-            f"the file is too large: {size:,} bytes, the limit is {MAX_FILE_BYTES:,} bytes (1 MiB)"
-        )
+        message = too_large(size)
         hint = "a pipeline file is a few kilobytes; is this the right file?"
     if message is not None:
         raise SpecError([SpecProblem(source_name, 1, 1, message, hint)])

@@ -334,7 +334,7 @@ def test_billion_laughs_fails_fast() -> None:
 def test_twenty_megabyte_file_is_refused_before_parsing() -> None:
     problem, _ = timed_failure(b"a: " + b"x" * 20_000_000 + b"\n")
     assert (problem.line, problem.column) == (1, 1)
-    assert "20,000,004 bytes" in problem.message and "1 MiB" in problem.message
+    assert "20,000,004 bytes" in problem.message and "512 KiB" in problem.message
 
 
 def test_deep_flow_nesting_fails_fast() -> None:
