@@ -81,3 +81,16 @@ def test_topological_order_puts_needs_first() -> None:
 def test_levels_refuse_a_cycle() -> None:
     with pytest.raises(ValueError, match="dependency cycle: a -> b -> a"):
         dag_levels({"a": ["b"], "b": ["a"], "c": []})
+
+
+def test_find_cycles_reports_one_cycle_per_tangle() -> None:
+    from conveyor.spec.graph import find_cycles
+
+    assert find_cycles({"a": [], "b": ["a"]}) == []
+    edges = {"a": ["b"], "b": ["a"], "c": [], "e": ["f"], "f": ["e"], "g": ["g"]}
+    assert find_cycles(edges) == [["a", "b", "a"], ["e", "f", "e"], ["g", "g"]]
+    # Two loops sharing a node are one tangle: one cycle is enough to show it.
+    assert find_cycles({"a": ["b"], "b": ["a", "c"], "c": ["b"]}) == [["a", "b", "a"]]
+    long_chain = {f"n{i}": [f"n{i + 1}"] for i in range(5000)}
+    long_chain["n5000"] = ["n0"]
+    assert len(find_cycles(long_chain)[0]) == 5002  # no recursion limit

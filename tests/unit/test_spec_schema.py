@@ -573,6 +573,21 @@ def test_dependency_cycle_is_reported_at_its_first_job() -> None:
     assert found(text) == [(6, 7, "dependency cycle: c -> b -> a -> c")]
 
 
+def test_every_independent_cycle_of_a_stage_is_reported() -> None:
+    text = pipeline_with_jobs(
+        """\
+        a: {run: x, needs: [b]}
+        b: {run: x, needs: [a]}
+        e: {run: x, needs: [f]}
+        f: {run: x, needs: e}
+        """
+    )
+    assert [message for _, _, message in found(text)] == [
+        "dependency cycle: a -> b -> a",
+        "dependency cycle: e -> f -> e",
+    ]
+
+
 def test_two_job_cycle() -> None:
     text = pipeline_with_jobs("a: {run: x, needs: b}\nb: {run: x, needs: a}\n")
     assert found(text) == [(5, 7, "dependency cycle: a -> b -> a")]

@@ -60,6 +60,72 @@ def find_cycle(edges: Mapping[str, Sequence[str]]) -> list[str] | None:
     return None
 
 
+def find_cycles(edges: Mapping[str, Sequence[str]]) -> list[list[str]]:
+    """One cycle in each group of nodes that need each other (strongly connected component),
+    in the order of the groups' first nodes: every independent mistake is reported once.
+
+    Args:
+        edges: Each node's needs.
+
+    Returns:
+        Closed paths as :func:`find_cycle` gives them; empty if the graph is acyclic.
+    """
+    cycles: list[list[str]] = []
+    for group in _components(edges):
+        members = set(group)
+        if len(group) == 1 and group[0] not in edges.get(group[0], ()):
+            continue  # a single node that does not need itself
+        inside = {node: [n for n in edges.get(node, ()) if n in members] for node in group}
+        cycle = find_cycle(inside)
+        if cycle is not None:
+            cycles.append(cycle)
+    return cycles
+
+
+def _components(edges: Mapping[str, Sequence[str]]) -> list[list[str]]:
+    """Strongly connected components (Tarjan's algorithm, iterative), each in node order,
+    ordered by their first node."""
+    order = {node: i for i, node in enumerate(_nodes(edges))}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in order:
+        if root in index:
+            continue
+        work = [(root, iter(edges.get(root, ())))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, needs = work[-1]
+            need = next(needs, None)
+            if need is not None:
+                if need not in index:
+                    index[need] = low[need] = len(index)
+                    stack.append(need)
+                    on_stack.add(need)
+                    work.append((need, iter(edges.get(need, ()))))
+                elif need in on_stack:
+                    low[node] = min(low[node], index[need])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                group: list[str] = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    group.append(member)
+                    if member == node:
+                        break
+                found.append(sorted(group, key=order.__getitem__))
+    return sorted(found, key=lambda group: order[group[0]])
+
+
 def dag_levels(edges: Mapping[str, Sequence[str]]) -> list[list[str]]:
     """Kahn layering: level 0 holds the nodes without needs, level n those whose deepest need
     is on level n - 1.

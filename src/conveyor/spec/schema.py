@@ -48,7 +48,7 @@ from conveyor.spec.delivery import (
     TargetSpec,
 )
 from conveyor.spec.durations import parse_duration
-from conveyor.spec.graph import find_cycle
+from conveyor.spec.graph import find_cycles
 from conveyor.spec.loader import MapNode, Node, ScalarNode, SeqNode, resolve_plain
 from conveyor.spec.models import (
     ARTIFACT_KINDS,
@@ -1331,8 +1331,7 @@ class _Schema:
             edges: dict[str, list[str]] = {}
             for job in stage.jobs:
                 edges[job.name] = self.needs(job, names, owner, stage_order)
-            cycle = find_cycle(edges)
-            if cycle is not None:
+            for cycle in find_cycles(edges):
                 ring = cycle[:-1]
                 start = min(range(len(ring)), key=lambda i: names.index(ring[i]))
                 ring = ring[start:] + ring[:start]
