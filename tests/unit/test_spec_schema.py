@@ -727,3 +727,23 @@ def test_the_cached_form_keeps_a_value_of_another_type_than_the_default() -> Non
     back = PipelineSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert type(back.stages[0].jobs[0].timeout_s) is int
     assert back == spec
+
+
+def test_jobs_of_a_stage_without_a_valid_name_are_still_checked() -> None:
+    text = """\
+pipeline: x
+stages:
+  - name: "t t"
+    jobs:
+      h: {run: x, needs: [zz]}
+      i: {run: x, needs: [i]}
+  - jobs:
+      k: {run: x, needs: [nope]}
+"""
+    assert found(text) == [
+        (3, 11, "invalid stage name 't t'"),
+        (5, 27, "job 'h' needs 'zz', which is not a job"),
+        (6, 27, "job 'i' needs itself"),
+        (7, 5, "missing required key 'name' in a stage"),
+        (8, 27, "job 'k' needs 'nope', which is not a job"),
+    ]

@@ -230,6 +230,8 @@ class _StageDraft:
     deploy: tuple[str | None, str | None, MapNode] | None = None
     """``(environment, artifact, node)`` of a deploy stage, as written."""
     gates: tuple[GateSpec, ...] = ()
+    named: bool = True
+    """False when the stage's name is missing or invalid (its jobs are still checked)."""
 
 
 class _Schema:
@@ -661,6 +663,9 @@ class _Schema:
             draft = self.stage(item, secrets)
             if draft is None:
                 continue
+            if not draft.named:  # already reported; its jobs' needs are still checked
+                drafts.append(draft)
+                continue
             if draft.name in first and draft.node is first[draft.name]:
                 self.add(
                     draft.node,
@@ -743,7 +748,10 @@ class _Schema:
                 job = self.job(shown, job_key, job_node, secrets)
                 if job is not None:
                     draft.jobs.append(job)
-        return draft if name else None
+        if not name:
+            draft.named = False
+            return draft if draft.jobs else None
+        return draft
 
     def job(
         self, stage: str, key: ScalarNode, node: Node, secrets: Mapping[str, ScalarNode]
