@@ -747,3 +747,14 @@ stages:
         (7, 5, "missing required key 'name' in a stage"),
         (8, 27, "job 'k' needs 'nope', which is not a job"),
     ]
+
+
+def test_an_empty_value_is_reported_where_its_key_is() -> None:
+    assert found("pipeline:\nstages:\n  - name: s\n    jobs:\n      j: {run: x}\n") == [
+        (1, 10, "a pipeline name must be a string, got nothing (null)")
+    ]
+    text = (
+        "pipeline: x\nstages:\n  - name: s\n    jobs:\n      j:\n"
+        "        run: x\n        retries:\n# c\n"
+    )
+    assert found(text) == [(7, 17, "'retries' must be an integer, got nothing (null)")]

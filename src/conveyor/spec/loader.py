@@ -334,6 +334,8 @@ class _Builder:
         self.aliases_used = False
         self.root: Node | None = None
         self.documents = 0
+        self.previous_end: Any = None
+        """Where the previous event ended (an empty value is placed just after it)."""
 
     def problem(self, mark: Any, message: str, hint: str | None = None) -> SpecProblem:
         return SpecProblem(self.source, mark.line + 1, mark.column + 1, message, hint)
@@ -379,8 +381,9 @@ class _Builder:
 
     def feed(self, event: Any) -> bool:
         """Handle one event; false once the stream has ended."""
+        previous, self.previous_end = self.previous_end, getattr(event, "end_mark", None)
         if isinstance(event, ScalarEvent):
-            self.scalar(event)
+            self.scalar(event, previous)
         elif isinstance(event, MappingStartEvent | SequenceStartEvent):
             self.open(event)
         elif isinstance(event, MappingEndEvent | SequenceEndEvent):
@@ -402,7 +405,7 @@ class _Builder:
             return False
         return True
 
-    def scalar(self, event: Any) -> None:
+    def scalar(self, event: Any, previous_end: Any = None) -> None:
         self.grow(event.start_mark, 1, alias=False)
         text: str = event.value
         plain = event.style is None
@@ -422,7 +425,12 @@ class _Builder:
         unusable = _unusable_character(text)
         if unusable is not None:
             self.add(mark, *unusable)
-        node = ScalarNode(value, text, mark.line + 1, mark.column + 1, quoted=not plain)
+        line, column = mark.line + 1, mark.column + 1
+        if not text and plain and previous_end is not None and previous_end.line < mark.line:
+            # An empty value (`name:` and nothing): the parser places it at the next token,
+            # lines later; it belongs right after what precedes it (`name:`).
+            line, column = previous_end.line + 1, previous_end.column + 2
+        node = ScalarNode(value, text, line, column, quoted=not plain)
         if event.anchor is not None:
             self.anchors[event.anchor] = (node, 1)
         self.attach(node, event)
