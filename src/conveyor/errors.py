@@ -110,6 +110,7 @@ class SpecError(ConveyorError):
         # An alias repeats a value, and with it the value's problems: each is listed once.
         ordered = sorted(dict.fromkeys(problems), key=lambda p: (p.line, p.column))
         self.count = len(ordered)
+        self.all_problems = ordered
         self.problems = ordered[:MAX_SHOWN_PROBLEMS]
         self.omitted = self.count - len(self.problems)
         self.complete = complete

@@ -758,3 +758,17 @@ def test_an_empty_value_is_reported_where_its_key_is() -> None:
         "        run: x\n        retries:\n# c\n"
     )
     assert found(text) == [(7, 17, "'retries' must be an integer, got nothing (null)")]
+
+
+def test_a_duplicate_key_does_not_hide_the_other_problems() -> None:
+    text = pipeline_with_jobs(
+        """\
+        j: {run: a, timeout: 5 min, needs: [nope]}
+        k: {run: a, run: b}
+        """
+    )
+    messages = [message for _, _, message in found(text)]
+    assert len(messages) == 3
+    assert messages[0].startswith("'timeout': expected a duration")
+    assert messages[1] == "job 'j' needs 'nope', which is not a job"
+    assert messages[2].startswith("duplicate key 'run'")

@@ -51,11 +51,20 @@ def parse_pipeline(data: bytes, source: str = "conveyor.yml") -> PipelineSpec:
         SpecError: With every problem found.
     """
     # Imported here so that ``conveyor.spec.models``/``graph`` stay cheap to import.
-    from conveyor.spec.loader import load_document
+    from conveyor.spec.loader import read_document
     from conveyor.spec.schema import build_pipeline
 
-    root = load_document(data, source)
-    return build_pipeline(root, source, "sha256:" + hashlib.sha256(data).hexdigest())
+    root, problems = read_document(data, source)
+    try:
+        spec = build_pipeline(root, source, "sha256:" + hashlib.sha256(data).hexdigest())
+    except SpecError as exc:
+        if not problems:
+            raise
+        # The reader's problems (a duplicate key...) and the schema's, all at once.
+        raise SpecError([*problems, *exc.all_problems], complete=exc.complete) from None
+    if problems:
+        raise SpecError(problems)
+    return spec
 
 
 def _file_error(source: str, message: str, hint: str | None = _FILE_HINT) -> SpecError:

@@ -542,8 +542,9 @@ class _Builder:
         frame.key = node
 
 
-def _read(text: str, source: str) -> Node | None:
-    """Run the parser over ``text`` and build the tree (``None`` for an empty stream)."""
+def _read(text: str, source: str) -> tuple[Node | None, list[SpecProblem]]:
+    """Run the parser over ``text`` and build the tree (``None`` for an empty stream), with
+    the problems that did not stop the reading (a duplicate key, a tag...)."""
     builder = _Builder(source)
     try:
         parser = _Context(text)._parser
@@ -573,9 +574,7 @@ def _read(text: str, source: str) -> Node | None:
     except YAMLError as exc:
         problem = SpecProblem(source, 1, 1, f"invalid YAML: {_one_line(str(exc))}")
         raise SpecError([*builder.problems, problem]) from None
-    if builder.problems:
-        raise SpecError(builder.problems)
-    return builder.root
+    return builder.root, builder.problems
 
 
 def load_document(data: bytes, source: str) -> Node:
@@ -592,6 +591,20 @@ def load_document(data: bytes, source: str) -> Node:
         SpecError: With every problem found (or the first fatal one: a parse error, a limit
             exceeded, a second document).
     """
+    root, problems = read_document(data, source)
+    if problems:
+        raise SpecError(problems)
+    return root
+
+
+def read_document(data: bytes, source: str) -> tuple[Node, list[SpecProblem]]:
+    """``load_document``, but the problems that did not stop the reading are returned with
+    the tree (in which a duplicate key keeps its first value, a refused tag or key is left
+    out), so that the schema's checks can report their problems too.
+
+    Raises:
+        SpecError: When the file cannot be read into a tree at all.
+    """
     if len(data) > MAX_FILE_BYTES:
         raise SpecError(
             [
@@ -606,7 +619,7 @@ def load_document(data: bytes, source: str) -> Node:
         )
     try:
         text = _decode(data, source)
-        root = _read(text, source)
+        root, problems = _read(text, source)
     except _Fatal as exc:
         raise SpecError([exc.problem]) from None
     except (RecursionError, MemoryError) as exc:
@@ -615,5 +628,7 @@ def load_document(data: bytes, source: str) -> Node:
     if root is None or (
         isinstance(root, ScalarNode) and root.value is None and root.raw == "" and not root.quoted
     ):
-        raise SpecError([SpecProblem(source, 1, 1, "the pipeline file is empty", hint=_INIT_HINT)])
-    return root
+        raise SpecError(
+            [*problems, SpecProblem(source, 1, 1, "the pipeline file is empty", hint=_INIT_HINT)]
+        )
+    return root, problems
