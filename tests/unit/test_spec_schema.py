@@ -772,3 +772,30 @@ def test_a_duplicate_key_does_not_hide_the_other_problems() -> None:
     assert messages[0].startswith("'timeout': expected a duration")
     assert messages[1] == "job 'j' needs 'nope', which is not a job"
     assert messages[2].startswith("duplicate key 'run'")
+
+
+def test_an_invalid_entry_causes_no_false_problems_elsewhere() -> None:
+    text = """\
+pipeline: x
+artifacts:
+  app: {path: a.tgz, kind: image}
+  my-app: {path: /abs, kind: weird}
+  my_app: {path: b.tgz}
+stages:
+  - name: s
+    jobs:
+      b: {run: x, outputs: [app]}
+      "c d": {run: x}
+      e: {run: x, needs: ["c d"]}
+"""
+    assert [(line, message) for line, _, message in found(text)] == [
+        (3, "unknown artifact kind 'image'"),
+        (4, "artifact path '/abs' is not relative to the workspace"),
+        (4, "unknown artifact kind 'weird'"),
+        (
+            5,
+            "artifacts 'my-app' and 'my_app' would both be given to jobs as"
+            " $CONVEYOR_ARTIFACT_MY_APP",
+        ),
+        (10, "invalid job name 'c d'"),
+    ]

@@ -243,6 +243,10 @@ class _Schema:
         self._requires_nodes: dict[str, list[tuple[str, ScalarNode]]] = {}
         self._report_refs: list[tuple[str, str | None, Node]] = []
         """Reports that gates read: (kind, path, node), checked against the jobs' reports."""
+        self.declared_artifacts: set[str] = set()
+        """Every artifact name written under ``artifacts``, usable or not."""
+        self.refused_jobs: set[str] = set()
+        """Job names refused as invalid: a need naming one is not a second problem."""
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -527,26 +531,26 @@ class _Schema:
             )
             return {}
         result: dict[str, ArtifactSpec] = {}
-        by_env: dict[str, ArtifactSpec] = {}
+        by_env: dict[str, str] = {}
         for key, value in node.items:
             name = key.value if isinstance(key.value, str) else key.raw
+            self.declared_artifacts.add(name)  # referring to it is not a second problem
             if not ARTIFACT_NAME_PATTERN.fullmatch(name):
                 self.add(key, f"invalid artifact name {name!r}", hint=_ARTIFACT_RULE)
                 continue
             artifact = self.artifact(name, key, value)
-            if artifact is None:
-                continue
-            clash = by_env.get(artifact.env_name)
+            env_name = ArtifactSpec(name, "x").env_name
+            clash = by_env.get(env_name)
             if clash is not None:
                 self.add(
                     key,
-                    f"artifacts '{clash.name}' and '{name}' would both be given to jobs as"
-                    f" ${artifact.env_name}",
+                    f"artifacts '{clash}' and '{name}' would both be given to jobs as ${env_name}",
                     hint="rename one of them",
                 )
                 continue
-            by_env[artifact.env_name] = artifact
-            result[name] = artifact
+            by_env[env_name] = name
+            if artifact is not None:
+                result[name] = artifact
         return result
 
     def artifact(self, name: str, key: ScalarNode, node: Node) -> ArtifactSpec | None:
@@ -571,30 +575,33 @@ class _Schema:
             return None
         path_node = found["path"][1]
         path = self.text("path", path_node)
+        usable = path is not None
         if path is None:
-            return None
+            path = ""
         parts = path.replace("\\", "/").split("/")
-        if not path.strip() or path.strip() in (".", "./"):
+        if not usable:
+            pass
+        elif not path.strip() or path.strip() in (".", "./"):
             self.add(
                 path_node,
                 f"artifact '{name}' needs a path inside the workspace",
                 hint="e.g. dist/app.tar.gz or build/site/",
             )
-            return None
-        if path.startswith(("/", "~")) or (len(path) > 1 and path[1] == ":"):
+            usable = False
+        elif path.startswith(("/", "~")) or (len(path) > 1 and path[1] == ":"):
             self.add(
                 path_node,
                 f"artifact path '{path}' is not relative to the workspace",
                 hint="write it relative to the repository root, e.g. dist/app.tar.gz",
             )
-            return None
-        if ".." in parts or "\0" in path or any(c in path for c in "*?["):
+            usable = False
+        elif ".." in parts or "\0" in path or any(c in path for c in "*?["):
             self.add(
                 path_node,
                 f"artifact path '{path}' must name one file or directory in the workspace",
                 hint="no '..' and no wildcards",
             )
-            return None
+            usable = False
         kind = "dir" if path.endswith("/") else "file"
         if "kind" in found:
             kind_node = found["kind"][1]
@@ -616,6 +623,8 @@ class _Schema:
                 )
                 return None
             kind = given
+        if not usable:
+            return None
         clean = "/".join(p for p in parts if p not in ("", "."))
         return ArtifactSpec(name, clean, kind, Location(key.line, key.column))
 
@@ -759,6 +768,7 @@ class _Schema:
         """One job (``name: {run: ...}``)."""
         name = self.name(key, "job")
         if name is None:
+            self.refused_jobs.add(key.value if isinstance(key.value, str) else key.raw)
             return None
         job = _JobDraft(name, stage, key)
         if not isinstance(node, MapNode):
@@ -1498,6 +1508,8 @@ class _Schema:
             for job in stage.jobs:
                 valid: list[str] = []
                 for name, node in job.outputs:
+                    if name not in artifacts and name in self.declared_artifacts:
+                        continue  # declared, but its entry has a problem of its own
                     if name not in artifacts:
                         declared = list(artifacts)
                         suggestion = did_you_mean(name, declared)
@@ -1545,6 +1557,8 @@ class _Schema:
                 self.add(node, f"'{need}' is listed twice in the needs of job '{job.name}'")
             elif need in stage_jobs:
                 valid.append(need)
+            elif need in self.refused_jobs:
+                pass  # its name is reported where the job is written
             elif need in owner:
                 other = owner[need].stage
                 if stage_order.get(other, 0) < stage_order.get(job.stage, 0):
