@@ -127,3 +127,24 @@ def test_plain_output_shows_an_unfinished_line_when_its_attempt_ends() -> None:
     assert lines[second + 1].startswith("  r failed in")
     plain.on_output("r", 2, "x" * (MAX_LINE * 2 + 5))  # a line never ended is not kept whole
     assert plain.view.jobs["r"].partial == "x" * 5
+
+
+def test_an_escape_sequence_split_between_writes_is_still_removed() -> None:
+    view = RunView()
+    view.apply(
+        ev.RunStarted(
+            run_id=1,
+            pipeline="p",
+            revision="a" * 40,
+            pipeline_file="conveyor.yml",
+            pipeline_digest="sha256:0",
+            dirty=False,
+            actor="me",
+            stages=[{"name": "s", "jobs": ["j"]}],
+            owner={},
+        )
+    )
+    assert view.output("j", "red: \x1b") == []
+    assert view.output("j", "[31mtext\x1b[0m done\n") == ["red: text done"]
+    view.output("j", "bell\x07 no newline")
+    assert view.end_output("j") == "bell no newline"

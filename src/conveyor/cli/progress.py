@@ -45,6 +45,8 @@ class _Job:
     detail: str = ""
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     partial: str = ""
+    """The unfinished last line, as written (neutralised when it is shown: an escape sequence
+    may be split between two writes)."""
 
 
 class RunView:
@@ -118,10 +120,10 @@ class RunView:
         """Add output of a job; returns the complete lines it finished (a line longer than
         ``MAX_LINE`` is cut into pieces: a job need not end its lines)."""
         job = self.jobs[job_name]
-        text = job.partial + neutralise(text)
-        *lines, job.partial = text.split("\n")
+        done, newline, job.partial = (job.partial + text).rpartition("\n")
+        lines = neutralise(done).split("\n") if newline else []
         while len(job.partial) > MAX_LINE:
-            lines.append(job.partial[:MAX_LINE])
+            lines.extend(neutralise(job.partial[:MAX_LINE]).split("\n"))
             job.partial = job.partial[MAX_LINE:]
         job.tail.extend(lines)
         return lines
@@ -131,7 +133,7 @@ class RunView:
         job = self.jobs.get(job_name)
         if job is None or not job.partial:
             return None
-        rest, job.partial = job.partial, ""
+        rest, job.partial = neutralise(job.partial), ""
         job.tail.append(rest)
         return rest
 
@@ -229,7 +231,7 @@ class PlainProgress:
         """Print what is left of partial lines."""
         for name, job in self.view.jobs.items():
             if job.partial and self.show_output:
-                self._print(f"  {name} | {job.partial}")
+                self._print(f"  {name} | {neutralise(job.partial)}")
                 job.partial = ""
 
 
