@@ -296,6 +296,7 @@ def prepare_run(
         chosen = workspace
     else:
         chosen = GitWorkspace(source, snapshot.revision, directory)
+    chosen.cancelled = cancel.is_set  # Ctrl-C stops a long checkout, not only the jobs after it
     # Jobs get the environment conveyor was started with, but not Conveyor's own variables nor
     # those that point git at the user's repository (set when conveyor runs from a git hook).
     base_env = {

@@ -527,6 +527,25 @@ def test_sigterm_cancels_a_command_like_ctrl_c(repo: Repo) -> None:
     assert proc.returncode == 130
 
 
+def test_ctrl_c_during_a_long_checkout_cancels_at_once(repo: Repo, tmp_path: Path) -> None:
+    """A checkout that takes long (here a smudge filter that sleeps) stops on Ctrl-C."""
+    config = tmp_path / "gitconfig"
+    config.write_text('[filter "slow"]\n\tsmudge = sleep 20; cat\n\tclean = cat\n')
+    repo.env["GIT_CONFIG_GLOBAL"] = str(config)
+    repo.write(".gitattributes", "slow.txt filter=slow\n")
+    repo.write("slow.txt", "data\n")
+    repo.pipeline(SIMPLE)
+    proc = repo.popen("run")
+    time.sleep(1.0)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - started < 10  # not after the 20 s checkout
+    assert repo.show()["status"] == "cancelled"
+    assert repo.jobs()["build"]["status"] == "cancelled"
+
+
 def test_kill_9_leaves_a_consistent_record_and_the_run_is_interrupted(repo: Repo) -> None:
     repo.pipeline(LONG)
     proc = repo.popen("run")

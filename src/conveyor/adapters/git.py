@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -281,6 +281,8 @@ class GitWorkspace:
         """Where the checkout ends up (a checkout may start before the run id is known)."""
         self._ready = False
         self._proc: subprocess.Popen[bytes] | None = None
+        self.cancelled: Callable[[], bool] = lambda: False
+        """Checked while ``path`` waits for the checkout: true stops and discards it."""
 
     def start(self) -> None:
         """Begin the checkout in the background."""
@@ -322,7 +324,14 @@ class GitWorkspace:
         if not self._ready:
             self.start()
             assert self._proc is not None
-            _, err = self._proc.communicate()
+            while True:
+                try:
+                    _, err = self._proc.communicate(timeout=_CANCEL_CHECK_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if self.cancelled():
+                        self.close()
+                        raise SourceError("the checkout was cancelled") from None
             code, self._proc = self._proc.returncode, None
             if code != 0:
                 message = err.decode("utf-8", "replace").strip().splitlines()
@@ -361,6 +370,10 @@ class GitWorkspace:
             _shutil().rmtree(self.directory, ignore_errors=True)
 
 
+_CANCEL_CHECK_S = 0.1
+"""How often a checkout in progress checks whether the run was cancelled."""
+
+
 class DirtyWorkspace:
     """A copy of the working tree (``--dirty``), made on first use: a checkout of ``HEAD``
     with the working tree's files laid over it, so that its changes show as uncommitted.
@@ -379,6 +392,7 @@ class DirtyWorkspace:
         self.source = source
         self.directory = directory
         self._ready = False
+        self.cancelled: Callable[[], bool] = lambda: False
 
     def path(self) -> str:
         """The copy's directory."""

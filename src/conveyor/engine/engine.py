@@ -469,7 +469,10 @@ class Engine:
                     JobLaunch(key=state.launch_key, script=job.run, env=env, cwd=workspace)
                 )
             except ConveyorError as exc:
-                self._note(state, exc.render())
+                if self.cancel.is_set():  # the checkout stopped because the run was cancelled
+                    state.kill_reason = "cancelled"
+                else:
+                    self._note(state, exc.render())
                 state.pid = None
                 self._attempt_ended(run, state, None)
 
