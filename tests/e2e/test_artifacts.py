@@ -226,3 +226,20 @@ def test_bad_references_are_explained(repo: Repo) -> None:
         assert result.code == 2, (ref, result.err)
         assert message in result.err, (ref, result.err)
         assert "Traceback" not in result.err
+
+
+def test_a_stage_run_alone_receives_the_artifacts_built_from_the_same_inputs(repo: Repo) -> None:
+    repo.pipeline(PIPELINE)
+    plan = repo.conveyor("plan", "--stage", "acceptance", "--json").json()  # nothing built yet
+    e2e = plan["stages"][1]["levels"][0][0]
+    assert e2e["action"] == "run" and "will not be available" in e2e["reason"]
+    assert repo.conveyor("run").code == 0
+    built = published(repo)["app"]["digest"]
+    alone = repo.conveyor("run", "--stage", "acceptance", "--no-cache", "--progress", "plain")
+    assert alone.code == 1  # --no-cache: the unselected build is not taken from the cache
+    assert "not available to later stages" in alone.out
+    alone = repo.conveyor("run", "--stage", "acceptance", "--progress", "plain")
+    assert alone.code == 0, alone.out + alone.err
+    assert published(repo)["app"]["digest"] == built
+    log = repo.conveyor("logs", "latest", "smoke").out
+    assert built in log

@@ -16,10 +16,29 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _not_empty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """An option given as ``''`` is a mistake (a shell variable that was not set), not a
+    request for the default."""
+    if isinstance(value, str | Path) and str(value).strip() == "" and value is not None:
+        source = ctx.get_parameter_source(param.name or "")
+        if source is not click.core.ParameterSource.ENVIRONMENT:
+            raise click.BadParameter("must not be empty", ctx=ctx, param=param)
+    return value
+
+
+class _Folder(click.Path):
+    """A folder path; ``''`` is refused (it would silently mean the current directory)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("must not be empty", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def home_option(func: F) -> F:
     return click.option(
         "--home",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=_Folder(file_okay=False, path_type=Path),
         envvar="CONVEYOR_HOME",
         help="State folder [default: .conveyor at the repository root; env CONVEYOR_HOME].",
     )(func)
@@ -32,8 +51,14 @@ def file_option(func: F) -> F:
         "pipeline_file",
         default="conveyor.yml",
         show_default=True,
-        help="Pipeline file, relative to the repository root.",
+        help="Pipeline file, relative to the current directory, else to the repository root.",
     )(func)
+
+
+def not_empty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Click callback: ``--opt ''`` is a usage error (a shell variable that was not set), not
+    a request for the default."""
+    return _not_empty(ctx, param, value)
 
 
 def json_option(func: F) -> F:

@@ -15,6 +15,7 @@ from conveyor.cli.common import (
     file_option,
     home_option,
     json_option,
+    not_empty,
     open_record_at,
     run_id_of,
 )
@@ -79,7 +80,12 @@ def _artifact_of(record: Any, spec: Any, ref: str, artifact: str | None) -> Any:
     show_default=True,
     help="Seconds to wait for a deployment already going on in the environment.",
 )
-@click.option("--as", "as_user", help="Who promotes [default: CONVEYOR_USER or git user.email].")
+@click.option(
+    "--as",
+    "as_user",
+    callback=not_empty,
+    help="Who promotes [default: CONVEYOR_USER or git user.email].",
+)
 @click.option("--hotfix", is_flag=True, help="Mark the deployment as an unplanned fix.")
 @file_option
 @home_option
@@ -275,7 +281,12 @@ def env_history(name: str, limit: int, home: Path | None, as_json: bool) -> None
 
 @env.command("stop")
 @click.argument("name", metavar="ENV")
-@click.option("--as", "as_user", help="Who stops it [default: CONVEYOR_USER or git user.email].")
+@click.option(
+    "--as",
+    "as_user",
+    callback=not_empty,
+    help="Who stops it [default: CONVEYOR_USER or git user.email].",
+)
 @file_option
 @home_option
 def env_stop(name: str, as_user: str | None, pipeline_file: str, home: Path | None) -> None:

@@ -19,12 +19,16 @@ from conveyor.cli.common import (
     file_option,
     home_option,
     json_option,
+    not_empty,
     open_record_at,
 )
 from conveyor.errors import PermissionDenied, UsageError
 
 as_option = click.option(
-    "--as", "as_user", help="Who does it [default: CONVEYOR_USER, else git user.email]."
+    "--as",
+    "as_user",
+    callback=not_empty,
+    help="Who does it [default: CONVEYOR_USER, else git user.email].",
 )
 
 

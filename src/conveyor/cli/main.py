@@ -26,6 +26,7 @@ from conveyor.cli.common import (
     home_of,
     home_option,
     json_option,
+    not_empty,
     open_record_at,
     repo_root,
     run_id_of,
@@ -227,17 +228,59 @@ stages:
 
 @cli.command()
 @click.option("--force", is_flag=True, help="Overwrite an existing pipeline file.")
-@file_option
+@click.option(
+    "-f",
+    "--file",
+    "pipeline_file",
+    default="conveyor.yml",
+    show_default=True,
+    help="File to write, relative to the repository root.",
+)
 def init(force: bool, pipeline_file: str) -> None:
     """Write a starter conveyor.yml at the repository root."""
     root = repo_root(required=False) or Path.cwd()
+    if not pipeline_file.strip():
+        raise UsageError("-f needs a file name", hint="e.g. -f ci/conveyor.yml")
     path = Path(pipeline_file) if Path(pipeline_file).is_absolute() else root / pipeline_file
+    if repo_root(required=False) is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise UsageError(
+            f"{path} is outside the repository {root}",
+            hint="the pipeline file is versioned with the code: write it inside the repository",
+        )
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory", hint=f"pass -f {pipeline_file}/conveyor.yml")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{path} is not a regular file", hint="pass -f with a file name")
     if path.exists() and not force:
         raise UsageError(f"{path} already exists", hint="pass --force to overwrite it")
-    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in root.name).strip("-._")
-    path.write_text(STARTER.format(name=name or "app"))
+    if not path.parent.is_dir():
+        raise UsageError(
+            f"the folder {path.parent} does not exist", hint="create it first, or pick another -f"
+        )
+    try:
+        path.write_text(STARTER.format(name=starter_name(root.name)), encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
     click.echo(f"wrote {path}")
-    click.echo("next: `conveyor validate`, commit it, then `conveyor run`")
+    option = "" if pipeline_file == "conveyor.yml" else f" -f {pipeline_file}"
+    click.echo(f"next: `conveyor validate{option}`, commit it, then `conveyor run{option}`")
+
+
+_YAML_WORDS = frozenset({"true", "false", "null", "yes", "no", "on", "off", "y", "n"})
+
+
+def starter_name(folder: str) -> str:
+    """A valid pipeline name made from a folder's name (ASCII letters, digits, ``-_.``; at most
+    64 characters; never a YAML keyword nor a number), ``app`` if nothing is left."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "-" for c in folder)
+    name = "-".join(part for part in name.split("-") if part).strip("-._")[:64].rstrip("-._")
+    if not name or name.lower() in _YAML_WORDS or not name[0].isalnum():
+        return "app"
+    try:
+        float(name)
+    except ValueError:
+        return name
+    return "app-" + name[:60]
 
 
 def _exit_with_problems_json(exc: SpecError) -> NoReturn:
@@ -303,7 +346,9 @@ def validate(pipeline_file: str, as_json: bool) -> None:
 @cli.command()
 @file_option
 @home_option
-@click.option("--revision", "-r", help="Commit, branch or tag to plan [default: HEAD].")
+@click.option(
+    "--revision", "-r", callback=not_empty, help="Commit, branch or tag to plan [default: HEAD]."
+)
 @click.option(
     "--dirty", is_flag=True, help="Plan the working tree as it is, uncommitted changes included."
 )
@@ -464,12 +509,17 @@ def _secrets(spec: Any) -> tuple[dict[str, str], list[str]]:
 @click.option(
     "--fail-fast", is_flag=True, help="Cancel the running jobs of a stage as soon as one fails."
 )
-@click.option("--revision", "-r", help="Commit, branch or tag to run [default: HEAD].")
+@click.option(
+    "--revision", "-r", callback=not_empty, help="Commit, branch or tag to run [default: HEAD]."
+)
 @click.option(
     "--dirty", is_flag=True, help="Run the working tree as it is, uncommitted changes included."
 )
 @click.option(
-    "--as", "as_user", help="Who starts the run [default: $CONVEYOR_USER, else git user.email]."
+    "--as",
+    "as_user",
+    callback=not_empty,
+    help="Who starts the run [default: $CONVEYOR_USER, else git user.email].",
 )
 @click.option(
     "--progress",

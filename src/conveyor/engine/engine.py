@@ -35,7 +35,12 @@ from conveyor.domain.ports import (
     Workspace,
 )
 from conveyor.domain.states import JOB_PASSED
-from conveyor.engine.planning import cache_keys, job_decision, uncached_sources
+from conveyor.engine.planning import (
+    cache_keys,
+    job_decision,
+    uncached_reason,
+    uncached_sources,
+)
 from conveyor.errors import ArtifactError, ConveyorError
 from conveyor.spec.models import JobSpec, PipelineSpec, StageSpec
 
@@ -143,7 +148,8 @@ class Engine:
         """Events waiting to be committed together before the engine acts on them."""
         self._masker = Masker(())
         self._uncached: dict[str, str] = {}
-        """Jobs that depend on one that opts out of caching (see ``uncached_sources``)."""
+        """Why a job cannot be taken from the cache, for those that cannot: they depend on one
+        that opts out of caching (``uncached_sources``), or on artifacts this run lacks."""
         self._cancelled = False
         self._published: dict[str, tuple[str, ArtifactRecord]] = {}
         """This run's artifacts: name -> (stage, record)."""
@@ -187,7 +193,10 @@ class Engine:
             raise ConveyorError("this engine has no artifact store: the pipeline needs one")
         self._masker = Masker(request.secrets.values())
         keys = cache_keys(spec, request.source, request.secrets)
-        self._uncached = uncached_sources(spec)
+        self._uncached = {
+            name: uncached_reason(source) for name, source in uncached_sources(spec).items()
+        }
+        keys = dict(keys)  # a stage run alone may make later jobs' keys unusable
         self._emit(
             ev.RunStarted(
                 run_id=request.run_id,
@@ -218,6 +227,9 @@ class Engine:
                     continue
                 if options.stages is not None and stage.name not in options.stages:
                     self._skip_stage(request.run_id, stage, "stage not selected (--stage)")
+                    missing = self._reuse_outputs(request, stage, keys)
+                    if missing:
+                        self._without_artifacts(spec, stage, missing, keys)
                     continue
                 stage_status = self._run_stage(request, stage, keys)
                 if stage_status == "cancelled":
@@ -235,6 +247,49 @@ class Engine:
             self._emit(ev.JobSkipped(run_id=run_id, stage=stage.name, job=job.name, reason=reason))
         self._emit(ev.StageFinished(run_id=run_id, stage=stage.name, status="skipped"))
         self._commit()
+
+    def _reuse_outputs(
+        self, request: RunRequest, stage: StageSpec, keys: Mapping[str, str]
+    ) -> list[str]:
+        """The artifacts of a stage that is not selected, for the later stages: from the cache
+        (an earlier run built them from the same inputs), else later jobs go without them;
+        returns the names of those missing."""
+        missing: list[str] = []
+        for job in stage.jobs:
+            if not job.outputs:
+                continue
+            action, _, hit = job_decision(
+                job,
+                keys[job.name],
+                request.options.use_cache,
+                self.record.find_cache,
+                self._uncached.get(job.name),
+            )
+            reused = self._reusable_artifacts(job, hit) if hit is not None else None
+            if action == "cached" and hit is not None and reused:
+                for item in reused:
+                    self._announce(request.run_id, stage.name, job, item, source_run=hit.run_id)
+                continue
+            missing.extend(job.outputs)
+            names = ", ".join(f"'{name}'" for name in job.outputs)
+            self.observer.on_note(
+                f"artifacts {names} are not available to later stages: stage '{stage.name}'"
+                " is not selected and no earlier run built them from the same inputs"
+            )
+        self._commit()
+        return missing
+
+    def _without_artifacts(
+        self, spec: PipelineSpec, stage: StageSpec, missing: list[str], keys: dict[str, str]
+    ) -> None:
+        """The jobs after ``stage`` run without ``missing``: their keys (which cover those
+        artifacts) must neither find a cache entry nor make one."""
+        names = ", ".join(f"'{name}'" for name in missing)
+        later = spec.stages[spec.stages.index(stage) + 1 :]
+        for other in later:
+            for job in other.jobs:
+                keys[job.name] = ""
+                self._uncached[job.name] = f"artifacts {names} are not available to this run"
 
     def _run_stage(self, request: RunRequest, stage: StageSpec, keys: Mapping[str, str]) -> str:
         """Run one stage's DAG to the end; returns the stage's status.
@@ -385,7 +440,9 @@ class Engine:
                     )
                 )
                 for item in reused:
-                    self._announce(run, state.spec, item, source_run=hit.run_id)
+                    self._announce(
+                        request.run_id, run.stage.name, state.spec, item, source_run=hit.run_id
+                    )
                 run.release(state.spec.name)
                 continue
             self._new_attempt(run, state)
@@ -675,13 +732,13 @@ class Engine:
         return items
 
     def _announce(
-        self, run: _StageRun, job: JobSpec, item: ArtifactRecord, source_run: int | None
+        self, run_id: int, stage: str, job: JobSpec, item: ArtifactRecord, source_run: int | None
     ) -> None:
         """Record that this run has ``item`` (reused from ``source_run``) and can pass it on."""
         self._emit(
             ev.ArtifactPublished(
-                run_id=run.request.run_id,
-                stage=run.stage.name,
+                run_id=run_id,
+                stage=stage,
                 job=job.name,
                 name=item.name,
                 artifact_kind=item.kind,
@@ -693,11 +750,11 @@ class Engine:
             )
         )
         self._published[item.name] = (
-            run.stage.name,
+            stage,
             _record_of(
                 ev.ArtifactPublished(
-                    run_id=run.request.run_id,
-                    stage=run.stage.name,
+                    run_id=run_id,
+                    stage=stage,
                     job=job.name,
                     name=item.name,
                     artifact_kind=item.kind,

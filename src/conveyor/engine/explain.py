@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from conveyor.domain.ports import CacheHit, SourceSnapshot
-from conveyor.engine.planning import job_decision, uncached_sources
+from conveyor.engine.planning import job_decision, uncached_reason, uncached_sources
 from conveyor.spec.graph import dag_levels
 from conveyor.spec.models import PipelineSpec
 
@@ -62,6 +62,7 @@ def build_plan(
     """Stages, DAG levels and the decision for each job, assuming every job succeeds."""
     stages: list[PlannedStage] = []
     uncached = uncached_sources(spec)
+    lacking: str | None = None  # why later jobs will run without some artifacts
     for stage in spec.stages:
         chosen = selected is None or stage.name in selected
         levels: list[list[PlannedJob]] = []
@@ -70,11 +71,33 @@ def build_plan(
             for name in level:
                 job = stage.job(name)
                 if chosen:
+                    depends_on = uncached.get(name)
                     action, reason, hit = job_decision(
-                        job, keys[name], use_cache, find_cache, uncached.get(name)
+                        job,
+                        keys[name],
+                        use_cache,
+                        find_cache,
+                        lacking or (uncached_reason(depends_on) if depends_on else None),
                     )
                 else:
                     action, reason, hit = "skip", "stage not selected (--stage)", None
+                    if job.outputs and lacking is None:
+                        would, _, _ = job_decision(
+                            job,
+                            keys[name],
+                            use_cache,
+                            find_cache,
+                            uncached_reason(depends_on)
+                            if (depends_on := uncached.get(name))
+                            else None,
+                        )
+                        if would != "cached":  # the engine reuses them only from the cache
+                            names = ", ".join(f"'{a}'" for a in job.outputs)
+                            lacking = f"artifacts {names} will not be available to this run"
+                            reason = (
+                                "stage not selected (--stage); its artifacts are in no cache:"
+                                " later jobs will run without them"
+                            )
                 row.append(PlannedJob(name, job.needs, keys[name], action, reason, hit))
             levels.append(row)
         deploy = None

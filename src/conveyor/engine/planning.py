@@ -88,20 +88,26 @@ def uncached_sources(spec: PipelineSpec) -> dict[str, str]:
     return found
 
 
+def uncached_reason(source: str) -> str:
+    """Why a job that depends on ``source`` (a ``cache: false`` job) is not taken from the cache."""
+    return f"it depends on '{source}', which opts out of caching"
+
+
 def job_decision(
     job: JobSpec,
     key: str,
     use_cache: bool,
     find_cache: Callable[[str], CacheHit | None],
-    uncached_source: str | None = None,
+    not_cacheable: str | None = None,
 ) -> tuple[str, str, CacheHit | None]:
-    """Whether a job whose needs passed runs or is taken from the cache, and why."""
+    """Whether a job whose needs passed runs or is taken from the cache, and why
+    (``not_cacheable`` says why the job cannot be taken from the cache, if it cannot)."""
     if not use_cache:
         return "run", "the cache is disabled for this run (--no-cache)", None
     if not job.cache:
         return "run", "the job opts out of caching (cache: false)", None
-    if uncached_source is not None:
-        return "run", f"it depends on '{uncached_source}', which opts out of caching", None
+    if not_cacheable is not None:
+        return "run", not_cacheable, None
     hit = find_cache(key)
     if hit is None:
         return "run", "no successful attempt with this cache key", None
