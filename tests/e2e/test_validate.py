@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +174,36 @@ def test_plan_refuses_a_committed_directory_or_link_and_takes_any_file_name(repo
     for command in ("plan", "validate"):
         result = repo.conveyor(command, "-f", os.fsdecode(b"\xfe.yml"))
         assert result.code == 0, result.err
+
+
+@pytest.mark.parametrize("folder", ["true", "sp ace ünï 日本", "x" * 80, "1.5"])
+def test_init_writes_a_pipeline_that_validates_whatever_the_folder_name(
+    tmp_path: Path, folder: str
+) -> None:
+    repo = Repo(tmp_path / folder)
+    assert repo.conveyor("init").code == 0
+    result = repo.conveyor("validate")
+    assert result.code == 0, result.err
+
+
+def test_init_refuses_unusable_paths_and_empty_options_are_usage_errors(repo: Repo) -> None:
+    (repo.path / "dir").mkdir()
+    for args in (
+        ("init", "-f", "no/such/x.yml"),
+        ("init", "-f", "dir", "--force"),
+        ("init", "-f", ""),
+        ("init", "-f", "../outside.yml"),
+        ("init", "-f", "/dev/null", "--force"),
+        ("runs", "list", "--home", ""),
+        ("plan", "-r", ""),
+        ("run", "--as", ""),
+    ):
+        result = repo.conveyor(*args)
+        assert result.code == 2, (args, result.err)
+        assert "internal error" not in result.err
+    assert not (repo.path / ".gitignore").exists()
+    written = repo.conveyor("init", "-f", "ci/conveyor.yml")
+    assert written.code == 2  # the folder does not exist
+    (repo.path / "ci").mkdir()
+    written = repo.conveyor("init", "-f", "ci/conveyor.yml")
+    assert written.code == 0 and "conveyor validate -f ci/conveyor.yml" in written.out
