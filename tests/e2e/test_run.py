@@ -60,6 +60,7 @@ def test_run_uses_the_committed_revision_not_the_working_tree(repo: Repo) -> Non
     repo.write("conveyor.yml", SIMPLE.replace("echo smoke ok", "exit 3"))
     result = repo.conveyor("run")
     assert result.code == 0, result.out
+    assert "conveyor.yml has uncommitted changes; this uses the committed version" in result.err
     assert repo.show()["dirty"] is False
     dirty = repo.conveyor("run", "--dirty")
     assert dirty.code == 1
@@ -536,7 +537,8 @@ def test_ctrl_c_during_a_long_checkout_cancels_at_once(repo: Repo, tmp_path: Pat
     repo.write("slow.txt", "data\n")
     repo.pipeline(SIMPLE)
     proc = repo.popen("run")
-    time.sleep(1.0)
+    _wait_for_run(repo, 1)  # recorded: the engine now waits for the checkout
+    time.sleep(0.5)
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=15)
@@ -1197,3 +1199,14 @@ def test_pipeline_file_option(repo: Repo) -> None:
     missing = repo.conveyor("run")
     assert missing.code == 2
     assert "conveyor.yml" in missing.err
+
+
+def test_logs_of_a_cached_job_has_no_other_attempt(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    assert repo.conveyor("run").code == 0
+    assert repo.jobs()["build"]["status"] == "cached"
+    shown = repo.conveyor("logs", "2", "build")
+    assert shown.code == 0 and "taken from the cache" in shown.err
+    other = repo.conveyor("logs", "2", "build", "--attempt", "99")
+    assert other.code == 2 and "taken from the cache" in other.err

@@ -171,6 +171,9 @@ def test_plan_refuses_a_committed_directory_or_link_and_takes_any_file_name(repo
     result = repo.conveyor("plan", "-f", "link.yml")
     assert result.code == 2
     assert "link.yml is a symbolic link in commit " in result.err
+    result = repo.conveyor("validate", "-f", "link.yml")  # as run and plan would
+    assert result.code == 2
+    assert "is a symbolic link" in result.err
     for command in ("plan", "validate"):
         result = repo.conveyor(command, "-f", os.fsdecode(b"\xfe.yml"))
         assert result.code == 0, result.err

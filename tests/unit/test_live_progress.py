@@ -124,7 +124,7 @@ def test_plain_output_shows_an_unfinished_line_when_its_attempt_ends() -> None:
     first = lines.index("  r | attempt-1-no-newline")
     assert lines[first + 1].startswith("  r attempt 1 failed")
     second = lines.index("  r | attempt-2-no-newline")
-    assert lines[second + 1].startswith("  r failed in")
+    assert lines[second + 1].startswith("  r failed (exit 1) in")
     plain.on_output("r", 2, "x" * (MAX_LINE * 2 + 5))  # a line never ended is not kept whole
     assert plain.view.jobs["r"].partial == "x" * 5
 

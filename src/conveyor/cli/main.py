@@ -121,11 +121,32 @@ def _load_for_run(
                 workspace.start()
         spec = _committed_spec(source, commit, blob or None, rel, pipeline_file, home)
         snapshot = source_snapshot(source, commit, spec, tree)
+        if not revision and blob:
+            _warn_if_edited(root / rel, blob, pipeline_file)
     except BaseException:
         if workspace is not None:
             workspace.close()
         raise
     return root, home, spec, source, snapshot, workspace
+
+
+def _warn_if_edited(path: Path, blob: str, shown: str) -> None:
+    """Say so when the pipeline file in the working tree is not the committed one (which is
+    what runs): `validate` checked the edited file."""
+    import hashlib
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return
+    header = b"blob %d\0" % len(data)
+    digest = (hashlib.sha256 if len(blob) == 64 else hashlib.sha1)(header + data).hexdigest()
+    if digest != blob:
+        click.echo(
+            f"warning: {shown} has uncommitted changes; this uses the committed version"
+            " (commit the changes, or pass --dirty to use the working tree)",
+            err=True,
+        )
 
 
 def _actor(as_user: str | None, root: Path | None) -> str:
@@ -519,7 +540,7 @@ def _secrets(spec: Any) -> tuple[dict[str, str], list[str]]:
     "--as",
     "as_user",
     callback=not_empty,
-    help="Who starts the run [default: $CONVEYOR_USER, else git user.email].",
+    help="Who starts the run [default: $CONVEYOR_USER, else git user.email, else $USER].",
 )
 @click.option(
     "--progress",
@@ -828,6 +849,12 @@ def logs(
             None,
         )
         if status == "cached" and source:
+            if attempt is not None and attempt != 1:
+                raise UsageError(
+                    f"job '{job}' of run {run_id} was taken from the cache: it has no attempt"
+                    f" {attempt}",
+                    hint=f"`conveyor logs {run_id} {job}` shows the log of the attempt it reused",
+                )
             click.echo(
                 f"(job '{job}' of run {run_id} was taken from the cache: this is the log of"
                 f" run {source['run']}, job '{source['job']}', attempt {source['attempt']})",
@@ -839,7 +866,10 @@ def logs(
             return
         raise UsageError(
             f"job '{job}' of run {run_id} has no log: it is {status}"
-            + (" (it did not run)" if status == "skipped" else "")
+            + (" (it did not run)" if status == "skipped" else ""),
+            hint=f"`conveyor logs {run_id} {job} --follow` waits for it and follows its output"
+            if status == "pending"
+            else None,
         )
     number = int(chosen["attempt"])
     while True:
@@ -986,7 +1016,13 @@ def audit_verify(home: Path | None, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--progress", type=click.Choice(["auto", "live", "plain"]), default="auto")
+@click.option(
+    "--progress",
+    type=click.Choice(["auto", "live", "plain"]),
+    default="auto",
+    show_default=True,
+    help="Feedback while the demo's pipeline runs (as for `conveyor run`).",
+)
 def demo(directory: Path | None, progress: str) -> None:
     """Create a sample repository with a small service and its tests, and run its pipeline."""
     from conveyor.demo import run_demo

@@ -199,7 +199,12 @@ class PlainProgress:
             )
         elif isinstance(event, ev.JobFinished):
             job = self.view.jobs[event.job]
-            self._print(f"  {event.job} {event.status} in {event.duration_s:.2f}s")
+            code = (
+                f" (exit {event.exit_code})"
+                if event.status not in ("succeeded", "cached") and event.exit_code is not None
+                else ""
+            )
+            self._print(f"  {event.job} {event.status}{code} in {event.duration_s:.2f}s")
             if event.status not in ("succeeded", "cached") and job.tail and not self.show_output:
                 for line in job.tail:
                     self._print(f"  {event.job} | {line}")
@@ -281,6 +286,8 @@ class LiveProgress:
     def close(self) -> None:
         self.live.refresh()
         self.live.stop()
+        if not self.console.is_terminal:  # the last frame ends its line, as on a terminal
+            self.console.file.write("\n")
 
     def _render(self) -> Any:
         from rich.console import Group

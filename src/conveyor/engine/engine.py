@@ -667,6 +667,8 @@ class Engine:
         for event in published:
             self._emit(event)
             self._published[event.name] = (run.stage.name, _record_of(event))
+        if junit is not None:  # the tests of the last attempt come before its end, as retries'
+            self._report_tests(run, state, junit)
         self._emit(
             ev.JobFinished(
                 run_id=request.run_id,
@@ -680,8 +682,6 @@ class Engine:
                 attempt=ending,
             )
         )
-        if junit is not None:
-            self._report_tests(run, state, junit)
         if status in JOB_PASSED or job.allow_failure:
             run.release(job.name)  # an allowed failure does not block its dependants
             return

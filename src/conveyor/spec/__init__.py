@@ -97,6 +97,13 @@ def load_pipeline_file(path: Path, display_name: str | None = None) -> PipelineS
         SpecError: If the file is missing or unreadable, or has any problem.
     """
     source = display_name if display_name is not None else str(path)
+    if os.path.islink(path):  # `run` refuses a committed link: say so now
+        raise _file_error(
+            source,
+            f"{path} is a symbolic link: Conveyor runs the committed pipeline file, which must"
+            " be the file itself",
+            hint="commit the file itself in place of the link, or pass -f with the file it names",
+        )
     try:
         # Non-blocking, so that opening a FIFO does not wait for a writer; only a regular file
         # is then read (a FIFO or a device such as /dev/zero is refused, not read).
