@@ -365,3 +365,25 @@ def test_a_broken_target_state_ends_the_deployment_on_the_record(shop: Repo) -> 
     assert history[0]["reason"].startswith("the deployment stopped:")
     state.unlink()
     os.killpg(service, signal.SIGKILL)  # the service whose record was broken
+
+
+def test_a_file_that_looks_like_an_empty_tar_is_deployed_as_itself(repo: Repo) -> None:
+    """A disk image starting with zeros is a valid (empty) tar to a sniffer: only the name
+    decides what is unpacked."""
+    repo.pipeline(
+        COMMAND_PIPELINE.replace("dist/bundle.txt}", "dist/disk.img}")
+        .replace(
+            "run: mkdir -p dist && cp VERSION dist/bundle.txt",
+            "run: mkdir -p dist && head -c 1024 /dev/zero > dist/disk.img"
+            " && echo data >> dist/disk.img",
+        )
+        .replace("deploy: ./ops/deploy.sh", "deploy: 'test -s \"$CONVEYOR_ARTIFACT_PATH\"'")
+        .replace("health: ./ops/health.sh", "health: 'true'")
+        .replace("      rollback: ./ops/rollback.sh\n", "")
+    )
+    result = repo.conveyor("run", "--progress", "plain")
+    assert result.code == 0, result.out + result.err
+    released = next(
+        (repo.path / ".conveyor" / "environments" / "prod" / "releases").glob("*/disk.img")
+    )
+    assert released.stat().st_size == 1029

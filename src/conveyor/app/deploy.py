@@ -52,6 +52,10 @@ def refusal(message: str, hint: str | None = None) -> DeployError:
     return DeployError(f"refused: {message}", hint=hint or "nothing was changed")
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+"""A file artifact named so is unpacked into the release folder; any other is placed as is."""
+
+
 class Deployer:
     """Runs deployments against the record, the artifact store and the targets.
 
@@ -439,7 +443,14 @@ class Deployer:
                 artifact_path = folder
             else:
                 blob = self.store.path_of(item.digest)
-                if is_tar(blob):
+                # By its name, as documented: sniffing the bytes took an image that starts
+                # with zeros for an empty tar (and read gigabytes to decide).
+                if item.path.lower().endswith(TAR_SUFFIXES):
+                    if not is_tar(blob):
+                        raise ConveyorError(
+                            f"{item.path} is named as a tar archive but is not one",
+                            hint="build a real archive, or give the artifact another name",
+                        )
                     safe_extract(blob, folder)
                     artifact_path = folder
                 else:
