@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from conveyor.adapters.processes import (
     run_is_live,
 )
 from conveyor.domain.events import RunInterrupted
+from conveyor.domain.masking import Masker
 from conveyor.domain.ports import Observer, SourceSnapshot
 from conveyor.engine.engine import Engine, RunOptions, RunRequest
 from conveyor.errors import DeployError, UsageError
@@ -317,7 +318,7 @@ def prepare_run(
     )
     artifacts, attestor, deployer = None, None, None
     if any(stage.deploy for stage in spec.stages):
-        deployer = make_deployer(home, record, source, observer.on_note)
+        deployer = make_deployer(home, record, source, observer.on_note, secrets=secrets.values())
     if spec.artifacts:
         from conveyor.adapters.artifacts import FileArtifactStore
         from conveyor.adapters.attestor import KeyAttestor
@@ -416,8 +417,10 @@ def make_deployer(
     source: GitSource | None,
     say: Callable[[str], None],
     wait_s: float = 0.0,
+    secrets: Iterable[str] = (),
 ) -> Deployer:
-    """A deployer with the local adapters: the store, this instance's key, local targets."""
+    """A deployer with the local adapters: the store, this instance's key, local targets;
+    ``secrets`` (values) are masked in what it says and records."""
     from conveyor.adapters.artifacts import FileArtifactStore
     from conveyor.adapters.signing import InstanceKey
     from conveyor.app.deploy import Deployer
@@ -434,6 +437,7 @@ def make_deployer(
         say=say,
         commits=source.commits_since if source is not None else None,
         authors=source.authors_of if source is not None else None,
+        masker=Masker(secrets),
     )
 
 

@@ -387,3 +387,31 @@ def test_a_file_that_looks_like_an_empty_tar_is_deployed_as_itself(repo: Repo) -
         (repo.path / ".conveyor" / "environments" / "prod" / "releases").glob("*/disk.img")
     )
     assert released.stat().st_size == 1029
+
+
+def test_secrets_are_masked_in_what_a_deployment_says_and_records(repo: Repo) -> None:
+    repo.pipeline(
+        """\
+pipeline: leak
+secrets: [DEPLOY_TOKEN]
+artifacts:
+  app: {path: dist/app.txt}
+environments:
+  staging:
+    timeout: 5s
+    target: {type: process, command: 'echo "token=$DEPLOY_TOKEN"; exit 1'}
+stages:
+  - name: commit
+    jobs:
+      build: {run: mkdir -p dist && echo app > dist/app.txt, outputs: [app]}
+  - name: staging
+    deploy: {environment: staging}
+"""
+    )
+    secret = "hunter2-deploy-secret"
+    result = repo.conveyor("run", "--progress", "plain", env={"DEPLOY_TOKEN": secret})
+    assert result.code == 1
+    assert secret not in result.out + result.err
+    history = repo.conveyor("env", "history", "staging", "--json")
+    assert secret not in history.out and "token=***" in history.out
+    assert secret not in repo.conveyor("runs", "show", "latest", "--json", "--events").out

@@ -33,6 +33,7 @@ from conveyor.app.artifacts import verify
 from conveyor.domain import delivery_events as de
 from conveyor.domain import events as ev
 from conveyor.domain.delivery import ArtifactRecord, DeploymentOutcome, Health, Release, Target
+from conveyor.domain.masking import Masker
 from conveyor.errors import ConveyorError, DeployError, LeaseLost
 from conveyor.spec.delivery import EnvironmentSpec
 
@@ -77,7 +78,11 @@ class Deployer:
         say: Callable[[str], None] = lambda _: None,
         commits: Callable[[str, Sequence[str]], list[tuple[str, float]]] | None = None,
         authors: Callable[[str], list[str]] | None = None,
+        masker: Masker | None = None,
     ) -> None:
+        self.masker = masker or Masker(())
+        """The pipeline's secrets: masked in what is said and recorded (a release's output
+        reaches the deployment's health and reason)."""
         self.record = record
         self.store = store
         self.public_pem = public_pem
@@ -86,13 +91,17 @@ class Deployer:
         self.make_target = make_target
         self.now = now
         self.wait_s = wait_s
-        self.say = say
+        self.say = (lambda text: say(self.masker.mask_text(text))) if self.masker else say
         self.commits = commits
         """Commits (sha, commit time) in a revision and not in the given ones (git)."""
         self.authors = authors
         """The author(s) of a revision, for ``approval`` gates with ``not_author``."""
 
     # -- policy ------------------------------------------------------------------------------
+
+    def _append(self, events: Sequence[Any], **options: Any) -> None:
+        """Append to the record, secrets masked."""
+        self.record.append([self.masker.mask_event(e) for e in events], **options)
 
     def check_policy(
         self,
@@ -137,7 +146,7 @@ class Deployer:
             now_epoch=self.now(),
             authors=lambda: authors(revision) if authors and revision else [],
         )
-        self.record.append(
+        self._append(
             [
                 ev.GateEvaluated(
                     run_id=item.run_id,
@@ -258,7 +267,7 @@ class Deployer:
         release = self._prepare(environment, item, deployment_id, revision)
         previous = self._release_of(previous_row) if previous_row else None
         started = time.monotonic()
-        self.record.append(
+        self._append(
             [
                 de.DeploymentStarted(
                     run_id=item.run_id,
@@ -298,7 +307,7 @@ class Deployer:
             detail = (
                 exc.message if isinstance(exc, ConveyorError) else f"{type(exc).__name__}: {exc}"
             )
-            self.record.append(
+            self._append(
                 [
                     de.DeploymentFinished(
                         run_id=item.run_id,
@@ -322,7 +331,7 @@ class Deployer:
                 shipped = [[sha, when] for sha, when in self.commits(revision, earlier)]
             except ConveyorError as exc:
                 self.say(f"the commits of this deployment are not recorded: {exc.message}")
-        self.record.append(
+        self._append(
             [
                 de.DeploymentFinished(
                     run_id=item.run_id,
@@ -405,7 +414,7 @@ class Deployer:
                 except ConveyorError:
                     pass
             state = self.record.environment_state(environment.name)
-            self.record.append(
+            self._append(
                 [
                     de.DeploymentFinished(
                         run_id=row["run"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,12 @@ def promote(
     item = _artifact_of(record, spec, ref, artifact_name)
     facts = record.run_facts(item.run_id) or {}
     deployer = make_deployer(
-        home_obj, record, source, lambda text: click.echo(text, err=as_json), wait_s=wait
+        home_obj,
+        record,
+        source,
+        lambda text: click.echo(text, err=as_json),
+        wait_s=wait,
+        secrets=[os.environ[name] for name in spec.secrets if os.environ.get(name)],
     )
     outcome = deployer.deploy(
         env,

@@ -15,13 +15,16 @@ escape sequences included.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from bisect import bisect_right
 from collections.abc import Iterable
+from typing import TypeVar
 from urllib.parse import quote
 
 MASK = b"***"
+_Event = TypeVar("_Event")
 MIN_LINE = 4
 _INVISIBLE = re.compile(
     rb"""
@@ -117,6 +120,19 @@ class Masker:
             return text
         data = text.encode("utf-8", "surrogateescape")
         return (data[:-tail] + MASK).decode("utf-8", "replace")
+
+    def mask_event(self, event: _Event) -> _Event:
+        """``event`` (a dataclass) with every string in every field masked; itself if none
+        changed."""
+        if not self.variants:
+            return event
+        changes: dict[str, object] = {}
+        for item in dataclasses.fields(event):  # type: ignore[arg-type]
+            value = getattr(event, item.name)
+            masked = self.mask_value(value)
+            if masked != value:
+                changes[item.name] = masked
+        return dataclasses.replace(event, **changes) if changes else event  # type: ignore[type-var]
 
     def mask_value(self, value: object) -> object:
         """``value`` with every string in it masked (lists, tuples and dict keys and values)."""

@@ -9,7 +9,6 @@ what happened, repeat. Every event is committed to the record before the engine 
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -158,14 +157,7 @@ class Engine:
 
     def _emit(self, event: ev.Event) -> None:
         if self._masker:  # secrets are masked in every record, whatever field they reach
-            changes: dict[str, Any] = {}
-            for item in dataclasses.fields(event):
-                value = getattr(event, item.name)
-                masked = self._masker.mask_value(value)
-                if masked != value:
-                    changes[item.name] = masked
-            if changes:
-                event = dataclasses.replace(event, **changes)
+            event = self._masker.mask_event(event)
         self._batch.append(event)
 
     def _note(self, state: _JobState, text: str) -> None:
