@@ -415,3 +415,32 @@ stages:
     history = repo.conveyor("env", "history", "staging", "--json")
     assert secret not in history.out and "token=***" in history.out
     assert secret not in repo.conveyor("runs", "show", "latest", "--json", "--events").out
+
+
+def test_a_required_stage_passed_only_in_a_dirty_run_does_not_count(repo: Repo) -> None:
+    repo.pipeline(
+        """\
+pipeline: req
+artifacts:
+  app: {path: dist/app.txt}
+environments:
+  prod:
+    requires: [acceptance]
+    target: {type: command, deploy: 'true', health: 'true'}
+stages:
+  - name: commit
+    jobs:
+      build: {run: mkdir -p dist && echo same-bytes > dist/app.txt, outputs: [app]}
+  - name: acceptance
+    jobs:
+      smoke: {run: sh smoke.sh}
+"""
+    )
+    repo.write("smoke.sh", "exit 1\n")
+    repo.commit("failing acceptance")
+    assert repo.conveyor("run").code == 1
+    repo.write("smoke.sh", "exit 0\n")  # not committed
+    assert repo.conveyor("run", "--dirty").code == 0  # same bytes, acceptance passed
+    refused = repo.conveyor("promote", "app@1", "--to", "prod")
+    assert refused.code == 1
+    assert "has not passed stage 'acceptance'" in refused.err

@@ -541,12 +541,23 @@ def policy_problems(
 
 
 def _missing_stages(record: Any, environment: EnvironmentSpec, item: ArtifactRecord) -> list[str]:
-    """The required stages that no run publishing ``item``'s bytes passed (the fewest)."""
+    """The required stages that no run publishing ``item``'s bytes passed (the fewest).
+
+    Only a run that counts for this environment counts: committed (not ``--dirty``) and, if
+    the environment names branches, built from one of them. A stage passed in a dirty run, or
+    on a branch whose tests were disabled, proves nothing.
+    """
     if not environment.requires:
         return []
     best: list[str] | None = None
     for run_id in record.artifact_runs(item.digest):
-        facts = record.run_facts(run_id) or {"stages": {}}
+        facts = record.run_facts(run_id) or {"stages": {}, "dirty": True, "branch": ""}
+        if facts.get("dirty"):
+            continue
+        if environment.branches and not any(
+            fnmatch.fnmatchcase(facts.get("branch") or "", p) for p in environment.branches
+        ):
+            continue
         missing = [s for s in environment.requires if facts["stages"].get(s) != "succeeded"]
         if best is None or len(missing) < len(best):
             best = missing
