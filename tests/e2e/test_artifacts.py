@@ -243,3 +243,16 @@ def test_a_stage_run_alone_receives_the_artifacts_built_from_the_same_inputs(rep
     assert published(repo)["app"]["digest"] == built
     log = repo.conveyor("logs", "latest", "smoke").out
     assert built in log
+
+
+def test_get_does_not_replace_an_existing_file_without_force(repo: Repo, tmp_path: Path) -> None:
+    repo.pipeline(PIPELINE)
+    assert repo.conveyor("run").code == 0
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    refused = repo.conveyor("artifacts", "get", "app@1", "-o", str(target))
+    assert refused.code == 2 and "exists already" in refused.err
+    assert target.read_text() == "keep me"
+    assert repo.conveyor("artifacts", "get", "app@1", "-o", str(tmp_path / "no/dir/x")).code == 2
+    replaced = repo.conveyor("artifacts", "get", "app@1", "-o", str(target), "--force")
+    assert replaced.code == 0 and target.read_bytes() != b"keep me"

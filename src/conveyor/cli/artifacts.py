@@ -126,10 +126,12 @@ def artifacts_show(ref: str, home: Path | None, as_json: bool) -> None:
     "--output",
     required=True,
     type=click.Path(path_type=Path),
-    help="Where to write it: a file, or for a directory artifact a new (or empty) directory.",
+    help="Where to write it: a new file (or one in an existing directory), or for a directory"
+    " artifact a new (or empty) directory.",
 )
+@click.option("--force", is_flag=True, help="Replace an existing file.")
 @home_option
-def artifacts_get(ref: str, output: Path, home: Path | None) -> None:
+def artifacts_get(ref: str, output: Path, home: Path | None, force: bool) -> None:
     """Write an artifact's bytes, verified against its digest."""
     from conveyor.app.artifacts import resolve
 
@@ -137,6 +139,12 @@ def artifacts_get(ref: str, output: Path, home: Path | None) -> None:
     item = resolve(record, ref)
     if item.kind == "file" and output.is_dir():
         output = output / item.path.rsplit("/", 1)[-1]
+    if item.kind == "file" and (output.exists() or output.is_symlink()) and not force:
+        raise UsageError(f"{output} exists already", hint="pass --force to replace it")
+    if not output.parent.is_dir():
+        raise UsageError(
+            f"the folder {output.parent} does not exist", hint="create it first, or pick another -o"
+        )
     _store(home).export(item.digest, item.kind, str(output))
     click.echo(f"wrote {item.name}@{item.run_id} ({item.digest}) to {output}")
 
