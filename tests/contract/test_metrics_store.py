@@ -114,16 +114,16 @@ def test_a_narrow_window_and_another_environment(record: Path) -> None:
     # 30 h (median rank 1 -> 20, p90 rank 2 -> 30); incident 1 (1.5 h) makes it a failed change.
     doc = metrics(record, "production", SINCE + 5 * 86400.0, SINCE + 7 * 86400.0)
     assert (doc["deployments"], doc["attempted_deployments"]) == (1, 1)
-    assert doc["lead_time_hours"] == {"median": 20.0, "p90": 30.0, "commits": 2}
+    assert doc["lead_time_hours"] == {"median": 20.0, "p90": 30.0, "commits": 2, "skewed": 0}
     assert doc["change_failure_rate"] == 1.0
-    assert doc["recovery_time_hours"] == {"median": 1.5, "count": 1, "unrecovered": 0}
+    assert doc["recovery_time_hours"] == {"median": 1.5, "count": 1, "unrecovered": 0, "skewed": 0}
     # Staging over the whole window: deployment 7, its commits made 8 and 18 h before it;
     # incident 5 (resolved in 1 h) names it: a failed change.
     doc = metrics(record, "staging", SINCE, UNTIL)
     assert (doc["deployments"], doc["attempted_deployments"]) == (1, 1)
-    assert doc["lead_time_hours"] == {"median": 8.0, "p90": 18.0, "commits": 2}
+    assert doc["lead_time_hours"] == {"median": 8.0, "p90": 18.0, "commits": 2, "skewed": 0}
     assert doc["change_failure_rate"] == 1.0
-    assert doc["recovery_time_hours"] == {"median": 1.0, "count": 1, "unrecovered": 0}
+    assert doc["recovery_time_hours"] == {"median": 1.0, "count": 1, "unrecovered": 0, "skewed": 0}
 
 
 def test_an_empty_record(tmp_path: Path) -> None:

@@ -143,13 +143,13 @@ EXPECTED: dict[str, Any] = {
     "deployment_frequency_per_day": 0.5,
     # sorted hours: 0.5 1 2 4 6 10 12 20 30 48 (n = 10)
     # median: rank ceil(50 * 10 / 100) = 5 -> 6; p90: rank ceil(90 * 10 / 100) = 9 -> 30
-    "lead_time_hours": {"median": 6.0, "p90": 30.0, "commits": 10},
+    "lead_time_hours": {"median": 6.0, "p90": 30.0, "commits": 10, "skewed": 0},
     # 3 failed, 5 rolled back, 6 hotfix, 8 incident 1, 10 incident 3 (opened after the window
     # but linked), 11 failed: 6 / 8
     "change_failure_rate": 0.75,
     # 3 -> 4: 3 h; 5 -> 6: 0.5 h; 11 -> 13 (after the window): 24 h; incident 1: 1.5 h;
     # incident 2: unresolved. Sorted 0.5 1.5 3 24 (n = 4): rank ceil(50 * 4 / 100) = 2 -> 1.5
-    "recovery_time_hours": {"median": 1.5, "count": 4, "unrecovered": 1},
+    "recovery_time_hours": {"median": 1.5, "count": 4, "unrecovered": 1, "skewed": 0},
     # 5 rolled back, 6 hotfix: 2 / 8
     "rework_rate": 0.25,
     # 8: 1 / 8
@@ -202,9 +202,9 @@ def test_an_empty_window() -> None:
     assert doc["window_days"] == 7.0
     assert (doc["deployments"], doc["attempted_deployments"]) == (0, 0)
     assert doc["deployment_frequency_per_day"] == 0.0
-    assert doc["lead_time_hours"] == {"median": None, "p90": None, "commits": 0}
+    assert doc["lead_time_hours"] == {"median": None, "p90": None, "commits": 0, "skewed": 0}
     assert doc["change_failure_rate"] is None
-    assert doc["recovery_time_hours"] == {"median": None, "count": 0, "unrecovered": 0}
+    assert doc["recovery_time_hours"] == {"median": None, "count": 0, "unrecovered": 0, "skewed": 0}
     assert (doc["rework_rate"], doc["override_rate"]) == (None, None)
     levels = doc["levels"]
     # a frequency of zero is a value (slower than once a month); the others have none
@@ -216,7 +216,7 @@ def test_an_empty_window() -> None:
 
 def test_successes_without_commits_have_no_lead_time() -> None:
     doc = compute(replace(INPUTS, lead_times_s=[]), since=SINCE, until=UNTIL)
-    assert doc["lead_time_hours"] == {"median": None, "p90": None, "commits": 0}
+    assert doc["lead_time_hours"] == {"median": None, "p90": None, "commits": 0, "skewed": 0}
     assert doc["levels"]["lead_time_hours"]["level"] is None
     assert doc["deployments"] == 5
 
@@ -225,13 +225,13 @@ def test_a_failure_without_a_later_success_is_unrecovered() -> None:
     # Without deployment 13, failure 11 (day 9) has no later success: 0.5 1.5 3 remain,
     # median rank ceil(50 * 3 / 100) = 2 -> 1.5 h; unrecovered: failure 11 and incident 2.
     doc = compute(replace(INPUTS, next_success_epoch=None), since=SINCE, until=UNTIL)
-    assert doc["recovery_time_hours"] == {"median": 1.5, "count": 3, "unrecovered": 2}
+    assert doc["recovery_time_hours"] == {"median": 1.5, "count": 3, "unrecovered": 2, "skewed": 0}
 
 
 def test_only_failures_are_unrecovered() -> None:
     inputs = DoraInputs(deployments=[DeploymentFact(1, "failed", SINCE + H)])
     doc = compute(inputs, since=SINCE, until=UNTIL)
-    assert doc["recovery_time_hours"] == {"median": None, "count": 0, "unrecovered": 1}
+    assert doc["recovery_time_hours"] == {"median": None, "count": 0, "unrecovered": 1, "skewed": 0}
     assert doc["change_failure_rate"] == 1.0
     assert doc["rework_rate"] == 0.0  # failed, not rolled back: planned work
     assert doc["deployments"] == 0
@@ -247,7 +247,7 @@ def test_a_success_at_the_same_instant_does_not_recover_a_failure() -> None:
         ]
     )
     doc = compute(inputs, since=SINCE, until=UNTIL)
-    assert doc["recovery_time_hours"] == {"median": 1.0, "count": 1, "unrecovered": 0}
+    assert doc["recovery_time_hours"] == {"median": 1.0, "count": 1, "unrecovered": 0, "skewed": 0}
 
 
 def test_the_window_must_not_be_empty() -> None:
@@ -361,3 +361,19 @@ def test_keys_without_clusters_have_no_level_whatever_the_value() -> None:
     assert level_of("override_rate", 0.5)["level"] is None
     with pytest.raises(ValueError):
         level_of("mttr", 1.0)  # type: ignore[arg-type]
+
+
+def test_skewed_clocks_are_counted_not_rated() -> None:
+    """A commit dated after its deployment, or an incident resolved before it opened, says
+    nothing about speed: left out of the medians (which would be negative) and counted."""
+    from conveyor.domain.dora import DoraInputs, IncidentFact, compute
+
+    inputs = DoraInputs(
+        lead_times_s=[-3600.0 * 27000, 7200.0],
+        incidents=[IncidentFact(id=1, opened_epoch=1000.0, resolved_epoch=1000.0 - 7200.0)],
+    )
+    doc = compute(inputs, since=0.0, until=86400.0)
+    assert doc["lead_time_hours"]["median"] == 2.0
+    assert doc["lead_time_hours"]["skewed"] == 1
+    assert doc["recovery_time_hours"]["median"] is None
+    assert doc["recovery_time_hours"]["skewed"] == 1

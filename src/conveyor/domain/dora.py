@@ -14,8 +14,8 @@ Definitions, for an environment E (default ``production``):
 - ``lead_time_hours``: for every commit a successful deployment in the window shipped to E for
   the first time, ``deployment finished_epoch - commit committed_epoch``, in hours; ``median``
   and ``p90`` (nearest rank, below) and ``commits`` (how many). ``median`` and ``p90`` are null
-  when no commit was shipped. Commit times are taken as recorded: a commit dated after its
-  deployment (a skewed clock) gives a negative lead time.
+  when no commit was shipped. A commit dated after its deployment (a skewed clock) has no
+  lead time: it is left out of the median and counted in ``skewed``.
 - ``change_failure_rate``: attempted deployments that failed, were rolled back, are marked
   ``hotfix`` or are linked to an incident (any incident whose ``deployment_id`` is theirs,
   whenever it was opened), divided by attempted deployments. Null without attempted deployments.
@@ -23,9 +23,11 @@ Definitions, for an environment E (default ``production``):
   in the window, and their ``count``. A failed or rolled-back attempted deployment recovers at
   the ``finished_epoch`` of the next successful deployment to E (strictly later, even after the
   window); an incident of E *opened* in the window recovers at its ``resolved_epoch``. Failures
-  without a recovery yet are counted in ``unrecovered``, not in the median. A failed deployment
-  that also has an incident counts twice (once as each). Recoveries are read from the record as
-  it is now, so a window in the past can still gain recoveries that happened later.
+  without a recovery yet are counted in ``unrecovered``, not in the median; an incident
+  resolved before it was opened (a skewed clock) is counted in ``skewed``, not in the median.
+  A failed deployment that also has an incident counts twice (once as each). Recoveries are
+  read from the record as it is now, so a window in the past can still gain recoveries that
+  happened later.
 - ``rework_rate``: attempted deployments that were unplanned (rolled back, or marked
   ``hotfix``) / attempted deployments. Null without attempted deployments.
 - ``override_rate``: attempted deployments made with a gate override (``overridden``) /
@@ -301,7 +303,8 @@ def compute(
     overridden = sum(1 for d in attempted if d.overridden)
     frequency = succeeded / days
 
-    lead = sorted(inputs.lead_times_s)
+    lead = sorted(t for t in inputs.lead_times_s if t >= 0)
+    lead_skewed = len(inputs.lead_times_s) - len(lead)
     lead_median = percentile(lead, 50, presorted=True)
     lead_p90 = percentile(lead, 90, presorted=True)
 
@@ -311,6 +314,7 @@ def compute(
         successes.sort()
     recoveries: list[float] = []
     unrecovered = 0
+    recovery_skewed = 0
     for d in failed:
         i = bisect_right(successes, d.finished_epoch)
         if i < len(successes):
@@ -322,6 +326,8 @@ def compute(
             continue
         if incident.resolved_epoch is None:
             unrecovered += 1
+        elif incident.resolved_epoch < incident.opened_epoch:
+            recovery_skewed += 1
         else:
             recoveries.append(incident.resolved_epoch - incident.opened_epoch)
     recovery_median = percentile(recoveries, 50)
@@ -348,12 +354,14 @@ def compute(
             "median": _round(lead_median_h, 3),
             "p90": _round(None if lead_p90 is None else lead_p90 / HOUR, 3),
             "commits": len(lead),
+            "skewed": lead_skewed,
         },
         "change_failure_rate": _round(values["change_failure_rate"], 4),
         "recovery_time_hours": {
             "median": _round(recovery_median_h, 3),
             "count": len(recoveries),
             "unrecovered": unrecovered,
+            "skewed": recovery_skewed,
         },
         "rework_rate": _round(values["rework_rate"], 4),
         "override_rate": _round(values["override_rate"], 4),
