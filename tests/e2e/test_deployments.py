@@ -444,3 +444,44 @@ stages:
     refused = repo.conveyor("promote", "app@1", "--to", "prod")
     assert refused.code == 1
     assert "has not passed stage 'acceptance'" in refused.err
+
+
+POLICY_PIPELINE = """\
+pipeline: guarded
+artifacts:
+  app: {path: dist/app.txt}
+environments:
+  production:
+    branches: [main]
+    requires: [acceptance]
+    timeout: 5s
+    target: {type: command, deploy: 'true', health: 'true'}
+stages:
+  - name: commit
+    jobs:
+      build: {run: mkdir -p dist && cat VERSION > dist/app.txt, outputs: [app]}
+  - name: acceptance
+    jobs:
+      smoke: {run: 'true'}
+  - name: prod
+    deploy: {environment: production}
+"""
+
+
+def test_a_branch_cannot_relax_the_policy_it_is_deployed_under(repo: Repo) -> None:
+    repo.write("VERSION", "v1\n")
+    repo.pipeline(POLICY_PIPELINE)
+    assert repo.conveyor("run").code == 0  # on main: deployed, its policy now in force
+    repo.git("checkout", "-q", "-b", "evil")
+    repo.write("VERSION", "evil\n")
+    repo.pipeline(POLICY_PIPELINE.replace("    branches: [main]\n    requires: [acceptance]\n", ""))
+    result = repo.conveyor("run")
+    assert result.code == 1
+    history = repo.conveyor("env", "history", "production", "--json").json()
+    assert [h["status"] for h in history] == ["succeeded"]  # nothing else reached production
+    refused = repo.conveyor("promote", "latest", "--to", "production")
+    assert refused.code == 1 and "is defined differently here" in refused.err
+    # On main, the policy may change: the change takes effect with that build.
+    repo.git("checkout", "-q", "main")
+    repo.pipeline(POLICY_PIPELINE.replace("timeout: 5s", "timeout: 6s"))
+    assert repo.conveyor("run").code == 0

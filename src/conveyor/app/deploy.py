@@ -20,7 +20,9 @@ The path is the same for a deploy stage of a run and for ``conveyor promote``:
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import hashlib
 import os
 import shutil
 import socket
@@ -32,6 +34,7 @@ from typing import Any
 from conveyor.app.artifacts import verify
 from conveyor.domain import delivery_events as de
 from conveyor.domain import events as ev
+from conveyor.domain.canonical import canonical_json
 from conveyor.domain.delivery import ArtifactRecord, DeploymentOutcome, Health, Release, Target
 from conveyor.domain.masking import Masker
 from conveyor.errors import ConveyorError, DeployError, LeaseLost
@@ -285,6 +288,8 @@ class Deployer:
                     hotfix=hotfix,
                     overridden=overridden,
                     started_epoch=self.now(),
+                    policy_digest=policy_digest(environment),
+                    policy_branches=list(environment.branches),
                 )
             ],
             fence=fence,
@@ -500,6 +505,25 @@ class Deployer:
         )
 
 
+def policy_digest(environment: EnvironmentSpec) -> str:
+    """The digest of an environment's definition (target, policy, gates), not of its place
+    in the file."""
+    spec = dataclasses.asdict(environment)
+    spec.pop("location", None)
+    _drop_locations(spec)
+    return "sha256:" + hashlib.sha256(canonical_json(spec).encode()).hexdigest()
+
+
+def _drop_locations(value: Any) -> None:
+    if isinstance(value, dict):
+        value.pop("location", None)
+        for item in value.values():
+            _drop_locations(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _drop_locations(item)
+
+
 def policy_problems(
     record: Any, environment: EnvironmentSpec, item: ArtifactRecord
 ) -> list[tuple[str, str]]:
@@ -508,6 +532,24 @@ def policy_problems(
     if facts is None:
         return [(f"the run {item.run_id} that built {item.name} is not in the record", "")]
     problems: list[tuple[str, str]] = []
+    in_force = record.policy_in_force(environment.name)
+    if in_force is not None and in_force["digest"] != policy_digest(environment):
+        accepted = in_force["branches"]
+        branch = facts["branch"]
+        if accepted and (
+            facts["dirty"] or not any(fnmatch.fnmatchcase(branch, p) for p in accepted)
+        ):
+            shown = f"branch '{branch}'" if branch else "a revision that is not a branch"
+            return [
+                (
+                    f"environment '{environment.name}' is defined differently here than when"
+                    f" deployment {in_force['deployment']} was made; its policy in force accepts"
+                    f" builds of {', '.join(accepted)}, and {item.name}@{item.run_id} was built"
+                    f" from {shown}",
+                    "a change to an environment's policy takes effect only with a build of a"
+                    " branch the policy in force accepts: merge it there, run, and deploy that",
+                )
+            ]
     if (environment.branches or environment.requires) and facts["dirty"]:
         problems.append(
             (

@@ -36,6 +36,12 @@ class DeploymentStarted(Event):
     overridden: bool = False
     """Whether an override let a failed gate pass for this deployment."""
     started_epoch: float = 0.0
+    policy_digest: str = ""
+    """Digest of the environment's policy the deployment was checked against (its whole spec
+    but its place in the file): a later change of the policy is accepted only from a build of
+    a branch this policy accepts."""
+    policy_branches: list[str] = field(default_factory=list)
+    """The branches that policy accepts (empty: any)."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)

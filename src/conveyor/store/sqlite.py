@@ -624,6 +624,28 @@ class SqliteRecord:
         ).fetchone()
         return _deployment(row) if row else None
 
+    def policy_in_force(self, environment: str) -> dict[str, Any] | None:
+        """The policy the environment's last successful deployment was checked against:
+        ``{"deployment", "digest", "branches"}`` (``None`` before any, or for deployments
+        recorded before policies were)."""
+        row = self._conn.execute(
+            "SELECT e.payload FROM deployments d JOIN events e"
+            " ON e.type = 'deployment.started' AND e.run_id = d.run_id"
+            " AND json_extract(e.payload, '$.deployment_id') = d.id"
+            " WHERE d.environment = ? AND d.status = 'succeeded' ORDER BY d.id DESC LIMIT 1",
+            (environment,),
+        ).fetchone()
+        if row is None:
+            return None
+        payload = json.loads(row[0])
+        if not payload.get("policy_digest"):
+            return None
+        return {
+            "deployment": payload["deployment_id"],
+            "digest": payload["policy_digest"],
+            "branches": list(payload.get("policy_branches") or []),
+        }
+
     def deployments(self, environment: str, limit: int = 50) -> list[dict[str, Any]]:
         """An environment's deployments, newest first."""
         rows = self._conn.execute(
