@@ -366,3 +366,28 @@ def test_not_author_fails_closed_for_a_dirty_build(shop: Repo) -> None:
     shop.conveyor("approve", "latest", "-e", "production", "--as", "rm@example.invalid")
     code, out = promote(shop, int(shop.show()["id"]))
     assert code == 1 and "dirty working tree" in out
+
+
+def test_the_author_of_a_merged_change_cannot_approve_it(shop: Repo) -> None:
+    """not_author covers every commit a deployment brings, not only the tip (a merge commit
+    made by someone else)."""
+    first = build(shop)
+    shop.conveyor("approve", str(first), "-e", "production", "--as", "rm@example.invalid")
+    assert promote(shop, first)[0] == 0
+    dev = "dev@example.invalid"
+    added = shop.conveyor(
+        "users", "add", dev, "--role", "release-manager", "--as", "admin@example.invalid"
+    )
+    assert added.code == 0, added.err
+    shop.git("checkout", "-q", "-b", "feature")
+    shop.env.update(GIT_AUTHOR_EMAIL=dev, GIT_COMMITTER_EMAIL=dev)
+    shop.write("VERSION", "2\n")
+    shop.commit("the feature")
+    shop.git("checkout", "-q", "main")
+    shop.env.update(GIT_AUTHOR_EMAIL="rm@example.invalid", GIT_COMMITTER_EMAIL="rm@example.invalid")
+    shop.git("merge", "-q", "--no-ff", "feature", "-m", "merge the feature")
+    assert shop.conveyor("run").code == 0
+    second = int(shop.show()["id"])
+    assert shop.conveyor("approve", str(second), "-e", "production", "--as", dev).code == 0
+    code, out = promote(shop, second)
+    assert code == 1 and "gate 'approval'" in out and "author" in out

@@ -135,9 +135,16 @@ class GitSource:
                 result.append((sha, float(when)))
         return result
 
-    def authors_of(self, revision: str) -> list[str]:
-        """The author and committer e-mails of ``revision``."""
-        proc = _git(self.root, "log", "-1", "--format=%ae%n%ce", revision, check=False)
+    def authors_of(self, revision: str, shipped: Sequence[str] = ()) -> list[str]:
+        """The author and committer e-mails of the commits ``revision`` brings: those not in
+        any of ``shipped`` (revisions already deployed) or, without any, the commits a merge
+        brought in (``revision`` and what its first parent lacks; at most 1,000)."""
+        fmt = "--format=%ae%n%ce"
+        known = [k for k in shipped if k]
+        exclude = known or [f"{revision}^1"]
+        proc = _git(self.root, "log", "-n", "1000", fmt, revision, "--not", *exclude, check=False)
+        if proc.returncode != 0:  # a root commit, or a revision the repository lost
+            proc = _git(self.root, "log", "-1", fmt, revision, check=False)
         return sorted({line.strip() for line in proc.stdout.decode().splitlines() if line.strip()})
 
     def branch_of(self, rev: str) -> str:

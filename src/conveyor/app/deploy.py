@@ -80,7 +80,7 @@ class Deployer:
         wait_s: float = 0.0,
         say: Callable[[str], None] = lambda _: None,
         commits: Callable[[str, Sequence[str]], list[tuple[str, float]]] | None = None,
-        authors: Callable[[str], list[str]] | None = None,
+        authors: Callable[[str, Sequence[str]], list[str]] | None = None,
         masker: Masker | None = None,
     ) -> None:
         self.masker = masker or Masker(())
@@ -98,7 +98,8 @@ class Deployer:
         self.commits = commits
         """Commits (sha, commit time) in a revision and not in the given ones (git)."""
         self.authors = authors
-        """The author(s) of a revision, for ``approval`` gates with ``not_author``."""
+        """The authors of the commits a revision brings that the given deployed revisions
+        lack, for ``approval`` gates with ``not_author``."""
 
     # -- policy ------------------------------------------------------------------------------
 
@@ -147,7 +148,11 @@ class Deployer:
             environment,
             item,
             now_epoch=self.now(),
-            authors=lambda: authors(revision) if authors and revision else [],
+            authors=lambda: (
+                authors(revision, self.record.successful_revisions(environment.name))
+                if authors and revision
+                else []
+            ),
         )
         self._append(
             [

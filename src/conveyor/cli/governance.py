@@ -360,7 +360,9 @@ def gates_check(
             env,
             item,
             at=at,
-            authors=lambda: source.authors_of(facts.get("revision", "")),
+            authors=lambda: source.authors_of(
+                facts.get("revision", ""), record.successful_revisions(env.name)
+            ),
         )
         for o in outcomes:
             results.append(_result(o.verdict, o.status, o.override_id))
