@@ -485,3 +485,16 @@ def test_a_branch_cannot_relax_the_policy_it_is_deployed_under(repo: Repo) -> No
     repo.git("checkout", "-q", "main")
     repo.pipeline(POLICY_PIPELINE.replace("timeout: 5s", "timeout: 6s"))
     assert repo.conveyor("run").code == 0
+
+
+def test_an_edited_read_model_does_not_change_what_the_policy_sees(repo: Repo) -> None:
+    repo.write("VERSION", "v1\n")
+    repo.pipeline(POLICY_PIPELINE)
+    repo.git("checkout", "-q", "-b", "feature")
+    assert repo.conveyor("run").code == 1  # its own deploy stage is refused: not main
+    conn = sqlite3.connect(repo.path / ".conveyor" / "conveyor.db")
+    conn.execute("UPDATE runs SET branch = 'main'")
+    conn.commit()
+    conn.close()
+    refused = repo.conveyor("promote", "app@1", "--to", "production")
+    assert refused.code == 1 and "branch 'feature'" in refused.err

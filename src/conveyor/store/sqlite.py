@@ -682,22 +682,34 @@ class SqliteRecord:
         return {"deployment": row[0], "status": row[1], "since": row[2]} if row else None
 
     def run_facts(self, run_id: int) -> dict[str, Any] | None:
-        """What a promotion policy asks of a run: its branch, status and stage statuses."""
-        row = self._conn.execute(
-            "SELECT branch, status, revision, dirty FROM runs WHERE id = ?", (run_id,)
-        ).fetchone()
-        if row is None:
+        """What a promotion policy asks of a run: its branch, status and stage statuses.
+
+        Read from the run's events, which ``audit verify`` covers, not from the read models
+        (an edited ``runs.branch`` must not make a feature build look like one of ``main``).
+        """
+        rows = self._conn.execute(
+            "SELECT type, payload FROM events WHERE run_id = ? AND type IN"
+            " ('run.started', 'stage.finished', 'run.finished', 'run.interrupted') ORDER BY seq",
+            (run_id,),
+        ).fetchall()
+        started = next((json.loads(p) for t, p in rows if t == "run.started"), None)
+        if started is None:
             return None
-        stages = dict(
-            self._conn.execute(
-                "SELECT name, status FROM stages WHERE run_id = ?", (run_id,)
-            ).fetchall()
-        )
+        stages: dict[str, str] = {}
+        status = "running"
+        for kind, payload in rows:
+            data = json.loads(payload)
+            if kind == "stage.finished":
+                stages[data["stage"]] = data["status"]
+            elif kind == "run.finished":
+                status = data["status"]
+            elif kind == "run.interrupted":
+                status = "interrupted"
         return {
-            "branch": row[0],
-            "status": row[1],
-            "revision": row[2],
-            "dirty": bool(row[3]),
+            "branch": started.get("branch", ""),
+            "status": status,
+            "revision": started["revision"],
+            "dirty": bool(started.get("dirty")),
             "stages": stages,
         }
 
