@@ -498,3 +498,31 @@ def test_an_edited_read_model_does_not_change_what_the_policy_sees(repo: Repo) -
     conn.close()
     refused = repo.conveyor("promote", "app@1", "--to", "production")
     assert refused.code == 1 and "branch 'feature'" in refused.err
+
+
+def test_a_stopped_environment_is_not_restarted_by_a_rollback(repo: Repo, tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    live.mkdir()
+    repo.env["LIVE_DIR"] = str(live)
+    repo.write(
+        "conveyor.yml",
+        COMMAND_PIPELINE.replace(
+            "deploy: ./ops/deploy.sh",
+            """deploy: 'cp "$CONVEYOR_ARTIFACT_PATH" "$LIVE_DIR/current"'""",
+        )
+        .replace("health: ./ops/health.sh", """health: 'grep -qv broken "$LIVE_DIR/current"'""")
+        .replace(
+            "rollback: ./ops/rollback.sh", """rollback: 'echo restarted >> "$LIVE_DIR/rollbacks"'"""
+        ),
+    )
+    repo.write("VERSION", "v1\n")
+    repo.commit()
+    assert repo.conveyor("run").code == 0
+    assert repo.conveyor("env", "stop", "prod").code == 0
+    repo.write("VERSION", "broken\n")
+    repo.commit("broken")
+    assert repo.conveyor("run").code == 1
+    assert not (live / "rollbacks").exists()
+    history = repo.conveyor("env", "history", "prod", "--json").json()
+    assert history[0]["status"] == "failed"
+    assert repo.conveyor("env", "status", "prod", "--json").json()["status"] != "running"

@@ -273,7 +273,10 @@ class Deployer:
         )
         deployment_id = self.record.allocate_deployment_id()
         release = self._prepare(environment, item, deployment_id, revision)
-        previous = self._release_of(previous_row) if previous_row else None
+        # A release someone stopped (`env stop`) is not restarted by a rollback: the
+        # environment was meant to be down, and stays down if the new release fails.
+        running = previous_row is not None and state is not None and state["status"] != "stopped"
+        previous = self._release_of(previous_row) if previous_row and running else None
         started = time.monotonic()
         self._append(
             [
