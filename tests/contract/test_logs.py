@@ -71,3 +71,29 @@ def test_a_log_file_created_meanwhile_is_not_appended_to(tmp_path: Path) -> None
     log.write(b"new output\n")
     assert "exists already" in log.close().problem
     assert old.read_bytes() == b"someone else's\n"
+
+
+def test_a_full_disk_ends_the_log_with_a_problem_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    import conveyor.adapters.logs as logs
+
+    log = FileLogStore(tmp_path, 1_000_000).open_attempt(1, "unit", 1)
+    log.write(b"stored\n")
+    real_write = os.write
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logs.os, "write", full)
+    log.write(b"lost\n")
+    log.write(b"lost too\n")
+    monkeypatch.setattr(logs.os, "write", real_write)
+    summary = log.close()
+    assert "No space left on device" in summary.problem
+    data = (tmp_path / summary.path).read_bytes()
+    assert data == b"stored\n"
+    assert summary.size == len(data) and summary.sha256 == hashlib.sha256(data).hexdigest()

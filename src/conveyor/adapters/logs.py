@@ -83,7 +83,12 @@ class FileAttemptLog:
                 f"{self._dropped} more bytes were not stored]\n".encode()
             )
         if self._fd is not None:
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self.problem = self.problem or (
+                    f"the log file {self.path} cannot be written ({exc.strerror or exc})"
+                )
             os.close(self._fd)
             self._fd = None
         return LogSummary(self.path, self._size, self._sha.hexdigest(), truncated, self.problem)
@@ -98,21 +103,30 @@ class FileAttemptLog:
     def _raw_write(self, data: bytes) -> None:
         if self.problem:
             return
-        if self._fd is None:  # most attempts of a quiet job never get here
-            path = self._home / self.path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-            except FileExistsError:
-                self._refuse()
-                self._dropped += len(data)
-                return
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        self._size += len(data)
-        self._sha.update(data)
+        try:
+            if self._fd is None:  # most attempts of a quiet job never get here
+                path = self._home / self.path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    self._fd = os.open(
+                        path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640
+                    )
+                except FileExistsError:
+                    self._refuse()
+                    self._dropped += len(data)
+                    return
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                self._size += written
+                self._sha.update(view[:written])
+                view = view[written:]
+        except OSError as exc:  # a full disk, a quota, an I/O error: the run goes on
+            self.problem = (
+                f"the log file {self.path} cannot be written ({exc.strerror or exc}): the rest"
+                " of this attempt's output is not stored"
+            )
+            self._dropped += len(data)
 
 
 class FileLogStore:

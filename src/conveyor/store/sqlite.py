@@ -267,7 +267,11 @@ class SqliteRecord:
                 if durable:
                     conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot write to the record at {self.path}: {exc}") from exc
+            full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+            raise StoreError(
+                f"cannot write to the record at {self.path}: {exc}",
+                hint=f"free some space on the disk that holds {self.path.parent}" if full else None,
+            ) from exc
         if durable and self._tail is not None:
             _write_head(self.path, *self._tail)
 
