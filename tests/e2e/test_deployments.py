@@ -526,3 +526,20 @@ def test_a_stopped_environment_is_not_restarted_by_a_rollback(repo: Repo, tmp_pa
     history = repo.conveyor("env", "history", "prod", "--json").json()
     assert history[0]["status"] == "failed"
     assert repo.conveyor("env", "status", "prod", "--json").json()["status"] != "running"
+
+
+def test_unknown_environments_and_empty_titles_are_usage_errors(repo: Repo) -> None:
+    repo.write("VERSION", "v1\n")
+    repo.pipeline(POLICY_PIPELINE)
+    assert repo.conveyor("metrics", "-e", "production").code == 0  # declared: zeros are right
+    for args in (
+        ("metrics", "-e", "prodution"),
+        ("metrics", "-e", "\x1b[31mx"),
+        ("env", "history", "nosuch"),
+        ("incident", "open", "-e", "nosuch", "--title", "down"),
+        ("incident", "open", "-e", "production", "--title", " "),
+    ):
+        result = repo.conveyor(*args)
+        assert result.code == 2, (args, result.out, result.err)
+        assert "\x1b" not in result.err
+    assert "did you mean 'production'" in repo.conveyor("metrics", "-e", "prodution").err

@@ -117,3 +117,30 @@ def run_id_of(record: Any, ref: str) -> int:
             hint="`conveyor runs list` shows the runs; RUN is a run id or `latest`",
         )
     return int(run_id)
+
+
+def check_environment(record: Any, name: str, root: Path | None) -> None:
+    """Refuse an environment that neither the record nor the pipeline file knows (a typo
+    would print an empty history, or metrics of nothing rated low)."""
+    from conveyor.domain.text import inline
+
+    known = set(record.environment_names())
+    if root is not None:
+        try:
+            from conveyor.spec import load_pipeline_file
+
+            spec = load_pipeline_file(root / "conveyor.yml")
+            known.update(e.name for e in spec.environments)
+        except Exception:
+            pass
+    if name in known:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    raise UsageError(
+        f"there is no environment '{inline(name)}'",
+        hint=f"did you mean '{close[0]}'?"
+        if close
+        else ("environments: " + ", ".join(sorted(known)) if known else "none is known yet"),
+    )

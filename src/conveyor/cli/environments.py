@@ -12,12 +12,14 @@ import click
 
 from conveyor.cli.common import (
     EXIT_FAILED,
+    check_environment,
     echo_json,
     file_option,
     home_option,
     json_option,
     not_empty,
     open_record_at,
+    repo_root,
     run_id_of,
 )
 from conveyor.errors import UsageError
@@ -265,6 +267,7 @@ def env_status(name: str, pipeline_file: str, home: Path | None, as_json: bool) 
 def env_history(name: str, limit: int, home: Path | None, as_json: bool) -> None:
     """ENV's deployments, newest first: what, from which run, by whom, how it ended."""
     record = open_record_at(home)
+    check_environment(record, name, repo_root(required=False))
     rows = record.deployments(name, limit)
     if as_json:
         echo_json(rows)

@@ -15,12 +15,14 @@ import click
 
 from conveyor.cli.common import (
     EXIT_FAILED,
+    check_environment,
     echo_json,
     file_option,
     home_option,
     json_option,
     not_empty,
     open_record_at,
+    repo_root,
 )
 from conveyor.errors import PermissionDenied, UsageError
 
@@ -500,7 +502,10 @@ def incident_open(
     """Open an incident, linked to a deployment."""
     from conveyor.domain import delivery_events as de
 
+    if not title.strip():
+        raise UsageError("--title must say what is wrong", hint='e.g. --title "checkout 500s"')
     record = open_record_at(home)
+    check_environment(record, environment, repo_root(required=False))
     if deployment is None:
         state = record.environment_state(environment)
         deployment = state["deployment"] if state else None
@@ -574,7 +579,11 @@ def metrics(since: str, environment: str, home: Path | None, as_json: bool) -> N
     from conveyor.store.metrics import metrics as compute
 
     home_obj = home_of(home, None if home is not None else repo_root())
-    open_record_at(home_obj.root).close()  # create or migrate the record first
+    record = open_record_at(home_obj.root)  # create or migrate the record first
+    try:
+        check_environment(record, environment, repo_root(required=False))
+    finally:
+        record.close()
     try:
         doc = compute(home_obj.database, environment, _parse_since(since), time.time())
     except ValueError as exc:

@@ -628,6 +628,14 @@ class SqliteRecord:
         ).fetchone()
         return _deployment(row) if row else None
 
+    def environment_names(self) -> list[str]:
+        """Every environment the record knows (deployed to, or with an incident)."""
+        rows = self._conn.execute(
+            "SELECT name FROM environments UNION SELECT environment FROM deployments"
+            " UNION SELECT environment FROM incidents ORDER BY 1"
+        ).fetchall()
+        return [row[0] for row in rows]
+
     def policy_in_force(self, environment: str) -> dict[str, Any] | None:
         """The policy the environment's last successful deployment was checked against:
         ``{"deployment", "digest", "branches"}`` (``None`` before any, or for deployments
