@@ -20,14 +20,21 @@ import json
 import re
 from bisect import bisect_right
 from collections.abc import Iterable
+from functools import cache
 from typing import TypeVar
 from urllib.parse import quote
 
 MASK = b"***"
 _Event = TypeVar("_Event")
 MIN_LINE = 4
-_INVISIBLE = re.compile(
-    rb"""
+
+
+@cache
+def _invisible() -> re.Pattern[bytes]:
+    """What ``neutralise`` removes from shown output (as UTF-8 bytes); compiled on first use
+    (only a run with secrets needs it)."""
+    return re.compile(
+        rb"""
     \x1b\[[0-?]*[ -/]*[@-~]               # CSI (colours, cursor moves)
   | \x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?    # OSC, terminated or not (yet)
   | \x1b[PX^_][^\x1b]*(?:\x1b\\)?         # DCS, SOS, PM, APC
@@ -37,13 +44,19 @@ _INVISIBLE = re.compile(
   | \xc2[\x80-\x9f]                       # other C1 controls (UTF-8)
   | [\x00-\x08\x0b\x0c\x0e-\x1f\x7f]        # C0 controls but tab, newline, carriage return
     """,
-    re.VERBOSE,
-)
-"""What ``neutralise`` removes from shown output (as UTF-8 bytes)."""
-_UNFINISHED = re.compile(
-    rb"\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*\x1b?|[PX^_][^\x1b]*\x1b?)?|\xc2(?:\x9b[0-?]*[ -/]*)?"
-)
-"""The start of an escape sequence that the next write may finish."""
+        re.VERBOSE,
+    )
+
+
+@cache
+def _unfinished() -> re.Pattern[bytes]:
+    """The start of an escape sequence that the next write may finish."""
+    return re.compile(
+        rb"\x1b(?:\[[0-?]*[ -/]*|\][^\x07\x1b]*\x1b?|[PX^_][^\x1b]*\x1b?)?"
+        rb"|\xc2(?:\x9b[0-?]*[ -/]*)?"
+    )
+
+
 _HOLD_ESCAPE_MAX = 4096
 """A possibly unfinished escape sequence at the end of a write is held back up to this size."""
 
@@ -93,7 +106,7 @@ class Masker:
         for variant in self.variants:
             if variant in data:
                 data = data.replace(variant, MASK)
-        if not self.variants or _INVISIBLE.search(data) is None:
+        if not self.variants or _invisible().search(data) is None:
             return data
         shown = _Shown(data)
         spans = shown.spans_of(self.variants)
@@ -106,7 +119,7 @@ class Masker:
         for variant in self._text_variants:
             if variant in text:
                 text = text.replace(variant, "***")
-        if self.variants and _INVISIBLE.search(text.encode("utf-8", "surrogateescape")):
+        if self.variants and _invisible().search(text.encode("utf-8", "surrogateescape")):
             data = self.mask_bytes(text.encode("utf-8", "surrogateescape"))
             return data.decode("utf-8", "surrogateescape")
         return text
@@ -164,7 +177,7 @@ class StreamMasker:
             return data
         buffer = self._masker.mask_bytes(self._held + data)
         keep = self._partial_suffix(buffer)
-        if _INVISIBLE.search(buffer) is not None or buffer.endswith(b"\xc2"):
+        if _invisible().search(buffer) is not None or buffer.endswith(b"\xc2"):
             keep = max(keep, self._partial_shown_suffix(buffer))
         if keep:
             self._held = buffer[-keep:]
@@ -187,7 +200,7 @@ class StreamMasker:
         end = len(buffer)
         floor = max(0, end - _HOLD_ESCAPE_MAX)
         start = max(buffer.rfind(b"\x1b", floor), buffer.rfind(b"\xc2", floor))
-        if start != -1 and _UNFINISHED.fullmatch(buffer, start):
+        if start != -1 and _unfinished().fullmatch(buffer, start):
             end = start  # held back whatever follows
         shown = _Shown(buffer[:end])
         tail = _longest_prefix_tail(shown.text, self._masker.variants)
@@ -218,7 +231,7 @@ class _Shown:
         self._origins: list[int] = []  # ...and in the original
         shown = 0
         position = 0
-        for match in _INVISIBLE.finditer(data):
+        for match in _invisible().finditer(data):
             if match.start() > position:
                 pieces.append(data[position : match.start()])
                 self._starts.append(shown)

@@ -64,6 +64,8 @@ def uncached_sources(spec: PipelineSpec) -> dict[str, str]:
     what depends on it (its dependants in the stage, and every later job when it publishes an
     artifact) cannot be taken from the cache either, though their keys are unchanged.
     """
+    if all(job.cache for stage in spec.stages for job in stage.jobs):
+        return {}  # the common case, without walking the graph
     found: dict[str, str] = {}
     earlier: str | None = None  # an uncached producer of an artifact of an earlier stage
     for stage in spec.stages:

@@ -237,6 +237,8 @@ class LocalExecutor:
         self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", ""))
         self._closed = False
         self._token: str | None = None
+        self._swept = True
+        """No attempt started since the last sweep (then closing needs none)."""
         self._home_cwd = os.getcwd()
         self._cwd = self._home_cwd
 
@@ -280,6 +282,7 @@ class LocalExecutor:
             except OSError:
                 pid_fd = None
         self._token = launch.env.get(RUN_TOKEN) or self._token
+        self._swept = False
         tags = (
             f"CONVEYOR_JOB={launch.env.get('CONVEYOR_JOB', '')}".encode(),
             f"CONVEYOR_ATTEMPT={launch.env.get('CONVEYOR_ATTEMPT', '')}".encode(),
@@ -337,7 +340,9 @@ class LocalExecutor:
                         return True
             return False
 
-        return kill_tagged(self._token, spare)
+        killed = kill_tagged(self._token, spare)
+        self._swept = not running
+        return killed
 
     def close(self) -> None:
         """Kill and reap whatever still runs, strays included; close every descriptor;
@@ -348,7 +353,8 @@ class LocalExecutor:
         for proc in list(self._procs.values()):
             _signal_group(proc.pid, signal.SIGKILL)
             self._reap(proc, [])
-        kill_tagged(self._token)
+        if not self._swept:
+            kill_tagged(self._token)
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
