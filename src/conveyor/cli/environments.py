@@ -22,6 +22,7 @@ from conveyor.cli.common import (
     repo_root,
     run_id_of,
 )
+from conveyor.domain.text import inline
 from conveyor.errors import UsageError
 
 
@@ -285,7 +286,7 @@ def env_history(name: str, limit: int, home: Path | None, as_json: bool) -> None
             f" {row['started_at'][:19].replace('T', ' ')}"
         )
         if row["reason"]:
-            click.echo(f"      {row['reason']}")
+            click.echo(f"      {inline(row['reason'].replace(chr(10), ' ⏎ '))}")
 
 
 @env.command("stop")

@@ -161,7 +161,7 @@ def approve(
 
 
 def _check_reason(reason: str) -> None:
-    words = re.findall(r"[A-Za-z0-9]{2,}", reason)
+    words = re.findall(r"\w{2,}", reason)  # letters of any script: a reason may be in any language
     if len(reason.strip()) < 15 or len(set(w.lower() for w in words)) < 3:
         raise UsageError(
             "the reason must say why, in a sentence (at least 15 characters and 3 words)",

@@ -200,7 +200,9 @@ _DEPLOYMENT_COLUMNS = ", ".join("run_id" if key == "run" else key for key in _DE
 
 
 def _deployment(row: Sequence[Any]) -> dict[str, Any]:
-    return dict(zip(_DEPLOYMENT_KEYS, row, strict=True))
+    doc = dict(zip(_DEPLOYMENT_KEYS, row, strict=True))
+    doc["hotfix"], doc["overridden"] = bool(doc["hotfix"]), bool(doc["overridden"])
+    return doc
 
 
 def _artifact(row: Sequence[Any]) -> ArtifactRecord:
