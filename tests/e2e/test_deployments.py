@@ -543,3 +543,51 @@ def test_unknown_environments_and_empty_titles_are_usage_errors(repo: Repo) -> N
         assert result.code == 2, (args, result.out, result.err)
         assert "\x1b" not in result.err
     assert "did you mean 'production'" in repo.conveyor("metrics", "-e", "prodution").err
+
+
+def test_env_stop_after_a_killed_deployment_stops_its_release(shop: Repo) -> None:
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
+    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
+    proc = shop.popen("run", "--progress", "plain")
+    db = shop.path / ".conveyor" / "conveyor.db"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            conn = sqlite3.connect(db)
+            rows = conn.execute("SELECT id, status FROM deployments").fetchall()
+            conn.close()
+        except sqlite3.Error:
+            continue
+        if rows and rows[-1][1] == "running":
+            break
+    else:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the deployment never started")
+    deployment = rows[-1][0]
+    folder = shop.path / ".conveyor" / "environments" / "staging" / "releases" / str(deployment)
+    time.sleep(0.5)  # its service has started
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+
+    def serving() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and Path(os.readlink(entry / "cwd")) == folder:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    assert serving()  # the killed deployer's release is still running
+    stopped = shop.conveyor("env", "stop", "staging")
+    assert stopped.code == 0, stopped.err
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert history[0]["id"] == deployment and history[0]["status"] == "interrupted"
+    deadline = time.monotonic() + 10
+    while serving() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not serving()

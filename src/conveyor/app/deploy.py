@@ -264,7 +264,7 @@ class Deployer:
         overridden: bool = False,
     ) -> Outcome:
         name = environment.name
-        self._recover_interrupted(environment, fence)
+        self.recover_interrupted(environment, fence)
         state = self.record.environment_state(name)
         previous_row = (
             self.record.deployment(state["deployment"])
@@ -417,7 +417,7 @@ class Deployer:
             health,
         )
 
-    def _recover_interrupted(self, environment: EnvironmentSpec, fence: tuple[str, int]) -> None:
+    def recover_interrupted(self, environment: EnvironmentSpec, fence: tuple[str, int]) -> None:
         """Record the deployments a dead deployer left unfinished, and stop their release."""
         for row in self.record.unfinished_deployments(environment.name):
             release = self._release_of(row)

@@ -309,6 +309,12 @@ def env_stop(name: str, as_user: str | None, pipeline_file: str, home: Path | No
     actor = _actor(as_user, root)
     token = take_lease(record, name, actor)
     try:
+        # First what a killed deployer left: its new release may be serving, unrecorded.
+        from conveyor.bootstrap import make_deployer
+
+        make_deployer(home_obj, record, source, click.echo).recover_interrupted(
+            spec_env, (name, token)
+        )
         _stop_leased(record, home_obj, source, spec_env, name, actor, token)
     finally:
         record.release_lease(name, token)
