@@ -503,7 +503,8 @@ def test_sigint_and_sigterm_cancel_cleanly(repo: Repo, sig: int) -> None:
 def test_a_signal_while_conveyor_starts_cancels_it_without_a_traceback(sig: int) -> None:
     """Before a command has started anything, Ctrl-C or SIGTERM just ends it (exit 130)."""
     code = (
-        "import os, signal, time\n"
+        "import os, signal, sys, time\n"
+        "sys.argv[0] = '/usr/bin/conveyor'  # as the console script runs it\n"
         "import conveyor.cli\n"
         f"os.kill(os.getpid(), {int(sig)})\n"
         "time.sleep(5)\n"

@@ -11,6 +11,7 @@ no traceback from a half-imported module): nothing has started that would need c
 import gc
 import os
 import signal
+import sys
 
 
 def _cancelled_while_starting(signum: int, frame: object) -> None:
@@ -18,6 +19,7 @@ def _cancelled_while_starting(signum: int, frame: object) -> None:
     os._exit(130)
 
 
-signal.signal(signal.SIGINT, _cancelled_while_starting)
-signal.signal(signal.SIGTERM, _cancelled_while_starting)
+if os.path.basename(sys.argv[0]) in ("conveyor", "__main__.py"):  # the command, not a library
+    signal.signal(signal.SIGINT, _cancelled_while_starting)
+    signal.signal(signal.SIGTERM, _cancelled_while_starting)
 gc.set_threshold(50_000, 20, 10)
