@@ -594,6 +594,10 @@ def metrics(since: str, environment: str, home: Path | None, as_json: bool) -> N
     _print_metrics(doc)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _print_metrics(doc: dict[str, Any]) -> None:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value * 100:.1f}%"
@@ -611,15 +615,17 @@ def _print_metrics(doc: dict[str, Any]) -> None:
     recovery = doc["recovery_time_hours"]
     click.echo(
         f"{doc['environment']}, {doc['since'][:10]} to {doc['until'][:10]}"
-        f" ({doc['window_days']:.0f} days)"
+        f" ({_count(round(doc['window_days']), 'day')})"
     )
     click.echo(
         f"  deployment frequency   {doc['deployment_frequency_per_day']:.2f}/day"
-        f" ({doc['deployments']} deployments){level('deployment_frequency_per_day')}"
+        f" ({_count(doc['deployments'], 'deployment')}){level('deployment_frequency_per_day')}"
     )
     click.echo(
         f"  lead time for changes  median {hours(lead['median'])}, p90 {hours(lead['p90'])}"
-        f" ({lead['commits']} commits){level('lead_time_hours')}"
+        f" ({_count(lead['commits'], 'commit')}"
+        + (f", {lead['skewed']} with a skewed clock" if lead.get("skewed") else "")
+        + f"){level('lead_time_hours')}"
     )
     click.echo(
         f"  change failure rate    {pct(doc['change_failure_rate'])}"
