@@ -62,6 +62,23 @@ def test_an_existing_log_file_is_never_appended_to(tmp_path: Path) -> None:
     assert old.read_bytes() == b"an earlier run's log\n"
 
 
+def test_an_empty_log_has_the_digest_of_no_bytes_and_no_file(tmp_path: Path) -> None:
+    summary = FileLogStore(tmp_path).open_attempt(1, "quiet", 1).close()
+    assert (summary.size, summary.sha256) == (0, hashlib.sha256(b"").hexdigest())
+    assert not (tmp_path / summary.path).exists()
+
+
+def test_every_attempt_of_a_run_whose_log_folder_existed_is_checked(tmp_path: Path) -> None:
+    # A restored record reuses run 1: its folder exists with other files than the first
+    # attempt's; a later attempt's file is found too (not only the first attempt's).
+    (tmp_path / "logs" / "1").mkdir(parents=True)
+    (tmp_path / "logs" / "1" / "deploy.2.log").write_bytes(b"an earlier run's log\n")
+    store = FileLogStore(tmp_path)
+    assert store.open_attempt(1, "unit", 1).problem == ""
+    assert "logs/1/deploy.2.log exists already" in store.open_attempt(1, "deploy", 2).problem
+    assert store.open_attempt(2, "unit", 1).problem == ""  # a new run's folder: no check
+
+
 def test_a_log_file_created_meanwhile_is_not_appended_to(tmp_path: Path) -> None:
     log = FileLogStore(tmp_path).open_attempt(1, "unit", 1)
     assert log.problem == ""

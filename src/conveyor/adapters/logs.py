@@ -18,6 +18,7 @@ from pathlib import Path
 from conveyor.domain.ports import LogSummary
 
 DEFAULT_CAP = 50 * 1024 * 1024
+_EMPTY_SHA256 = hashlib.sha256().hexdigest()
 
 
 def incomplete_tail(data: bytes) -> int:
@@ -36,7 +37,8 @@ def incomplete_tail(data: bytes) -> int:
 class FileAttemptLog:
     """The log of one attempt; the file is created on the first write."""
 
-    def __init__(self, home: Path, rel_path: str, cap: int) -> None:
+    def __init__(self, home: Path, rel_path: str, cap: int, *, check: bool = True) -> None:
+        """``check=False``: the caller knows the file cannot exist (its folder did not)."""
         self.path = rel_path
         self._home = home
         self._cap = cap
@@ -44,9 +46,9 @@ class FileAttemptLog:
         self._size = 0
         self._dropped = 0
         self._pending = b""  # the start of a character whose end has not arrived yet
-        self._sha = hashlib.sha256()
+        self._sha: hashlib._Hash | None = None  # made at the first write: most logs stay empty
         self.problem = ""
-        if os.path.lexists(home / rel_path):
+        if check and os.path.lexists(home / rel_path):
             self._refuse()
 
     def write(self, data: bytes) -> None:
@@ -91,7 +93,8 @@ class FileAttemptLog:
                 )
             os.close(self._fd)
             self._fd = None
-        return LogSummary(self.path, self._size, self._sha.hexdigest(), truncated, self.problem)
+        digest = self._sha.hexdigest() if self._sha is not None else _EMPTY_SHA256
+        return LogSummary(self.path, self._size, digest, truncated, self.problem)
 
     def _refuse(self) -> None:
         self.problem = (
@@ -115,6 +118,8 @@ class FileAttemptLog:
                     self._refuse()
                     self._dropped += len(data)
                     return
+            if self._sha is None:
+                self._sha = hashlib.sha256()
             view = memoryview(data)
             while view:
                 written = os.write(self._fd, view)
@@ -135,7 +140,15 @@ class FileLogStore:
     def __init__(self, home: Path, cap: int = DEFAULT_CAP) -> None:
         self.home = home
         self.cap = cap
+        self._new_runs: set[int] = set()
+        """Runs whose log folder did not exist at their first attempt: no file of another
+        record can be in it (one ``lstat`` per run instead of one per attempt)."""
 
     def open_attempt(self, run_id: int, job: str, attempt: int) -> FileAttemptLog:
         """A new log for one attempt (the job name is validated by the spec: no ``/``)."""
-        return FileAttemptLog(self.home, f"logs/{run_id}/{job}.{attempt}.log", self.cap)
+        if run_id not in self._new_runs and not os.path.lexists(self.home / f"logs/{run_id}"):
+            self._new_runs.add(run_id)
+        check = run_id not in self._new_runs
+        return FileAttemptLog(
+            self.home, f"logs/{run_id}/{job}.{attempt}.log", self.cap, check=check
+        )

@@ -58,6 +58,8 @@ ARTIFACTS_DIR = ".conveyor-artifacts"
 KILL_GRACE_S = 3.0
 """Seconds between SIGTERM and SIGKILL when a job is timed out or cancelled."""
 
+_UTF8_DECODER = codecs.getincrementaldecoder("utf-8")
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -450,7 +452,7 @@ class Engine:
         state.deadline = self.clock.monotonic() + job.timeout_s  # attempt 1's has passed
         state.log = self.logs.open_attempt(request.run_id, job.name, state.attempt)
         state.stream = self._masker.stream()
-        state.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        state.decoder = _UTF8_DECODER("replace")
         state.launch_key = f"{job.name}#{state.attempt}"
         run.running[state.launch_key] = state
         run.to_spawn.append(state)

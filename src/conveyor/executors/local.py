@@ -259,8 +259,10 @@ class LocalExecutor:
             pid = None
             if argv is not None:
                 # As make does: exec directly; on any exec error let bash run it and explain.
-                with contextlib.suppress(OSError):
+                try:
                     pid = _spawn(argv, launch.env, write_fd)
+                except OSError:
+                    pid = None
             if pid is None:
                 bash = _which(SHELL[0], path)
                 if bash is None:
@@ -441,5 +443,7 @@ def _spawn(argv: list[str], env: Mapping[str, str], out_fd: int) -> int:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    try:  # not contextlib.suppress: this runs at the end of every attempt
         os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
