@@ -186,6 +186,14 @@ def test_all_duplicate_keys_are_reported() -> None:
     ]
 
 
+def test_keys_written_differently_but_equal_say_why_they_are_duplicates() -> None:
+    problem = only_problem("1.0: a\n1.00: b\n")
+    assert problem.message == "duplicate key '1.00' (first defined at line 1)"
+    assert problem.hint is not None and "'1.0' and '1.00'" in problem.hint
+    assert "quote the keys" in problem.hint
+    assert only_problem("c: 1\nc: 2\n").hint == "a key may appear only once in a mapping"
+
+
 def test_keys_of_different_types_are_not_duplicates() -> None:
     assert as_python(load("1: a\n'1': b\n")) == {1: "a", "1": "b"}
 
@@ -261,6 +269,15 @@ def test_problems_show_unprintable_characters_as_escapes() -> None:
     for problem in problems:
         problem.render().encode("utf-8")  # printable
     assert SpecProblem("f\udcfe.yml", 1, 1, "x\0").render() == "f\\udcfe.yml:1:1: x\\0"
+
+
+@pytest.mark.parametrize(
+    ("text", "column"), [("a:\tb\n", 3), ("a:\t[1]\n", 3), ("a:\n  -\tb\n", 4)]
+)
+def test_a_tab_after_text_is_a_separator_not_an_indentation(text: str, column: int) -> None:
+    problem = only_problem(text)
+    assert problem.column == column, problem
+    assert problem.hint is not None and problem.hint.startswith("replace the tab with a space")
 
 
 def test_tabs_for_indentation() -> None:

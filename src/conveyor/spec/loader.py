@@ -226,7 +226,8 @@ class _Frame:
         self.expect_key = True
         self.key: ScalarNode | None = None
         self.skip_value = False
-        self.seen: dict[tuple[type, Scalar], int] = {}
+        self.seen: dict[tuple[type, Scalar], tuple[int, str]] = {}
+        """Keys met so far: (line, text as written)."""
 
 
 def _tag_text(event: Any) -> str:
@@ -266,7 +267,10 @@ _PARSE_HINTS = (
 )
 
 
-def _parse_problem(source: str, exc: MarkedYAMLError) -> SpecProblem:
+_TAB_AFTER_TEXT = "replace the tab with a space: YAML separates a key, a '-' or a value with spaces"
+
+
+def _parse_problem(source: str, exc: MarkedYAMLError, text: str = "") -> SpecProblem:
     """A ruamel scanner/parser error as a problem at its mark."""
     mark = exc.problem_mark or exc.context_mark
     line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
@@ -275,6 +279,11 @@ def _parse_problem(source: str, exc: MarkedYAMLError) -> SpecProblem:
     if context and cmark is not None and (cmark.line, cmark.column) != (line - 1, column - 1):
         problem += f" ({_one_line(context)} at line {cmark.line + 1}, column {cmark.column + 1})"
     hint = next((h for needle, h in _PARSE_HINTS if needle in problem), None)
+    if "'\\t'" in problem and mark is not None:
+        lines = text.split("\n")
+        before = lines[mark.line][: mark.column] if mark.line < len(lines) else ""
+        if before.strip():  # the tab follows text on its line: it separates, not indents
+            hint = _TAB_AFTER_TEXT
     return SpecProblem(source, line, column, f"invalid YAML: {problem}", hint=hint)
 
 
@@ -525,20 +534,27 @@ class _Builder:
             frame.skip_value = True
             return
         identity = (type(node.value), node.value)
-        first = frame.seen.get(identity)
-        if first is not None:
+        seen = frame.seen.get(identity)
+        if seen is not None:
+            first, first_raw = seen
+            hint = "a key may appear only once in a mapping"
+            if first_raw != node.raw:  # 1.0 and 1.00, 0x10 and 16: one number in YAML
+                hint = (
+                    f"YAML reads '{first_raw}' and '{node.raw}' as the same value: quote the"
+                    " keys to keep them apart"
+                )
             self.report(
                 SpecProblem(
                     self.source,
                     line,
                     column,
                     f"duplicate key '{node.raw}' (first defined at line {first})",
-                    hint="a key may appear only once in a mapping",
+                    hint=hint,
                 )
             )
             frame.skip_value = True
             return
-        frame.seen[identity] = line
+        frame.seen[identity] = (line, node.raw)
         frame.key = node
 
 
@@ -563,7 +579,7 @@ def _read(text: str, source: str) -> tuple[Node | None, list[SpecProblem]]:
         )
         raise SpecError([*builder.problems, problem]) from None
     except MarkedYAMLError as exc:
-        raise SpecError([*builder.problems, _parse_problem(source, exc)]) from None
+        raise SpecError([*builder.problems, _parse_problem(source, exc, text)]) from None
     except _Fatal as exc:
         raise SpecError([*builder.problems, exc.problem]) from None
     except _TooMany:
