@@ -424,3 +424,40 @@ def test_a_writer_that_loses_the_race_for_the_tail_twice_still_appends(tmp_path:
     a.close()
     b.close()
     assert report.ok and report.events == 4
+
+
+def test_folding_the_log_empties_it_and_keeps_every_event(tmp_path: Path) -> None:
+    db = tmp_path / "conveyor.db"
+    ensure_schema(db)
+    record = SqliteRecord(db, lambda: "now")
+    run = record.allocate_run_id()
+    record.append([started(run)])
+    for i in range(50):
+        record.append([finished(run, f"j{i}", f"k{i}")])
+    wal = tmp_path / "conveyor.db-wal"
+    assert not record.fold_log(min_bytes=wal.stat().st_size)  # small enough: left as it is
+    assert record.fold_log(min_bytes=0)
+    assert wal.stat().st_size == 0
+    record.append([ev.RunFinished(run_id=run, status="succeeded")])
+    report = record.verify()
+    record.close()
+    assert report.ok and report.events == 52
+
+
+def test_folding_the_log_never_waits_for_a_reader(tmp_path: Path) -> None:
+    db = tmp_path / "conveyor.db"
+    ensure_schema(db)
+    record = SqliteRecord(db, lambda: "now")
+    run = record.allocate_run_id()
+    record.append([started(run)])
+    reader = sqlite3.connect(db, isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM events").fetchone() == (1,)  # a snapshot held
+    record.append([finished(run, "a", "k")])  # a frame the reader's snapshot does not see
+    assert not record.fold_log(min_bytes=0)  # busy: returns at once, the log stays
+    assert (tmp_path / "conveyor.db-wal").stat().st_size > 0
+    reader.execute("COMMIT")
+    reader.close()
+    assert record.fold_log(min_bytes=0)
+    assert record.verify().ok
+    record.close()

@@ -636,6 +636,7 @@ def run(
         run_id = prepared.request.run_id
         prune_workspaces(home_obj)
         _summary(record, run_id, status)
+        record.fold_log()  # the next command does not have to read this run's log back
         sys.exit({"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(status, EXIT_FAILED))
     finally:
         if workspace is not None:
