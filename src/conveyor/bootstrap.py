@@ -52,8 +52,11 @@ if TYPE_CHECKING:
 KEEP_WORKSPACES = 5
 
 
-def open_record(home: Home, *, recover: bool = True) -> SqliteRecord:
-    """The record of ``home`` (created and migrated if needed), orphans recovered."""
+def open_record(
+    home: Home, *, recover: bool = True, say: Callable[[str], None] | None = None
+) -> SqliteRecord:
+    """The record of ``home`` (created and migrated if needed), orphans recovered (``say``
+    tells what a recovered run left unfinished)."""
     home.ensure()
     check_not_lost(home.database)
     if home.database.exists():
@@ -66,12 +69,18 @@ def open_record(home: Home, *, recover: bool = True) -> SqliteRecord:
         ensure_schema(home.database)  # a new record: created with its page size, then migrated
         record = SqliteRecord(home.database, SystemClock().now)
     if recover:
-        recover_orphans(record, home)
+        recover_orphans(record, home, say)
     return record
 
 
-def recover_orphans(record: SqliteRecord, home: Home) -> list[int]:
-    """Mark runs whose owner died ``interrupted`` after killing their jobs; returns their ids."""
+def recover_orphans(
+    record: SqliteRecord, home: Home, say: Callable[[str], None] | None = None
+) -> list[int]:
+    """Mark runs whose owner died ``interrupted`` after killing their jobs; returns their ids.
+
+    A deployment such a run left unfinished is not touched here (stopping what it started
+    needs the environment's definition): ``say`` tells how to end it.
+    """
     recovered: list[int] = []
     for run in record.running_runs():
         if not owner_is_gone(home.locks, run["id"], run["owner_pid"], run["owner_host"]):
@@ -91,6 +100,14 @@ def recover_orphans(record: SqliteRecord, home: Home) -> list[int]:
         except _AlreadyEnded:
             continue  # another command recovered it meanwhile
         recovered.append(run["id"])
+        if say is not None:
+            for row in record.unfinished_deployments_of_run(run["id"]):
+                say(
+                    f"warning: run {run['id']} stopped while deploying to"
+                    f" '{row['environment']}' (deployment {row['id']}); what it started may"
+                    f" still run: `conveyor env stop {row['environment']}` stops it, the next"
+                    " deployment replaces it"
+                )
     return recovered
 
 

@@ -461,3 +461,56 @@ def test_folding_the_log_never_waits_for_a_reader(tmp_path: Path) -> None:
     assert record.fold_log(min_bytes=0)
     assert record.verify().ok
     record.close()
+
+
+def test_an_unfinished_deployment_is_in_progress_only_while_its_live_deployer_holds_the_lease(
+    tmp_path: Path,
+) -> None:
+    import os
+    import socket
+
+    from conveyor.app.deploy import unfinished_deployments
+
+    db = tmp_path / "conveyor.db"
+    ensure_schema(db)
+    record = SqliteRecord(db, lambda: "now")
+    run = record.allocate_run_id()
+    record.append([started(run)])
+    token, _ = record.acquire_lease(
+        "staging",
+        "me",
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        ttl_s=60,
+        now=100.0,
+        holder_gone=lambda pid, host: False,
+    )
+    deployment = record.allocate_deployment_id()
+    record.append(
+        [
+            de.DeploymentStarted(
+                run_id=run,
+                deployment_id=deployment,
+                environment="staging",
+                artifact="app",
+                digest="sha256:" + "0" * 64,
+                revision="r" * 40,
+                actor="me",
+                trigger="stage",
+                strategy="recreate",
+                previous_digest=None,
+                previous_deployment=None,
+                lease=int(token),
+            )
+        ]
+    )
+    assert record.unfinished_deployments_of_run(run)[0]["id"] == deployment
+    running, interrupted = unfinished_deployments(record, "staging", now=110.0)
+    assert ([r["id"] for r in running], interrupted) == ([deployment], [])
+    running, interrupted = unfinished_deployments(record, "staging", now=200.0)  # expired
+    assert (running, [r["id"] for r in interrupted]) == ([], [deployment])
+    record.release_lease("staging", int(token))
+    running, interrupted = unfinished_deployments(record, "staging", now=110.0)
+    assert (running, [r["id"] for r in interrupted]) == ([], [deployment])
+    assert unfinished_deployments(record, "production") == ([], [])
+    record.close()

@@ -583,10 +583,22 @@ def test_env_stop_after_a_killed_deployment_stops_its_release(shop: Repo) -> Non
         return found
 
     assert serving()  # the killed deployer's release is still running
+    # The first command after the kill recovers the run and says what it left unfinished.
+    listed = shop.conveyor("runs", "list")
+    assert listed.code == 0, listed.err
+    assert f"stopped while deploying to 'staging' (deployment {deployment})" in listed.err
+    assert "conveyor env stop staging" in listed.err
+    assert "stopped while deploying" not in shop.conveyor("runs", "list").err  # said once
+    status = shop.conveyor("env", "status", "staging", "--json").json()
+    assert status["deploying"] is None
+    assert [item["deployment"] for item in status["interrupted"]] == [deployment]
+    assert f"interrupted deployment {deployment}" in shop.conveyor("env", "status", "staging").out
+    assert "interrupted" in shop.conveyor("env", "list").out
     stopped = shop.conveyor("env", "stop", "staging")
     assert stopped.code == 0, stopped.err
     history = shop.conveyor("env", "history", "staging", "--json").json()
     assert history[0]["id"] == deployment and history[0]["status"] == "interrupted"
+    assert shop.conveyor("env", "status", "staging", "--json").json()["interrupted"] == []
     deadline = time.monotonic() + 10
     while serving() and time.monotonic() < deadline:
         time.sleep(0.1)

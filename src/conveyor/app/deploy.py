@@ -634,6 +634,31 @@ def take_lease(record: Any, environment: str, actor: str, ttl_s: float = 60.0) -
     return int(token)
 
 
+def unfinished_deployments(
+    record: Any, environment: str, now: float | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Deployments recorded as started and not finished: (in progress, interrupted).
+
+    One is in progress while its deployer, alive, holds the environment's lease; the others'
+    deployers stopped before the end (killed, crashed): what they left runs until ``env stop``
+    or the next deployment, which record them ``interrupted``.
+    """
+    rows = record.unfinished_deployments(environment)
+    if not rows:
+        return [], []
+    lease = record.lease_of(environment)
+    live_token = None
+    if (
+        lease is not None
+        and not lease["released"]
+        and lease["expires_at"] > (time.time() if now is None else now)
+        and not _holder_gone(lease["pid"], lease["host"])
+    ):
+        live_token = lease["token"]
+    running = [row for row in rows if live_token is not None and row["lease"] == live_token]
+    return running, [row for row in rows if row not in running]
+
+
 def _holder_gone(pid: int | None, host: str | None) -> bool:
     """Whether a lease holder on this machine no longer runs (it crashed)."""
     if pid is None or host != socket.gethostname():
@@ -641,4 +666,4 @@ def _holder_gone(pid: int | None, host: str | None) -> bool:
     return not os.path.exists(f"/proc/{pid}")
 
 
-__all__ = ["STRATEGY", "Deployer", "LeaseLost", "Outcome", "refusal"]
+__all__ = ["STRATEGY", "Deployer", "LeaseLost", "Outcome", "refusal", "unfinished_deployments"]

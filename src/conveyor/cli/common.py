@@ -104,7 +104,7 @@ def open_record_at(home: Path | None, root: Path | None = None) -> Any:
 
     if home is None and root is None:
         root = repo_root()
-    return open_record(home_of(home, root))
+    return open_record(home_of(home, root), say=lambda text: click.echo(text, err=True))
 
 
 def run_id_of(record: Any, ref: str) -> int:

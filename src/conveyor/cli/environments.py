@@ -149,10 +149,12 @@ def env() -> None:
 def _status_doc(
     record: Any, home_obj: Any, source: Any, spec_env: Any, name: str
 ) -> dict[str, Any]:
+    from conveyor.app.deploy import unfinished_deployments
     from conveyor.bootstrap import make_target
     from conveyor.domain.delivery import Release
 
     state = record.environment_state(name)
+    in_progress, interrupted = unfinished_deployments(record, name)
     doc: dict[str, Any] = {
         "name": name,
         "status": state["status"] if state else "never deployed",
@@ -166,6 +168,8 @@ def _status_doc(
         "url": None,
         "running": None,
         "gates": _latest_verdicts(record, name),
+        "deploying": in_progress[0]["id"] if in_progress else None,
+        "interrupted": [{"deployment": row["id"], "run": row["run"]} for row in interrupted],
     }
     if state is None or state["deployment"] is None:
         return doc
@@ -228,8 +232,9 @@ def env_list(pipeline_file: str, home: Path | None, as_json: bool) -> None:
         f"{'ENVIRONMENT':<16} {'STATUS':<15} {'ARTIFACT':<12} {'DIGEST':<20} {'RUN':>4}  URL"
     )
     for doc in docs:
+        status = "interrupted" if doc["interrupted"] else doc["status"]
         click.echo(
-            f"{doc['name'][:16]:<16} {doc['status']:<15} {(doc['artifact'] or '-')[:12]:<12}"
+            f"{doc['name'][:16]:<16} {status:<15} {(doc['artifact'] or '-')[:12]:<12}"
             f" {(doc['digest'] or '-')[:19]:<20} {doc['run'] or '-':>4}  {doc['url'] or ''}"
         )
 
@@ -255,6 +260,14 @@ def env_status(name: str, pipeline_file: str, home: Path | None, as_json: bool) 
             click.echo(f"  process     {'running' if doc['running'] else 'NOT running'}")
         if doc["url"]:
             click.echo(f"  url         {doc['url']}")
+    if doc["deploying"] is not None:
+        click.echo(f"  deploying   deployment {doc['deploying']} (in progress)")
+    for item in doc["interrupted"]:
+        click.echo(
+            f"  interrupted deployment {item['deployment']} (run {item['run']}): its deployer"
+            " stopped before the end; what it started may still run:"
+            f" `conveyor env stop {name}` stops it, the next deployment replaces it"
+        )
     for gate in doc["gates"]:
         note = f" (override {gate['override']})" if gate["override"] else ""
         click.echo(f"  gate        {gate['gate']}: {gate['verdict']}{note}: {gate['summary']}")

@@ -714,6 +714,15 @@ class SqliteRecord:
         ).fetchall()
         return [_deployment(row) for row in rows]
 
+    def unfinished_deployments_of_run(self, run_id: int) -> list[dict[str, Any]]:
+        """The deployments a run started and never finished."""
+        rows = self._conn.execute(
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments WHERE run_id = ?"
+            " AND status = 'running' AND trigger = 'stage' ORDER BY id",
+            (run_id,),
+        ).fetchall()
+        return [_deployment(row) for row in rows]
+
     def environment_state(self, environment: str) -> dict[str, Any] | None:
         """What runs in an environment now: its deployment id, status and since when."""
         row = self._conn.execute(
