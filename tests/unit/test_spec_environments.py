@@ -91,7 +91,14 @@ def test_the_only_artifact_is_the_default() -> None:
             ("environment: staging, artifact: app", "environment: staging, artifact: ap"),
             "deploys artifact 'ap', which is not declared",
         ),
-        (("type: process, command", "type: docker, command"), "unknown target type 'docker'"),
+        (
+            ("type: process, command", "type: docker, command"),
+            "unknown target type 'docker'\n  hint: known types: process, command",
+        ),
+        (
+            ("type: process, command", "type: proces, command"),
+            "unknown target type 'proces'\n  hint: did you mean 'process'?",
+        ),
         (
             ("requires: [acceptance]", "requires: [acceptanse]"),
             "requires stage 'acceptanse', which is not a stage",

@@ -109,6 +109,10 @@ def test_gates_and_overrides_parse() -> None:
             ("      - tests: {min_count: 10}", "      - {tests: {}, coverage: {}}"),
             "is a mapping with one kind, got 2 keys: 'tests', 'coverage'",
         ),
+        (
+            ("      - tests: {min_count: 10}", "      - tests: {min_count: 10}\n        name: t"),
+            "hint: a gate's name is one of its settings: - tests: {name: unit, ...}",
+        ),
     ],
 )
 def test_bad_gates_are_explained(change: tuple[str, str], expected: str) -> None:

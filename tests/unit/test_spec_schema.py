@@ -367,6 +367,13 @@ def test_job_unknown_key_from_another_ci_system() -> None:
     ]
 
 
+def test_a_word_of_another_tool_beats_a_near_spelling() -> None:
+    """'steps' is spelled close to 'gates' but means 'jobs' (GitHub Actions' word)."""
+    problems = problems_of("pipeline: p\nstages:\n  - name: commit\n    steps: {a: {run: x}}\n")
+    hints = {p.message: p.hint for p in problems}
+    assert hints["unknown key 'steps' in a stage"] == "did you mean 'jobs'?"
+
+
 def test_job_unknown_key_lists_the_known_keys() -> None:
     problem = only_problem(pipeline_with_jobs("a: {run: x, zzz: 1}\n"))
     assert problem.hint == (

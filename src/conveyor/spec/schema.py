@@ -290,9 +290,10 @@ class _Schema:
             if name in known:
                 found[name] = (key, value)
                 continue
-            hint = did_you_mean(name, known)
-            if hint is None and synonyms and name in synonyms:
-                hint = f"did you mean '{synonyms[name]}'?"
+            if synonyms and name in synonyms:  # a word of another tool beats a near spelling
+                hint: str | None = f"did you mean '{synonyms[name]}'?"
+            else:
+                hint = did_you_mean(name, known)
             if hint is None:
                 hint = "known keys: " + ", ".join(known)
             if where == "at the top level" and name == "jobs":
@@ -998,6 +999,8 @@ class _Schema:
             elif isinstance(node, MapNode):
                 got = f"{len(node.items)} keys: " + _quote_list([k.raw for k, _ in node.items])
                 hint = "make each kind a list item of its own: - tests: {...}, - coverage: {...}"
+                if any(k.raw == "name" for k, _ in node.items):
+                    hint = "a gate's name is one of its settings: - tests: {name: unit, ...}"
             self.add(node, f"each gate of {where} is a mapping with one kind, got {got}", hint)
             return None
         key, value = node.items[0]
@@ -1186,7 +1189,7 @@ class _Schema:
             self.add(
                 type_entry[1],
                 f"unknown target type '{kind}'",
-                hint=(did_you_mean(kind, TARGET_TYPES) or "") + " (known types: process, command)",
+                hint=did_you_mean(kind, TARGET_TYPES) or "known types: " + ", ".join(TARGET_TYPES),
             )
             return None
         found = self.fields(node, TARGET_KEYS[kind], f"in a {kind} target")
