@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -196,6 +197,7 @@ def test_overrides_are_accountable(shop: Repo) -> None:
         {"environment": "production", "gate": "metric", "person": "ops@example.invalid", "count": 1}
     ]
     assert report["override_rate"]["production"]["overridden"] == 1
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", report["since"])
     history = shop.conveyor("env", "history", "production", "--json").json()
     assert history[0]["overridden"] is True
 
@@ -271,6 +273,9 @@ def test_change_window_in_its_time_zone_across_dst(shop: Repo) -> None:
     for at, expected in cases:
         result = shop.conveyor("gates", "check", "frozen", "--at", at)
         assert result.code == expected, (at, result.out, result.err)
+    # every time shown is UTC with microseconds and a Z, whatever zone --at was given in
+    doc = shop.conveyor("gates", "check", "frozen", "--at", "2026-10-23T15:30:00+01:00", "--json")
+    assert doc.json()["at"] == "2026-10-23T14:30:00.000000Z"
 
 
 def test_incidents_and_hotfixes_feed_the_dora_keys(shop: Repo) -> None:

@@ -630,7 +630,7 @@ def test_window_gate_evidence_inside_and_outside() -> None:
     assert not v.passed
     assert v.evidence == {
         "timezone": "Europe/Berlin",
-        "at": "2026-01-09T15:30:00+00:00",
+        "at": "2026-01-09T15:30:00.000000Z",
         "local_time": "2026-01-09T16:30:00+01:00",
         "windows": ["Fri 16:00-Mon 08:00"],
         "window": "Fri 16:00-Mon 08:00",

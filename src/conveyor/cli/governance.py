@@ -50,8 +50,13 @@ def _parse_since(text: str) -> float:
         raise UsageError(f"--since {text}: {exc}", hint="e.g. --since 30d or --since 12h") from exc
 
 
+def _utc_text(moment: datetime) -> str:
+    """A time as the record writes them: UTC, ISO 8601, microseconds, ``Z``."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _epoch_text(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _utc_text(datetime.fromtimestamp(epoch, UTC))
 
 
 # -- users ---------------------------------------------------------------------------------
@@ -394,10 +399,10 @@ def gates_check(
     allowed = not any(r["status"] == "failed" for r in results)
     if as_json:
         echo_json(
-            {"environment": env.name, "at": at.isoformat(), "allowed": allowed, "gates": results}
+            {"environment": env.name, "at": _utc_text(at), "allowed": allowed, "gates": results}
         )
     else:
-        click.echo(f"{env.name} at {at.isoformat()}:")
+        click.echo(f"{env.name} at {_utc_text(at)}:")
         for r in results:
             click.echo(f"  {r['status']:<13} {r['gate']:<12} {r['summary']}")
         click.echo("a deployment would be allowed" if allowed else "a deployment would be refused")

@@ -152,6 +152,9 @@ class MetricsError(ConveyorError):
     """A metrics document is too large to use."""
 
 
+_UTC_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # the record's timestamps
+
+
 @dataclass(frozen=True)
 class Verdict:
     """A gate's decision and the evidence it was made on."""
@@ -500,7 +503,7 @@ def window_gate(name: str, *, deny: Sequence[Window], timezone: str, at: datetim
         raise ValueError("window_gate needs an aware datetime")
     evidence: dict[str, Any] = {
         "timezone": timezone,
-        "at": at.astimezone(UTC).isoformat(),
+        "at": at.astimezone(UTC).strftime(_UTC_FORMAT),
         "local_time": None,
         "windows": [w.text for w in deny],
         "window": None,
