@@ -291,7 +291,18 @@ def test_incidents_and_hotfixes_feed_the_dora_keys(shop: Repo) -> None:
     second = build(shop, version="2")
     shop.conveyor("approve", str(second), "-e", "production", "--as", "rm@example.invalid")
     assert promote(shop, second, "--hotfix")[0] == 0
+    listed = shop.conveyor("incident", "list", "--unresolved", "--json").json()
+    assert [(i["id"], i["title"], i["resolved_at"]) for i in listed] == [
+        (incident["id"], "checkout broken", None)
+    ]
+    text = shop.conveyor("incident", "list", "-e", "production").out
+    assert "checkout broken" in text and " open " in text
+    unknown = shop.conveyor("incident", "resolve", str(incident["id"] + 100))
+    assert unknown.code == 2
+    assert f"unresolved incidents: {incident['id']} (conveyor incident list)" in unknown.err
     assert shop.conveyor("incident", "resolve", str(incident["id"])).code == 0
+    assert shop.conveyor("incident", "list", "--unresolved", "--json").json() == []
+    assert shop.conveyor("incident", "list", "--json").json()[0]["resolved_at"].endswith("Z")
     doc = shop.conveyor("metrics", "--since", "1d", "--json").json()
     assert doc["deployments"] == 2
     assert doc["change_failure_rate"] == 1.0  # one linked to the incident, one hotfix

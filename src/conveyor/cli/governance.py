@@ -24,6 +24,7 @@ from conveyor.cli.common import (
     open_record_at,
     repo_root,
 )
+from conveyor.domain.text import inline
 from conveyor.errors import PermissionDenied, UsageError
 
 as_option = click.option(
@@ -473,7 +474,7 @@ def report_overrides(since: str, home: Path | None, as_json: bool) -> None:
             state += ", unconfirmed"
         click.echo(
             f"  #{item['id']} {item['environment']}/{item['gate']} {item['digest'][:19]}… by"
-            f" {item['actor']} ({state}, used {item['used']}x): {item['reason']}"
+            f" {inline(item['actor'])} ({state}, used {item['used']}x): {inline(item['reason'])}"
         )
 
 
@@ -542,6 +543,43 @@ def incident_open(
     )
 
 
+@incident.command("list")
+@click.option("--environment", "-e", "environment", help="Only this environment's.")
+@click.option("--unresolved", is_flag=True, help="Only the incidents not resolved yet.")
+@click.option(
+    "--limit",
+    "-n",
+    type=click.IntRange(1, 100000),
+    default=50,
+    show_default=True,
+    help="At most this many, newest first.",
+)
+@home_option
+@json_option
+def incident_list(
+    environment: str | None, unresolved: bool, limit: int, home: Path | None, as_json: bool
+) -> None:
+    """Incidents, newest first."""
+    record = open_record_at(home)
+    items = record.incidents(environment, unresolved=unresolved, limit=limit)
+    if as_json:
+        echo_json(items)
+        return
+    if not items:
+        click.echo("no incidents" + (" unresolved" if unresolved else ""))
+        return
+    click.echo(
+        f"{'ID':>5}  {'ENVIRONMENT':<16} {'DEPLOYMENT':>10}  {'OPENED':<20} {'STATE':<10} TITLE"
+    )
+    for item in items:
+        deployment = "-" if item["deployment"] is None else str(item["deployment"])
+        state = "resolved" if item["resolved_at"] else "open"
+        click.echo(
+            f"{item['id']:>5}  {inline(item['environment'])[:16]:<16} {deployment:>10}"
+            f"  {item['opened_at'][:19]:<20} {state:<10} {inline(item['title'])}"
+        )
+
+
 @incident.command("resolve")
 @click.argument("incident_id", type=click.IntRange(1, 2**62), metavar="ID")
 @as_option
@@ -553,7 +591,15 @@ def incident_resolve(incident_id: int, as_user: str | None, home: Path | None) -
     record = open_record_at(home)
     item = record.incident(incident_id)
     if item is None:
-        raise UsageError(f"there is no incident {incident_id}")
+        unresolved = [str(i["id"]) for i in record.incidents(unresolved=True, limit=10)]
+        raise UsageError(
+            f"there is no incident {incident_id}",
+            hint=(
+                f"unresolved incidents: {', '.join(unresolved)} (conveyor incident list)"
+                if unresolved
+                else "no incident is unresolved (conveyor incident list shows them all)"
+            ),
+        )
     if item["resolved_at"]:
         raise UsageError(f"incident {incident_id} was resolved at {item['resolved_at']}")
     row = record.deployment(item["deployment"]) if item["deployment"] is not None else None

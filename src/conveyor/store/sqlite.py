@@ -551,21 +551,26 @@ class SqliteRecord:
 
     def incident(self, incident_id: int) -> dict[str, Any] | None:
         row = self._conn.execute(
-            "SELECT id, environment, deployment_id, title, opened_by, opened_at, resolved_by,"
-            " resolved_at FROM incidents WHERE id = ?",
-            (incident_id,),
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?", (incident_id,)
         ).fetchone()
-        keys = (
-            "id",
-            "environment",
-            "deployment",
-            "title",
-            "opened_by",
-            "opened_at",
-            "resolved_by",
-            "resolved_at",
-        )
-        return dict(zip(keys, row, strict=True)) if row else None
+        return dict(zip(_INCIDENT_KEYS, row, strict=True)) if row else None
+
+    def incidents(
+        self, environment: str | None = None, *, unresolved: bool = False, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """Incidents, newest first; only ``environment``'s, only the unresolved ones."""
+        where, args = ["1"], []
+        if environment is not None:
+            where.append("environment = ?")
+            args.append(environment)
+        if unresolved:
+            where.append("resolved_at IS NULL")
+        rows = self._conn.execute(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE {' AND '.join(where)}"
+            " ORDER BY id DESC LIMIT ?",
+            (*args, limit),
+        ).fetchall()
+        return [dict(zip(_INCIDENT_KEYS, row, strict=True)) for row in rows]
 
     def acquire_lease(
         self,
@@ -1516,6 +1521,21 @@ def _user_changed(conn: sqlite3.Connection, e: Any, at: str) -> None:
         " ON CONFLICT (name) DO UPDATE SET roles = excluded.roles",
         (e.name, canonical(sorted(e.roles)), at, e.actor),
     )
+
+
+_INCIDENT_COLUMNS = (
+    "id, environment, deployment_id, title, opened_by, opened_at, resolved_by, resolved_at"
+)
+_INCIDENT_KEYS = (
+    "id",
+    "environment",
+    "deployment",
+    "title",
+    "opened_by",
+    "opened_at",
+    "resolved_by",
+    "resolved_at",
+)
 
 
 def _incident_opened(conn: sqlite3.Connection, e: Any, at: str) -> None:
