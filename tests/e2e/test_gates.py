@@ -185,6 +185,11 @@ def test_overrides_are_accountable(shop: Repo) -> None:
     assert granted.code == 0, granted.err
     override_id = granted.json()["id"]
 
+    needless = shop.conveyor(
+        "override", "--confirm", str(override_id), "--as", "rm@example.invalid"
+    )
+    assert needless.code == 2 and "needs no confirmation" in needless.err
+
     code, out = promote(shop, run)
     assert code == 0, out
     assert "gate metric: OVERRIDDEN" in out

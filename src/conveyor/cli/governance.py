@@ -299,6 +299,11 @@ def _confirm(
     item = record.override(override_id)
     if item is None:
         raise UsageError(f"there is no override {override_id}")
+    if not item["needs_confirmation"]:
+        raise UsageError(
+            f"override {override_id} needs no confirmation: it was granted in force",
+            hint="only environments with 'overrides: {confirm: true}' ask a second person",
+        )
     env = _environment(spec, item["environment"])
     actor = _who(as_user)
     _require_override_role(record, env, actor)
