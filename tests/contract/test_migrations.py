@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine
 
 from conveyor.domain import events as ev
+from conveyor.errors import StoreError
 from conveyor.store import migrate
 from conveyor.store.migrate import HEAD, current_revision, ensure_schema
 from conveyor.store.sqlite import GENESIS, SqliteRecord, canonical, event_hash
@@ -99,3 +103,70 @@ def test_opening_an_old_record_upgrades_it_under_the_open_connection(tmp_path: P
         assert doc is not None and doc["status"] == "succeeded"
     finally:
         record.close()
+
+
+def test_a_failed_migration_leaves_no_table_behind(tmp_path: Path) -> None:
+    """The whole upgrade is one transaction: the stdlib driver would commit each CREATE TABLE."""
+    db = tmp_path / "conveyor.db"
+    migrate._create(db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE artifacts (x)")  # migration 0003 will fail on it
+    with pytest.raises(StoreError) as info:
+        migrate._upgrade(db)
+    assert "table artifacts already exists" in info.value.message
+    assert "sqlalche.me" not in info.value.message and info.value.hint
+    with sqlite3.connect(db) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"artifacts"}
+
+
+def test_a_record_an_interrupted_first_command_left_half_made_is_made_again(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "conveyor.db"
+    with sqlite3.connect(db) as conn:  # tables, no version, no event: what older releases left
+        conn.execute("CREATE TABLE events (seq INTEGER)")
+        conn.execute("CREATE TABLE runs (id INTEGER)")
+    ensure_schema(db)
+    assert current_revision(db) == HEAD
+    SqliteRecord(db, lambda: NOW).append([started(1)])
+
+
+def test_a_record_with_events_but_no_version_is_not_thrown_away(tmp_path: Path) -> None:
+    db = tmp_path / "conveyor.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE events (seq INTEGER)")
+        conn.execute("INSERT INTO events VALUES (1)")
+    with pytest.raises(StoreError):
+        ensure_schema(db)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT seq FROM events").fetchall() == [(1,)]
+
+
+def test_ctrl_c_during_a_migration_takes_effect_when_it_has_ended(tmp_path: Path) -> None:
+    db = tmp_path / "conveyor.db"
+    with pytest.raises(KeyboardInterrupt), migrate._signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        migrate._create(db)
+        migrate._upgrade(db)  # not interrupted half-way
+    assert current_revision(db) == HEAD
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("tables", [(), ("events", "runs")])
+def test_opening_a_half_made_record_makes_it_again_under_the_open_connection(
+    tmp_path: Path, tables: tuple[str, ...]
+) -> None:
+    """Killed after the file was created (no table) or half-way through an older release's
+    migration: the next command opens it, then finds it half made."""
+    from conveyor.adapters.home import Home
+    from conveyor.bootstrap import open_record
+
+    home = Home(tmp_path / "home")
+    home.ensure()
+    migrate._create(home.database)
+    with sqlite3.connect(home.database) as conn:
+        for name in tables:
+            conn.execute(f"CREATE TABLE {name} (x)")
+    record = open_record(home)
+    assert record.list_runs(10) == []

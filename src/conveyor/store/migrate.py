@@ -6,8 +6,13 @@ when the schema must change (a new home, or an upgrade of Conveyor).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import os
+import signal
 import sqlite3
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from conveyor.errors import StoreError
@@ -37,7 +42,11 @@ def current_revision(db_path: Path) -> str | None:
 
 
 def ensure_schema(db_path: Path) -> None:
-    """Upgrade the database at ``db_path`` to ``HEAD``, under a file lock."""
+    """Upgrade the database at ``db_path`` to ``HEAD``, under a file lock.
+
+    The whole upgrade is one transaction, and Ctrl-C or SIGTERM during it takes effect when it
+    has ended: an interrupted first command leaves no half-made record behind.
+    """
     if current_revision(db_path) == HEAD:
         return
     lock_path = db_path.with_name(db_path.name + ".migrate.lock")
@@ -45,9 +54,75 @@ def ensure_schema(db_path: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if current_revision(db_path) == HEAD:
             return
-        if not db_path.exists():
-            _create(db_path)
-        _upgrade(db_path)
+        with _signals_deferred():
+            if db_path.exists() and _half_made(db_path):
+                _clear(db_path)  # left by an interrupted first command of an older Conveyor
+            if not db_path.exists():
+                _create(db_path)
+            _upgrade(db_path)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block has ended, then act on the first one received.
+
+    A ``KeyboardInterrupt`` raised inside SQLAlchemy or Alembic can be swallowed by a cleanup
+    (the command then went on as if nothing happened) or stop the upgrade half-way.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {
+        sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in signals
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        os.kill(os.getpid(), received[0])  # now handled as the command's handlers say
+
+
+def _half_made(db_path: Path) -> bool:
+    """A record with tables but no schema version and no event: a first migration that an
+    older Conveyor did not finish (its tables were created one transaction each)."""
+    try:
+        conn = sqlite3.connect(str(db_path))
+        try:
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if (
+                "alembic_version" in tables
+                and conn.execute("SELECT 1 FROM alembic_version").fetchone()
+            ):
+                return False
+            return "events" not in tables or not conn.execute("SELECT 1 FROM events").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False  # not ours to repair: the upgrade says what is wrong
+
+
+def _clear(db_path: Path) -> None:
+    """Drop every table of a half-made record, in place (a caller may hold it open)."""
+    try:
+        conn = sqlite3.connect(str(db_path), isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            names = conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            ).fetchall()
+            for (name,) in names:
+                conn.execute(f'DROP TABLE "{name.replace(chr(34), chr(34) * 2)}"')
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot repair the half-made record at {db_path}: {exc}") from exc
 
 
 PAGE_SIZE = 1024
@@ -75,13 +150,25 @@ def _upgrade(db_path: Path) -> None:
 
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    from sqlalchemy import event
+
     # A creator, not a URL: a path with '?' or '%' in it must not be read as URL syntax.
-    engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(str(db_path)))
+    # The driver in autocommit mode and an explicit BEGIN: the stdlib driver would otherwise
+    # commit each CREATE TABLE on its own (SQLAlchemy's "transactional DDL" recipe for pysqlite).
+    engine = create_engine(
+        "sqlite://", creator=lambda: sqlite3.connect(str(db_path), isolation_level=None)
+    )
+    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
     try:
         with engine.begin() as conn:
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
     except Exception as exc:
-        raise StoreError(f"cannot migrate the record at {db_path}: {exc}") from exc
+        detail = getattr(exc, "orig", None) or exc  # the driver's words, without SQLAlchemy's
+        raise StoreError(
+            f"cannot migrate the record at {db_path}: {detail}",
+            hint="the record was left as it was; if another program changed its tables, point"
+            " --home at a new folder",
+        ) from exc
     finally:
         engine.dispose()
