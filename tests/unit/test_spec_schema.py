@@ -11,6 +11,7 @@ import pytest
 from conveyor.errors import SpecError, SpecProblem
 from conveyor.spec import load_pipeline_file, parse_pipeline
 from conveyor.spec.models import DEFAULT_TIMEOUT_S, JobSpec, Location, PipelineSpec, StageSpec
+from conveyor.spec.schema import did_you_mean
 
 GOOD = """\
 pipeline: shop
@@ -806,3 +807,20 @@ stages:
         ),
         (10, "invalid job name 'c d'"),
     ]
+
+
+def test_did_you_mean_prefers_the_fewest_typos() -> None:
+    assert did_you_mean("jbo1", ["job10", "job1", "jab1x"]) == "did you mean 'job1'?"
+    assert did_you_mean("tset", ["test", "tests"]) == "did you mean 'test'?"
+    assert did_you_mean("zzzz", ["test"]) is None
+
+
+def test_many_unknown_needs_keep_each_hint_short() -> None:
+    """A thousand unknown needs among a thousand jobs: each hint lists a few jobs, not all
+    (the output grew with the square of the jobs), and suggestions stop at a budget."""
+    jobs = "".join(f"j{i:04d}: {{run: x, needs: [k{i:04d}]}}\n" for i in range(1000))
+    problems = problems_of(pipeline_with_jobs(jobs))
+    assert len(problems) == 100  # the first hundred are kept, then a count
+    assert all(p.hint is not None and len(p.hint) < 400 for p in problems)
+    assert problems[0].hint is not None and problems[0].hint.endswith("... (979 more))")
+    assert problems[-1].hint is not None and "did you mean" not in problems[-1].hint

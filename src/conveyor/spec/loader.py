@@ -40,7 +40,7 @@ from conveyor.spec import MAX_FILE_BYTES, too_large
 
 MAX_DEPTH = 64
 """Deepest nesting of mappings and sequences."""
-MAX_NODES = 30_000
+MAX_NODES = 20_000
 """Most nodes in the document once every alias is expanded: thousands of jobs, and read in
 well under 1 s (about 22 µs a value in pure Python)."""
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,9 +179,31 @@ def _short(text: str, limit: int = 40) -> str:
 
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str | None:
-    """``did you mean 'x'?`` for the closest of ``choices``, if one is close enough."""
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else None
+    """``did you mean 'x'?`` for the closest of ``choices``, if one is close enough.
+
+    Among the most similar (difflib), the one fewest typing errors away wins: ``jbo1`` is
+    ``job1``, not ``job10``.
+    """
+    close = difflib.get_close_matches(word, choices, n=50, cutoff=0.6)
+    if not close:
+        return None
+    best = min(close, key=lambda choice: _typos(word, choice))  # stable: ties keep difflib's order
+    return f"did you mean '{best}'?"
+
+
+def _typos(a: str, b: str) -> int:
+    """Edits (insert, delete, replace, swap two neighbours) from ``a`` to ``b``."""
+    before: list[int] = []
+    row = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        current = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            current[j] = min(row[j] + 1, current[j - 1] + 1, row[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                current[j] = min(current[j], before[j - 2] + 1)
+        before, row = row, current
+    return row[len(b)]
 
 
 def _quoted_as(node: Node, kind: type) -> bool:
@@ -197,8 +219,16 @@ def is_reserved(name: str) -> bool:
     return name in RESERVED_ENV_NAMES or name.startswith("CONVEYOR_")
 
 
-def _quote_list(names: Sequence[str]) -> str:
-    return ", ".join(f"'{name}'" for name in names)
+_SUGGESTION_BUDGET = 20_000
+"""Name comparisons for "did you mean" in one file (about 10 µs each): a file with a thousand
+unknown names among a thousand jobs is still answered within a second, without suggestions
+past the budget."""
+
+
+def _quote_list(names: Sequence[str], limit: int = 20) -> str:
+    """``'a', 'b'``; a long list is cut (a thousand problems must not each list every job)."""
+    shown = ", ".join(f"'{name}'" for name in names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
 
 
 @dataclass
@@ -247,8 +277,17 @@ class _Schema:
         """Every artifact name written under ``artifacts``, usable or not."""
         self.refused_jobs: set[str] = set()
         """Job names refused as invalid: a need naming one is not a second problem."""
+        self._comparisons_left = _SUGGESTION_BUDGET
 
     # -- reporting -------------------------------------------------------------------------
+
+    def suggest(self, word: str, choices: Sequence[str], besides: str = "") -> str | None:
+        """:func:`did_you_mean` (never ``besides``), while the file's budget of name
+        comparisons lasts."""
+        self._comparisons_left -= len(choices)
+        if self._comparisons_left < 0:
+            return None
+        return did_you_mean(word, [c for c in choices if c != besides] if besides else choices)
 
     def add(self, at: Node | Location, message: str, hint: str | None = None) -> None:
         """Record a problem at a node's (or a location's) line and column."""
@@ -293,7 +332,7 @@ class _Schema:
             if synonyms and name in synonyms:  # a word of another tool beats a near spelling
                 hint: str | None = f"did you mean '{synonyms[name]}'?"
             else:
-                hint = did_you_mean(name, known)
+                hint = self.suggest(name, known)
             if hint is None:
                 hint = "known keys: " + ", ".join(known)
             if where == "at the top level" and name == "jobs":
@@ -1006,7 +1045,7 @@ class _Schema:
         key, value = node.items[0]
         kind = key.value if isinstance(key.value, str) else key.raw
         if kind not in kinds:
-            hint = did_you_mean(kind, kinds) or "kinds: " + ", ".join(kinds)
+            hint = self.suggest(kind, kinds) or "kinds: " + ", ".join(kinds)
             if kind == "approval":
                 hint = "approvals belong to environments (they approve a digest for one)"
             self.add(key, f"unknown gate kind '{kind}' in {where}", hint=hint)
@@ -1189,7 +1228,7 @@ class _Schema:
             self.add(
                 type_entry[1],
                 f"unknown target type '{kind}'",
-                hint=did_you_mean(kind, TARGET_TYPES) or "known types: " + ", ".join(TARGET_TYPES),
+                hint=self.suggest(kind, TARGET_TYPES) or "known types: " + ", ".join(TARGET_TYPES),
             )
             return None
         found = self.fields(node, TARGET_KEYS[kind], f"in a {kind} target")
@@ -1349,9 +1388,10 @@ class _Schema:
         specs: list[StageSpec] = []
         for stage in stages:
             names = [job.name for job in stage.jobs]
+            members = set(names)
             edges: dict[str, list[str]] = {}
             for job in stage.jobs:
-                edges[job.name] = self.needs(job, names, owner, stage_order)
+                edges[job.name] = self.needs(job, names, members, owner, stage_order)
             for cycle in find_cycles(edges):
                 ring = cycle[:-1]
                 start = min(range(len(ring)), key=lambda i: names.index(ring[i]))
@@ -1421,7 +1461,7 @@ class _Schema:
         for requiring, nodes in self._requires_nodes.items():
             for stage, item in nodes:
                 if stage not in order:
-                    hint = did_you_mean(stage, list(order))
+                    hint = self.suggest(stage, list(order))
                     self.add(
                         item,
                         f"environment '{requiring}' requires stage '{stage}', which is not a stage",
@@ -1443,7 +1483,7 @@ class _Schema:
                 self.add(
                     node,
                     f"stage '{draft.name}' deploys to '{env_name}', which is not an environment",
-                    hint=did_you_mean(env_name, list(environments))
+                    hint=self.suggest(env_name, list(environments))
                     or "declare it under the top-level 'environments:' key",
                 )
             if artifact is None:
@@ -1460,7 +1500,7 @@ class _Schema:
                 self.add(
                     node,
                     f"stage '{draft.name}' deploys artifact '{artifact}', which is not declared",
-                    hint=did_you_mean(artifact, list(artifacts))
+                    hint=self.suggest(artifact, list(artifacts))
                     or "declare it under the top-level 'artifacts:' key",
                 )
                 artifact = None
@@ -1515,7 +1555,7 @@ class _Schema:
                         continue  # declared, but its entry has a problem of its own
                     if name not in artifacts:
                         declared = list(artifacts)
-                        suggestion = did_you_mean(name, declared)
+                        suggestion = self.suggest(name, declared)
                         listing = (
                             "declared artifacts: " + _quote_list(declared)
                             if declared
@@ -1547,6 +1587,7 @@ class _Schema:
         self,
         job: _JobDraft,
         stage_jobs: list[str],
+        members: Collection[str],
         owner: Mapping[str, _JobDraft],
         stage_order: Mapping[str, int],
     ) -> list[str]:
@@ -1558,7 +1599,7 @@ class _Schema:
                 self.add(node, f"job '{job.name}' needs itself", hint="remove it from needs")
             elif need in seen:
                 self.add(node, f"'{need}' is listed twice in the needs of job '{job.name}'")
-            elif need in stage_jobs:
+            elif need in members:
                 valid.append(need)
             elif need in self.refused_jobs:
                 pass  # its name is reported where the job is written
@@ -1578,13 +1619,14 @@ class _Schema:
                     hint=hint,
                 )
             else:
-                others = [name for name in stage_jobs if name != job.name]
+                others = [name for name in stage_jobs[:21] if name != job.name][:20]
                 listing = (
                     f"jobs of stage '{job.stage}': {_quote_list(others)}"
+                    + (f", ... ({len(stage_jobs) - 21} more)" if len(stage_jobs) > 21 else "")
                     if others
                     else f"stage '{job.stage}' has no other jobs"
                 )
-                suggestion = did_you_mean(need, others)
+                suggestion = self.suggest(need, stage_jobs, besides=job.name)
                 self.add(
                     node,
                     f"job '{job.name}' needs '{need}', which is not a job",
