@@ -256,3 +256,8 @@ def test_get_does_not_replace_an_existing_file_without_force(repo: Repo, tmp_pat
     assert repo.conveyor("artifacts", "get", "app@1", "-o", str(tmp_path / "no/dir/x")).code == 2
     replaced = repo.conveyor("artifacts", "get", "app@1", "-o", str(target), "--force")
     assert replaced.code == 0 and target.read_bytes() != b"keep me"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    special = repo.conveyor("artifacts", "get", "app@1", "-o", str(fifo), "--force")
+    assert special.code == 2 and "not a regular file" in special.err
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)  # still the pipe

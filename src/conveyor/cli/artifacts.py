@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,16 @@ def artifacts_get(ref: str, output: Path, home: Path | None, force: bool) -> Non
     item = resolve(record, ref)
     if item.kind == "file" and output.is_dir():
         output = output / item.path.rsplit("/", 1)[-1]
-    if item.kind == "file" and (output.exists() or output.is_symlink()) and not force:
-        raise UsageError(f"{output} exists already", hint="pass --force to replace it")
+    if item.kind == "file" and (output.exists() or output.is_symlink()):
+        if not force:
+            raise UsageError(f"{output} exists already", hint="pass --force to replace it")
+        mode = output.lstat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise UsageError(
+                f"{output} is not a regular file: --force replaces files, not devices, pipes"
+                " or sockets",
+                hint="pick another -o",
+            )
     if not output.parent.is_dir():
         raise UsageError(
             f"the folder {output.parent} does not exist", hint="create it first, or pick another -o"
