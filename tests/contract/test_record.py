@@ -154,6 +154,30 @@ class TestSqliteRecord(RecordContract):
         assert report.first_bad_seq == 3
         assert "remembered" in report.problem
 
+    @pytest.mark.parametrize(
+        ("content", "problem"),
+        [
+            (None, "conveyor.db.head is missing, though one was written"),
+            ('{"seq": "x"}', "conveyor.db.head is not a mark Conveyor wrote"),
+            ("", "conveyor.db.head is not a mark Conveyor wrote"),
+            ('{"seq": 0, "hash": ""}', "conveyor.db.head is not a mark Conveyor wrote"),
+        ],
+    )
+    def test_a_missing_or_damaged_head_does_not_verify(
+        self, record: SqliteRecord, content: str | None, problem: str
+    ) -> None:
+        """Without its mark, a log cut short at the end would verify: say so instead."""
+        assert record.verify().ok  # no run yet: no mark is needed
+        run = record.allocate_run_id()
+        record.append([started(run), ev.RunFinished(run_id=run, status="succeeded")])
+        if content is None:
+            head_path(record.path).unlink()
+        else:
+            head_path(record.path).write_text(content)
+        report = record.verify()
+        assert not report.ok and report.first_bad_seq is None
+        assert report.problem.startswith(problem)
+
     def test_a_stale_head_never_replaces_a_newer_one(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()
         record.append([started(run), ev.RunFinished(run_id=run, status="succeeded")])

@@ -1011,6 +1011,20 @@ def test_audit_verify_detects_a_deleted_write_ahead_log(repo: Repo) -> None:
     assert "conveyor.db.head" in report["problem"]
 
 
+def test_a_deleted_or_forged_head_mark_does_not_verify(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    mark = repo.path / ".conveyor" / "conveyor.db.head"
+    mark.write_text('{"seq": "x"}')
+    forged = repo.conveyor("audit", "verify")
+    assert forged.code == 1 and "conveyor.db.head is not a mark Conveyor wrote" in forged.err
+    mark.unlink()
+    gone = repo.conveyor("audit", "verify", "--json")
+    assert gone.code == 1
+    assert gone.json()["first_bad_seq"] is None
+    assert "conveyor.db.head is missing" in gone.json()["problem"]
+
+
 def test_a_deleted_database_is_not_silently_replaced(repo: Repo) -> None:
     repo.pipeline(SIMPLE)
     assert repo.conveyor("run").code == 0

@@ -1009,8 +1009,12 @@ def audit_verify(home: Path | None, as_json: bool) -> None:
     if not report.ok:
         raise AuditError(
             f"the event log does not verify: {report.problem}",
-            hint=f"first bad event: #{report.first_bad_seq}; the record was altered"
-            " outside Conveyor",
+            hint=(
+                f"first bad event: #{report.first_bad_seq}; "
+                if report.first_bad_seq is not None
+                else ""
+            )
+            + "the record was altered outside Conveyor",
         )
     click.echo(f"ok: {report.events} events, hash chain intact (head {report.head_hash[:16]})")
 

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 GENESIS = "0" * 64
 _DURABLE_KINDS = frozenset({"run.started", "run.finished", "run.interrupted"})
+_HEAD_FLAG = 1
+"""``PRAGMA user_version`` once a head mark was written for the database (ADR 0008)."""
 
 
 def canonical(value: object) -> str:
@@ -76,14 +78,26 @@ def head_path(db_path: Path) -> Path:
 
 def read_head(db_path: Path) -> tuple[int, str] | None:
     """The remembered ``(seq, hash)`` of the newest durable event, if any (and readable)."""
+    head, _ = _head_of(db_path)
+    return head
+
+
+def _head_of(db_path: Path) -> tuple[tuple[int, str] | None, str]:
+    """The remembered ``(seq, hash)``, or ``None`` and why not (``""``: there is no mark)."""
     try:
-        data = json.loads(head_path(db_path).read_text(encoding="utf-8"))
+        text = head_path(db_path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, ""
+    except (OSError, ValueError) as exc:
+        return None, f"cannot be read ({exc})"
+    try:
+        data = json.loads(text)
         seq, digest = data["seq"], data["hash"]
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    if type(seq) is not int or not isinstance(digest, str):
-        return None
-    return seq, digest
+    except (ValueError, TypeError, KeyError):
+        return None, "is not a mark Conveyor wrote (a JSON object with 'seq' and 'hash')"
+    if type(seq) is not int or seq < 1 or not isinstance(digest, str):
+        return None, "is not a mark Conveyor wrote (a JSON object with 'seq' and 'hash')"
+    return (seq, digest), ""
 
 
 def check_not_lost(db_path: Path) -> None:
@@ -221,6 +235,7 @@ class SqliteRecord:
         self._now = now
         self._conn = connect(path)
         self._tail: tuple[int, str] | None = None  # (seq, hash) of the last event we wrote
+        self._head_flagged = False
 
     def close(self) -> None:
         """Close the connection."""
@@ -302,6 +317,8 @@ class SqliteRecord:
             ) from exc
         if durable and self._tail is not None:
             _write_head(self.path, *self._tail)
+            if not self._head_flagged:
+                self._flag_head()
 
     def _try_append(
         self,
@@ -1082,7 +1099,23 @@ class SqliteRecord:
                 last_seq + 1,
                 f"events {last_seq + 1}..{high} were removed from the end of the log",
             )
-        head = read_head(self.path)
+        head, unreadable = _head_of(self.path)
+        mark = head_path(self.path).name
+        if unreadable:
+            return AuditReport(
+                False,
+                count,
+                None,
+                f"{mark} {unreadable}: events removed from the end of the log would go unseen",
+            )
+        if head is None and self._head_was_written():
+            return AuditReport(
+                False,
+                count,
+                None,
+                f"{mark} is missing, though one was written: it remembers the newest durable"
+                " event, so that events removed from the end of the log are seen",
+            )
         if head is not None:
             seq, digest = head
             if seq > last_seq:
@@ -1107,6 +1140,21 @@ class SqliteRecord:
                     " the log was replaced",
                 )
         return AuditReport(True, count, head_hash=expected_prev)
+
+    def _flag_head(self) -> None:
+        """Note in the database header that a head mark was written for it (once): from then
+        on a missing mark means it was removed. Records of releases before the mark stay
+        verifiable until their next run writes one."""
+        with contextlib.suppress(sqlite3.Error):  # a secondary check: never fails a write
+            if self._conn.execute("PRAGMA user_version").fetchone()[0] < _HEAD_FLAG:
+                self._conn.execute(f"PRAGMA user_version = {_HEAD_FLAG}")
+            self._head_flagged = True
+
+    def _head_was_written(self) -> bool:
+        try:
+            return bool(self._conn.execute("PRAGMA user_version").fetchone()[0] >= _HEAD_FLAG)
+        except sqlite3.Error as exc:
+            raise _unreadable(self.path, exc) from exc
 
 
 _DAMAGE_HINT = (
