@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 from conveyor.domain.cachekey import glob_regex, inputs_digest, job_cache_key
 from conveyor.domain.masking import Masker
@@ -136,3 +137,21 @@ def test_inline_leaves_no_control_character_at_all() -> None:
     assert inline("ev\x1b]0;PWNED\x07il") == "evil"
     assert inline("a\nb\tc\rd\x00e\u202e") == "a b c de<U+202E>"
     assert all(ord(c) >= 32 and c != "\x7f" for c in inline("".join(map(chr, range(160)))))
+
+
+def test_secrets_are_masked_in_the_forms_urls_and_json_give_them() -> None:
+    import json
+    from urllib.parse import quote, quote_plus
+
+    for secret in ("my secret/val+1", "pässwörd1"):
+        masker = Masker([secret])
+        forms = [
+            quote(secret),  # keeps '/'
+            quote(secret, safe=""),
+            quote_plus(secret),
+            re.sub("%[0-9A-F]{2}", lambda m: m[0].lower(), quote(secret, safe="")),
+            json.dumps(secret)[1:-1],  # non-ASCII as \uXXXX
+            base64.urlsafe_b64encode(secret.encode()).decode(),
+        ]
+        for form in forms:
+            assert masker.mask_text(f"x {form} y") == "x *** y", form

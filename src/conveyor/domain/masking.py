@@ -22,7 +22,7 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from functools import cache
 from typing import TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 MASK = b"***"
 _Event = TypeVar("_Event")
@@ -73,12 +73,16 @@ def secret_variants(values: Iterable[str]) -> list[bytes]:
         raw = value.encode()
         found.add(raw)
         found.add(base64.b64encode(raw))
-        found.add(quote(value, safe="").encode())
+        found.add(base64.urlsafe_b64encode(raw))
+        for encoded in {quote(value, safe=""), quote(value), quote_plus(value)}:
+            found.add(encoded.encode())  # as URLs carry it, with upper- or lower-case hex
+            found.add(re.sub(r"%[0-9A-F]{2}", lambda m: m[0].lower(), encoded).encode())
         stripped = value.strip()
         if stripped != value and len(stripped) >= MIN_LINE:  # `echo $SECRET` drops a newline
             found.add(stripped.encode())
         # As env dumps, `declare -p`, JSON and Python's repr quote it.
         found.add(json.dumps(value, ensure_ascii=False)[1:-1].encode())
+        found.add(json.dumps(value)[1:-1].encode())  # non-ASCII as \\uXXXX
         found.add(re.sub(r'([$`"\\])', r"\\\1", value).encode())
         found.add(repr(value)[1:-1].encode())
         if "\n" in value.strip("\n"):
