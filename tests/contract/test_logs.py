@@ -34,13 +34,13 @@ def test_the_cap_never_splits_a_character(tmp_path: Path) -> None:
     data = _stored(tmp_path, ["aaaaaaaa€€".encode()], cap=10)  # the first € would end at 11
     body, _, mark = data.partition(b"\n[conveyor: log truncated")
     assert body == b"aaaaaaaa"
-    assert "6 more bytes" in mark.decode()
+    assert mark.decode() == " at 8 bytes; 6 more bytes were not stored]\n"  # the bytes kept
     data.decode("utf-8")
 
 
 def test_a_character_split_across_writes_at_the_cap_is_dropped_whole(tmp_path: Path) -> None:
     data = _stored(tmp_path, [b"aaaaaaaaa\xe2", b"\x82\xacbbb"], cap=10)
-    assert data.startswith(b"aaaaaaaaa\n[conveyor: log truncated at 10 bytes; 6 more bytes")
+    assert data.startswith(b"aaaaaaaaa\n[conveyor: log truncated at 9 bytes; 6 more bytes")
     data.decode("utf-8")
 
 

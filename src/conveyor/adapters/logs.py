@@ -81,7 +81,7 @@ class FileAttemptLog:
         truncated = self._dropped > 0 and not self.problem
         if truncated:
             self._raw_write(
-                f"\n[conveyor: log truncated at {self._cap} bytes; "
+                f"\n[conveyor: log truncated at {self._size} bytes; "
                 f"{self._dropped} more bytes were not stored]\n".encode()
             )
         if self._fd is not None:
