@@ -227,6 +227,18 @@ def _check_committed_file(source: GitSource, commit: str, path: str, source_name
     from conveyor.spec import MAX_FILE_BYTES, too_large
 
     path = posixpath.normpath(path)
+    if path == ".":
+        raise SpecError(
+            [
+                SpecProblem(
+                    source_name,
+                    1,
+                    1,
+                    "the repository's root is a directory, not a pipeline file",
+                    "pass -f with a file, e.g. -f conveyor.yml",
+                )
+            ]
+        )
     entry = source.tree_entry(commit, path)
     if entry is None:
         return

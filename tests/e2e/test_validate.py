@@ -210,3 +210,27 @@ def test_init_refuses_unusable_paths_and_empty_options_are_usage_errors(repo: Re
     (repo.path / "ci").mkdir()
     written = repo.conveyor("init", "-f", "ci/conveyor.yml")
     assert written.code == 0 and "conveyor validate -f ci/conveyor.yml" in written.out
+
+
+def test_odd_file_and_revision_arguments_get_clear_errors(repo: Repo) -> None:
+    """What `git rev-parse` echoes back (a '^HEAD', a path with '*', the root tree) is not read
+    as an object id; an empty -f is a usage error."""
+    repo.write("conveyor.yml", "pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: x}\n")
+    repo.commit()
+    for name in (".", "./"):
+        result = repo.conveyor("plan", "-f", name)
+        assert result.code == 2
+        assert "the repository's root is a directory, not a pipeline file" in result.err
+    for command in ("plan", "validate", "run", "init"):
+        result = repo.conveyor(command, "-f", "")
+        assert result.code == 2 and "must not be empty" in result.err
+    result = repo.conveyor("plan", "--json", "-f", "conveyor*.yml")
+    assert result.code == 2
+    assert "is not in the committed revision" in result.json()["problems"][0]["message"]
+    for revision in ("^HEAD", "*"):
+        result = repo.conveyor("plan", "-r", revision)
+        assert result.code == 2 and "is not a commit of this repository" in result.err
+        assert "git cat-file" not in result.err
+    result = repo.conveyor("init", "-f", ".git/conveyor.yml")
+    assert result.code == 2 and "inside git's own folder" in result.err
+    assert not (repo.path / ".git" / "conveyor.yml").exists()

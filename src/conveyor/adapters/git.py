@@ -160,7 +160,8 @@ class GitSource:
         if rev.startswith("-"):
             raise SourceError(f"'{rev}' is not a revision")
         proc = _git(self.root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
-        if proc.returncode != 0:
+        commit = proc.stdout.decode("ascii", "replace").strip()
+        if proc.returncode != 0 or not _is_object_id(commit):
             if rev == "HEAD":
                 raise SourceError(
                     "the repository has no commits yet",
@@ -170,7 +171,7 @@ class GitSource:
                 f"'{rev}' is not a commit of this repository",
                 hint="give a branch, a tag or a commit id (git log shows them)",
             )
-        return proc.stdout.decode().strip()
+        return commit
 
     def resolve_file(self, rev: str, rel_path: str) -> tuple[str, str, str | None]:
         """Commit id, tree id and the blob id of ``rel_path`` at ``rev`` (one git call).
@@ -187,8 +188,10 @@ class GitSource:
             f"{rev}:{rel_path}",
             check=False,
         )
-        lines = proc.stdout.decode().split()
-        if proc.returncode == 0 and len(lines) == 3:
+        lines = proc.stdout.decode("ascii", "replace").split()
+        # rev-parse echoes what it does not read as a revision (a '^HEAD', a path with '*'):
+        # only object ids count.
+        if proc.returncode == 0 and len(lines) == 3 and all(map(_is_object_id, lines)):
             return lines[0], lines[1], lines[2]
         commit = self.resolve(rev)
         tree = _git(self.root, "rev-parse", f"{commit}^{{tree}}").stdout.decode().strip()

@@ -51,6 +51,7 @@ def file_option(func: F) -> F:
         "pipeline_file",
         default="conveyor.yml",
         show_default=True,
+        callback=_not_empty,
         help="Pipeline file, relative to the current directory, else to the repository root.",
     )(func)
 

@@ -255,6 +255,7 @@ stages:
     "pipeline_file",
     default="conveyor.yml",
     show_default=True,
+    callback=not_empty,
     help="File to write, relative to the repository root.",
 )
 def init(force: bool, pipeline_file: str) -> None:
@@ -267,6 +268,12 @@ def init(force: bool, pipeline_file: str) -> None:
         raise UsageError(
             f"{path} is outside the repository {root}",
             hint="the pipeline file is versioned with the code: write it inside the repository",
+        )
+    inside = path.relative_to(root).parts if path.is_relative_to(root) else ()
+    if ".git" in inside:
+        raise UsageError(
+            f"{path} is inside git's own folder: git does not version it",
+            hint="write it in the working tree, e.g. -f ci/conveyor.yml",
         )
     if path.is_dir():
         raise UsageError(f"{path} is a directory", hint=f"pass -f {pipeline_file}/conveyor.yml")
