@@ -883,6 +883,33 @@ def test_logs_of_an_attempt_that_did_not_happen_says_so(repo: Repo) -> None:
     assert repo.conveyor("logs", "1", "slow", "--attempt", "1").out == "hi\n"
 
 
+def test_logs_of_a_deleted_or_replaced_log_file_say_so(repo: Repo) -> None:
+    """A log deleted, or replaced by a link or a folder, is an error (it printed nothing, or
+    followed the link; --follow waited for ever); a record naming a log elsewhere is refused."""
+    repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'echo hi'}\n")
+    assert repo.conveyor("run", "--progress", "quiet").code == 0
+    log = repo.path / ".conveyor" / "logs" / "1" / "a.1.log"
+    log.unlink()
+    for follow in ([], ["--follow"]):
+        result = repo.conveyor("logs", "1", "a", *follow, timeout=10)
+        assert result.code == 1
+        assert "holds 0 of the 3 bytes recorded" in result.err and "was deleted" in result.err
+    outside = repo.path / "outside.txt"
+    outside.write_text("not a log\n")
+    log.symlink_to(outside)
+    result = repo.conveyor("logs", "1", "a")
+    assert result.code == 1 and "it is a symbolic link" in result.err
+    assert "not a log" not in result.out
+    log.unlink()
+    log.mkdir()
+    result = repo.conveyor("logs", "1", "a")
+    assert result.code == 1 and "not a regular file" in result.err
+    with sqlite3.connect(repo.path / ".conveyor" / "conveyor.db") as conn:
+        conn.execute("UPDATE attempts SET log_path = ?", (str(outside),))
+    result = repo.conveyor("logs", "1", "a")
+    assert result.code == 1 and "outside its logs folder" in result.err
+
+
 @pytest.mark.parametrize("home", ["/dev/null", "conveyor.yml/sub"])
 def test_a_home_that_cannot_be_a_folder_is_a_usage_error(repo: Repo, home: str) -> None:
     repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'true'}\n")

@@ -957,15 +957,13 @@ def _print_log(
     def row() -> dict[str, Any]:
         return next(a for a in record.attempts(run_id, job) if a["attempt"] == number)
 
-    path = root / row()["log"]
+    path = _log_path(root, row()["log"])
     out = sys.stdout.buffer
     tail = b""
     position = 0
     while True:
-        if path.exists():
-            with open(path, "rb") as handle:
-                handle.seek(position)
-                data = handle.read()
+        data = _read_log(path, position)
+        if data is not None:
             position += len(data)
             if data and raw:
                 out.write(data)
@@ -980,12 +978,63 @@ def _print_log(
         current = row()
         if current["status"] != "running" and position >= (current["log_bytes"] or 0):
             break
+        if current["status"] != "running" and _read_log(path, position) in (None, b""):
+            break  # ended, and its log holds less than recorded: said below
         time.sleep(0.2)
         if watch is not None:
             watch.check()
     if tail:
         out.write(neutralise(tail.decode("utf-8", "replace")).encode())
         out.flush()
+    recorded = row()
+    if recorded["status"] != "running" and position < (recorded["log_bytes"] or 0):
+        raise ConveyorError(
+            f"the log of attempt {number} of job '{job}' holds {position} of the"
+            f" {recorded['log_bytes']} bytes recorded: {path} was "
+            + ("deleted" if not path.exists() else "cut short")
+            + " outside Conveyor",
+            hint="restore the home's logs folder from a backup",
+        )
+
+
+def _log_path(root: Path, relative: str) -> Path:
+    """Where a recorded log lives; only inside the home's ``logs`` folder."""
+    import posixpath
+
+    clean = posixpath.normpath(relative)
+    if posixpath.isabs(clean) or not clean.startswith("logs/") or ".." in clean.split("/"):
+        raise ConveyorError(
+            f"the record names a log outside its logs folder ({relative!r}): it was altered",
+            hint="`conveyor audit verify` checks the record",
+        )
+    return root / clean
+
+
+def _read_log(path: Path, position: int) -> bytes | None:
+    """The log's bytes from ``position``; ``None`` if there is no file (yet). A link or
+    anything but a regular file is refused."""
+    import errno
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConveyorError(
+            f"cannot read the log {path}: "
+            + ("it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or str(exc)),
+            hint="a log is a regular file Conveyor wrote; restore the logs folder",
+        ) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConveyorError(
+            f"cannot read the log {path}: it is not a regular file",
+            hint="a log is a regular file Conveyor wrote; restore the logs folder",
+        )
+    with open(fd, "rb") as handle:
+        handle.seek(position)
+        return handle.read()
 
 
 @cli.group()
