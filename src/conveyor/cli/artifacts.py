@@ -52,7 +52,14 @@ def artifacts() -> None:
 @artifacts.command("list")
 @home_option
 @click.option("--run", "run_ref", metavar="RUN", help="Only this run's artifacts (id or latest).")
-@click.option("--limit", "-n", type=click.IntRange(1, 100000), default=50, show_default=True)
+@click.option(
+    "--limit",
+    "-n",
+    type=click.IntRange(1, 100000),
+    default=50,
+    show_default=True,
+    help="At most this many, newest first.",
+)
 @json_option
 def artifacts_list(home: Path | None, run_ref: str | None, limit: int, as_json: bool) -> None:
     """Published artifacts, newest run first."""

@@ -275,7 +275,14 @@ def env_status(name: str, pipeline_file: str, home: Path | None, as_json: bool) 
 
 @env.command("history")
 @click.argument("name", metavar="ENV")
-@click.option("--limit", "-n", type=click.IntRange(1, 100000), default=20, show_default=True)
+@click.option(
+    "--limit",
+    "-n",
+    type=click.IntRange(1, 100000),
+    default=20,
+    show_default=True,
+    help="At most this many, newest first.",
+)
 @home_option
 @json_option
 def env_history(name: str, limit: int, home: Path | None, as_json: bool) -> None:

@@ -31,7 +31,7 @@ as_option = click.option(
     "--as",
     "as_user",
     callback=not_empty,
-    help="Who does it [default: CONVEYOR_USER, else git user.email].",
+    help="Who does it [default: $CONVEYOR_USER, else git user.email, else $USER].",
 )
 
 
@@ -492,7 +492,7 @@ def incident() -> None:
 
 
 @incident.command("open")
-@click.option("--environment", "-e", "environment", required=True)
+@click.option("--environment", "-e", "environment", required=True, help="Where it happens.")
 @click.option(
     "--deployment",
     type=int,
@@ -626,7 +626,14 @@ def incident_resolve(incident_id: int, as_user: str | None, home: Path | None) -
 
 @click.command()
 @click.option("--since", default="30d", show_default=True, help="The window (e.g. 30d, 90d).")
-@click.option("--environment", "-e", "environment", default="production", show_default=True)
+@click.option(
+    "--environment",
+    "-e",
+    "environment",
+    default="production",
+    show_default=True,
+    help="The environment whose deployments count.",
+)
 @home_option
 @json_option
 def metrics(since: str, environment: str, home: Path | None, as_json: bool) -> None:
