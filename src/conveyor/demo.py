@@ -241,10 +241,18 @@ def run_demo(directory: Path | None, progress: str = "auto") -> int:
     """Create the sample and run its pipeline; returns the exit code of the first run."""
     if directory is None:
         directory = Path(tempfile.mkdtemp(prefix="conveyor-demo-")) / "shop"
-    if directory.exists() and any(directory.iterdir()):
+    if directory.is_dir() and any(directory.iterdir()):
         print(f"Error: {directory} is not empty; give a new folder", file=sys.stderr)
         return 2
-    write_sample(directory)
+    try:
+        write_sample(directory)
+    except OSError as exc:
+        print(
+            f"Error: cannot write the sample in {directory}: {exc.strerror or exc}\n"
+            "  hint: give a new folder in a place you can write",
+            file=sys.stderr,
+        )
+        return 2
     env = _git_env()
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["DEMO_TOKEN"] = "demo-secret-7f3a9c"

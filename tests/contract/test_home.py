@@ -38,3 +38,20 @@ def test_a_home_that_cannot_be_created_is_a_usage_error(
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(UsageError, match=r"cannot be created or written: "):
         Home(tmp_path / "home").ensure()
+
+
+@pytest.mark.parametrize("name", ["locks", "environments", "logs"])
+def test_a_file_in_place_of_one_of_the_homes_folders_is_refused(tmp_path: Path, name: str) -> None:
+    home = Home(tmp_path / "home")
+    home.ensure()
+    (home.root / name).write_text("not a folder")
+    with pytest.raises(UsageError, match=f"the home's {name}/ is not a folder"):
+        home.ensure()
+    (home.root / name).unlink()
+    (home.root / name).symlink_to(tmp_path / "nowhere")  # a dead link
+    with pytest.raises(UsageError):
+        home.ensure()
+    (home.root / name).unlink()
+    (tmp_path / "elsewhere").mkdir()
+    (home.root / name).symlink_to(tmp_path / "elsewhere")  # a folder on another disk: fine
+    home.ensure()

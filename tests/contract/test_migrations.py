@@ -55,8 +55,9 @@ def test_upgrade_from_the_first_revision_keeps_the_record(tmp_path: Path) -> Non
         )
         prev = digest
     conn.execute(
-        "INSERT INTO runs (id, pipeline, revision, pipeline_file, pipeline_digest, status)"
-        " VALUES (1, 'p', 'r', 'conveyor.yml', 'd', 'running')"
+        "INSERT INTO runs (id, pipeline, revision, pipeline_file, pipeline_digest, status,"
+        " started_at) VALUES (1, 'p', 'r', 'conveyor.yml', 'd', 'running', ?)",
+        (NOW,),
     )
     conn.execute(
         "INSERT INTO jobs (run_id, idx, name, stage, status, attempts, cache_key)"

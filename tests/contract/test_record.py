@@ -178,6 +178,26 @@ class TestSqliteRecord(RecordContract):
         assert not report.ok and report.first_bad_seq is None
         assert report.problem.startswith(problem)
 
+    @pytest.mark.parametrize(
+        "edit",
+        [
+            "UPDATE runs SET started_at = NULL",
+            "UPDATE jobs SET duration_s = 'x'",
+            "UPDATE runs SET status = x'ff00'",
+        ],
+    )
+    def test_a_hand_edited_read_model_is_a_damaged_record(
+        self, record: SqliteRecord, edit: str
+    ) -> None:
+        """Not a TypeError in `runs show` (an internal error): the record says it is damaged."""
+        run = record.allocate_run_id()
+        record.append([started(run), finished(run, "a", "k")])
+        with sqlite3.connect(record.path) as conn:
+            conn.execute(edit)
+        with pytest.raises(StoreError, match=r"is damaged: (runs|jobs|stages) holds"):
+            record.get_run(run)
+            record.list_runs()
+
     def test_a_stale_head_never_replaces_a_newer_one(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()
         record.append([started(run), ev.RunFinished(run_id=run, status="succeeded")])

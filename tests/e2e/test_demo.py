@@ -44,3 +44,16 @@ def test_demo_builds_once_deploys_promotes_and_cleans_up(tmp_path: Path) -> None
         except OSError:
             continue
         assert not cwd.startswith(releases), f"left running: pid {proc_dir.name} in {cwd}"
+
+
+def test_demo_in_a_folder_it_cannot_make_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "conveyor", "demo", str(tmp_path / "file" / "shop")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "cannot write the sample in" in proc.stderr and "internal error" not in proc.stderr

@@ -8,6 +8,8 @@ from pathlib import Path
 from conveyor.errors import UsageError
 
 _HOME_HINT = "pass --home (or set CONVEYOR_HOME to) a folder Conveyor can create and write"
+_FOLDERS = ("locks", "logs", "workspaces", "artifacts", "environments", "keys", "cache")
+"""The folders Conveyor makes in a home (a file or a link in their place is refused)."""
 
 
 @dataclass(frozen=True)
@@ -64,3 +66,10 @@ class Home:
                 f"the home {self.root} cannot be created or written: {exc.strerror or exc}",
                 hint=_HOME_HINT,
             ) from None
+        for name in _FOLDERS:
+            path = self.root / name
+            if not path.is_dir() and (path.exists() or path.is_symlink()):  # a file, a dead link
+                raise UsageError(
+                    f"the home's {name}/ is not a folder ({path}): Conveyor keeps its {name} there",
+                    hint="move it away (Conveyor creates the folder again)",
+                )

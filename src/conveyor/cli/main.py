@@ -1047,10 +1047,17 @@ def audit() -> None:
 @json_option
 def audit_verify(home: Path | None, as_json: bool) -> None:
     """Verify the hash chain of the event log (exit 1 naming the first bad event)."""
-    from conveyor.errors import AuditError
+    from conveyor.errors import AuditError, StoreError
 
     record = open_record_at(home)
-    report = record.verify()
+    try:
+        report = record.verify()
+    except StoreError as exc:
+        if not (exc.hint and "audit verify" in exc.hint):
+            raise
+        raise StoreError(  # its hint would send the user back here
+            exc.message, hint="restore the database (and its -wal file) from a backup"
+        ) from exc
     if as_json:
         echo_json(
             {

@@ -26,7 +26,7 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -874,6 +874,7 @@ class SqliteRecord:
         )
         runs = [dict(zip(keys, row, strict=True)) for row in rows]
         for run in runs:
+            self._check_row("runs", run, _RUN_TYPES)
             run["dirty"] = bool(run["dirty"])
             run["duration_s"] = _duration(run["started_at"], run["finished_at"])
         return runs
@@ -910,6 +911,7 @@ class SqliteRecord:
             "owner_host",
         )
         run: dict[str, Any] = dict(zip(keys, row, strict=True))
+        self._check_row("runs", run, _RUN_TYPES)
         run["dirty"] = bool(run["dirty"])
         run["duration_s"] = _duration(run["started_at"], run["finished_at"])
         stages = self._conn.execute(
@@ -945,7 +947,10 @@ class SqliteRecord:
                     else None
                 ),
             }
+            self._check_row("jobs", job, _JOB_TYPES)
             jobs_by_stage.setdefault(j[0], []).append(job)
+        for s in stages:
+            self._check_row("stages", dict(zip(_STAGE_COLUMNS, s, strict=True)), _STAGE_TYPES)
         run["stages"] = [
             {
                 "name": s[0],
@@ -958,6 +963,19 @@ class SqliteRecord:
             for s in stages
         ]
         return run
+
+    def _check_row(
+        self, table: str, row: Mapping[str, Any], types: Mapping[str, tuple[type, ...]]
+    ) -> None:
+        """Refuse a read-model row holding what Conveyor never writes there (edited by hand)."""
+        for name, allowed in types.items():
+            value = row[name]
+            if not isinstance(value, allowed):
+                raise StoreError(
+                    f"the record at {self.path} is damaged: {table} holds"
+                    f" {type(value).__name__} {_short_repr(value)} as {name}",
+                    hint=_DAMAGE_HINT,
+                )
 
     def attempts(self, run_id: int, job: str) -> list[dict[str, Any]]:
         """Every attempt of a job of a run, oldest first."""
@@ -1202,6 +1220,45 @@ for _name, _method in list(vars(SqliteRecord).items()):
         and not inspect.isgeneratorfunction(_method)
     ):
         setattr(SqliteRecord, _name, _reading(_method))
+
+
+_TEXT: tuple[type, ...] = (str,)
+_TEXT_OR_NULL: tuple[type, ...] = (str, type(None))
+_INT_OR_NULL: tuple[type, ...] = (int, type(None))
+_NUMBER_OR_NULL: tuple[type, ...] = (int, float, type(None))
+_RUN_TYPES = {
+    "id": (int,),
+    "pipeline": _TEXT,
+    "revision": _TEXT,
+    "status": _TEXT,
+    "started_at": _TEXT,
+    "finished_at": _TEXT_OR_NULL,
+    "actor": _TEXT_OR_NULL,
+    "reason": _TEXT_OR_NULL,
+}
+_STAGE_COLUMNS = ("name", "status", "started_at", "finished_at", "reason")
+_STAGE_TYPES = {
+    "name": _TEXT,
+    "status": _TEXT,
+    "started_at": _TEXT_OR_NULL,
+    "finished_at": _TEXT_OR_NULL,
+    "reason": _TEXT_OR_NULL,
+}
+_JOB_TYPES = {
+    "name": _TEXT,
+    "status": _TEXT,
+    "exit_code": _INT_OR_NULL,
+    "attempts": _INT_OR_NULL,
+    "duration_s": _NUMBER_OR_NULL,
+    "started_at": _TEXT_OR_NULL,
+    "finished_at": _TEXT_OR_NULL,
+    "reason": _TEXT_OR_NULL,
+}
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _duration(start: str | None, end: str | None) -> float | None:
