@@ -110,6 +110,14 @@ def test_gates_and_overrides_parse() -> None:
             "is a mapping with one kind, got 2 keys: 'tests', 'coverage'",
         ),
         (
+            ("override_roles: [sre]", 'override_roles: [sre, "Release Manager", ""]'),
+            "'Release Manager' is not a role name\n  hint: lower-case letters",
+        ),
+        (
+            ("role: release-manager", 'role: "Release Manager"'),
+            "'Release Manager' is not a role name",
+        ),
+        (
             ("      - tests: {min_count: 10}", "      - tests: {min_count: 10}\n        name: t"),
             "hint: a gate's name is one of its settings: - tests: {name: unit, ...}",
         ),

@@ -80,11 +80,11 @@ def users_add(name: str, roles: tuple[str, ...], as_user: str | None, home: Path
 
     if not re.fullmatch(r"[^\s\x00-\x1f]{1,200}", name):
         raise UsageError(f"'{name[:40]}' is not a user name", hint="e.g. an e-mail address")
+    from conveyor.spec.delivery import ROLE_HINT, ROLE_NAME
+
     for role in roles:
-        if not re.fullmatch(r"[a-z][a-z0-9_-]{0,39}", role):
-            raise UsageError(
-                f"'{role[:40]}' is not a role name", hint="lower-case letters, digits, '_', '-'"
-            )
+        if not re.fullmatch(ROLE_NAME, role):
+            raise UsageError(f"'{role[:40]}' is not a role name", hint=ROLE_HINT)
     record = open_record_at(home)
     actor = _who(as_user)
     existing = record.users()

@@ -14,6 +14,10 @@ from typing import Any
 from conveyor.spec.models import Location
 
 TARGET_TYPES = ("process", "command")
+ROLE_NAME = r"[a-z][a-z0-9_-]{0,39}"
+"""What a role may be called: in ``override_roles``, an approval gate's ``role`` and
+``conveyor users add --role`` alike (a role no user can hold would fail its gate for ever)."""
+ROLE_HINT = "lower-case letters, digits, '_' and '-', starting with a letter (at most 40)"
 DEFAULT_HEALTH_TIMEOUT_S = 60.0
 
 

@@ -40,6 +40,8 @@ from conveyor.spec.delivery import (
     DEFAULT_OVERRIDE_MAX_S,
     DEFAULT_OVERRIDE_ROLES,
     GATE_KINDS,
+    ROLE_HINT,
+    ROLE_NAME,
     STAGE_GATE_KINDS,
     TARGET_TYPES,
     DeploySpec,
@@ -463,6 +465,13 @@ class _Schema:
             else:
                 self.add(item, f"each item of '{key}' must be a name, got {describe(item)}")
         return result
+
+    def role_name(self, name: str, node: Node) -> bool:
+        """Whether ``name`` is a role a user can be given; a problem if not."""
+        if re.fullmatch(ROLE_NAME, name):
+            return True
+        self.add(node, f"'{_short(name)}' is not a role name", hint=ROLE_HINT)
+        return False
 
     def env(self, node: Node, secrets: Mapping[str, ScalarNode]) -> dict[str, str]:
         """An ``env`` mapping: variable names to text (numbers and booleans become text)."""
@@ -945,7 +954,11 @@ class _Schema:
             gates = self.gates(found["gates"][1], f"environment '{name}'", GATE_KINDS)
         roles: tuple[str, ...] = DEFAULT_OVERRIDE_ROLES
         if "override_roles" in found:
-            roles = tuple(n for n, _ in self.names("override_roles", found["override_roles"][1]))
+            roles = tuple(
+                n
+                for n, item in self.names("override_roles", found["override_roles"][1])
+                if self.role_name(n, item)
+            )
         expiry, maximum, confirm = DEFAULT_OVERRIDE_EXPIRY_S, DEFAULT_OVERRIDE_MAX_S, False
         if "overrides" in found:
             expiry, maximum, confirm = self.overrides(found["overrides"][1])
@@ -1164,6 +1177,8 @@ class _Schema:
                 return False
             count = got
         role = self.text("role", found["role"][1]) if "role" in found else None
+        if role is not None and not self.role_name(role, found["role"][1]):
+            return False
         not_author = False
         if "not_author" in found:
             not_author = bool(self.boolean("not_author", found["not_author"][1]))
