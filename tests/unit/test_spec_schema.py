@@ -824,3 +824,18 @@ def test_many_unknown_needs_keep_each_hint_short() -> None:
     assert all(p.hint is not None and len(p.hint) < 400 for p in problems)
     assert problems[0].hint is not None and problems[0].hint.endswith("... (979 more))")
     assert problems[-1].hint is not None and "did you mean" not in problems[-1].hint
+
+
+def test_a_job_whose_variables_together_are_too_large_to_start_is_a_problem() -> None:
+    """Each value under its own limit (aliases of one long value), but not all together."""
+    value = "x" * 100_000
+    names = "".join(f"  V{i}: *long\n" for i in range(1, 12))
+    text = (
+        f"pipeline: p\nenv:\n  V0: &long {value}\n{names}"
+        "stages:\n  - name: s\n    jobs:\n      a: {run: 'true'}\n"
+    )
+    problem = only_problem(text)
+    assert problem.message.startswith("job 'a' is too large to start: its script and variables")
+    assert (problem.line, problem.column) == (18, 7)  # the job's name
+    only_env = text.replace(names, "")
+    assert parse_pipeline(only_env.encode(), "conveyor.yml").stages[0].jobs[0].name == "a"

@@ -74,6 +74,9 @@ MAX_RETRIES = 10
 MAX_SCRIPT_BYTES = 100 * 1024
 """Longest script or env value (UTF-8 bytes): Linux refuses to start a process with one argument
 or variable over 128 KiB (``MAX_ARG_STRLEN``), and scripts run as ``bash -c SCRIPT``."""
+MAX_JOB_BYTES = 1024 * 1024
+"""A job's script and environment variables together (Linux allows about 2 MiB of arguments
+and environment, including what the job inherits)."""
 
 PIPELINE_KEYS = ("pipeline", "env", "secrets", "artifacts", "environments", "stages")
 ARTIFACT_KEYS = ("path", "kind")
@@ -315,6 +318,24 @@ class _Schema:
         )
         return True
 
+    def job_sizes(self, stages: Sequence[_StageDraft], env: Mapping[str, str]) -> None:
+        """A problem for each job whose script and variables together are too large to start
+        a process with (each may be under its own limit: forty aliases of one long value)."""
+        for stage in stages:
+            for job in stage.jobs:
+                texts = [job.run, *(f"{k}={v}" for k, v in {**env, **job.env}.items())]
+                if sum(len(text) + 1 for text in texts) * 4 <= MAX_JOB_BYTES:
+                    continue  # at most 4 bytes a character
+                size = sum(len(text.encode("utf-8", "surrogatepass")) + 1 for text in texts)
+                if size > MAX_JOB_BYTES:
+                    self.add(
+                        job.key,
+                        f"job '{job.name}' is too large to start: its script and variables take"
+                        f" {size:,} bytes, the limit is {MAX_JOB_BYTES:,} (1 MiB)",
+                        hint="the system refuses larger arguments and environments; put the"
+                        " data in files in the repository",
+                    )
+
     # -- generic readers -------------------------------------------------------------------
 
     def fields(
@@ -552,6 +573,7 @@ class _Schema:
             self.environments(found["environments"][1]) if "environments" in found else {}
         )
         stages = self.stages(root, found.get("stages"), secrets)
+        self.job_sizes(stages, env)
         specs = self.link(stages, artifacts)
         specs = self.deploy_stages(stages, specs, artifacts, environments)
         if self.problems or name is None:
