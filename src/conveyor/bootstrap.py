@@ -479,7 +479,12 @@ def log_cap() -> int:
     value = os.environ.get("CONVEYOR_LOG_MAX_BYTES", "").strip()
     if not value:
         return DEFAULT_LOG_CAP
-    if not (value.isascii() and value.isdigit()) or len(value) > 18 or int(value) == 0:
+    if len(value) > 18 and value.isascii() and value.isdigit():
+        raise UsageError(
+            f"CONVEYOR_LOG_MAX_BYTES is too large: {value[:40]}",
+            hint=f"at most 999999999999999999; unset it for the default ({DEFAULT_LOG_CAP}, 50 MB)",
+        )
+    if not (value.isascii() and value.isdigit()) or int(value) == 0:
         raise UsageError(
             f"CONVEYOR_LOG_MAX_BYTES must be a whole number of bytes above 0, not '{value[:40]}'",
             hint=f"e.g. CONVEYOR_LOG_MAX_BYTES=10000000 (10 MB), or unset it for the default"

@@ -839,3 +839,10 @@ def test_a_job_whose_variables_together_are_too_large_to_start_is_a_problem() ->
     assert (problem.line, problem.column) == (18, 7)  # the job's name
     only_env = text.replace(names, "")
     assert parse_pipeline(only_env.encode(), "conveyor.yml").stages[0].jobs[0].name == "a"
+
+
+def test_a_number_too_large_to_read_is_called_so() -> None:
+    problem = only_problem(pipeline_with_jobs(f"a: {{run: x, retries: {'9' * 5000}}}\n"))
+    assert problem.message == (
+        "'retries' must be an integer, got a number too large to read (5,000 digits)"
+    )

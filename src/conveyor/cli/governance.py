@@ -170,7 +170,7 @@ def _check_reason(reason: str) -> None:
     words = re.findall(r"\w{2,}", reason)  # letters of any script: a reason may be in any language
     if len(reason.strip()) < 15 or len(set(w.lower() for w in words)) < 3:
         raise UsageError(
-            "the reason must say why, in a sentence (at least 15 characters and 3 words)",
+            "the reason must say why, in a sentence (at least 15 characters and 3 different words)",
             hint='e.g. --reason "hotfix for INC-42, coverage report broken by the new tool"',
         )
 

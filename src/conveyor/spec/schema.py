@@ -175,6 +175,8 @@ def describe(node: Node) -> str:
         return f"integer {_short(node.raw)}"
     if isinstance(value, float):
         return f"number {_short(node.raw)}"
+    if not node.quoted and value.lstrip("+-").isdigit() and value.isascii():
+        return f"a number too large to read ({len(value):,} digits)"  # over int()'s limit
     return f"string {_short(value)!r}"
 
 
