@@ -220,6 +220,7 @@ def test_bad_references_are_explained(repo: Repo) -> None:
         ("app@99", "there is no run '99'"),
         ("sha256:abc", "is not a sha256 digest"),
         ("../../etc", "is not an artifact reference"),
+        ("app@", "is not an artifact reference"),
         ("sha256:" + "0" * 64, "no run published an artifact with digest"),
     ]:
         result = repo.conveyor("artifacts", "show", ref)

@@ -108,6 +108,7 @@ def test_the_only_artifact_is_the_default() -> None:
             "health path 'healthz' must start with '/'",
         ),
         (("port: 8080", "port: 70000"), "'port' must be between 1 and 65535"),
+        (("health: {http: /healthz}", 'health: ""'), "'health' is empty"),
         (("      deploy: ./ops/deploy.sh\n", ""), "missing required key 'deploy'"),
         (("timeout: 45s", "timeout: soon"), "'timeout'"),
         (

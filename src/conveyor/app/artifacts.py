@@ -55,8 +55,8 @@ def resolve(record: ArtifactQueries, ref: str) -> ArtifactRecord:
                 hint="`conveyor artifacts list` shows the published artifacts",
             )
         return found
-    name, _, run_ref = ref.partition("@")
-    if not _NAME.fullmatch(name):
+    name, at, run_ref = ref.partition("@")
+    if not _NAME.fullmatch(name) or (at and not run_ref):
         raise UsageError(f"'{ref[:80]}' is not an artifact reference", hint=hint)
     if not run_ref:
         found = record.latest_artifact_named(name)

@@ -821,8 +821,10 @@ def logs(
         close = difflib.get_close_matches(job, names, n=1)
         listing = (
             "jobs: " + ", ".join(names)
-            if len(names) <= 20
+            if 0 < len(names) <= 20
             else f"`conveyor runs show {run_id}` lists its {len(names)} jobs"
+            if names
+            else f"run {run_id} recorded no job"
         )
         raise UsageError(
             f"run {run_id} has no job '{job}'",

@@ -1314,6 +1314,9 @@ class _Schema:
     def health(self, node: Node, kind: str) -> tuple[str | None, str | None]:
         """``{http: /path}``, ``{command: script}`` or a script (HTTP for process targets only)."""
         if isinstance(node, ScalarNode) and isinstance(node.value, str):
+            if not node.value.strip():
+                self.add(node, "'health' is empty", hint="give a script, or leave 'health' out")
+                return None, None
             return None, None if self.too_long("'health'", node, node.value) else node.value
         if not isinstance(node, MapNode):
             self.wrong_type("health", "{http: /healthz}, {command: ...} or a script", node)
@@ -1336,6 +1339,9 @@ class _Schema:
                 return None, None
             return path, None
         command = self.text("command", found["command"][1])
+        if command is not None and not command.strip():
+            self.add(found["command"][1], "'command' of 'health' is empty", hint="give a script")
+            return None, None
         if command is not None and self.too_long("'health'", found["command"][1], command):
             return None, None
         return None, command
