@@ -583,8 +583,14 @@ def policy_problems(
             (
                 f"{item.name} ({item.digest[:19]}…) has not passed stage"
                 f"{'s' if len(missing) > 1 else ''} {', '.join(repr(s) for s in missing)},"
-                f" which environment '{environment.name}' requires",
-                "promote an artifact of a run in which those stages succeeded",
+                f" which environment '{environment.name}' requires"
+                + (
+                    f", in a committed build of {', '.join(environment.branches)}"
+                    if environment.branches
+                    else " (in a committed build)"
+                ),
+                "promote an artifact of a run in which those stages succeeded"
+                + (" on an accepted branch" if environment.branches else ""),
             )
         )
     return problems
