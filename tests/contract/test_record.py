@@ -34,6 +34,12 @@ def started(run_id: int) -> ev.RunStarted:
     )
 
 
+def attempt_started(run_id: int) -> ev.JobAttemptStarted:
+    return ev.JobAttemptStarted(
+        run_id=run_id, stage="s", job="a", attempt=1, cache_key="k", log=f"logs/{run_id}/a.1.log"
+    )
+
+
 def finished(run_id: int, job: str, key: str, status: str = "succeeded") -> ev.JobFinished:
     return ev.JobFinished(
         run_id=run_id,
@@ -184,6 +190,9 @@ class TestSqliteRecord(RecordContract):
             "UPDATE runs SET started_at = NULL",
             "UPDATE jobs SET duration_s = 'x'",
             "UPDATE runs SET status = x'ff00'",
+            "UPDATE attempts SET log_path = NULL",
+            "UPDATE attempts SET log_bytes = 'abc'",
+            "UPDATE attempts SET log_path = 'logs/1/a' || char(0)",
         ],
     )
     def test_a_hand_edited_read_model_is_a_damaged_record(
@@ -191,12 +200,18 @@ class TestSqliteRecord(RecordContract):
     ) -> None:
         """Not a TypeError in `runs show` (an internal error): the record says it is damaged."""
         run = record.allocate_run_id()
-        record.append([started(run), finished(run, "a", "k")])
+        record.append([started(run), attempt_started(run), finished(run, "a", "k")])
         with sqlite3.connect(record.path) as conn:
             conn.execute(edit)
+        if "attempts" in edit:
+            with pytest.raises(StoreError, match=r"is damaged: attempts holds"):
+                record.attempts(run, "a")
+            return
         with pytest.raises(StoreError, match=r"is damaged: (runs|jobs|stages) holds"):
             record.get_run(run)
-            record.list_runs()
+        if "runs" in edit:
+            with pytest.raises(StoreError, match=r"is damaged: runs holds"):
+                record.list_runs()
 
     def test_a_stale_head_never_replaces_a_newer_one(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()

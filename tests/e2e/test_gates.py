@@ -300,6 +300,7 @@ def test_incidents_and_hotfixes_feed_the_dora_keys(shop: Repo) -> None:
     assert [(i["id"], i["title"], i["resolved_at"]) for i in listed] == [
         (incident["id"], "checkout broken", None)
     ]
+    assert shop.conveyor("incident", "list", "-e", "productio").code == 2  # a typo
     text = shop.conveyor("incident", "list", "-e", "production").out
     assert "checkout broken" in text and " open " in text
     unknown = shop.conveyor("incident", "resolve", str(incident["id"] + 100))

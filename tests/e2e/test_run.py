@@ -904,6 +904,13 @@ def test_logs_of_a_deleted_or_replaced_log_file_say_so(repo: Repo) -> None:
     log.mkdir()
     result = repo.conveyor("logs", "1", "a")
     assert result.code == 1 and "not a regular file" in result.err
+    log.rmdir()
+    run_logs = log.parent
+    run_logs.rename(repo.path / "moved")
+    (repo.path / "moved" / "a.1.log").write_text("hi\n")
+    run_logs.symlink_to(repo.path / "moved")  # a run's folder linked elsewhere
+    result = repo.conveyor("logs", "1", "a")
+    assert result.code == 1 and "its folder is a link" in result.err
     with sqlite3.connect(repo.path / ".conveyor" / "conveyor.db") as conn:
         conn.execute("UPDATE attempts SET log_path = ?", (str(outside),))
     result = repo.conveyor("logs", "1", "a")

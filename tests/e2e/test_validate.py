@@ -233,4 +233,7 @@ def test_odd_file_and_revision_arguments_get_clear_errors(repo: Repo) -> None:
         assert "git cat-file" not in result.err
     result = repo.conveyor("init", "-f", ".git/conveyor.yml")
     assert result.code == 2 and "inside git's own folder" in result.err
+    os.symlink(".git", repo.path / "gl")
+    result = repo.conveyor("init", "-f", "gl/conveyor.yml")
+    assert result.code == 2 and "inside git's own folder" in result.err
     assert not (repo.path / ".git" / "conveyor.yml").exists()

@@ -846,3 +846,8 @@ def test_a_number_too_large_to_read_is_called_so() -> None:
     assert problem.message == (
         "'retries' must be an integer, got a number too large to read (5,000 digits)"
     )
+
+
+def test_signs_alone_are_not_a_large_number() -> None:
+    problem = only_problem(pipeline_with_jobs("a: {run: x, retries: --5}\n"))
+    assert problem.message == "'retries' must be an integer, got string '--5'"

@@ -9,7 +9,8 @@ from conveyor.errors import UsageError
 
 _HOME_HINT = "pass --home (or set CONVEYOR_HOME to) a folder Conveyor can create and write"
 _FOLDERS = ("locks", "logs", "workspaces", "artifacts", "environments", "keys", "cache")
-"""The folders Conveyor makes in a home (a file or a link in their place is refused)."""
+"""The folders Conveyor makes in a home (a file or a dead link in their place is refused; a
+link to a folder, e.g. on a larger disk, is fine)."""
 
 
 @dataclass(frozen=True)

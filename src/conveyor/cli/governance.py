@@ -566,6 +566,8 @@ def incident_list(
 ) -> None:
     """Incidents, newest first."""
     record = open_record_at(home)
+    if environment is not None:
+        check_environment(record, environment, repo_root(required=False))
     items = record.incidents(environment, unresolved=unresolved, limit=limit)
     if as_json:
         echo_json(items)

@@ -269,7 +269,8 @@ def init(force: bool, pipeline_file: str) -> None:
             f"{path} is outside the repository {root}",
             hint="the pipeline file is versioned with the code: write it inside the repository",
         )
-    inside = path.relative_to(root).parts if path.is_relative_to(root) else ()
+    real, real_root = path.resolve(), root.resolve()
+    inside = real.relative_to(real_root).parts if real.is_relative_to(real_root) else ()
     if ".git" in inside:
         raise UsageError(
             f"{path} is inside git's own folder: git does not version it",
@@ -1009,7 +1010,15 @@ def _log_path(root: Path, relative: str) -> Path:
             f"the record names a log outside its logs folder ({relative!r}): it was altered",
             hint="`conveyor audit verify` checks the record",
         )
-    return root / clean
+    path = root / clean
+    # The logs folder itself may be a link (to a larger disk), not a folder inside it.
+    folder, logs = os.path.realpath(path.parent), os.path.realpath(root / "logs")
+    if os.path.commonpath([folder, logs]) != logs:
+        raise ConveyorError(
+            f"cannot read the log {path}: its folder is a link to {folder}",
+            hint="a log is a regular file Conveyor wrote; restore the logs folder",
+        )
+    return path
 
 
 def _read_log(path: Path, position: int) -> bytes | None:

@@ -175,8 +175,9 @@ def describe(node: Node) -> str:
         return f"integer {_short(node.raw)}"
     if isinstance(value, float):
         return f"number {_short(node.raw)}"
-    if not node.quoted and value.lstrip("+-").isdigit() and value.isascii():
-        return f"a number too large to read ({len(value):,} digits)"  # over int()'s limit
+    if not node.quoted and re.fullmatch(r"[+-]?[0-9]+", value):
+        digits = len(value.lstrip("+-"))
+        return f"a number too large to read ({digits:,} digits)"  # over int()'s limit
     return f"string {_short(value)!r}"
 
 

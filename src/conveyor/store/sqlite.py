@@ -1000,6 +1000,12 @@ class SqliteRecord:
         )
         out = [dict(zip(keys, r, strict=True)) for r in rows]
         for item in out:  # null until the attempt ends (still running, or interrupted)
+            self._check_row("attempts", item, _ATTEMPT_TYPES)
+            if "\0" in item["log"]:
+                raise StoreError(
+                    f"the record at {self.path} is damaged: attempts holds a log path with a NUL",
+                    hint=_DAMAGE_HINT,
+                )
             if item["log_truncated"] is not None:
                 item["log_truncated"] = bool(item["log_truncated"])
         return out
@@ -1253,6 +1259,15 @@ _JOB_TYPES = {
     "started_at": _TEXT_OR_NULL,
     "finished_at": _TEXT_OR_NULL,
     "reason": _TEXT_OR_NULL,
+}
+
+_ATTEMPT_TYPES = {
+    "attempt": (int,),
+    "status": _TEXT,
+    "exit_code": _INT_OR_NULL,
+    "duration_s": _NUMBER_OR_NULL,
+    "log": _TEXT,
+    "log_bytes": _INT_OR_NULL,
 }
 
 

@@ -209,8 +209,8 @@ class ProcessTarget:
                 tail = log_tail(log)
                 return Health(False, f"{detail}\n{tail}" if tail else detail)
             ok, last = self._probe(release, env, state, began, deadline)
-            if ok:
-                return Health(True, last)
+            if ok and _leader_exit(state.pid, state.start_time) is None:
+                return Health(True, last)  # answered while our own process runs (not another)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
