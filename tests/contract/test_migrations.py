@@ -171,3 +171,21 @@ def test_opening_a_half_made_record_makes_it_again_under_the_open_connection(
             conn.execute(f"CREATE TABLE {name} (x)")
     record = open_record(home)
     assert record.list_runs(10) == []
+
+
+def test_own_tables_are_the_tables_the_migrations_create(tmp_path: Path) -> None:
+    db = tmp_path / "conveyor.db"
+    ensure_schema(db)
+    with sqlite3.connect(db) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == migrate.OWN_TABLES
+
+
+def test_another_programs_database_is_not_taken_for_a_half_made_record(tmp_path: Path) -> None:
+    db = tmp_path / "conveyor.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE customers (name TEXT)")
+        conn.execute("INSERT INTO customers VALUES ('alice')")
+    ensure_schema(db)  # Conveyor's tables beside it, as before; nothing dropped
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT name FROM customers").fetchall() == [("alice",)]

@@ -213,6 +213,21 @@ class TestSqliteRecord(RecordContract):
             with pytest.raises(StoreError, match=r"is damaged: runs holds"):
                 record.list_runs()
 
+    def test_deleting_the_log_with_the_head_mark_does_not_verify(
+        self, record: SqliteRecord
+    ) -> None:
+        """The note that a mark was written is in the database file, not only in its log."""
+        run = record.allocate_run_id()
+        record.append([started(run), ev.RunFinished(run_id=run, status="succeeded")])
+        path = record.path
+        record.close()
+        for suffix in ("-wal", "-shm", ".head"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        reopened = SqliteRecord(path, lambda: "2026-01-01T00:00:00.000000Z")
+        report = reopened.verify()
+        reopened.close()
+        assert not report.ok and "conveyor.db.head is missing" in report.problem
+
     def test_a_stale_head_never_replaces_a_newer_one(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()
         record.append([started(run), ev.RunFinished(run_id=run, status="succeeded")])

@@ -86,15 +86,28 @@ def _signals_deferred() -> Iterator[None]:
         os.kill(os.getpid(), received[0])  # now handled as the command's handlers say
 
 
+OWN_TABLES = frozenset(
+    {
+        "alembic_version", "allocations", "approvals", "artifacts", "attempts",
+        "deployment_commits", "deployment_ids", "deployments", "environments", "events",
+        "gate_verdicts", "incidents", "jobs", "leases", "overrides", "reports", "run_ids", "runs",
+        "sqlite_sequence", "stages", "test_results", "users",
+    }
+)  # fmt: skip
+"""Every table the migrations create (a test keeps it so)."""
+
+
 def _half_made(db_path: Path) -> bool:
-    """A record with tables but no schema version and no event: a first migration that an
-    older Conveyor did not finish (its tables were created one transaction each)."""
+    """A record with some of Conveyor's tables (and no other), but no schema version and no
+    event: a first migration that an older Conveyor did not finish (its tables were created
+    one transaction each). Another program's database is never taken for one."""
     try:
         conn = sqlite3.connect(str(db_path))
         try:
-            tables = {
-                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            tables = {row[0] for row in rows}
+            if not tables <= OWN_TABLES:
+                return False
             if (
                 "alembic_version" in tables
                 and conn.execute("SELECT 1 FROM alembic_version").fetchone()
