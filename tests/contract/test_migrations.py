@@ -14,6 +14,7 @@ from sqlalchemy import create_engine
 
 from conveyor.domain import events as ev
 from conveyor.errors import StoreError
+from conveyor.signals import signals_held
 from conveyor.store import migrate
 from conveyor.store.migrate import HEAD, current_revision, ensure_schema
 from conveyor.store.sqlite import GENESIS, SqliteRecord, canonical, event_hash
@@ -146,7 +147,7 @@ def test_a_record_with_events_but_no_version_is_not_thrown_away(tmp_path: Path) 
 
 def test_ctrl_c_during_a_migration_takes_effect_when_it_has_ended(tmp_path: Path) -> None:
     db = tmp_path / "conveyor.db"
-    with pytest.raises(KeyboardInterrupt), migrate._signals_deferred():
+    with pytest.raises(KeyboardInterrupt), signals_held():
         os.kill(os.getpid(), signal.SIGINT)
         migrate._create(db)
         migrate._upgrade(db)  # not interrupted half-way

@@ -603,3 +603,62 @@ def test_env_stop_after_a_killed_deployment_stops_its_release(shop: Repo) -> Non
     while serving() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not serving()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_cancelled_promotion_stops_its_release(shop: Repo, sig: int) -> None:
+    """Ctrl-C during a deployment: exit 130, the new release does not run on untracked (it
+    held the port: the next deployment could not start), the record says interrupted."""
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    assert shop.conveyor("promote", "1", "--to", "staging").code == 0
+    shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    proc = shop.popen("promote", "2", "--to", "staging")
+    state = shop.path / ".conveyor" / "environments" / "staging" / "run" / "2.json"
+    deadline = time.monotonic() + 30
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert state.exists(), "the new release never started"
+    pid = json.loads(state.read_text())["pid"]
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out.decode() + err.decode()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"release 2 (pid {pid}) still runs")
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert history[0]["status"] == "interrupted"
+    assert "cancelled" in history[0]["reason"] and "release 2 stopped" in history[0]["reason"]
+    assert "promote its artifact again" in history[0]["reason"]
+    assert status(shop, "staging")["deployment"] is None
+    assert shop.conveyor("promote", "1", "--to", "staging").code == 0
+    assert get(str(status(shop, "staging")["url"])).startswith("v1 ")
+
+
+def test_ctrl_c_during_a_runs_last_deploy_stage_cancels_the_run(shop: Repo) -> None:
+    """The deploy stage is the last one: the signal was noted, the deployment went on, and
+    the run ended 'succeeded' (exit 0)."""
+    shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
+    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
+    proc = shop.popen("run", "--progress", "plain")
+    state = shop.path / ".conveyor" / "environments" / "staging" / "run" / "1.json"
+    deadline = time.monotonic() + 30
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert state.exists(), "the release never started"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out.decode() + err.decode()
+    doc = shop.show()
+    assert doc["status"] == "cancelled"
+    staging = next(s for s in doc["stages"] if s["name"] == "staging")
+    assert staging["status"] == "cancelled" and "was cancelled" in staging["reason"]
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert history[0]["status"] == "interrupted" and "release 1 stopped" in history[0]["reason"]
+    assert shop.conveyor("audit", "verify").code == 0

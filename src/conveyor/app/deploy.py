@@ -38,6 +38,7 @@ from conveyor.domain.canonical import canonical_json
 from conveyor.domain.delivery import ArtifactRecord, DeploymentOutcome, Health, Release, Target
 from conveyor.domain.masking import Masker
 from conveyor.errors import ConveyorError, DeployError, LeaseLost
+from conveyor.signals import signals_held
 from conveyor.spec.delivery import EnvironmentSpec
 
 STRATEGY = "recreate"
@@ -49,6 +50,14 @@ STOP_TIMEOUT_S = 10.0
 
 
 Outcome = DeploymentOutcome
+
+
+@dataclasses.dataclass
+class _Steps:
+    """How far a deployment got, for the record when it breaks off."""
+
+    previous_running: bool = False
+    """Whether the release it replaces still runs (its stop had not begun, or it was restored)."""
 
 
 def refusal(message: str, hint: str | None = None) -> DeployError:
@@ -311,31 +320,61 @@ class Deployer:
                 raise LeaseLost(f"the lease on environment '{name}' was taken over")
 
         renew()
+        steps = _Steps(previous_running=previous is not None)
         try:
-            status, reason, running, health = self._recreate(environment, release, previous, renew)
+            status, reason, running, health = self._recreate(
+                environment, release, previous, renew, steps
+            )
         except LeaseLost:
             raise
         except BaseException as exc:
-            # Whatever went wrong, the deployment does not stay "running" on the record.
-            detail = (
-                exc.message if isinstance(exc, ConveyorError) else f"{type(exc).__name__}: {exc}"
-            )
-            self._append(
-                [
-                    de.DeploymentFinished(
-                        run_id=item.run_id,
-                        deployment_id=deployment_id,
-                        environment=name,
-                        status="failed",
-                        reason=f"the deployment stopped: {detail}",
-                        health="",
-                        duration_s=round(time.monotonic() - started, 3),
-                        running_deployment=None,
-                        finished_epoch=self.now(),
+            # Whatever went wrong (Ctrl-C included), the new release does not outlive the
+            # deployment, and the deployment does not stay "running" on the record. Another
+            # signal waits until both are done.
+            with signals_held():
+                stopped = self._stop_quietly(environment, release)
+                cancelled = isinstance(exc, KeyboardInterrupt)
+                if cancelled:
+                    status, reason = "interrupted", "cancelled (Ctrl-C or SIGTERM) before the end"
+                else:
+                    status, reason = (
+                        "failed",
+                        "the deployment stopped: "
+                        + (
+                            exc.message
+                            if isinstance(exc, ConveyorError)
+                            else f"{type(exc).__name__}: {exc}"
+                        ),
                     )
-                ],
-                fence=fence,
-            )
+                reason += f"; release {deployment_id} " + (
+                    "stopped" if stopped else "may run still"
+                )
+                running_now = (
+                    previous.deployment_id
+                    if previous is not None and steps.previous_running
+                    else None
+                )
+                if previous is not None and running_now is None:
+                    reason += (
+                        f"; deployment {previous.deployment_id} was stopped before it: promote"
+                        " its artifact again to restore it"
+                    )
+                self._append(
+                    [
+                        de.DeploymentFinished(
+                            run_id=item.run_id,
+                            deployment_id=deployment_id,
+                            environment=name,
+                            status=status,
+                            reason=reason,
+                            health="",
+                            duration_s=round(time.monotonic() - started, 3),
+                            running_deployment=running_now,
+                            finished_epoch=self.now(),
+                        )
+                    ],
+                    fence=fence,
+                )
             raise
         shipped: list[list[Any]] = []
         if status == "succeeded" and self.commits is not None:
@@ -366,16 +405,28 @@ class Deployer:
         )
         return Outcome(deployment_id, status, reason, health.detail)
 
+    def _stop_quietly(self, environment: EnvironmentSpec, release: Release) -> bool:
+        """Stop ``release`` if it runs, after a deployment broke off; whether it is stopped."""
+        try:
+            self.make_target(environment, release).stop(release)
+        except (ConveyorError, OSError) as exc:
+            self.say(f"release {release.deployment_id} could not be stopped: {exc}")
+            return False
+        return True
+
     def _recreate(
         self,
         environment: EnvironmentSpec,
         release: Release,
         previous: Release | None,
         renew: Callable[[], None] = lambda: None,
+        steps: _Steps | None = None,
     ) -> tuple[str, str, int | None, Health]:
         """Stop the old release, start the new one; roll back if it is not healthy."""
+        steps = steps if steps is not None else _Steps()
         new_target = self.make_target(environment, release)
         if previous is not None:
+            steps.previous_running = False  # from the moment its stop begins
             self.make_target(environment, previous).stop(previous)
             renew()
         try:
@@ -398,6 +449,7 @@ class Deployer:
         old_target = self.make_target(environment, previous)
         try:
             old_target.restore(previous, release)
+            steps.previous_running = True
             renew()
             restored = old_target.check(previous, environment.health_timeout_s)
         except ConveyorError as exc:

@@ -390,6 +390,8 @@ class Engine:
                 )
             except ConveyorError as exc:
                 reason = exc.message
+                if self.cancel.is_set():  # broken off by the run's cancellation
+                    status = "cancelled"
             else:
                 status = "succeeded" if outcome.status == "succeeded" else "failed"
                 reason = (

@@ -6,16 +6,12 @@ when the schema must change (a new home, or an upgrade of Conveyor).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import os
-import signal
 import sqlite3
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 from conveyor.errors import StoreError
+from conveyor.signals import signals_held
 
 HEAD = "0005"
 """The newest migration; update it with every new file in ``migrations/versions``."""
@@ -54,36 +50,12 @@ def ensure_schema(db_path: Path) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if current_revision(db_path) == HEAD:
             return
-        with _signals_deferred():
+        with signals_held():
             if db_path.exists() and _half_made(db_path):
                 _clear(db_path)  # left by an interrupted first command of an older Conveyor
             if not db_path.exists():
                 _create(db_path)
             _upgrade(db_path)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block has ended, then act on the first one received.
-
-    A ``KeyboardInterrupt`` raised inside SQLAlchemy or Alembic can be swallowed by a cleanup
-    (the command then went on as if nothing happened) or stop the upgrade half-way.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {
-        sig: signal.signal(sig, lambda signum, _: received.append(signum)) for sig in signals
-    }
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if received:
-        os.kill(os.getpid(), received[0])  # now handled as the command's handlers say
 
 
 OWN_TABLES = frozenset(

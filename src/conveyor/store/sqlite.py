@@ -1060,7 +1060,25 @@ class SqliteRecord:
         ]
 
     def verify(self) -> AuditReport:
-        """Check the hash chain, the sequence and the high-water mark of the event log."""
+        """Check the hash chain, the sequence and the high-water mark of the event log.
+
+        The head mark is read first (it names an event committed before it was written), then
+        everything else in one read transaction: events appended meanwhile by a run are not
+        taken for events removed from the end.
+        """
+        head = _head_of(self.path)
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise _unreadable(self.path, exc) from exc
+        try:
+            return self._verify(head)
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+    def _verify(self, head_of: tuple[tuple[int, str] | None, str]) -> AuditReport:
         expected_prev = GENESIS
         count = 0
         last_seq = 0
@@ -1123,7 +1141,7 @@ class SqliteRecord:
                 last_seq + 1,
                 f"events {last_seq + 1}..{high} were removed from the end of the log",
             )
-        head, unreadable = _head_of(self.path)
+        head, unreadable = head_of
         mark = head_path(self.path).name
         if unreadable:
             return AuditReport(

@@ -1,0 +1,33 @@
+"""Holding Ctrl-C and SIGTERM while a step that must not be cut in half finishes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block has ended, then act on the first one received
+    (as the handlers in place before the block say: usually a ``KeyboardInterrupt``).
+
+    For steps whose interruption would leave something half done: a schema migration (a
+    ``KeyboardInterrupt`` inside SQLAlchemy can be swallowed by its cleanup), or stopping a
+    release and recording why after a deployment was cancelled.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda num, _: received.append(num)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    if received:
+        os.kill(os.getpid(), received[0])
