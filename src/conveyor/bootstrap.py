@@ -42,7 +42,7 @@ from conveyor.errors import DeployError, UsageError
 from conveyor.executors.local import LocalExecutor, kill_tagged
 from conveyor.spec.models import PipelineSpec
 from conveyor.store.migrate import ensure_schema
-from conveyor.store.sqlite import SqliteRecord, check_not_lost
+from conveyor.store.sqlite import SqliteRecord, check_not_lost, read_head
 
 if TYPE_CHECKING:
     from conveyor.app.deploy import Deployer
@@ -68,6 +68,12 @@ def open_record(
     else:
         ensure_schema(home.database)  # a new record: created with its page size, then migrated
         record = SqliteRecord(home.database, SystemClock().now)
+    if say is not None and read_head(home.database) is None and record.head_was_written():
+        say(
+            f"warning: {home.database.name}.head is missing, though one was written: events"
+            " removed from the end of the record would go unseen, and the next run writes a new"
+            " one (`conveyor audit verify` tells, before any other command)"
+        )
     if recover:
         recover_orphans(record, home, say)
     return record

@@ -1059,6 +1059,21 @@ def test_a_deleted_or_forged_head_mark_does_not_verify(repo: Repo) -> None:
     assert "conveyor.db.head is missing" in gone.json()["problem"]
 
 
+def test_deleting_the_log_with_its_head_mark_does_not_verify(repo: Repo) -> None:
+    """The note that a mark was written is in the database file itself, and audit verify
+    checks the record as found (recovering the run first would write a new mark)."""
+    repo.pipeline(SIMPLE)
+    for _ in range(2):
+        assert repo.conveyor("run").code == 0
+    home = repo.path / ".conveyor"
+    for name in ("conveyor.db-wal", "conveyor.db-shm", "conveyor.db.head"):
+        (home / name).unlink(missing_ok=True)
+    result = repo.conveyor("audit", "verify")
+    assert result.code == 1 and "conveyor.db.head is missing" in result.err
+    listed = repo.conveyor("runs", "list")
+    assert listed.code == 0 and "warning: conveyor.db.head is missing" in listed.err
+
+
 def test_a_deleted_database_is_not_silently_replaced(repo: Repo) -> None:
     repo.pipeline(SIMPLE)
     assert repo.conveyor("run").code == 0

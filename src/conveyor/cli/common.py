@@ -100,12 +100,14 @@ def home_of(home: Path | None, root: Path | None) -> Any:
     return Home(root / ".conveyor")
 
 
-def open_record_at(home: Path | None, root: Path | None = None) -> Any:
+def open_record_at(home: Path | None, root: Path | None = None, *, recover: bool = True) -> Any:
     from conveyor.bootstrap import open_record
 
     if home is None and root is None:
         root = repo_root()
-    return open_record(home_of(home, root), say=lambda text: click.echo(text, err=True))
+    return open_record(
+        home_of(home, root), recover=recover, say=lambda text: click.echo(text, err=True)
+    )
 
 
 def run_id_of(record: Any, ref: str) -> int:

@@ -1060,7 +1060,8 @@ def audit_verify(home: Path | None, as_json: bool) -> None:
     """Verify the hash chain of the event log (exit 1 naming the first bad event)."""
     from conveyor.errors import AuditError, StoreError
 
-    record = open_record_at(home)
+    # As found: recovering an orphaned run first would write a new head mark over a missing one.
+    record = open_record_at(home, recover=False)
     try:
         report = record.verify()
     except StoreError as exc:

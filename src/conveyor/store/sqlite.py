@@ -1150,7 +1150,7 @@ class SqliteRecord:
                 None,
                 f"{mark} {unreadable}: events removed from the end of the log would go unseen",
             )
-        if head is None and self._head_was_written():
+        if head is None and self.head_was_written():
             return AuditReport(
                 False,
                 count,
@@ -1184,29 +1184,28 @@ class SqliteRecord:
         return AuditReport(True, count, head_hash=expected_prev)
 
     def _flag_head(self) -> None:
-        """Note in the database file's header that a head mark was written for it (once): from
-        then on a missing mark means it was removed. Records of releases before the mark stay
+        """Note in the database header that a head mark was written for it (once): from then
+        on a missing mark means it was removed. Records of releases before the mark stay
         verifiable until their next run writes one.
 
-        The note must reach the database file itself, not only the write-ahead log: deleting
-        the log together with the mark would remove it too. So it is checkpointed, and read
-        back from the file's header (bytes 60-63, ``user_version``), not through SQLite.
+        The note is checkpointed into the database file at once (a new record's log is
+        small), so that deleting the write-ahead log together with the mark does not take the
+        note away too. (The file is never opened beside SQLite to check: closing another
+        descriptor of it would drop SQLite's locks on it.)
         """
-        if _file_user_version(self.path) >= _HEAD_FLAG:
-            self._head_flagged = True
-            return
+        self._head_flagged = True
         with contextlib.suppress(sqlite3.Error):  # a secondary check: never fails a write
-            if self._conn.execute("PRAGMA user_version").fetchone()[0] < _HEAD_FLAG:
-                self._conn.execute(f"PRAGMA user_version = {_HEAD_FLAG}")
+            if self._conn.execute("PRAGMA user_version").fetchone()[0] >= _HEAD_FLAG:
+                return
+            self._conn.execute(f"PRAGMA user_version = {_HEAD_FLAG}")
             self._conn.execute("PRAGMA busy_timeout=0")
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # never waits for readers
             finally:
                 self._conn.execute("PRAGMA busy_timeout=30000")
-        # Not there yet (a reader held the log back): the next durable commit tries again.
-        self._head_flagged = _file_user_version(self.path) >= _HEAD_FLAG
 
-    def _head_was_written(self) -> bool:
+    def head_was_written(self) -> bool:
+        """Whether a head mark was ever written for this record (the note in its header)."""
         try:
             return bool(self._conn.execute("PRAGMA user_version").fetchone()[0] >= _HEAD_FLAG)
         except sqlite3.Error as exc:
@@ -1301,17 +1300,6 @@ _ATTEMPT_TYPES = {
     "log": _TEXT,
     "log_bytes": _INT_OR_NULL,
 }
-
-
-def _file_user_version(db_path: Path) -> int:
-    """``user_version`` as stored in the database file's header (what a checkpoint wrote)."""
-    try:
-        with open(db_path, "rb") as handle:
-            handle.seek(60)
-            data = handle.read(4)
-    except OSError:
-        return 0
-    return int.from_bytes(data, "big") if len(data) == 4 else 0
 
 
 def _short_repr(value: object) -> str:
