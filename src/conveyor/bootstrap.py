@@ -157,44 +157,6 @@ def cancellation(executor: LocalExecutor) -> Iterator[CancelFlag]:
             signal.signal(sig, handler)
 
 
-class CancellableDeployer:
-    """The deployer as a run's deploy stage uses it: Ctrl-C or SIGTERM during a deployment
-    breaks it off as it does ``conveyor promote`` (the new release stopped, the deployment
-    recorded ``interrupted``), besides requesting the run's cancellation. Outside a
-    deployment, the run's handlers only set the flag, which a deployment would not notice.
-    """
-
-    def __init__(self, deployer: Any, cancel: CancelFlag) -> None:
-        self.deployer = deployer
-        self.cancel = cancel
-
-    def deploy(self, environment: Any, item: Any, **kwargs: Any) -> Any:
-        inside = [False]
-
-        def interrupt(signum: int, frame: object) -> None:
-            self.cancel.handler(signum, frame)
-            if inside[0]:
-                inside[0] = False
-                raise KeyboardInterrupt
-
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for sig in previous:
-                signal.signal(sig, interrupt)
-            inside[0] = True
-            try:
-                return self.deployer.deploy(environment, item, **kwargs)
-            finally:
-                inside[0] = False
-        except KeyboardInterrupt:
-            raise DeployError(
-                f"the deployment to '{environment.name}' was cancelled (Ctrl-C or SIGTERM)"
-            ) from None
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-
 @dataclass
 class PreparedRun:
     """Everything a run needs, assembled."""
@@ -391,9 +353,13 @@ def prepare_run(
     )
     artifacts, attestor, deployer = None, None, None
     if any(stage.deploy for stage in spec.stages):
-        deployer = CancellableDeployer(
-            make_deployer(home, record, source, observer.on_note, secrets=secrets.values()),
-            cancel,
+        deployer = make_deployer(
+            home,
+            record,
+            source,
+            observer.on_note,
+            secrets=secrets.values(),
+            cancelled=cancel.is_set,
         )
     if spec.artifacts:
         from conveyor.adapters.artifacts import FileArtifactStore
@@ -494,6 +460,7 @@ def make_deployer(
     say: Callable[[str], None],
     wait_s: float = 0.0,
     secrets: Iterable[str] = (),
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> Deployer:
     """A deployer with the local adapters: the store, this instance's key, local targets;
     ``secrets`` (values) are masked in what it says and records."""
@@ -514,6 +481,7 @@ def make_deployer(
         commits=source.commits_since if source is not None else None,
         authors=source.authors_of if source is not None else None,
         masker=Masker(secrets),
+        cancelled=cancelled,
     )
 
 

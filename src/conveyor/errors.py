@@ -169,6 +169,12 @@ class DeployError(ConveyorError):
     """A deployment cannot go on: a target failed, a policy refused it, a lease is held."""
 
 
+class DeployCancelled(DeployError):
+    """Ctrl-C or SIGTERM asked a deployment to stop; it stopped at its next safe point."""
+
+    exit_code = 130
+
+
 class LeaseLost(DeployError):
     """A deployer's lease on an environment was taken over: it may not write any more."""
 

@@ -15,8 +15,7 @@ def signals_held() -> Iterator[None]:
     (as the handlers in place before the block say: usually a ``KeyboardInterrupt``).
 
     For steps whose interruption would leave something half done: a schema migration (a
-    ``KeyboardInterrupt`` inside SQLAlchemy can be swallowed by its cleanup), or stopping a
-    release and recording why after a deployment was cancelled.
+    ``KeyboardInterrupt`` inside SQLAlchemy can be swallowed by its cleanup).
     """
     if threading.current_thread() is not threading.main_thread():
         yield

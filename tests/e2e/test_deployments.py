@@ -642,8 +642,8 @@ def test_a_cancelled_promotion_stops_its_release(shop: Repo, sig: int) -> None:
 
 
 def test_ctrl_c_during_a_runs_last_deploy_stage_cancels_the_run(shop: Repo) -> None:
-    """The deploy stage is the last one: the signal was noted, the deployment went on, and
-    the run ended 'succeeded' (exit 0)."""
+    """The deploy stage is the last one: the deployment stops at its next safe point (it went
+    on, and the run ended 'succeeded', exit 0), and the run is cancelled."""
     shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
     shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
     proc = shop.popen("run", "--progress", "plain")

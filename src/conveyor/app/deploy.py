@@ -37,8 +37,7 @@ from conveyor.domain import events as ev
 from conveyor.domain.canonical import canonical_json
 from conveyor.domain.delivery import ArtifactRecord, DeploymentOutcome, Health, Release, Target
 from conveyor.domain.masking import Masker
-from conveyor.errors import ConveyorError, DeployError, LeaseLost
-from conveyor.signals import signals_held
+from conveyor.errors import ConveyorError, DeployCancelled, DeployError, LeaseLost
 from conveyor.spec.delivery import EnvironmentSpec
 
 STRATEGY = "recreate"
@@ -91,7 +90,12 @@ class Deployer:
         commits: Callable[[str, Sequence[str]], list[tuple[str, float]]] | None = None,
         authors: Callable[[str, Sequence[str]], list[str]] | None = None,
         masker: Masker | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
     ) -> None:
+        self.cancelled = cancelled
+        """Whether Ctrl-C or SIGTERM asked to stop: looked at between the steps of a
+        deployment and while it waits (never in the middle of a step), then the deployment
+        stops cleanly (``DeployCancelled``)."""
         self.masker = masker or Masker(())
         """The pipeline's secrets: masked in what is said and recorded (a release's output
         reaches the deployment's health and reason)."""
@@ -246,6 +250,10 @@ class Deployer:
             if not said:
                 self.say(f"waiting for the deployment of {holder['holder']} to '{name}' to end")
                 said = True
+            if self.cancelled():
+                raise DeployCancelled(
+                    f"cancelled while waiting for the lease on '{name}': nothing was changed"
+                )
             time.sleep(0.2)
 
     def _ttl(self, environment: EnvironmentSpec | None = None) -> float:
@@ -328,53 +336,43 @@ class Deployer:
         except LeaseLost:
             raise
         except BaseException as exc:
-            # Whatever went wrong (Ctrl-C included), the new release does not outlive the
-            # deployment, and the deployment does not stay "running" on the record. Another
-            # signal waits until both are done.
-            with signals_held():
-                stopped = self._stop_quietly(environment, release)
-                cancelled = isinstance(exc, KeyboardInterrupt)
-                if cancelled:
-                    status, reason = "interrupted", "cancelled (Ctrl-C or SIGTERM) before the end"
-                else:
-                    status, reason = (
-                        "failed",
-                        "the deployment stopped: "
-                        + (
-                            exc.message
-                            if isinstance(exc, ConveyorError)
-                            else f"{type(exc).__name__}: {exc}"
-                        ),
+            # Whatever went wrong (a cancel included), the new release does not outlive the
+            # deployment, and the deployment does not stay "running" on the record.
+            stopped = self._stop_quietly(environment, release)
+            if isinstance(exc, DeployCancelled | KeyboardInterrupt):
+                status, reason = "interrupted", "cancelled (Ctrl-C or SIGTERM) before the end"
+            else:
+                detail = (
+                    exc.message
+                    if isinstance(exc, ConveyorError)
+                    else f"{type(exc).__name__}: {exc}"
+                )
+                status, reason = "failed", f"the deployment stopped: {detail}"
+            reason += f"; release {deployment_id} " + ("stopped" if stopped else "may run still")
+            running_now = (
+                previous.deployment_id if previous is not None and steps.previous_running else None
+            )
+            if previous is not None and running_now is None:
+                reason += (
+                    f"; deployment {previous.deployment_id} was stopped before it: promote"
+                    " its artifact again to restore it"
+                )
+            self._append(
+                [
+                    de.DeploymentFinished(
+                        run_id=item.run_id,
+                        deployment_id=deployment_id,
+                        environment=name,
+                        status=status,
+                        reason=reason,
+                        health="",
+                        duration_s=round(time.monotonic() - started, 3),
+                        running_deployment=running_now,
+                        finished_epoch=self.now(),
                     )
-                reason += f"; release {deployment_id} " + (
-                    "stopped" if stopped else "may run still"
-                )
-                running_now = (
-                    previous.deployment_id
-                    if previous is not None and steps.previous_running
-                    else None
-                )
-                if previous is not None and running_now is None:
-                    reason += (
-                        f"; deployment {previous.deployment_id} was stopped before it: promote"
-                        " its artifact again to restore it"
-                    )
-                self._append(
-                    [
-                        de.DeploymentFinished(
-                            run_id=item.run_id,
-                            deployment_id=deployment_id,
-                            environment=name,
-                            status=status,
-                            reason=reason,
-                            health="",
-                            duration_s=round(time.monotonic() - started, 3),
-                            running_deployment=running_now,
-                            finished_epoch=self.now(),
-                        )
-                    ],
-                    fence=fence,
-                )
+                ],
+                fence=fence,
+            )
             raise
         shipped: list[list[Any]] = []
         if status == "succeeded" and self.commits is not None:
@@ -405,6 +403,10 @@ class Deployer:
         )
         return Outcome(deployment_id, status, reason, health.detail)
 
+    def _stop_if_cancelled(self) -> None:
+        if self.cancelled():
+            raise DeployCancelled("the deployment was cancelled (Ctrl-C or SIGTERM)")
+
     def _stop_quietly(self, environment: EnvironmentSpec, release: Release) -> bool:
         """Stop ``release`` if it runs, after a deployment broke off; whether it is stopped."""
         try:
@@ -426,17 +428,20 @@ class Deployer:
         steps = steps if steps is not None else _Steps()
         new_target = self.make_target(environment, release)
         if previous is not None:
-            steps.previous_running = False  # from the moment its stop begins
             self.make_target(environment, previous).stop(previous)
+            steps.previous_running = False
             renew()
+        self._stop_if_cancelled()
         try:
             new_target.start(release, previous)
             renew()
-            health = new_target.check(release, environment.health_timeout_s)
+            self._stop_if_cancelled()
+            health = new_target.check(release, environment.health_timeout_s, self.cancelled)
         except ConveyorError as exc:
-            if isinstance(exc, LeaseLost):
+            if isinstance(exc, LeaseLost | DeployCancelled):
                 raise
             health = Health(False, exc.message)
+        self._stop_if_cancelled()
         renew()
         if health.ok:
             return "succeeded", "", release.deployment_id, health
@@ -448,12 +453,15 @@ class Deployer:
         renew()
         old_target = self.make_target(environment, previous)
         try:
+            steps.previous_running = True  # it may answer from the moment it is restored
             old_target.restore(previous, release)
-            steps.previous_running = True
             renew()
-            restored = old_target.check(previous, environment.health_timeout_s)
+            restored = old_target.check(previous, environment.health_timeout_s, self.cancelled)
         except ConveyorError as exc:
+            if isinstance(exc, LeaseLost):
+                raise
             restored = Health(False, exc.message)
+        self._stop_if_cancelled()
         if restored.ok:
             return (
                 "rolled_back",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -112,13 +113,16 @@ def promote(
     it verifies and the environment's policy accepts it. Exit 0 if the deployment succeeded,
     1 if it was refused, failed or rolled back.
     """
-    from conveyor.bootstrap import make_deployer
+    from conveyor.bootstrap import CancelFlag, make_deployer
     from conveyor.cli.main import _actor
 
     root, home_obj, spec, source, record = _context(pipeline_file, home)
     env = _environment(spec, environment)
     item = _artifact_of(record, spec, ref, artifact_name)
     facts = record.run_facts(item.run_id) or {}
+    # From here on Ctrl-C and SIGTERM ask the deployment to stop at its next safe point (an
+    # exception at any point could leave a release running untracked, or a write half done).
+    cancel = CancelFlag()
     deployer = make_deployer(
         home_obj,
         record,
@@ -126,15 +130,21 @@ def promote(
         lambda text: click.echo(text, err=as_json),
         wait_s=wait,
         secrets=[os.environ[name] for name in spec.secrets if os.environ.get(name)],
+        cancelled=cancel.is_set,
     )
-    outcome = deployer.deploy(
-        env,
-        item,
-        revision=facts.get("revision", ""),
-        actor=_actor(as_user, root),
-        trigger="promote",
-        hotfix=hotfix,
-    )
+    handlers = {sig: signal.signal(sig, cancel.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        outcome = deployer.deploy(
+            env,
+            item,
+            revision=facts.get("revision", ""),
+            actor=_actor(as_user, root),
+            trigger="promote",
+            hotfix=hotfix,
+        )
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     if as_json:
         echo_json(record.deployment(outcome.deployment_id))
     if outcome.status != "succeeded":

@@ -6,7 +6,7 @@ artifacts or environments does not pay for defining them at start-up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -127,8 +127,11 @@ class Target(Protocol):
         """Put ``release`` in place of ``previous`` (which the caller has stopped)."""
         ...
 
-    def check(self, release: Release, timeout_s: float) -> Health:
-        """Wait up to ``timeout_s`` for ``release`` to be healthy."""
+    def check(
+        self, release: Release, timeout_s: float, cancelled: Callable[[], bool] = lambda: False
+    ) -> Health:
+        """Wait up to ``timeout_s`` for ``release`` to be healthy; stop waiting (unhealthy)
+        as soon as ``cancelled()`` says so."""
         ...
 
     def stop(self, release: Release) -> None:

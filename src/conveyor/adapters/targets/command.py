@@ -38,7 +38,7 @@ restore goes to the failed deployment's log, where it is looked for.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,8 +81,11 @@ class CommandTarget:
         env = self._env(release, previous=previous, failed=None)
         self._run_or_fail("deploy", self._deploy, env, self._log_path(release))
 
-    def check(self, release: Release, timeout_s: float) -> Health:
-        """Run the health script until it exits 0 or ``timeout_s`` has passed."""
+    def check(
+        self, release: Release, timeout_s: float, cancelled: Callable[[], bool] = lambda: False
+    ) -> Health:
+        """Run the health script until it exits 0, ``timeout_s`` has passed or ``cancelled()``
+        (looked at between tries)."""
         if self._health is None:
             return Health(True, "no health script; the deploy script succeeded")
         log = self._log_path(release)
@@ -91,6 +94,8 @@ class CommandTarget:
         deadline = began + timeout_s
         tries = 0
         while True:
+            if cancelled():
+                return Health(False, "the deployment was cancelled")
             tries += 1
             remaining = deadline - time.monotonic()
             code = self._run("health", self._health, env, log, min(self._timeout_s, remaining))

@@ -42,7 +42,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -193,8 +193,10 @@ class ProcessTarget:
                 hint="check that the environment folder is writable",
             ) from exc
 
-    def check(self, release: Release, timeout_s: float) -> Health:
-        """Poll until the service is healthy, exits, or ``timeout_s`` runs out."""
+    def check(
+        self, release: Release, timeout_s: float, cancelled: Callable[[], bool] = lambda: False
+    ) -> Health:
+        """Poll until the service is healthy, exits, ``timeout_s`` runs out or ``cancelled()``."""
         state = self._read_state(release)
         if state is None:
             return Health(False, f"{_name(release)} is not running (it has no record)")
@@ -203,6 +205,8 @@ class ProcessTarget:
         began = time.monotonic()
         deadline = began + timeout_s
         while True:
+            if cancelled():
+                return Health(False, "the deployment was cancelled")
             exited = _leader_exit(state.pid, state.start_time)
             if exited is not None:
                 detail = f"the process {exited} before it was healthy; see {log}"
