@@ -68,7 +68,8 @@ def open_record(
     else:
         ensure_schema(home.database)  # a new record: created with its page size, then migrated
         record = SqliteRecord(home.database, SystemClock().now)
-    if say is not None and read_head(home.database) is None and record.head_was_written():
+    # The note first: a mark is written before its note, so a note without a mark is a loss.
+    if say is not None and record.head_was_written() and read_head(home.database) is None:
         say(
             f"warning: {home.database.name}.head is missing, though one was written: events"
             " removed from the end of the record would go unseen, and the next run writes a new"

@@ -1066,6 +1066,7 @@ class SqliteRecord:
         everything else in one read transaction: events appended meanwhile by a run are not
         taken for events removed from the end.
         """
+        flagged = self.head_was_written()  # before the mark: the mark is written first
         head = _head_of(self.path)
         conn = self._conn
         try:
@@ -1073,12 +1074,12 @@ class SqliteRecord:
         except sqlite3.Error as exc:
             raise _unreadable(self.path, exc) from exc
         try:
-            return self._verify(head)
+            return self._verify(head, flagged)
         finally:
             if conn.in_transaction:
                 conn.execute("COMMIT")
 
-    def _verify(self, head_of: tuple[tuple[int, str] | None, str]) -> AuditReport:
+    def _verify(self, head_of: tuple[tuple[int, str] | None, str], flagged: bool) -> AuditReport:
         expected_prev = GENESIS
         count = 0
         last_seq = 0
@@ -1150,7 +1151,7 @@ class SqliteRecord:
                 None,
                 f"{mark} {unreadable}: events removed from the end of the log would go unseen",
             )
-        if head is None and self.head_was_written():
+        if head is None and flagged:
             return AuditReport(
                 False,
                 count,
