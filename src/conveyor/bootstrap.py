@@ -412,9 +412,13 @@ def environment_port(env_dir: Path, fixed: int | None) -> int:
 
 
 def make_target(
-    home: Home, source: GitSource | None, environment: EnvironmentSpec, release: Release
+    home: Home,
+    source: GitSource | None,
+    environment: EnvironmentSpec,
+    release: Release,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> Target:
-    """The adapter for an environment's target."""
+    """The adapter for an environment's target; ``cancelled()`` stops a script it runs."""
     env_dir = home.environments / environment.name
     # Releases get the environment conveyor was started with, less the same variables.
     base_env = {
@@ -451,6 +455,7 @@ def make_target(
         rollback=target.rollback,
         workdir=checkout,
         base_env=base_env,
+        cancelled=cancelled,
     )
 
 
@@ -476,7 +481,7 @@ def make_deployer(
         public_pem=key.public_pem,
         builder_id=key.builder_id,
         environments_dir=home.environments,
-        make_target=lambda env, release: make_target(home, source, env, release),
+        make_target=lambda env, release: make_target(home, source, env, release, cancelled),
         wait_s=wait_s,
         say=say,
         commits=source.commits_since if source is not None else None,

@@ -11,11 +11,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from conveyor.app.artifacts import resolve
+from conveyor.errors import DeployCancelled
 from tests.e2e.conftest import Repo
 
 SERVER = """\
@@ -662,3 +665,151 @@ def test_ctrl_c_during_a_runs_last_deploy_stage_cancels_the_run(shop: Repo) -> N
     history = shop.conveyor("env", "history", "staging", "--json").json()
     assert history[0]["status"] == "interrupted" and "release 1 stopped" in history[0]["reason"]
     assert shop.conveyor("audit", "verify").code == 0
+
+
+def in_process_deployer(
+    repo: Repo, monkeypatch: pytest.MonkeyPatch, cancelled: Callable[[], bool]
+) -> tuple[Any, Any, Any]:
+    """A deployer over the repository's real home, record, store and targets, in this process
+    (to say exactly when the cancel comes); with the record to close."""
+    from conveyor.bootstrap import make_deployer
+    from conveyor.cli.environments import _context
+
+    monkeypatch.chdir(repo.path)
+    for name in [k for k in os.environ if k.startswith("CONVEYOR_")]:
+        monkeypatch.delenv(name)
+    for name, value in repo.env.items():
+        monkeypatch.setenv(name, value)
+    _, home, spec, source, record = _context("conveyor.yml", None)
+    deployer = make_deployer(home, record, source, lambda _: None, cancelled=cancelled)
+    return deployer, spec, record
+
+
+@pytest.mark.parametrize("looks", [1, 2, 3])
+def test_a_cancel_before_the_deployment_began_changes_nothing(
+    shop: Repo, monkeypatch: pytest.MonkeyPatch, looks: int
+) -> None:
+    """Cancelled once the lease is held, after the gates, or after unpacking: nothing is
+    recorded, no release folder is left, and the release that ran still answers (it used to
+    be stopped, and the environment left down)."""
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    assert shop.conveyor("promote", "1", "--to", "staging").code == 0
+    url = str(status(shop, "staging")["url"])
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    seen = itertools.count(1)
+    deployer, spec, record = in_process_deployer(shop, monkeypatch, lambda: next(seen) >= looks)
+    try:
+        item = resolve(record, "app@2")
+        with pytest.raises(DeployCancelled, match="before the deployment began: nothing"):
+            deployer.deploy(
+                spec.environment("staging"), item, revision="", actor="t", trigger="promote"
+            )
+    finally:
+        record.close()
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert [(h["id"], h["status"]) for h in history] == [(1, "succeeded")]
+    releases = shop.path / ".conveyor" / "environments" / "staging" / "releases"
+    assert sorted(p.name for p in releases.iterdir()) == ["1", "1.path"]
+    assert get(url).startswith("v1 ")
+    assert shop.conveyor("audit", "verify").code == 0
+
+
+def test_a_cancel_while_the_restored_release_is_checked_leaves_it_running(
+    shop: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new release is unhealthy; the cancel comes once the previous one is restored, while
+    its health is checked: it is left running and recorded as what runs, and the deployment is
+    interrupted with its health unknown (it used to be recorded rolled back, and a failed
+    restore as well)."""
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    assert shop.conveyor("promote", "1", "--to", "staging").code == 0
+    url = str(status(shop, "staging")["url"])
+    shop.write("VERSION", "unhealthy\n")
+    shop.commit("unhealthy")
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    restored: list[int] = []
+    deployer, spec, record = in_process_deployer(shop, monkeypatch, lambda: bool(restored))
+    make_target = deployer.make_target
+
+    class Spy:
+        def __init__(self, target: Any) -> None:
+            self.target = target
+            self.stops_releases = target.stops_releases
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.target, name)
+
+        def restore(self, previous: Any, failed: Any) -> None:
+            self.target.restore(previous, failed)
+            restored.append(previous.deployment_id)
+
+    deployer.make_target = lambda env, release: Spy(make_target(env, release))
+    try:
+        outcome = deployer.deploy(
+            spec.environment("staging"),
+            resolve(record, "app@2"),
+            revision="",
+            actor="t",
+            trigger="promote",
+        )
+    finally:
+        record.close()
+    assert restored == [1]
+    assert outcome.status == "interrupted"
+    assert "unhealthy:" in outcome.reason and "its health is not known" in outcome.reason
+    assert status(shop, "staging")["deployment"] == 1
+    deadline = time.monotonic() + 10  # restored just before the cancel: it may still start
+    while True:
+        try:
+            assert get(url).startswith("v1 ")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_a_cancel_stops_a_command_targets_deploy_script(repo: Repo, tmp_path: Path) -> None:
+    """A `command` target's script runs in its own session, out of Ctrl-C's reach: the cancel
+    terminates it at once (it used to run on for up to 10 minutes), and the record says that
+    what runs is not known (it used to say the release was stopped, which scripts cannot do)."""
+    live = tmp_path / "live"
+    repo.env["LIVE_DIR"] = str(live)
+    repo.write(
+        "ops/deploy.sh",
+        """\
+        mkdir -p "$LIVE_DIR"
+        if grep -q slow "$CONVEYOR_ARTIFACT_PATH"; then echo $$ > "$LIVE_DIR/pid"; sleep 60; fi
+        cp "$CONVEYOR_ARTIFACT_PATH" "$LIVE_DIR/current"
+        """,
+    )
+    repo.write("ops/health.sh", "true\n")
+    repo.write("ops/rollback.sh", "true\n")
+    for script in ("deploy", "health", "rollback"):
+        os.chmod(repo.path / "ops" / f"{script}.sh", 0o755)
+    repo.write("VERSION", "v1\n")
+    repo.pipeline(COMMAND_PIPELINE)
+    assert repo.conveyor("run", "--progress", "plain").code == 0
+    repo.write("VERSION", "slow\n")
+    repo.commit("slow")
+    assert repo.conveyor("run", "--stage", "commit").code == 0
+    proc = repo.popen("promote", "2", "--to", "prod")
+    deadline = time.monotonic() + 30
+    while not (live / "pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (live / "pid").exists(), "the deploy script never started"
+    time.sleep(0.2)
+    pid = int((live / "pid").read_text())
+    began = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out.decode() + err.decode()
+    assert time.monotonic() - began < 15
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert (live / "current").read_text() == "v1\n"
+    history = repo.conveyor("env", "history", "prod", "--json").json()
+    assert history[0]["status"] == "interrupted"
+    reason = history[0]["reason"]
+    assert "deploy script was stopped partway" in reason and "prod now is not known" in reason
+    assert "stopped;" not in reason and "release 2 stopped" not in reason

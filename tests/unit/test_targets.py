@@ -21,8 +21,8 @@ import pytest
 
 from conveyor.adapters.targets import CommandTarget, ProcessTarget, allocate_port, process_alive
 from conveyor.adapters.targets.process import process_start_time
-from conveyor.domain.delivery import Release
-from conveyor.errors import DeployError
+from conveyor.domain.delivery import Health, Release
+from conveyor.errors import DeployCancelled, DeployError
 
 SERVICE = textwrap.dedent(
     """
@@ -488,6 +488,38 @@ def test_script_past_its_timeout_is_killed_with_its_group(
     assert time.monotonic() - began < 3
     pgid = int((tmp_path / "pid").read_text())
     assert wait_until(lambda: live_group_members(pgid) == [])
+
+
+def test_a_cancel_stops_a_running_script_with_its_group(
+    env_dir: Path, make_release: MakeRelease, tmp_path: Path
+) -> None:
+    """Ctrl-C reaches a script in its own session only through the flag: it is terminated at
+    once (not after its 10-minute timeout), the log says so, and a health check ends."""
+    asked = 0.0
+
+    def cancelled() -> bool:
+        return bool(asked) and time.monotonic() >= asked
+
+    hang = "echo $$ > pid; sleep 300 & sleep 300"
+    target = scripted(env_dir, tmp_path, deploy=hang, health=hang, cancelled=cancelled)
+    release = make_release(1)
+    asked = time.monotonic() + 0.5
+    stopped = r"deploy script was stopped partway \(see .*1\.log\)"
+    with pytest.raises(DeployCancelled, match=stopped):
+        target.start(release, None)
+    assert time.monotonic() - asked < 4
+    pgid = int((tmp_path / "pid").read_text())
+    assert wait_until(lambda: live_group_members(pgid) == [])
+    log = (env_dir / "logs" / "1.log").read_text()
+    assert "deploy script stopped: the deployment was cancelled" in log
+
+    (tmp_path / "pid").unlink()
+    asked = time.monotonic() + 0.5
+    health = target.check(release, 60)
+    assert health == Health(False, "the deployment was cancelled")
+    pgid = int((tmp_path / "pid").read_text())
+    assert wait_until(lambda: live_group_members(pgid) == [])
+    assert target.stops_releases is False
 
 
 def test_token_is_not_passed_and_stop_does_nothing(

@@ -55,8 +55,32 @@ Outcome = DeploymentOutcome
 class _Steps:
     """How far a deployment got, for the record when it breaks off."""
 
-    previous_running: bool = False
-    """Whether the release it replaces still runs (its stop had not begun, or it was restored)."""
+    previous: str = "none"
+    """The release it replaces: ``none``, ``running`` (its stop had not begun, or it was
+    restored), ``stopped``, or ``unknown`` (a script of the user's was replacing it)."""
+    new: str = "not started"
+    """The new release: ``not started``, ``started`` (its start began), ``stopped``."""
+    unhealthy: str = ""
+    """Why the new release was found unhealthy, once it was."""
+
+
+CANCELLED = "the deployment was cancelled (Ctrl-C or SIGTERM)"
+NOTHING_CHANGED = "cancelled (Ctrl-C or SIGTERM) before the deployment began: nothing was changed"
+
+
+def _previous_after_break(deployment_id: int, state: str) -> str:
+    """For the record of a deployment that broke off: what became of the release it replaced."""
+    if state == "running":
+        return f"deployment {deployment_id} still runs"
+    if state == "stopped":
+        return (
+            f"deployment {deployment_id} was stopped before it: promote its artifact again to"
+            " restore it"
+        )
+    return (
+        f"whether deployment {deployment_id} still runs is not known: promote the release you"
+        " want to be sure"
+    )
 
 
 def refusal(message: str, hint: str | None = None) -> DeployError:
@@ -215,9 +239,11 @@ class Deployer:
         token = self._acquire(environment, actor)
         fence = (environment.name, token)
         try:
+            self._refuse_if_cancelled()
             # Gates are evaluated once the lease is held: a window, an override's expiry or the
             # coverage baseline may have changed while this deployment waited for it.
             overridden = self.check_gates(environment, item, revision)
+            self._refuse_if_cancelled()
             return self._deploy_leased(
                 environment, item, revision, actor, trigger, fence, hotfix, overridden
             )
@@ -252,7 +278,8 @@ class Deployer:
                 said = True
             if self.cancelled():
                 raise DeployCancelled(
-                    f"cancelled while waiting for the lease on '{name}': nothing was changed"
+                    f"cancelled (Ctrl-C or SIGTERM) while waiting for the lease on '{name}':"
+                    " nothing was changed"
                 )
             time.sleep(0.2)
 
@@ -290,6 +317,10 @@ class Deployer:
         )
         deployment_id = self.record.allocate_deployment_id()
         release = self._prepare(environment, item, deployment_id, revision)
+        if self.cancelled():
+            shutil.rmtree(release.folder, ignore_errors=True)
+            Path(release.folder).with_suffix(".path").unlink(missing_ok=True)
+            raise DeployCancelled(NOTHING_CHANGED)
         # A release someone stopped (`env stop`) is not restarted by a rollback: the
         # environment was meant to be down, and stays down if the new release fails.
         running = previous_row is not None and state is not None and state["status"] != "stopped"
@@ -328,7 +359,7 @@ class Deployer:
                 raise LeaseLost(f"the lease on environment '{name}' was taken over")
 
         renew()
-        steps = _Steps(previous_running=previous is not None)
+        steps = _Steps(previous="running" if previous is not None else "none")
         try:
             status, reason, running, health = self._recreate(
                 environment, release, previous, renew, steps
@@ -338,9 +369,10 @@ class Deployer:
         except BaseException as exc:
             # Whatever went wrong (a cancel included), the new release does not outlive the
             # deployment, and the deployment does not stay "running" on the record.
-            stopped = self._stop_quietly(environment, release)
             if isinstance(exc, DeployCancelled | KeyboardInterrupt):
                 status, reason = "interrupted", "cancelled (Ctrl-C or SIGTERM) before the end"
+                if isinstance(exc, DeployCancelled) and exc.message != CANCELLED:
+                    reason += f": {exc.message}"
             else:
                 detail = (
                     exc.message
@@ -348,15 +380,15 @@ class Deployer:
                     else f"{type(exc).__name__}: {exc}"
                 )
                 status, reason = "failed", f"the deployment stopped: {detail}"
-            reason += f"; release {deployment_id} " + ("stopped" if stopped else "may run still")
+            if steps.unhealthy:
+                reason += f"; release {deployment_id} was unhealthy: {steps.unhealthy}"
+            fate, known = self._stop_broken_off(environment, release, steps)
+            reason += "; " + fate
             running_now = (
-                previous.deployment_id if previous is not None and steps.previous_running else None
+                previous.deployment_id if previous and steps.previous == "running" else None
             )
-            if previous is not None and running_now is None:
-                reason += (
-                    f"; deployment {previous.deployment_id} was stopped before it: promote"
-                    " its artifact again to restore it"
-                )
+            if previous is not None and known:
+                reason += "; " + _previous_after_break(previous.deployment_id, steps.previous)
             self._append(
                 [
                     de.DeploymentFinished(
@@ -403,18 +435,37 @@ class Deployer:
         )
         return Outcome(deployment_id, status, reason, health.detail)
 
+    def _refuse_if_cancelled(self) -> None:
+        """Before anything changed: stop with nothing recorded but the gates' verdicts."""
+        if self.cancelled():
+            raise DeployCancelled(NOTHING_CHANGED)
+
     def _stop_if_cancelled(self) -> None:
         if self.cancelled():
-            raise DeployCancelled("the deployment was cancelled (Ctrl-C or SIGTERM)")
+            raise DeployCancelled(CANCELLED)
 
-    def _stop_quietly(self, environment: EnvironmentSpec, release: Release) -> bool:
-        """Stop ``release`` if it runs, after a deployment broke off; whether it is stopped."""
+    def _stop_broken_off(
+        self, environment: EnvironmentSpec, release: Release, steps: _Steps
+    ) -> tuple[str, bool]:
+        """Stop the new release of a deployment that broke off: what became of it, and whether
+        what runs in the environment is known."""
+        name = f"release {release.deployment_id}"
+        if steps.new == "not started":
+            return f"{name} was not started", True
         try:
-            self.make_target(environment, release).stop(release)
+            target = self.make_target(environment, release)
+            target.stop(release)
         except (ConveyorError, OSError) as exc:
-            self.say(f"release {release.deployment_id} could not be stopped: {exc}")
-            return False
-        return True
+            self.say(f"{name} could not be stopped: {exc}")
+            return f"{name} may run still", True
+        if not target.stops_releases:
+            # The user's scripts own the service: a deploy script that ran, even partway,
+            # may have replaced what ran before.
+            return (
+                f"what runs in {environment.name} now is not known (its scripts own it, and"
+                f" those of {name} ran, maybe partway): promote the release you want there"
+            ), False
+        return f"{name} stopped", True
 
     def _recreate(
         self,
@@ -426,13 +477,20 @@ class Deployer:
     ) -> tuple[str, str, int | None, Health]:
         """Stop the old release, start the new one; roll back if it is not healthy."""
         steps = steps if steps is not None else _Steps()
+        self._stop_if_cancelled()
         new_target = self.make_target(environment, release)
         if previous is not None:
-            self.make_target(environment, previous).stop(previous)
-            steps.previous_running = False
+            replaced = self.make_target(environment, previous)
+            self._stop_if_cancelled()
+            replaced.stop(previous)
+            if replaced.stops_releases:
+                steps.previous = "stopped"
             renew()
         self._stop_if_cancelled()
         try:
+            steps.new = "started"
+            if previous is not None and steps.previous == "running":
+                steps.previous = "unknown"  # the user's deploy script replaces it
             new_target.start(release, previous)
             renew()
             self._stop_if_cancelled()
@@ -446,26 +504,39 @@ class Deployer:
         if health.ok:
             return "succeeded", "", release.deployment_id, health
         self.say(f"release {release.deployment_id} is not healthy: {health.detail}")
+        steps.unhealthy = health.detail
         new_target.stop(release)
+        steps.new = "stopped"
         if previous is None:
             return "failed", f"unhealthy: {health.detail}", None, health
+        self._stop_if_cancelled()
         self.say(f"rolling back to deployment {previous.deployment_id}")
         renew()
         old_target = self.make_target(environment, previous)
         try:
-            steps.previous_running = True  # it may answer from the moment it is restored
+            steps.previous = "unknown"
             old_target.restore(previous, release)
+            steps.previous = "running"  # it may answer from the moment it is restored
             renew()
             restored = old_target.check(previous, environment.health_timeout_s, self.cancelled)
         except ConveyorError as exc:
-            if isinstance(exc, LeaseLost):
+            if isinstance(exc, LeaseLost | DeployCancelled):
                 raise
             restored = Health(False, exc.message)
-        self._stop_if_cancelled()
         if restored.ok:
             return (
                 "rolled_back",
                 f"unhealthy: {health.detail}; deployment {previous.deployment_id} runs again",
+                previous.deployment_id,
+                health,
+            )
+        if self.cancelled() and steps.previous == "running":
+            # Restored, but the cancel cut its check short: it is left running, unproven.
+            return (
+                "interrupted",
+                f"unhealthy: {health.detail}; {CANCELLED} while deployment"
+                f" {previous.deployment_id}, restored, was checked: it runs, its health is not"
+                " known",
                 previous.deployment_id,
                 health,
             )

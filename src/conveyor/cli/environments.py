@@ -24,7 +24,7 @@ from conveyor.cli.common import (
     run_id_of,
 )
 from conveyor.domain.text import inline
-from conveyor.errors import UsageError
+from conveyor.errors import DeployCancelled, UsageError
 
 
 def _context(pipeline_file: str, home: Path | None) -> tuple[Path, Any, Any, Any, Any]:
@@ -147,6 +147,14 @@ def promote(
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     if as_json:
         echo_json(record.deployment(outcome.deployment_id))
+    if outcome.status == "interrupted":
+        sys.exit(DeployCancelled.exit_code)
+    if cancel.is_set():
+        click.echo(
+            f"the cancel came after deployment {outcome.deployment_id} had ended: it stands as"
+            f" recorded ({outcome.status})",
+            err=True,
+        )
     if outcome.status != "succeeded":
         sys.exit(EXIT_FAILED)
 

@@ -123,6 +123,10 @@ class Target(Protocol):
     ``DeployError`` with a clear message when it cannot do its part.
     """
 
+    stops_releases: bool
+    """Whether ``stop`` really stops a release (``False`` when the user's scripts own the
+    service: then what runs after a deployment broke off is not known)."""
+
     def start(self, release: Release, previous: Release | None) -> None:
         """Put ``release`` in place of ``previous`` (which the caller has stopped)."""
         ...
@@ -149,7 +153,8 @@ class Target(Protocol):
 
 @dataclass(frozen=True)
 class DeploymentOutcome:
-    """How a deployment ended: ``succeeded``, ``failed`` or ``rolled_back``."""
+    """How a deployment ended: ``succeeded``, ``failed``, ``rolled_back``, or ``interrupted``
+    (a cancel cut the check of the restored release short)."""
 
     deployment_id: int
     status: str

@@ -47,7 +47,7 @@ class DeploymentStarted(Event):
 @dataclass(frozen=True, eq=False, repr=False)
 class DeploymentFinished(Event):
     """A deployment ended: ``succeeded``, ``failed`` (nothing healthy runs), ``rolled_back``
-    (the previous release runs again) or ``interrupted`` (its deployer died)."""
+    (the previous release runs again) or ``interrupted`` (its deployer died or was cancelled)."""
 
     kind: ClassVar[str] = "deployment.finished"
     deployment_id: int

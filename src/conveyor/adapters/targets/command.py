@@ -5,7 +5,8 @@ checkout of the repository at the deployment's revision, prepared by the caller)
 session, with stdin from ``/dev/null`` and its output appended to
 ``<env>/logs/<deployment>.log``. A script that runs longer than ``timeout_s`` has its whole
 process group terminated (SIGTERM, two seconds, SIGKILL) and fails. Processes a script leaves
-running after it exits are left alone: the scripts own the service they deploy.
+running after it exits are left alone: the scripts own the service they deploy. A script
+that runs when the deployment is cancelled (Ctrl-C or SIGTERM) is terminated the same way.
 
 Script contract:
 
@@ -45,15 +46,17 @@ from typing import Any
 
 from conveyor.adapters.targets.process import BASH, describe_exit, release_env, run_bounded
 from conveyor.domain.delivery import Health, Release
-from conveyor.errors import DeployError
+from conveyor.errors import DeployCancelled, DeployError
 
 
 class CommandTarget:
     """Target port implementation that delegates to user scripts (see the module docstring).
 
     ``timeout_s`` bounds each script run; ``health_interval_s`` is the pause between tries of
-    the health script.
+    the health script; ``cancelled()`` stops a script that runs (``DeployCancelled``).
     """
+
+    stops_releases = False
 
     def __init__(
         self,
@@ -66,7 +69,9 @@ class CommandTarget:
         timeout_s: float = 600,
         base_env: Mapping[str, str] | None = None,
         health_interval_s: float = 1.0,
+        cancelled: Callable[[], bool] = lambda: False,
     ) -> None:
+        self._cancelled = cancelled
         self._env_dir = Path(env_dir)
         self._deploy = deploy
         self._health = health
@@ -98,7 +103,12 @@ class CommandTarget:
                 return Health(False, "the deployment was cancelled")
             tries += 1
             remaining = deadline - time.monotonic()
-            code = self._run("health", self._health, env, log, min(self._timeout_s, remaining))
+            try:
+                code = self._run(
+                    "health", self._health, env, log, min(self._timeout_s, remaining), cancelled
+                )
+            except DeployCancelled:
+                return Health(False, "the deployment was cancelled")
             elapsed = time.monotonic() - began
             if code == 0:
                 return Health(True, f"the health script succeeded (try {tries}, {elapsed:.1f} s)")
@@ -163,9 +173,23 @@ class CommandTarget:
             )
 
     def _run(
-        self, what: str, script: str, env: Mapping[str, str], log: Path, timeout_s: float
+        self,
+        what: str,
+        script: str,
+        env: Mapping[str, str],
+        log: Path,
+        timeout_s: float,
+        cancelled: Callable[[], bool] | None = None,
     ) -> int | None:
-        """Run one script with its output appended to ``log``; its exit code, None on timeout."""
+        """Run one script with its output appended to ``log``; its exit code, None on timeout.
+
+        Raises ``DeployCancelled`` once the deployment is cancelled (the script is stopped).
+        """
+        also = cancelled
+
+        def stop() -> bool:
+            return self._cancelled() or (also is not None and also())
+
         log.parent.mkdir(parents=True, exist_ok=True)
         release = f"{env['CONVEYOR_ARTIFACT_DIGEST']} of deployment {env['CONVEYOR_DEPLOYMENT_ID']}"
         with open(log, "ab") as out:
@@ -178,12 +202,20 @@ class CommandTarget:
                     env=env,
                     stdout=out,
                     timeout_s=max(0.1, timeout_s),
+                    cancelled=stop,
                 )
             except OSError as exc:
                 raise DeployError(
                     f"cannot run the {what} script in {self._workdir}: {exc.strerror or exc}",
                     hint="check that the checkout exists and that bash is installed",
                 ) from exc
+            except DeployCancelled:
+                out.write(
+                    f"==> conveyor: {what} script stopped: the deployment was cancelled\n".encode()
+                )
+                raise DeployCancelled(
+                    f"the {what} script was stopped partway (see {log})"
+                ) from None
             if code is None:
                 out.write(f"==> conveyor: {what} script killed after {timeout_s:g} s\n".encode())
         return code

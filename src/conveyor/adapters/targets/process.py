@@ -50,7 +50,7 @@ from typing import IO, Any
 
 from conveyor.domain.delivery import Health, Release
 from conveyor.domain.text import neutralise
-from conveyor.errors import DeployError
+from conveyor.errors import DeployCancelled, DeployError
 
 BASH = ("bash", "--noprofile", "--norc")
 RUN_TOKEN_VARIABLE = "CONVEYOR_RUN_TOKEN"
@@ -61,6 +61,8 @@ _ALIVE_FOR_S = 1.0
 _HTTP_TRY_S = 2.0
 _COMMAND_TRY_S = 10.0
 _TERM_GRACE_S = 2.0
+_CANCEL_POLL_S = 0.1
+"""How often a script run that can be cancelled looks at the cancel flag."""
 _KILL_WAIT_S = 5.0
 _TAIL_LINES = 10
 _DEAD_STATES = ("Z", "X", "x")
@@ -103,6 +105,8 @@ class _State:
 
 class ProcessTarget:
     """Target port implementation: the release runs as a local service on a fixed port."""
+
+    stops_releases = True
 
     def __init__(
         self,
@@ -366,12 +370,15 @@ def run_bounded(
     env: Mapping[str, str],
     stdout: IO[bytes],
     timeout_s: float,
+    cancelled: Callable[[], bool] | None = None,
 ) -> int | None:
     """Run ``argv`` in a new session, output to ``stdout``; its exit code (negative: a signal).
 
     Past ``timeout_s`` (or if we are interrupted) the whole process group is terminated:
-    SIGTERM, a short grace, SIGKILL; returns ``None`` on timeout. Raises ``OSError`` if the
-    process cannot be spawned. Processes it leaves behind after a normal exit are left alone.
+    SIGTERM, a short grace, SIGKILL; returns ``None`` on timeout. So it is, too, as soon as
+    ``cancelled()`` says so (looked at every ``_CANCEL_POLL_S``), and then ``DeployCancelled``
+    is raised. Raises ``OSError`` if the process cannot be spawned. Processes it leaves behind
+    after a normal exit are left alone.
     """
     proc = subprocess.Popen(
         list(argv),
@@ -382,14 +389,27 @@ def run_bounded(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    deadline = time.monotonic() + timeout_s
+    stopped = False
     try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _terminate_child_group(proc, _TERM_GRACE_S)
-        return None
+        while not stopped:
+            remaining = deadline - time.monotonic()
+            step = remaining if cancelled is None else min(remaining, _CANCEL_POLL_S)
+            try:
+                return proc.wait(timeout=max(0.0, step))
+            except subprocess.TimeoutExpired:
+                pass
+            stopped = cancelled is not None and cancelled()
+            if time.monotonic() >= deadline:
+                break
     except BaseException:
         _terminate_child_group(proc, 0.0)
         raise
+    # Outside the try: once the group is reaped, signalling it again could hit a reused id.
+    _terminate_child_group(proc, _TERM_GRACE_S)
+    if stopped:
+        raise DeployCancelled("the script was stopped (Ctrl-C or SIGTERM)")
+    return None
 
 
 def describe_exit(code: int | None) -> str:
