@@ -426,6 +426,29 @@ def test_processes_that_leave_the_job_s_group_end_with_it(repo: Repo) -> None:
         _wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists() or _is_zombie(pid))
 
 
+def test_a_daemon_without_the_run_s_token_ends_with_its_stage(repo: Repo) -> None:
+    """A process that leaves the job's session and drops CONVEYOR_RUN_TOKEN (a daemon that
+    clears its environment) is still found, by its ancestry, and ends before the next stage;
+    it used to run on for good."""
+    repo.pipeline("""\
+        pipeline: daemons
+        stages:
+          - name: s
+            jobs:
+              daemon:
+                run: |
+                  env -i setsid -f sh -c 'echo $$ > ../hidden.pid; exec sleep 1015'
+                  while [ ! -s ../hidden.pid ]; do sleep 0.05; done
+          - name: later
+            jobs:
+              check: {run: '! kill -0 "$(cat ../hidden.pid)"'}
+        """)
+    result = repo.conveyor("run", "--progress", "plain")
+    assert result.code == 0, result.out + result.err
+    pid = int((repo.path / ".conveyor" / "workspaces" / "hidden.pid").read_text())
+    assert not Path(f"/proc/{pid}").exists()
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"

@@ -5,6 +5,12 @@ Each attempt is a new session (so its whole process group can be signalled), wit
 the same selector as the pipes, so one thread serves every job with no polling. A script with no
 shell syntax is executed directly, as make does; anything else runs with
 ``bash --noprofile --norc -eo pipefail -c``.
+
+What an attempt starts is found again wherever it went: in the attempt's process group; by the
+run's token (``CONVEYOR_RUN_TOKEN``) in its environment; and, for a process that left the group
+and dropped the token, by its ancestry: while attempts run, this process is the *child
+subreaper* of their descendants (Linux ``prctl``), so whatever they orphan becomes its child and
+is killed when no attempt runs any more (the end of a stage).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import fcntl
 import os
 import selectors
 import signal
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -98,6 +105,9 @@ _BUILTINS = frozenset(
 _READ_SIZE = 65536
 _HAVE_PIDFD = hasattr(os, "pidfd_open")
 _REAP_INTERVAL_S = 0.02
+_PR_SET_CHILD_SUBREAPER = 36
+_ORPHAN_REAP_S = 2.0
+"""How long a killed orphan is waited for (it may be in an uninterruptible sleep)."""
 
 
 def direct_argv(script: str, path: str | None) -> list[str] | None:
@@ -239,6 +249,10 @@ class LocalExecutor:
         self._token: str | None = None
         self._swept = True
         """No attempt started since the last sweep (then closing needs none)."""
+        self._adopting: set[int] | None = None
+        """While attempts may have orphaned processes: the children this process had before
+        (spared: a deployed service, a background ``rm``); ``None`` when there is nothing to
+        look for."""
         self._home_cwd = os.getcwd()
         self._cwd = self._home_cwd
 
@@ -250,6 +264,8 @@ class LocalExecutor:
     def start(self, launch: JobLaunch) -> int:
         """Start one attempt in its own session; returns its pid (= process group id)."""
         path = launch.env.get("PATH")
+        if self._adopting is None and _set_subreaper(True):
+            self._adopting = _children()
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             if launch.cwd != self._cwd:
@@ -343,6 +359,8 @@ class LocalExecutor:
             return False
 
         killed = kill_tagged(self._token, spare)
+        if not running:
+            killed.extend(self._kill_orphans())
         self._swept = not running
         return killed
 
@@ -357,6 +375,7 @@ class LocalExecutor:
             self._reap(proc, [])
         if not self._swept:
             kill_tagged(self._token)
+        self._kill_orphans()
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -365,6 +384,31 @@ class LocalExecutor:
                 os.chdir(self._home_cwd)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _kill_orphans(self) -> list[int]:
+        """Kill and reap the processes attempts orphaned (adopted since the first attempt),
+        their groups too; again while killing orphans more of them. Only when no attempt runs:
+        an orphan cannot be told from a running attempt's."""
+        spared = self._adopting
+        if spared is None:
+            return []
+        killed: list[int] = []
+        for _ in range(_SWEEP_ROUNDS):
+            found = sorted(_children() - spared - {p.pid for p in self._procs.values()})
+            if not found:
+                break
+            for pid in found:
+                with contextlib.suppress(OSError):
+                    if os.getpgid(pid) == pid:  # safe: unreaped, its id cannot be reused
+                        os.killpg(pid, signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in found:
+                _reap_orphan(pid)
+            killed.extend(found)
+        self._adopting = None
+        _set_subreaper(False)  # what a deployment's scripts leave behind is not ours
+        return killed
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -440,6 +484,66 @@ def _spawn(argv: list[str], env: Mapping[str, str], out_fd: int) -> int:
         setsid=True,
         setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM),
     )
+
+
+def _set_subreaper(on: bool) -> bool:
+    """Make this process the child subreaper of its descendants (Linux), or stop being it;
+    whether it worked (never again once it did not)."""
+    global _SUBREAPER_WORKS
+    if _SUBREAPER_WORKS is False:
+        return False
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        _SUBREAPER_WORKS = prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        _SUBREAPER_WORKS = False
+    return _SUBREAPER_WORKS
+
+
+_SUBREAPER_WORKS: bool | None = None
+
+
+def _children() -> set[int]:
+    """The pids of this process's children (zombies included)."""
+    me = os.getpid()
+    pids: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{me}/task")
+        for tid in tasks:
+            with open(f"/proc/{me}/task/{tid}/children", "rb") as handle:
+                pids.update(int(pid) for pid in handle.read().split())
+        return pids
+    except (OSError, ValueError):
+        pass
+    # Without /proc/*/children (a kernel built without it): every process's parent.
+    pids.clear()
+    with contextlib.suppress(OSError), os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                    stat = handle.read()
+                if int(stat[stat.rindex(b")") + 2 :].split()[1]) == me:
+                    pids.add(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
+
+
+def _reap_orphan(pid: int) -> None:
+    """Collect a killed child's exit (for ``_ORPHAN_REAP_S`` at most: it may be stuck)."""
+    deadline = time.monotonic() + _ORPHAN_REAP_S
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done or time.monotonic() >= deadline:
+            return
+        time.sleep(0.005)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
