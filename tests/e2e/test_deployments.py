@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conveyor.app.artifacts import resolve
-from conveyor.errors import DeployCancelled
+from conveyor.errors import DeployCancelled, DeployError
 from tests.e2e.conftest import Repo
 
 SERVER = """\
@@ -661,7 +661,8 @@ def test_ctrl_c_during_a_runs_last_deploy_stage_cancels_the_run(shop: Repo) -> N
     doc = shop.show()
     assert doc["status"] == "cancelled"
     staging = next(s for s in doc["stages"] if s["name"] == "staging")
-    assert staging["status"] == "cancelled" and "was cancelled" in staging["reason"]
+    assert staging["status"] == "cancelled"
+    assert "deployment 1 to staging: interrupted (cancelled" in staging["reason"]
     history = shop.conveyor("env", "history", "staging", "--json").json()
     assert history[0]["status"] == "interrupted" and "release 1 stopped" in history[0]["reason"]
     assert shop.conveyor("audit", "verify").code == 0
@@ -714,59 +715,126 @@ def test_a_cancel_before_the_deployment_began_changes_nothing(
     assert shop.conveyor("audit", "verify").code == 0
 
 
-def test_a_cancel_while_the_restored_release_is_checked_leaves_it_running(
-    shop: Repo, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The new release is unhealthy; the cancel comes once the previous one is restored, while
-    its health is checked: it is left running and recorded as what runs, and the deployment is
-    interrupted with its health unknown (it used to be recorded rolled back, and a failed
-    restore as well)."""
+class CancelAfter:
+    """Wraps a target: records its stops and restores, and sets the cancel flag once the step
+    ``when`` (``(step, deployment id)``) is done; ``fail_restore`` makes restores fail."""
+
+    def __init__(self, target: Any, log: list[tuple[str, int]], when: tuple[str, int]) -> None:
+        self.target = target
+        self.log = log
+        self.when = when
+        self.stops_releases = target.stops_releases
+        self.fail_restore = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
+
+    def stop(self, release: Any) -> None:
+        self.target.stop(release)
+        self.log.append(("stop", release.deployment_id))
+
+    def restore(self, previous: Any, failed: Any) -> None:
+        if self.fail_restore:
+            self.log.append(("restore failed", previous.deployment_id))
+            raise DeployError("cannot start it again")
+        self.target.restore(previous, failed)
+        self.log.append(("restore", previous.deployment_id))
+
+
+def deploy_cancelled_after(
+    shop: Repo,
+    monkeypatch: pytest.MonkeyPatch,
+    when: tuple[str, int],
+    version: str,
+    fail_restore: bool = False,
+) -> tuple[Any, list[tuple[str, int]], str]:
+    """Release 1 runs; deploy release 2 (``version``) in this process, cancelled once ``when``
+    is done: (the outcome or the DeployCancelled raised, the steps, release 1's URL)."""
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
     assert shop.conveyor("promote", "1", "--to", "staging").code == 0
     url = str(status(shop, "staging")["url"])
-    shop.write("VERSION", "unhealthy\n")
-    shop.commit("unhealthy")
+    shop.write("VERSION", f"{version}\n")
+    shop.commit(version)
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
-    restored: list[int] = []
-    deployer, spec, record = in_process_deployer(shop, monkeypatch, lambda: bool(restored))
+    steps: list[tuple[str, int]] = []
+    deployer, spec, record = in_process_deployer(shop, monkeypatch, lambda: when in steps)
     make_target = deployer.make_target
 
-    class Spy:
-        def __init__(self, target: Any) -> None:
-            self.target = target
-            self.stops_releases = target.stops_releases
+    def spied(env: Any, release: Any) -> CancelAfter:
+        target = CancelAfter(make_target(env, release), steps, when)
+        target.fail_restore = fail_restore
+        return target
 
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.target, name)
-
-        def restore(self, previous: Any, failed: Any) -> None:
-            self.target.restore(previous, failed)
-            restored.append(previous.deployment_id)
-
-    deployer.make_target = lambda env, release: Spy(make_target(env, release))
+    deployer.make_target = spied
     try:
-        outcome = deployer.deploy(
-            spec.environment("staging"),
-            resolve(record, "app@2"),
-            revision="",
-            actor="t",
-            trigger="promote",
+        return (
+            deployer.deploy(
+                spec.environment("staging"),
+                resolve(record, "app@2"),
+                revision="",
+                actor="t",
+                trigger="promote",
+            ),
+            steps,
+            url,
         )
+    except DeployCancelled as exc:
+        return exc, steps, url
     finally:
         record.close()
-    assert restored == [1]
-    assert outcome.status == "interrupted"
-    assert "unhealthy:" in outcome.reason and "its health is not known" in outcome.reason
-    assert status(shop, "staging")["deployment"] == 1
-    deadline = time.monotonic() + 10  # restored just before the cancel: it may still start
-    while True:
+
+
+def answers(url: str, text: str) -> bool:
+    """Whether ``url`` answers ``text...`` within 10 s (a release just started may still
+    open its port)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
         try:
-            assert get(url).startswith("v1 ")
-            break
+            return get(url).startswith(text)
         except OSError:
-            if time.monotonic() > deadline:
-                raise
             time.sleep(0.1)
+    return False
+
+
+def test_a_cancel_once_the_running_release_is_stopped_starts_it_again(
+    shop: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled between the stop of release 1 and the start of release 2: release 1 is
+    started again (it used to stay stopped, and the environment down)."""
+    raised, steps, url = deploy_cancelled_after(shop, monkeypatch, ("stop", 1), "v2")
+    assert isinstance(raised, DeployCancelled)
+    assert "deployment 1 was started again" in raised.message
+    assert "deployment 2 to staging: interrupted" in raised.message
+    assert steps == [("stop", 1), ("restore", 1)]  # release 2 never started
+    assert status(shop, "staging")["deployment"] == 1
+    assert status(shop, "staging")["status"] == "running"
+    assert answers(url, "v1 ")
+
+
+def test_a_cancel_does_not_skip_the_rollback_and_cuts_its_check_short(
+    shop: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Release 2 is unhealthy; the cancel comes while it is being stopped. The rollback still
+    happens (a cancel used to skip it, leaving the environment down); its health check is cut
+    short, so release 1 is recorded as what runs, the deployment interrupted, health unknown."""
+    outcome, steps, url = deploy_cancelled_after(shop, monkeypatch, ("stop", 2), "unhealthy")
+    assert steps == [("stop", 1), ("stop", 2), ("restore", 1)]
+    assert outcome.status == "interrupted"
+    assert "unhealthy:" in outcome.reason and "it runs, its health is not known" in outcome.reason
+    assert status(shop, "staging")["deployment"] == 1
+    assert answers(url, "v1 ")
+
+
+def test_a_failed_rollback_is_not_recorded_as_running_after_a_cancel(
+    shop: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcome, steps, _ = deploy_cancelled_after(
+        shop, monkeypatch, ("stop", 2), "unhealthy", fail_restore=True
+    )
+    assert steps == [("stop", 1), ("stop", 2), ("restore failed", 1)]
+    assert outcome.status == "failed"
+    assert "the rollback to deployment 1 failed too: cannot start it again" in outcome.reason
+    assert status(shop, "staging")["status"] == "down"
 
 
 def test_a_cancel_stops_a_command_targets_deploy_script(repo: Repo, tmp_path: Path) -> None:
@@ -813,3 +881,8 @@ def test_a_cancel_stops_a_command_targets_deploy_script(repo: Repo, tmp_path: Pa
     reason = history[0]["reason"]
     assert "deploy script was stopped partway" in reason and "prod now is not known" in reason
     assert "stopped;" not in reason and "release 2 stopped" not in reason
+    assert "deployment 2 to prod: interrupted" in err.decode()
+    state = repo.conveyor("env", "status", "prod", "--json").json()
+    assert (state["status"], state["deployment"]) == ("unknown", 1)
+    assert repo.conveyor("promote", "1", "--to", "prod").code == 0
+    assert repo.conveyor("env", "status", "prod", "--json").json()["status"] == "running"

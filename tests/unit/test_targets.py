@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.adapters.targets import CommandTarget, ProcessTarget, allocate_port, process_alive
-from conveyor.adapters.targets.process import process_start_time
+from conveyor.adapters.targets.process import CUT_SHORT, process_start_time
 from conveyor.domain.delivery import Health, Release
 from conveyor.errors import DeployCancelled, DeployError
 
@@ -495,31 +495,50 @@ def test_a_cancel_stops_a_running_script_with_its_group(
 ) -> None:
     """Ctrl-C reaches a script in its own session only through the flag: it is terminated at
     once (not after its 10-minute timeout), the log says so, and a health check ends."""
-    asked = 0.0
+    pid_file = tmp_path / "pid"
+    armed: list[float] = []
 
-    def cancelled() -> bool:
-        return bool(asked) and time.monotonic() >= asked
+    def cancelled() -> bool:  # once the script runs (it wrote its pid)
+        if not armed and pid_file.exists():
+            armed.append(time.monotonic())
+        return bool(armed)
 
     hang = "echo $$ > pid; sleep 300 & sleep 300"
     target = scripted(env_dir, tmp_path, deploy=hang, health=hang, cancelled=cancelled)
     release = make_release(1)
-    asked = time.monotonic() + 0.5
     stopped = r"deploy script was stopped partway \(see .*1\.log\)"
     with pytest.raises(DeployCancelled, match=stopped):
         target.start(release, None)
-    assert time.monotonic() - asked < 4
-    pgid = int((tmp_path / "pid").read_text())
+    assert time.monotonic() - armed[0] < 4
+    pgid = int(pid_file.read_text())
     assert wait_until(lambda: live_group_members(pgid) == [])
     log = (env_dir / "logs" / "1.log").read_text()
     assert "deploy script stopped: the deployment was cancelled" in log
 
-    (tmp_path / "pid").unlink()
-    asked = time.monotonic() + 0.5
+    pid_file.unlink()
+    armed.clear()
     health = target.check(release, 60)
-    assert health == Health(False, "the deployment was cancelled")
-    pgid = int((tmp_path / "pid").read_text())
+    assert health == Health(False, CUT_SHORT, cut_short=True)
+    pgid = int(pid_file.read_text())
     assert wait_until(lambda: live_group_members(pgid) == [])
     assert target.stops_releases is False
+
+
+def test_once_cancelled_no_script_starts_but_a_restore_runs(
+    env_dir: Path, make_release: MakeRelease, tmp_path: Path
+) -> None:
+    target = scripted(
+        env_dir,
+        tmp_path,
+        deploy="touch deployed",
+        rollback="touch restored",
+        cancelled=lambda: True,
+    )
+    with pytest.raises(DeployCancelled, match="deploy script was not started"):
+        target.start(make_release(2), make_release(1))
+    assert not (tmp_path / "deployed").exists()
+    target.restore(make_release(1), make_release(2))  # the recovery is not cancelled
+    assert (tmp_path / "restored").exists()
 
 
 def test_token_is_not_passed_and_stop_does_nothing(

@@ -62,6 +62,8 @@ class _Steps:
     """The new release: ``not started``, ``started`` (its start began), ``stopped``."""
     unhealthy: str = ""
     """Why the new release was found unhealthy, once it was."""
+    uncertain: bool = False
+    """Whether what runs at the end is not known (a user's scripts own the service)."""
 
 
 CANCELLED = "the deployment was cancelled (Ctrl-C or SIGTERM)"
@@ -385,7 +387,9 @@ class Deployer:
             fate, known = self._stop_broken_off(environment, release, steps)
             reason += "; " + fate
             running_now = (
-                previous.deployment_id if previous and steps.previous == "running" else None
+                previous.deployment_id
+                if previous and (steps.previous == "running" or not known)
+                else None
             )
             if previous is not None and known:
                 reason += "; " + _previous_after_break(previous.deployment_id, steps.previous)
@@ -401,10 +405,15 @@ class Deployer:
                         duration_s=round(time.monotonic() - started, 3),
                         running_deployment=running_now,
                         finished_epoch=self.now(),
+                        running_uncertain=not known,
                     )
                 ],
                 fence=fence,
             )
+            summary = f"deployment {deployment_id} to {name}: {status} ({reason})"
+            if isinstance(exc, DeployCancelled):
+                raise DeployCancelled(summary) from exc
+            self.say(summary)
             raise
         shipped: list[list[Any]] = []
         if status == "succeeded" and self.commits is not None:
@@ -426,6 +435,7 @@ class Deployer:
                     running_deployment=running,
                     finished_epoch=self.now(),
                     commits=shipped,
+                    running_uncertain=steps.uncertain,
                 )
             ],
             fence=fence,
@@ -467,6 +477,24 @@ class Deployer:
             ), False
         return f"{name} stopped", True
 
+    def _restart_replaced(
+        self, target: Target, previous: Release, release: Release, steps: _Steps
+    ) -> None:
+        """Cancelled once the release it replaces was stopped and before the new one started:
+        start that one again (unchecked), so that the cancel leaves what ran; then stop."""
+        try:
+            target.restore(previous, release)
+        except ConveyorError as exc:
+            raise DeployCancelled(
+                f"{CANCELLED}; deployment {previous.deployment_id} could not be started again:"
+                f" {exc.message}"
+            ) from exc
+        steps.previous = "running"
+        raise DeployCancelled(
+            f"{CANCELLED} before release {release.deployment_id} started; deployment"
+            f" {previous.deployment_id} was started again (its health was not checked)"
+        )
+
     def _recreate(
         self,
         environment: EnvironmentSpec,
@@ -486,6 +514,8 @@ class Deployer:
             if replaced.stops_releases:
                 steps.previous = "stopped"
             renew()
+            if self.cancelled() and steps.previous == "stopped":
+                self._restart_replaced(replaced, previous, release, steps)
         self._stop_if_cancelled()
         try:
             steps.new = "started"
@@ -509,7 +539,7 @@ class Deployer:
         steps.new = "stopped"
         if previous is None:
             return "failed", f"unhealthy: {health.detail}", None, health
-        self._stop_if_cancelled()
+        # The rollback is the recovery: a cancel does not skip it, it cuts its check short.
         self.say(f"rolling back to deployment {previous.deployment_id}")
         renew()
         old_target = self.make_target(environment, previous)
@@ -530,16 +560,24 @@ class Deployer:
                 previous.deployment_id,
                 health,
             )
-        if self.cancelled() and steps.previous == "running":
-            # Restored, but the cancel cut its check short: it is left running, unproven.
-            return (
-                "interrupted",
-                f"unhealthy: {health.detail}; {CANCELLED} while deployment"
-                f" {previous.deployment_id}, restored, was checked: it runs, its health is not"
-                " known",
-                previous.deployment_id,
-                health,
-            )
+        if restored.cut_short:
+            # Restored, but the cancel cut its check short: left running, health unproven.
+            try:
+                running = old_target.describe(previous).get("running")
+            except (ConveyorError, OSError):
+                running = None
+            if running is not False:
+                steps.uncertain = running is None
+                return (
+                    "interrupted",
+                    f"unhealthy: {health.detail}; {CANCELLED} while deployment"
+                    f" {previous.deployment_id}, restored, was checked: "
+                    + ("it runs" if running else "its scripts ran")
+                    + ", its health is not known",
+                    previous.deployment_id,
+                    health,
+                )
+            restored = Health(False, "its process is not running")
         return (
             "failed",
             f"unhealthy: {health.detail}; the rollback to deployment {previous.deployment_id}"

@@ -151,8 +151,8 @@ def promote(
         sys.exit(DeployCancelled.exit_code)
     if cancel.is_set():
         click.echo(
-            f"the cancel came after deployment {outcome.deployment_id} had ended: it stands as"
-            f" recorded ({outcome.status})",
+            f"deployment {outcome.deployment_id} ended {outcome.status} with nothing left for the"
+            " cancel to stop: it stands as recorded",
             err=True,
         )
     if outcome.status != "succeeded":

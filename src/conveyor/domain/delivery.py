@@ -113,6 +113,8 @@ class Health:
 
     ok: bool
     detail: str
+    cut_short: bool = False
+    """A cancel ended the check before it knew (not a verdict that the release is unhealthy)."""
 
 
 class Target(Protocol):
@@ -134,8 +136,8 @@ class Target(Protocol):
     def check(
         self, release: Release, timeout_s: float, cancelled: Callable[[], bool] = lambda: False
     ) -> Health:
-        """Wait up to ``timeout_s`` for ``release`` to be healthy; stop waiting (unhealthy)
-        as soon as ``cancelled()`` says so."""
+        """Wait up to ``timeout_s`` for ``release`` to be healthy; stop waiting as soon as
+        ``cancelled()`` says so (then ``cut_short``, unless the release was seen failing)."""
         ...
 
     def stop(self, release: Release) -> None:

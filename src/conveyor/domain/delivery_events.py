@@ -62,6 +62,9 @@ class DeploymentFinished(Event):
     commits: list[list[Any]] = field(default_factory=list)
     """For a success: the commits it shipped to the environment for the first time, as
     ``[sha, commit time (epoch seconds)]`` (lead time for changes)."""
+    running_uncertain: bool = False
+    """What runs is not known (a user's script was stopped partway): ``running_deployment`` is
+    then the last release known to have run, and the environment's status ``unknown``."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -1591,8 +1591,15 @@ def _deployment_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
         "INSERT INTO environments (name, deployment, status, since) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (name) DO UPDATE SET deployment = excluded.deployment,"
         " status = excluded.status, since = excluded.since",
-        (e.environment, running, "running" if running is not None else "down", at),
+        (e.environment, running, _environment_status(e), at),
     )
+
+
+def _environment_status(e: Any) -> str:
+    """What a finished deployment leaves an environment: ``running``, ``down`` or ``unknown``."""
+    if getattr(e, "running_uncertain", False):
+        return "unknown"
+    return "running" if e.running_deployment is not None else "down"
 
 
 def _environment_stopped(conn: sqlite3.Connection, e: Any, at: str) -> None:

@@ -44,7 +44,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from conveyor.adapters.targets.process import BASH, describe_exit, release_env, run_bounded
+from conveyor.adapters.targets.process import (
+    BASH,
+    CUT_SHORT,
+    describe_exit,
+    release_env,
+    run_bounded,
+)
 from conveyor.domain.delivery import Health, Release
 from conveyor.errors import DeployCancelled, DeployError
 
@@ -99,16 +105,21 @@ class CommandTarget:
         deadline = began + timeout_s
         tries = 0
         while True:
-            if cancelled():
-                return Health(False, "the deployment was cancelled")
+            if cancelled() or self._cancelled():
+                return Health(False, CUT_SHORT, cut_short=True)
             tries += 1
             remaining = deadline - time.monotonic()
             try:
                 code = self._run(
-                    "health", self._health, env, log, min(self._timeout_s, remaining), cancelled
+                    "health",
+                    self._health,
+                    env,
+                    log,
+                    min(self._timeout_s, remaining),
+                    lambda: cancelled() or self._cancelled(),
                 )
             except DeployCancelled:
-                return Health(False, "the deployment was cancelled")
+                return Health(False, CUT_SHORT, cut_short=True)
             elapsed = time.monotonic() - began
             if code == 0:
                 return Health(True, f"the health script succeeded (try {tries}, {elapsed:.1f} s)")
@@ -131,10 +142,11 @@ class CommandTarget:
         """Run the rollback script, or else the deploy script again, to bring ``previous`` back."""
         env = self._env(previous, previous=None, failed=failed)
         log = self._log_path(failed)
+        # A restore is the recovery: a cancel does not stop it (the timeout still does).
         if self._rollback is not None:
-            self._run_or_fail("rollback", self._rollback, env, log)
+            self._run_or_fail("rollback", self._rollback, env, log, cancellable=False)
         else:
-            self._run_or_fail("deploy", self._deploy, env, log)
+            self._run_or_fail("deploy", self._deploy, env, log, cancellable=False)
 
     def describe(self, release: Release) -> dict[str, Any]:
         """``running`` is unknown (``None``) here; ``log`` is the deployment's log."""
@@ -158,8 +170,18 @@ class CommandTarget:
             },
         )
 
-    def _run_or_fail(self, what: str, script: str, env: Mapping[str, str], log: Path) -> None:
-        code = self._run(what, script, env, log, self._timeout_s)
+    def _run_or_fail(
+        self,
+        what: str,
+        script: str,
+        env: Mapping[str, str],
+        log: Path,
+        *,
+        cancellable: bool = True,
+    ) -> None:
+        code = self._run(
+            what, script, env, log, self._timeout_s, None if cancellable else (lambda: False)
+        )
         if code is None:
             raise DeployError(
                 f"{what} script did not finish within {self._timeout_s:g} s and was killed; "
@@ -183,13 +205,16 @@ class CommandTarget:
     ) -> int | None:
         """Run one script with its output appended to ``log``; its exit code, None on timeout.
 
-        Raises ``DeployCancelled`` once the deployment is cancelled (the script is stopped).
+        Raises ``DeployCancelled`` once the deployment is cancelled (the script is stopped),
+        or, given, once ``cancelled()`` says so (instead).
         """
         also = cancelled
 
         def stop() -> bool:
-            return self._cancelled() or (also is not None and also())
+            return also() if also is not None else self._cancelled()
 
+        if stop():
+            raise DeployCancelled(f"the {what} script was not started")
         log.parent.mkdir(parents=True, exist_ok=True)
         release = f"{env['CONVEYOR_ARTIFACT_DIGEST']} of deployment {env['CONVEYOR_DEPLOYMENT_ID']}"
         with open(log, "ab") as out:

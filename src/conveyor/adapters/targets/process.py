@@ -61,6 +61,7 @@ _ALIVE_FOR_S = 1.0
 _HTTP_TRY_S = 2.0
 _COMMAND_TRY_S = 10.0
 _TERM_GRACE_S = 2.0
+CUT_SHORT = "the deployment was cancelled before the check was over"
 _CANCEL_POLL_S = 0.1
 """How often a script run that can be cancelled looks at the cancel flag."""
 _KILL_WAIT_S = 5.0
@@ -209,14 +210,17 @@ class ProcessTarget:
         began = time.monotonic()
         deadline = began + timeout_s
         while True:
-            if cancelled():
-                return Health(False, "the deployment was cancelled")
             exited = _leader_exit(state.pid, state.start_time)
             if exited is not None:
                 detail = f"the process {exited} before it was healthy; see {log}"
                 tail = log_tail(log)
                 return Health(False, f"{detail}\n{tail}" if tail else detail)
-            ok, last = self._probe(release, env, state, began, deadline)
+            if cancelled():
+                return Health(False, CUT_SHORT, cut_short=True)
+            try:
+                ok, last = self._probe(release, env, state, began, deadline, cancelled)
+            except DeployCancelled:
+                return Health(False, CUT_SHORT, cut_short=True)
             if ok and _leader_exit(state.pid, state.start_time) is None:
                 return Health(True, last)  # answered while our own process runs (not another)
             remaining = deadline - time.monotonic()
@@ -307,8 +311,10 @@ class ProcessTarget:
         state: _State,
         began: float,
         deadline: float,
+        cancelled: Callable[[], bool],
     ) -> tuple[bool, str]:
-        """One health probe: (healthy, what was observed)."""
+        """One health probe: (healthy, what was observed); ``DeployCancelled`` if
+        ``cancelled()`` stopped the health command."""
         elapsed = time.monotonic() - began
         remaining = deadline - time.monotonic()
         if self._health_path is not None:
@@ -322,6 +328,7 @@ class ProcessTarget:
                         env=env,
                         stdout=out,
                         timeout_s=max(0.5, min(_COMMAND_TRY_S, remaining)),
+                        cancelled=cancelled,
                     )
                 except OSError as exc:
                     raise DeployError(
@@ -405,6 +412,8 @@ def run_bounded(
     except BaseException:
         _terminate_child_group(proc, 0.0)
         raise
+    if proc.poll() is not None:  # it ended as the deadline or the cancel came: its own end
+        return proc.returncode
     # Outside the try: once the group is reaped, signalling it again could hit a reused id.
     _terminate_child_group(proc, _TERM_GRACE_S)
     if stopped:
