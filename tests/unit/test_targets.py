@@ -549,3 +549,13 @@ def test_token_is_not_passed_and_stop_does_nothing(
     target.start(release, None)
     target.stop(release)
     assert (tmp_path / "token").read_text() == "unset\n"
+
+
+def test_an_environment_port_is_outside_the_ephemeral_range() -> None:
+    """An outgoing connection cannot take it while the service restarts."""
+    low, high = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(20):
+        port = allocate_port()
+        assert not low <= port <= high
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))

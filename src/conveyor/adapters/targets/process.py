@@ -77,10 +77,35 @@ _children_lock = threading.Lock()
 
 
 def allocate_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the kernel picks it)."""
+    """A TCP port free on 127.0.0.1 right now, outside the kernel's ephemeral range when it
+    can: an environment keeps its port, and there any outgoing connection could take it while
+    the service is down for a restart or a rollback."""
+    import random
+
+    low, high = _ephemeral_ports()
+    spans = [(lo, hi) for lo, hi in ((10000, low - 1), (high + 1, 65535)) if hi - lo > 100]
+    for _ in range(64 if spans else 0):
+        lo, hi = random.choice(spans)
+        port = random.randint(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", 0))  # the kernel's pick
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (Linux's default if unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            low, high = (int(part) for part in handle.read().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
 
 
 def process_start_time(pid: int) -> int | None:
