@@ -175,6 +175,10 @@ class DeployCancelled(DeployError):
     exit_code = 130
 
 
+class NotStarted(DeployCancelled):
+    """Cancelled before a step began (a script of a target was not run)."""
+
+
 class LeaseLost(DeployError):
     """A deployer's lease on an environment was taken over: it may not write any more."""
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ def _alive(pid: int) -> bool:
 
 def test_orphans_end_when_no_attempt_runs_and_earlier_children_are_spared(tmp_path: Path) -> None:
     service = subprocess.Popen(["sleep", "1017"], start_new_session=True)  # a deployed service
+    leaked: list[int] = []
     executor = LocalExecutor()
     env = {"PATH": os.environ["PATH"], "CONVEYOR_RUN_TOKEN": "t-orphans"}
     try:
@@ -41,6 +44,7 @@ def test_orphans_end_when_no_attempt_runs_and_earlier_children_are_spared(tmp_pa
         executor.start(JobLaunch("hang#1", "sleep 1018", env, str(tmp_path)))
         _wait_exit(executor, "a#1")
         orphan = int(first.read_text())
+        leaked.append(orphan)
         assert executor.sweep() == []  # an attempt runs: its orphans cannot be told apart
         assert _alive(orphan)
         executor.kill("hang#1", force=True)
@@ -53,9 +57,68 @@ def test_orphans_end_when_no_attempt_runs_and_earlier_children_are_spared(tmp_pa
         executor.start(JobLaunch("b#1", DAEMON.format(pid=second), env, str(tmp_path)))
         _wait_exit(executor, "b#1")
         orphan = int(second.read_text())
+        leaked.append(orphan)
+        executor.close()
+        assert not Path(f"/proc/{orphan}").exists()
+        assert service.poll() is None
     finally:
         executor.close()
-    assert not Path(f"/proc/{orphan}").exists()
-    assert service.poll() is None
-    service.kill()
-    service.wait()
+        service.kill()
+        service.wait()
+        _kill(leaked)
+
+
+def test_a_deployed_service_a_job_started_is_spared_and_ended_orphans_are_reaped(
+    tmp_path: Path,
+) -> None:
+    """A job may deploy (`conveyor promote` in a job): the service it leaves carries
+    CONVEYOR_DEPLOYMENT_ID and outlives the stage. Orphans that end while attempts run do not
+    stay zombies."""
+    executor = LocalExecutor()
+    env = {"PATH": os.environ["PATH"], "CONVEYOR_RUN_TOKEN": "t-services"}
+    service_pid = tmp_path / "service.pid"
+    deploy = (
+        f"env -i CONVEYOR_DEPLOYMENT_ID=7 setsid -f sh -c 'echo $$ > {service_pid};"
+        f" exec sleep 1019'; while [ ! -s {service_pid} ]; do :; done;"
+        " for i in 1 2 3 4 5; do (true &); done"
+    )
+    leaked: list[int] = []
+    before = set(_zombie_children())  # other tests' (not this executor's to reap)
+    try:
+        executor.start(JobLaunch("deploy#1", deploy, env, str(tmp_path)))
+        executor.start(JobLaunch("hang#1", "sleep 1018", env, str(tmp_path)))
+        _wait_exit(executor, "deploy#1")
+        service = int(service_pid.read_text())
+        leaked.append(service)
+        deadline = time.monotonic() + 10
+        while set(_zombie_children()) - before and time.monotonic() < deadline:
+            executor.poll(0.2)
+        assert set(_zombie_children()) - before == set()
+        executor.kill("hang#1", force=True)
+        _wait_exit(executor, "hang#1")
+        assert executor.sweep() == []
+        assert _alive(service)
+    finally:
+        executor.close()
+        _kill(leaked)
+
+
+def _zombie_children() -> list[int]:
+    me = os.getpid()
+    pids = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+    zombies = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                zombies.append(int(pid))
+        except OSError:
+            continue
+    return zombies
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)

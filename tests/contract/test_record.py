@@ -588,3 +588,65 @@ def test_an_unfinished_deployment_is_in_progress_only_while_its_live_deployer_ho
     assert (running, [r["id"] for r in interrupted]) == ([], [deployment])
     assert unfinished_deployments(record, "production") == ([], [])
     record.close()
+
+
+def test_what_an_environment_runs_follows_its_deployments_ends(tmp_path: Path) -> None:
+    """`running`/`down` by what runs; `unknown` when that is uncertain; a stopped release
+    stays `stopped` when an interrupted deployment is ended with it as what runs."""
+    db = tmp_path / "conveyor.db"
+    ensure_schema(db)
+    record = SqliteRecord(db, lambda: "now")
+    run = record.allocate_run_id()
+    record.append([started(run)])
+
+    def deploy(running: int | None, **options: object) -> int:
+        deployment = record.allocate_deployment_id()
+        record.append(
+            [
+                de.DeploymentStarted(
+                    run_id=run,
+                    deployment_id=deployment,
+                    environment="staging",
+                    artifact="app",
+                    digest="sha256:" + "0" * 64,
+                    revision="r" * 40,
+                    actor="me",
+                    trigger="promote",
+                    strategy="recreate",
+                    previous_digest=None,
+                    previous_deployment=None,
+                    lease=1,
+                ),
+                de.DeploymentFinished(
+                    run_id=run,
+                    deployment_id=deployment,
+                    environment="staging",
+                    status="interrupted",
+                    reason="",
+                    health="",
+                    duration_s=0.0,
+                    running_deployment=running,
+                    **options,  # type: ignore[arg-type]
+                ),
+            ]
+        )
+        return deployment
+
+    def state() -> tuple[object, object]:
+        row = record.environment_state("staging")
+        assert row is not None
+        return row["deployment"], row["status"]
+
+    first = deploy(1)
+    assert state() == (first, "running")
+    deploy(first, running_uncertain=True)
+    assert state() == (first, "unknown")
+    record.append(
+        [de.EnvironmentStopped(run_id=run, environment="staging", deployment_id=1, actor="a")]
+    )
+    assert state() == (first, "stopped")
+    deploy(first)  # an interrupted deployment ended by the next deployer
+    assert state() == (first, "stopped")
+    deploy(None)
+    assert state() == (None, "down")
+    record.close()

@@ -701,7 +701,9 @@ def test_a_cancel_before_the_deployment_began_changes_nothing(
     deployer, spec, record = in_process_deployer(shop, monkeypatch, lambda: next(seen) >= looks)
     try:
         item = resolve(record, "app@2")
-        with pytest.raises(DeployCancelled, match="before the deployment began: nothing"):
+        with pytest.raises(
+            DeployCancelled, match="before the deployment began: it changed nothing"
+        ):
             deployer.deploy(
                 spec.environment("staging"), item, revision="", actor="t", trigger="promote"
             )
@@ -732,6 +734,13 @@ class CancelAfter:
     def stop(self, release: Any) -> None:
         self.target.stop(release)
         self.log.append(("stop", release.deployment_id))
+
+    def check(self, release: Any, timeout_s: float, cancelled: Any = lambda: False) -> Any:
+        # Cancelled *at* a check: the check ends with its own verdict, then the cancel comes.
+        at_it = self.when == ("check", release.deployment_id)
+        health = self.target.check(release, timeout_s, (lambda: False) if at_it else cancelled)
+        self.log.append(("check", release.deployment_id))
+        return health
 
     def restore(self, previous: Any, failed: Any) -> None:
         if self.fail_restore:
@@ -818,11 +827,31 @@ def test_a_cancel_does_not_skip_the_rollback_and_cuts_its_check_short(
     happens (a cancel used to skip it, leaving the environment down); its health check is cut
     short, so release 1 is recorded as what runs, the deployment interrupted, health unknown."""
     outcome, steps, url = deploy_cancelled_after(shop, monkeypatch, ("stop", 2), "unhealthy")
-    assert steps == [("stop", 1), ("stop", 2), ("restore", 1)]
+    assert steps == [("stop", 1), ("check", 2), ("stop", 2), ("restore", 1), ("check", 1)]
     assert outcome.status == "interrupted"
     assert "unhealthy:" in outcome.reason and "it runs, its health is not known" in outcome.reason
     assert status(shop, "staging")["deployment"] == 1
     assert answers(url, "v1 ")
+
+
+@pytest.mark.parametrize(("version", "expected"), [("v2", "succeeded"), ("crash", "interrupted")])
+def test_a_verdict_that_came_in_before_the_cancel_stands(
+    shop: Repo, monkeypatch: pytest.MonkeyPatch, version: str, expected: str
+) -> None:
+    """The cancel comes as release 2's check ends with a verdict: a healthy release stays (it
+    used to be stopped, and the environment left down); a crashed one is rolled back (the
+    rollback used to be skipped), the rollback's own check then being cut short."""
+    outcome, steps, url = deploy_cancelled_after(shop, monkeypatch, ("check", 2), version)
+    assert outcome.status == expected
+    if version == "v2":
+        assert steps == [("stop", 1), ("check", 2)]
+        assert status(shop, "staging")["deployment"] == 2
+        assert answers(url, "v2 ")
+    else:
+        assert steps == [("stop", 1), ("check", 2), ("stop", 2), ("restore", 1), ("check", 1)]
+        assert "unhealthy: the process exited" in outcome.reason
+        assert status(shop, "staging")["deployment"] == 1
+        assert answers(url, "v1 ")
 
 
 def test_a_failed_rollback_is_not_recorded_as_running_after_a_cancel(
@@ -831,7 +860,7 @@ def test_a_failed_rollback_is_not_recorded_as_running_after_a_cancel(
     outcome, steps, _ = deploy_cancelled_after(
         shop, monkeypatch, ("stop", 2), "unhealthy", fail_restore=True
     )
-    assert steps == [("stop", 1), ("stop", 2), ("restore failed", 1)]
+    assert steps == [("stop", 1), ("check", 2), ("stop", 2), ("restore failed", 1)]
     assert outcome.status == "failed"
     assert "the rollback to deployment 1 failed too: cannot start it again" in outcome.reason
     assert status(shop, "staging")["status"] == "down"

@@ -37,7 +37,7 @@ from conveyor.domain import events as ev
 from conveyor.domain.canonical import canonical_json
 from conveyor.domain.delivery import ArtifactRecord, DeploymentOutcome, Health, Release, Target
 from conveyor.domain.masking import Masker
-from conveyor.errors import ConveyorError, DeployCancelled, DeployError, LeaseLost
+from conveyor.errors import ConveyorError, DeployCancelled, DeployError, LeaseLost, NotStarted
 from conveyor.spec.delivery import EnvironmentSpec
 
 STRATEGY = "recreate"
@@ -57,23 +57,29 @@ class _Steps:
 
     previous: str = "none"
     """The release it replaces: ``none``, ``running`` (its stop had not begun, or it was
-    restored), ``stopped``, or ``unknown`` (a script of the user's was replacing it)."""
+    restored), ``stopped``, ``restarted`` (stopped, then started again by a cancel), or
+    ``unknown`` (a script of the user's was replacing it)."""
     new: str = "not started"
-    """The new release: ``not started``, ``started`` (its start began), ``stopped``."""
+    """The new release: ``not started``, ``started`` (its start began), ``in place`` (its
+    start returned), ``stopped``."""
     unhealthy: str = ""
     """Why the new release was found unhealthy, once it was."""
     uncertain: bool = False
     """Whether what runs at the end is not known (a user's scripts own the service)."""
+    cut_short: bool = False
+    """Whether a cancel cut a step short (the rollback's health check)."""
 
 
 CANCELLED = "the deployment was cancelled (Ctrl-C or SIGTERM)"
-NOTHING_CHANGED = "cancelled (Ctrl-C or SIGTERM) before the deployment began: nothing was changed"
+NOTHING_CHANGED = "cancelled (Ctrl-C or SIGTERM) before the deployment began: it changed nothing"
 
 
 def _previous_after_break(deployment_id: int, state: str) -> str:
     """For the record of a deployment that broke off: what became of the release it replaced."""
     if state == "running":
         return f"deployment {deployment_id} still runs"
+    if state == "restarted":
+        return f"deployment {deployment_id} was started again (its health was not checked)"
     if state == "stopped":
         return (
             f"deployment {deployment_id} was stopped before it: promote its artifact again to"
@@ -384,15 +390,8 @@ class Deployer:
                 status, reason = "failed", f"the deployment stopped: {detail}"
             if steps.unhealthy:
                 reason += f"; release {deployment_id} was unhealthy: {steps.unhealthy}"
-            fate, known = self._stop_broken_off(environment, release, steps)
+            fate, running_now, uncertain = self._after_break(environment, release, previous, steps)
             reason += "; " + fate
-            running_now = (
-                previous.deployment_id
-                if previous and (steps.previous == "running" or not known)
-                else None
-            )
-            if previous is not None and known:
-                reason += "; " + _previous_after_break(previous.deployment_id, steps.previous)
             self._append(
                 [
                     de.DeploymentFinished(
@@ -405,7 +404,7 @@ class Deployer:
                         duration_s=round(time.monotonic() - started, 3),
                         running_deployment=running_now,
                         finished_epoch=self.now(),
-                        running_uncertain=not known,
+                        running_uncertain=uncertain,
                     )
                 ],
                 fence=fence,
@@ -443,7 +442,7 @@ class Deployer:
         self.say(
             f"deployment {deployment_id} to {name}: {status}" + (f" ({reason})" if reason else "")
         )
-        return Outcome(deployment_id, status, reason, health.detail)
+        return Outcome(deployment_id, status, reason, health.detail, cancelled=steps.cut_short)
 
     def _refuse_if_cancelled(self) -> None:
         """Before anything changed: stop with nothing recorded but the gates' verdicts."""
@@ -454,28 +453,47 @@ class Deployer:
         if self.cancelled():
             raise DeployCancelled(CANCELLED)
 
-    def _stop_broken_off(
-        self, environment: EnvironmentSpec, release: Release, steps: _Steps
-    ) -> tuple[str, bool]:
-        """Stop the new release of a deployment that broke off: what became of it, and whether
-        what runs in the environment is known."""
+    def _after_break(
+        self,
+        environment: EnvironmentSpec,
+        release: Release,
+        previous: Release | None,
+        steps: _Steps,
+    ) -> tuple[str, int | None, bool]:
+        """Stop the new release of a deployment that broke off. What became of it and of the
+        release it replaced; the deployment whose release runs (or may run); whether that is
+        uncertain."""
         name = f"release {release.deployment_id}"
-        if steps.new == "not started":
-            return f"{name} was not started", True
-        try:
-            target = self.make_target(environment, release)
-            target.stop(release)
-        except (ConveyorError, OSError) as exc:
-            self.say(f"{name} could not be stopped: {exc}")
-            return f"{name} may run still", True
-        if not target.stops_releases:
-            # The user's scripts own the service: a deploy script that ran, even partway,
-            # may have replaced what ran before.
-            return (
-                f"what runs in {environment.name} now is not known (its scripts own it, and"
-                f" those of {name} ran, maybe partway): promote the release you want there"
-            ), False
-        return f"{name} stopped", True
+        if steps.new != "not started":
+            try:
+                target = self.make_target(environment, release)
+                target.stop(release)
+            except (ConveyorError, OSError) as exc:
+                self.say(f"{name} could not be stopped: {exc}")
+                return f"{name} could not be stopped and may run", release.deployment_id, True
+            if not target.stops_releases:
+                # The user's scripts own the service: a deploy script that ran, even partway,
+                # may have replaced what ran before.
+                done = steps.new != "started"
+                last = (
+                    release.deployment_id
+                    if done
+                    else (previous.deployment_id if previous is not None else None)
+                )
+                return (
+                    f"what runs in {environment.name} now is not known (its scripts own it, and"
+                    f" the deploy script of {name} ran{'' if done else ', maybe partway'}):"
+                    " promote the release you want there",
+                    last,
+                    True,
+                )
+        fate = f"{name} " + ("was not started" if steps.new == "not started" else "stopped")
+        if previous is None:
+            return fate, None, False
+        fate += "; " + _previous_after_break(previous.deployment_id, steps.previous)
+        if steps.previous in ("running", "restarted", "unknown"):
+            return fate, previous.deployment_id, steps.previous == "unknown"
+        return fate, None, False
 
     def _restart_replaced(
         self, target: Target, previous: Release, release: Release, steps: _Steps
@@ -489,11 +507,8 @@ class Deployer:
                 f"{CANCELLED}; deployment {previous.deployment_id} could not be started again:"
                 f" {exc.message}"
             ) from exc
-        steps.previous = "running"
-        raise DeployCancelled(
-            f"{CANCELLED} before release {release.deployment_id} started; deployment"
-            f" {previous.deployment_id} was started again (its health was not checked)"
-        )
+        steps.previous = "restarted"
+        raise DeployCancelled(CANCELLED)
 
     def _recreate(
         self,
@@ -521,7 +536,13 @@ class Deployer:
             steps.new = "started"
             if previous is not None and steps.previous == "running":
                 steps.previous = "unknown"  # the user's deploy script replaces it
-            new_target.start(release, previous)
+            try:
+                new_target.start(release, previous)
+            except NotStarted:
+                steps.new = "not started"
+                steps.previous = "running" if steps.previous == "unknown" else steps.previous
+                raise
+            steps.new = "in place"
             renew()
             self._stop_if_cancelled()
             health = new_target.check(release, environment.health_timeout_s, self.cancelled)
@@ -529,7 +550,9 @@ class Deployer:
             if isinstance(exc, LeaseLost | DeployCancelled):
                 raise
             health = Health(False, exc.message)
-        self._stop_if_cancelled()
+        if health.cut_short:
+            raise DeployCancelled(CANCELLED)
+        # A verdict that came in stands, cancel or not: success, or the rollback (the recovery).
         renew()
         if health.ok:
             return "succeeded", "", release.deployment_id, health
@@ -562,6 +585,7 @@ class Deployer:
             )
         if restored.cut_short:
             # Restored, but the cancel cut its check short: left running, health unproven.
+            steps.cut_short = True
             try:
                 running = old_target.describe(previous).get("running")
             except (ConveyorError, OSError):
@@ -572,7 +596,7 @@ class Deployer:
                     "interrupted",
                     f"unhealthy: {health.detail}; {CANCELLED} while deployment"
                     f" {previous.deployment_id}, restored, was checked: "
-                    + ("it runs" if running else "its scripts ran")
+                    + ("it runs" if running else "it may run")
                     + ", its health is not known",
                     previous.deployment_id,
                     health,
@@ -596,6 +620,10 @@ class Deployer:
                 except ConveyorError:
                     pass
             state = self.record.environment_state(environment.name)
+            # A dead deployer's script may have replaced what ran (scripts own the service).
+            uncertain = environment.target.type == "command" or bool(
+                state and state["status"] == "unknown"
+            )
             self._append(
                 [
                     de.DeploymentFinished(
@@ -607,6 +635,7 @@ class Deployer:
                         health="",
                         duration_s=0.0,
                         running_deployment=state["deployment"] if state else None,
+                        running_uncertain=uncertain,
                     )
                 ],
                 fence=fence,

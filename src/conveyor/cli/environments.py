@@ -147,7 +147,7 @@ def promote(
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     if as_json:
         echo_json(record.deployment(outcome.deployment_id))
-    if outcome.status == "interrupted":
+    if outcome.status == "interrupted" or outcome.cancelled:
         sys.exit(DeployCancelled.exit_code)
     if cancel.is_set():
         click.echo(
@@ -366,7 +366,17 @@ def _stop_leased(
     from conveyor.domain.delivery import Release
 
     state = record.environment_state(name)  # read under the lease: it cannot change now
-    if state is None or state["deployment"] is None or state["status"] != "running":
+    if state is not None and state["status"] == "unknown" and state["deployment"] is None:
+        click.echo(
+            f"what runs in '{name}' is not known (a cancelled deployment's script was stopped"
+            " partway), and no release is recorded to stop"
+        )
+        return
+    if (
+        state is None
+        or state["deployment"] is None
+        or state["status"] not in ("running", "unknown")
+    ):
         click.echo(f"nothing runs in '{name}'")
         return
     row = record.deployment(state["deployment"])

@@ -162,6 +162,8 @@ class DeploymentOutcome:
     status: str
     reason: str
     health: str
+    cancelled: bool = False
+    """A cancel cut it short (the rollback's health check): the caller stops as cancelled."""
 
 
 class Deployments(Protocol):

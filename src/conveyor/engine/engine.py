@@ -394,7 +394,7 @@ class Engine:
                     status = "cancelled"
             else:
                 status = "succeeded" if outcome.status == "succeeded" else "failed"
-                if outcome.status == "interrupted" and self.cancel.is_set():
+                if outcome.cancelled or (outcome.status == "interrupted" and self.cancel.is_set()):
                     status = "cancelled"  # the cancel cut a rollback's check short
                 reason = (
                     f"deployment {outcome.deployment_id} to {stage.deploy.environment}:"

@@ -23,6 +23,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from conveyor.domain.ports import ExecutorEvent, Exited, JobLaunch, Output
 from conveyor.errors import ExecutorError
@@ -107,7 +108,9 @@ _HAVE_PIDFD = hasattr(os, "pidfd_open")
 _REAP_INTERVAL_S = 0.02
 _PR_SET_CHILD_SUBREAPER = 36
 _ORPHAN_REAP_S = 2.0
-"""How long a killed orphan is waited for (it may be in an uninterruptible sleep)."""
+"""How long killed orphans are waited for (one may be in an uninterruptible sleep)."""
+_ADOPTED_REAP_S = 1.0
+"""How often adopted orphans that ended are reaped while attempts run."""
 
 
 def direct_argv(script: str, path: str | None) -> list[str] | None:
@@ -250,9 +253,10 @@ class LocalExecutor:
         self._swept = True
         """No attempt started since the last sweep (then closing needs none)."""
         self._adopting: set[int] | None = None
-        """While attempts may have orphaned processes: the children this process had before
-        (spared: a deployed service, a background ``rm``); ``None`` when there is nothing to
-        look for."""
+        """While attempts may have orphaned processes: the children this process had before,
+        and the deployed services it adopted (spared); ``None`` when there is nothing to look
+        for."""
+        self._next_adopted_reap = 0.0
         self._home_cwd = os.getcwd()
         self._cwd = self._home_cwd
 
@@ -266,6 +270,7 @@ class LocalExecutor:
         path = launch.env.get("PATH")
         if self._adopting is None and _set_subreaper(True):
             self._adopting = _children()
+            self._next_adopted_reap = time.monotonic() + _ADOPTED_REAP_S
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             if launch.cwd != self._cwd:
@@ -317,6 +322,11 @@ class LocalExecutor:
         polling = any(p.pid_fd is None for p in self._procs.values())
         if polling:
             timeout = _REAP_INTERVAL_S if timeout is None else min(timeout, _REAP_INTERVAL_S)
+        if self._adopting is not None:
+            # Adopted orphans that ended are reaped now and then, not left as zombies.
+            timeout = _ADOPTED_REAP_S if timeout is None else min(timeout, _ADOPTED_REAP_S)
+            if time.monotonic() >= self._next_adopted_reap:
+                self._reap_adopted()
         ready = self._selector.select(timeout)
         events: list[ExecutorEvent] = []
         exited: list[str] = []
@@ -387,14 +397,15 @@ class LocalExecutor:
 
     def _kill_orphans(self) -> list[int]:
         """Kill and reap the processes attempts orphaned (adopted since the first attempt),
-        their groups too; again while killing orphans more of them. Only when no attempt runs:
-        an orphan cannot be told from a running attempt's."""
-        spared = self._adopting
-        if spared is None:
+        their groups too; again while killing orphans orphans more. Only when no attempt
+        runs: an orphan cannot be told from a running attempt's. Deployed services (a job may
+        run ``conveyor promote``) are spared, found by their ``CONVEYOR_DEPLOYMENT_ID``."""
+        if self._adopting is None:
             return []
         killed: list[int] = []
+        tried: set[int] = set()
         for _ in range(_SWEEP_ROUNDS):
-            found = sorted(_children() - spared - {p.pid for p in self._procs.values()})
+            found = sorted(self._strays() - tried)
             if not found:
                 break
             for pid in found:
@@ -403,12 +414,34 @@ class LocalExecutor:
                         os.killpg(pid, signal.SIGKILL)
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-            for pid in found:
-                _reap_orphan(pid)
-            killed.extend(found)
+            # One wait in all, not one per process: one that cannot die is not waited again.
+            deadline = time.monotonic() + _ORPHAN_REAP_S
+            waiting = set(found)
+            while waiting and time.monotonic() < deadline:
+                waiting = {pid for pid in waiting if not _reaped(pid)}
+                if waiting:
+                    time.sleep(0.005)
+            tried.update(found)
+            killed.extend(pid for pid in found if pid not in waiting)
         self._adopting = None
         _set_subreaper(False)  # what a deployment's scripts leave behind is not ours
         return killed
+
+    def _strays(self) -> set[int]:
+        """Adopted children that are neither attempts nor spared (the spared set grows with
+        the deployed services found)."""
+        assert self._adopting is not None
+        attempts = {p.pid for p in self._procs.values()}
+        found = _children() - self._adopting - attempts
+        services = {pid for pid in found if _is_service(pid)}
+        self._adopting |= services
+        return found - services
+
+    def _reap_adopted(self) -> None:
+        """Reap adopted orphans that ended (never an attempt: its exit status is the job's)."""
+        self._next_adopted_reap = time.monotonic() + _ADOPTED_REAP_S
+        for pid in self._strays():
+            _reaped(pid)
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -492,17 +525,20 @@ def _set_subreaper(on: bool) -> bool:
     global _SUBREAPER_WORKS
     if _SUBREAPER_WORKS is False:
         return False
+    global _PRCTL
     try:
-        import ctypes
+        if _PRCTL is None:
+            import ctypes
 
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        _SUBREAPER_WORKS = prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+            _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+        _SUBREAPER_WORKS = _PRCTL(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
     except (OSError, AttributeError):
         _SUBREAPER_WORKS = False
     return _SUBREAPER_WORKS
 
 
 _SUBREAPER_WORKS: bool | None = None
+_PRCTL: Any = None
 
 
 def _children() -> set[int]:
@@ -533,17 +569,26 @@ def _children() -> set[int]:
     return pids
 
 
-def _reap_orphan(pid: int) -> None:
-    """Collect a killed child's exit (for ``_ORPHAN_REAP_S`` at most: it may be stuck)."""
-    deadline = time.monotonic() + _ORPHAN_REAP_S
-    while True:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done or time.monotonic() >= deadline:
-            return
-        time.sleep(0.005)
+def _reaped(pid: int) -> bool:
+    """Reap ``pid`` if it ended (without waiting); whether it is gone."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done != 0
+
+
+_SERVICE_MARK = b"CONVEYOR_DEPLOYMENT_ID="
+"""Every process of a deployed release carries it (``targets.process.release_env``)."""
+
+
+def _is_service(pid: int) -> bool:
+    """Whether a process belongs to a deployed release (its variables say so)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            return any(entry.startswith(_SERVICE_MARK) for entry in handle.read().split(b"\0"))
+    except OSError:
+        return False
 
 
 def _signal_group(pgid: int, sig: int) -> None:

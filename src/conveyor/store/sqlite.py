@@ -1590,7 +1590,13 @@ def _deployment_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
     conn.execute(
         "INSERT INTO environments (name, deployment, status, since) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (name) DO UPDATE SET deployment = excluded.deployment,"
-        " status = excluded.status, since = excluded.since",
+        # A release someone stopped stays stopped when an interrupted deployment is ended.
+        " status = CASE WHEN environments.status = 'stopped'"
+        " AND environments.deployment IS excluded.deployment THEN 'stopped'"
+        " ELSE excluded.status END,"
+        " since = CASE WHEN environments.status = 'stopped'"
+        " AND environments.deployment IS excluded.deployment THEN environments.since"
+        " ELSE excluded.since END",
         (e.environment, running, _environment_status(e), at),
     )
 

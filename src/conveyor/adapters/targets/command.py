@@ -52,7 +52,7 @@ from conveyor.adapters.targets.process import (
     run_bounded,
 )
 from conveyor.domain.delivery import Health, Release
-from conveyor.errors import DeployCancelled, DeployError
+from conveyor.errors import DeployCancelled, DeployError, NotStarted
 
 
 class CommandTarget:
@@ -214,7 +214,7 @@ class CommandTarget:
             return also() if also is not None else self._cancelled()
 
         if stop():
-            raise DeployCancelled(f"the {what} script was not started")
+            raise NotStarted(f"the {what} script was not started")
         log.parent.mkdir(parents=True, exist_ok=True)
         release = f"{env['CONVEYOR_ARTIFACT_DIGEST']} of deployment {env['CONVEYOR_DEPLOYMENT_ID']}"
         with open(log, "ab") as out:
