@@ -403,7 +403,13 @@ def environment_port(env_dir: Path, fixed: int | None) -> int:
         pass
     from conveyor.adapters.targets.process import allocate_port
 
-    port = allocate_port()
+    kept = set()  # the other environments' ports: free now only while they are stopped
+    for other in env_dir.parent.glob("*/port"):
+        try:
+            kept.add(int(other.read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    port = allocate_port(avoid=kept)
     env_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(f"{port}\n")

@@ -554,8 +554,11 @@ def test_token_is_not_passed_and_stop_does_nothing(
 def test_an_environment_port_is_outside_the_ephemeral_range() -> None:
     """An outgoing connection cannot take it while the service restarts."""
     low, high = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    if low - 10000 < 100 and 65535 - high < 100:
+        pytest.skip("the ephemeral range leaves no room")
+    taken = {allocate_port() for _ in range(5)}
     for _ in range(20):
-        port = allocate_port()
-        assert not low <= port <= high
+        port = allocate_port(avoid=taken)
+        assert not low <= port <= high and port not in taken
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))

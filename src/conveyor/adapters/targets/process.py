@@ -42,7 +42,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,26 +76,32 @@ _children: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
 _children_lock = threading.Lock()
 
 
-def allocate_port() -> int:
-    """A TCP port free on 127.0.0.1 right now, outside the kernel's ephemeral range when it
-    can: an environment keeps its port, and there any outgoing connection could take it while
-    the service is down for a restart or a rollback."""
+def allocate_port(avoid: Set[int] = frozenset()) -> int:
+    """A TCP port free on 127.0.0.1 right now and not in ``avoid``, outside the kernel's
+    ephemeral range when it can: an environment keeps its port, and there any outgoing
+    connection could take it while the service is down for a restart or a rollback."""
     import random
 
     low, high = _ephemeral_ports()
     spans = [(lo, hi) for lo, hi in ((10000, low - 1), (high + 1, 65535)) if hi - lo > 100]
     for _ in range(64 if spans else 0):
-        lo, hi = random.choice(spans)
+        lo, hi = random.choices(spans, weights=[hi - lo for lo, hi in spans])[0]
         port = random.randint(lo, hi)
+        if port in avoid:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))  # the kernel's pick
-        return int(sock.getsockname()[1])
+    for _ in range(64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))  # the kernel's pick
+            port = int(sock.getsockname()[1])
+        if port not in avoid:
+            break
+    return port
 
 
 def _ephemeral_ports() -> tuple[int, int]:
