@@ -29,6 +29,8 @@ class ConveyorError(Exception):
     """Root of every error Conveyor raises on purpose; the message is shown to the user as is."""
 
     exit_code = 1
+    deployment_id: int | None = None
+    """The deployment it ended, when it ended one (recorded before it was raised)."""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)

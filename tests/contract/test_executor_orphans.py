@@ -122,3 +122,38 @@ def _kill(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def test_a_recorded_service_that_blanked_its_variables_is_spared_with_its_session(
+    tmp_path: Path,
+) -> None:
+    """A server that rewrites its title may blank /proc/<pid>/environ: the services the
+    record knows are spared by pid, and so are the processes of their sessions."""
+    service_pid = tmp_path / "service.pid"
+    member_pid = tmp_path / "member.pid"
+    start = (
+        f'env -i setsid -f sh -c \'(sh -c "echo \\$\\$ > {member_pid}; exec sleep 1022" &);'
+        f" echo $$ > {service_pid}; exec sleep 1020';"
+        f" while [ ! -s {service_pid} ] || [ ! -s {member_pid} ]; do :; done"
+    )
+    recorded: set[int] = set()
+    executor = LocalExecutor(services=lambda: recorded)
+    env = {"PATH": os.environ["PATH"], "CONVEYOR_RUN_TOKEN": "t-recorded"}
+    leaked: list[int] = []
+    try:
+        executor.start(JobLaunch("deploy#1", start, env, str(tmp_path)))
+        _wait_exit(executor, "deploy#1")
+        service, member = int(service_pid.read_text()), int(member_pid.read_text())
+        leaked += [service, member]
+        recorded.add(service)
+        assert str(member) in _children_of_this_process()  # orphaned, then adopted
+        assert executor.sweep() == []
+        assert _alive(service) and _alive(member)
+    finally:
+        executor.close()
+        _kill(leaked)
+
+
+def _children_of_this_process() -> list[str]:
+    me = os.getpid()
+    return Path(f"/proc/{me}/task/{me}/children").read_text().split()

@@ -915,3 +915,29 @@ def test_a_cancel_stops_a_command_targets_deploy_script(repo: Repo, tmp_path: Pa
     assert (state["status"], state["deployment"]) == ("unknown", 1)
     assert repo.conveyor("promote", "1", "--to", "prod").code == 0
     assert repo.conveyor("env", "status", "prod", "--json").json()["status"] == "running"
+
+
+def test_ending_a_killed_deployment_does_not_record_a_stopped_release_as_running(
+    shop: Repo,
+) -> None:
+    """`kill -9` while release 2 is checked: release 1 was stopped already. Ending the dead
+    deployer's deployment records that nothing runs (it recorded release 1 as running)."""
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    assert shop.conveyor("promote", "1", "--to", "staging").code == 0
+    shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
+    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    proc = shop.popen("promote", "2", "--to", "staging")
+    state = shop.path / ".conveyor" / "environments" / "staging" / "run" / "2.json"
+    deadline = time.monotonic() + 30
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert state.exists(), "release 2 never started"
+    stopped = shop.conveyor("env", "stop", "staging")
+    assert stopped.code == 0, stopped.err
+    assert "nothing runs in 'staging'" in stopped.out
+    assert status(shop, "staging")["status"] == "down"
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert [(h["id"], h["status"]) for h in history] == [(2, "interrupted"), (1, "succeeded")]

@@ -20,6 +20,7 @@ The path is the same for a deploy stage of a run and for ``conveyor promote``:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
@@ -373,6 +374,11 @@ class Deployer:
                 environment, release, previous, renew, steps
             )
         except LeaseLost:
+            # Another deployer holds the environment now: nothing more may be written, but
+            # the release this one started does not stay behind untracked.
+            if steps.new != "not started":
+                with contextlib.suppress(ConveyorError, OSError):
+                    self.make_target(environment, release).stop(release)
             raise
         except BaseException as exc:
             # Whatever went wrong (a cancel included), the new release does not outlive the
@@ -411,8 +417,12 @@ class Deployer:
             )
             summary = f"deployment {deployment_id} to {name}: {status} ({reason})"
             if isinstance(exc, DeployCancelled):
-                raise DeployCancelled(summary) from exc
+                cancelled = DeployCancelled(summary)
+                cancelled.deployment_id = deployment_id
+                raise cancelled from exc
             self.say(summary)
+            if isinstance(exc, ConveyorError):
+                exc.deployment_id = deployment_id
             raise
         shipped: list[list[Any]] = []
         if status == "succeeded" and self.commits is not None:
@@ -474,7 +484,7 @@ class Deployer:
             if not target.stops_releases:
                 # The user's scripts own the service: a deploy script that ran, even partway,
                 # may have replaced what ran before.
-                done = steps.new != "started"
+                done = steps.new == "in place"
                 last = (
                     release.deployment_id
                     if done
@@ -602,6 +612,8 @@ class Deployer:
                     health,
                 )
             restored = Health(False, "its process is not running")
+        # The scripts own the service: after a failed rollback script, what runs is not known.
+        steps.uncertain = not old_target.stops_releases
         return (
             "failed",
             f"unhealthy: {health.detail}; the rollback to deployment {previous.deployment_id}"
@@ -624,6 +636,15 @@ class Deployer:
             uncertain = environment.target.type == "command" or bool(
                 state and state["status"] == "unknown"
             )
+            running_id = state["deployment"] if state else None
+            checkable = state is not None and state["status"] == "running" and not uncertain
+            # The dead deployer may have stopped it already (it stops, then starts).
+            if (
+                running_id is not None
+                and checkable
+                and self._runs(environment, running_id) is False
+            ):
+                running_id = None
             self._append(
                 [
                     de.DeploymentFinished(
@@ -634,13 +655,25 @@ class Deployer:
                         reason="its deployer stopped before the end (its lease was taken over)",
                         health="",
                         duration_s=0.0,
-                        running_deployment=state["deployment"] if state else None,
+                        running_deployment=running_id,
                         running_uncertain=uncertain,
                     )
                 ],
                 fence=fence,
             )
             self.say(f"deployment {row['id']} to {environment.name} was interrupted; recorded")
+
+    def _runs(self, environment: EnvironmentSpec, deployment_id: int) -> bool | None:
+        """Whether the release of a deployment runs now (``None``: not known)."""
+        row = self.record.deployment(deployment_id)
+        if row is None:
+            return None
+        release = self._release_of(row)
+        try:
+            running = self.make_target(environment, release).describe(release).get("running")
+        except (ConveyorError, OSError):
+            return None
+        return running if isinstance(running, bool) else None
 
     # -- releases ----------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from conveyor.cli.common import (
     run_id_of,
 )
 from conveyor.domain.text import inline
-from conveyor.errors import DeployCancelled, UsageError
+from conveyor.errors import ConveyorError, DeployCancelled, UsageError
 
 
 def _context(pipeline_file: str, home: Path | None) -> tuple[Path, Any, Any, Any, Any]:
@@ -142,6 +142,10 @@ def promote(
             trigger="promote",
             hotfix=hotfix,
         )
+    except ConveyorError as exc:
+        if as_json and exc.deployment_id is not None:  # it was recorded: print it as promised
+            echo_json(record.deployment(exc.deployment_id))
+        raise
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
@@ -200,7 +204,7 @@ def _status_doc(
         run=row["run"],
         deployed_by=row["actor"],
     )
-    if spec_env is not None and state["status"] == "running":
+    if spec_env is not None and state["status"] in ("running", "unknown"):
         release = Release(
             environment=name,
             deployment_id=row["id"],

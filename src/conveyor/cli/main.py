@@ -617,7 +617,7 @@ def run(
             from conveyor.cli.progress import QuietProgress
 
             observer = QuietProgress()
-        executor = LocalExecutor()
+        executor = LocalExecutor(services=lambda: _recorded_services(home_obj))
         status = "failed"
         with cancellation(executor) as cancel:
             prepared = prepare_run(
@@ -641,6 +641,12 @@ def run(
                 observer.close()
                 prepared.workspace.close()
                 prepared.lock.release()
+            if status == "succeeded" and cancel.is_set():
+                click.echo(
+                    "the cancel came when the run had nothing left to stop: it stands as"
+                    " recorded (succeeded)",
+                    err=True,
+                )
         run_id = prepared.request.run_id
         prune_workspaces(home_obj)
         _summary(record, run_id, status)
@@ -649,6 +655,12 @@ def run(
     finally:
         if workspace is not None:
             workspace.close()
+
+
+def _recorded_services(home_obj: Any) -> set[int]:
+    from conveyor.adapters.targets.process import recorded_services
+
+    return recorded_services(home_obj.environments)
 
 
 SUMMARY_FAILURES = 10

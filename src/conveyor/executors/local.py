@@ -243,7 +243,10 @@ class LocalExecutor:
     it) and moves back on ``close``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, services: Callable[[], set[int]] = set) -> None:
+        self._services = services
+        """The process ids of the deployed services this machine's record knows (spared,
+        with their sessions, when adopted: a job may run ``conveyor promote``)."""
         self._selector = selectors.DefaultSelector()
         self._procs: dict[str, _Proc] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -433,7 +436,10 @@ class LocalExecutor:
         assert self._adopting is not None
         attempts = {p.pid for p in self._procs.values()}
         found = _children() - self._adopting - attempts
-        services = {pid for pid in found if _is_service(pid)}
+        if not found:
+            return found
+        recorded = self._services()
+        services = {pid for pid in found if _is_service(pid, recorded)}
         self._adopting |= services
         return found - services
 
@@ -582,8 +588,13 @@ _SERVICE_MARK = b"CONVEYOR_DEPLOYMENT_ID="
 """Every process of a deployed release carries it (``targets.process.release_env``)."""
 
 
-def _is_service(pid: int) -> bool:
-    """Whether a process belongs to a deployed release (its variables say so)."""
+def _is_service(pid: int, recorded: set[int]) -> bool:
+    """Whether a process belongs to a deployed release: a recorded service or one of its
+    session, or one whose variables say so (a service that rewrote its title may have
+    blanked them: hence the record first)."""
+    with contextlib.suppress(OSError):
+        if pid in recorded or os.getsid(pid) in recorded:
+            return True
     try:
         with open(f"/proc/{pid}/environ", "rb") as handle:
             return any(entry.startswith(_SERVICE_MARK) for entry in handle.read().split(b"\0"))

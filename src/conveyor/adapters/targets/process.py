@@ -76,6 +76,19 @@ _children: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
 _children_lock = threading.Lock()
 
 
+def recorded_services(environments_dir: Path) -> set[int]:
+    """The process ids of the services recorded under ``environments_dir`` (every
+    environment's ``run/<deployment>.json``), whatever they look like now: a server may
+    rewrite its title, and with it the variables in ``/proc/<pid>/environ``."""
+    pids: set[int] = set()
+    for path in environments_dir.glob("*/run/*.json"):
+        try:
+            pids.add(int(json.loads(path.read_text(encoding="utf-8"))["pid"]))
+        except (OSError, ValueError, KeyError, TypeError, OverflowError):
+            continue
+    return pids
+
+
 def allocate_port(avoid: Set[int] = frozenset()) -> int:
     """A TCP port free on 127.0.0.1 right now and not in ``avoid``, outside the kernel's
     ephemeral range when it can: an environment keeps its port, and there any outgoing
