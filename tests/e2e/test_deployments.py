@@ -616,7 +616,7 @@ def test_a_cancelled_promotion_stops_its_release(shop: Repo, sig: int) -> None:
     assert shop.conveyor("promote", "1", "--to", "staging").code == 0
     shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
-    proc = shop.popen("promote", "2", "--to", "staging")
+    proc = shop.popen("promote", "2", "--to", "staging", "--json")
     state = shop.path / ".conveyor" / "environments" / "staging" / "run" / "2.json"
     deadline = time.monotonic() + 30
     while not state.exists() and time.monotonic() < deadline:
@@ -626,6 +626,9 @@ def test_a_cancelled_promotion_stops_its_release(shop: Repo, sig: int) -> None:
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, out.decode() + err.decode()
+    printed = json.loads(out)  # --json prints the deployment it recorded
+    assert (printed["id"], printed["status"]) == (2, "interrupted")
+    assert "deployment 2 to staging: interrupted" in err.decode()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
