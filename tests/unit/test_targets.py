@@ -562,3 +562,22 @@ def test_an_environment_port_is_outside_the_ephemeral_range() -> None:
         assert not low <= port <= high and port not in taken
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_recorded_services_are_those_that_still_run(tmp_path: Path) -> None:
+    """A dead service leaves its record: a recycled pid must not be taken for it."""
+    from conveyor.adapters.targets.process import recorded_services
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        start = process_start_time(proc.pid)
+        runs = tmp_path / "staging" / "run"
+        runs.mkdir(parents=True)
+        (runs / "1.json").write_text(json.dumps({"pid": proc.pid, "start_time": start}))
+        (runs / "2.json").write_text(json.dumps({"pid": os.getppid(), "start_time": 1}))
+        (runs / "3.json").write_text("{not json")
+        assert recorded_services(tmp_path) == {proc.pid}
+    finally:
+        proc.kill()
+        proc.wait()
+    assert recorded_services(tmp_path) == set()

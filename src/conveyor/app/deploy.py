@@ -612,13 +612,14 @@ class Deployer:
                     health,
                 )
             restored = Health(False, "its process is not running")
-        # The scripts own the service: after a failed rollback script, what runs is not known.
+        # The scripts own the service: after a failed rollback script, what runs is not known
+        # (the release it tried to restore stays the last one known to have run).
         steps.uncertain = not old_target.stops_releases
         return (
             "failed",
             f"unhealthy: {health.detail}; the rollback to deployment {previous.deployment_id}"
             f" failed too: {restored.detail}",
-            None,
+            previous.deployment_id if steps.uncertain else None,
             health,
         )
 

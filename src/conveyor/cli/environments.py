@@ -372,8 +372,8 @@ def _stop_leased(
     state = record.environment_state(name)  # read under the lease: it cannot change now
     if state is not None and state["status"] == "unknown" and state["deployment"] is None:
         click.echo(
-            f"what runs in '{name}' is not known (a cancelled deployment's script was stopped"
-            " partway), and no release is recorded to stop"
+            f"what runs in '{name}' is not known (a deployment's scripts left it so), and no"
+            " release is recorded to stop"
         )
         return
     if (

@@ -643,7 +643,7 @@ def run(
                 prepared.lock.release()
             if status == "succeeded" and cancel.is_set():
                 click.echo(
-                    "the cancel came when the run had nothing left to stop: it stands as"
+                    "a cancel (Ctrl-C or SIGTERM) came but changed nothing: the run stands as"
                     " recorded (succeeded)",
                     err=True,
                 )

@@ -78,14 +78,21 @@ _children_lock = threading.Lock()
 
 def recorded_services(environments_dir: Path) -> set[int]:
     """The process ids of the services recorded under ``environments_dir`` (every
-    environment's ``run/<deployment>.json``), whatever they look like now: a server may
-    rewrite its title, and with it the variables in ``/proc/<pid>/environ``."""
+    environment's ``run/<deployment>.json``) that still run, whatever they look like now: a
+    server may rewrite its title, and with it the variables in ``/proc/<pid>/environ``."""
     pids: set[int] = set()
-    for path in environments_dir.glob("*/run/*.json"):
+    try:
+        paths = list(environments_dir.glob("*/run/*.json"))
+    except OSError:
+        return pids
+    for path in paths:
         try:
-            pids.add(int(json.loads(path.read_text(encoding="utf-8"))["pid"]))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            pid, start_time = int(data["pid"]), int(data["start_time"])
         except (OSError, ValueError, KeyError, TypeError, OverflowError):
             continue
+        if _pid_held(pid, start_time):  # not a recycled id: a dead service leaves its file
+            pids.add(pid)
     return pids
 
 
