@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,6 +361,7 @@ def prepare_run(
             observer.on_note,
             secrets=secrets.values(),
             cancelled=cancel.is_set,
+            reserved_ports=declared_ports(spec),
         )
     if spec.artifacts:
         from conveyor.adapters.artifacts import FileArtifactStore
@@ -392,8 +393,16 @@ def _stage_gates(record: SqliteRecord) -> StageGates:
     return RecordStageGates(record)
 
 
-def environment_port(env_dir: Path, fixed: int | None) -> int:
-    """The environment's port: the declared one, or one allocated once and kept."""
+def declared_ports(spec: PipelineSpec) -> frozenset[int]:
+    """The ports the pipeline's environments declare (``port:``)."""
+    return frozenset(env.port for env in spec.environments if env.port is not None)
+
+
+def environment_port(
+    env_dir: Path, fixed: int | None, reserved: Collection[int] = frozenset()
+) -> int:
+    """The environment's port: the declared one, or one allocated once and kept, which is
+    none of ``reserved`` (the pipeline's declared ports) nor another environment's kept one."""
     if fixed is not None:
         return fixed
     path = env_dir / "port"
@@ -403,7 +412,7 @@ def environment_port(env_dir: Path, fixed: int | None) -> int:
         pass
     from conveyor.adapters.targets.process import allocate_port
 
-    kept = set()  # the other environments' ports: free now only while they are stopped
+    kept = set(reserved)  # and the other environments' ports: free only while they are stopped
     for other in env_dir.parent.glob("*/port"):
         try:
             kept.add(int(other.read_text().strip()))
@@ -423,8 +432,10 @@ def make_target(
     environment: EnvironmentSpec,
     release: Release,
     cancelled: Callable[[], bool] = lambda: False,
+    reserved_ports: Collection[int] = frozenset(),
 ) -> Target:
-    """The adapter for an environment's target; ``cancelled()`` stops a script it runs."""
+    """The adapter for an environment's target; ``cancelled()`` stops a script it runs;
+    ``reserved_ports`` are never allocated to it (the ports the pipeline declares)."""
     env_dir = home.environments / environment.name
     # Releases get the environment conveyor was started with, less the same variables.
     base_env = {
@@ -437,7 +448,7 @@ def make_target(
         return ProcessTarget(
             env_dir,
             target.command,
-            port=environment_port(env_dir, environment.port),
+            port=environment_port(env_dir, environment.port, reserved_ports),
             health_http=target.health_http,
             health_command=target.health_command,
             base_env=base_env,
@@ -473,9 +484,11 @@ def make_deployer(
     wait_s: float = 0.0,
     secrets: Iterable[str] = (),
     cancelled: Callable[[], bool] = lambda: False,
+    reserved_ports: Collection[int] = frozenset(),
 ) -> Deployer:
     """A deployer with the local adapters: the store, this instance's key, local targets;
-    ``secrets`` (values) are masked in what it says and records."""
+    ``secrets`` (values) are masked in what it says and records; ``reserved_ports`` (the
+    pipeline's declared ports) are never allocated to an environment."""
     from conveyor.adapters.artifacts import FileArtifactStore
     from conveyor.adapters.signing import InstanceKey
     from conveyor.app.deploy import Deployer
@@ -487,7 +500,9 @@ def make_deployer(
         public_pem=key.public_pem,
         builder_id=key.builder_id,
         environments_dir=home.environments,
-        make_target=lambda env, release: make_target(home, source, env, release, cancelled),
+        make_target=lambda env, release: make_target(
+            home, source, env, release, cancelled, reserved_ports
+        ),
         wait_s=wait_s,
         say=say,
         commits=source.commits_since if source is not None else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -944,3 +945,66 @@ def test_ending_a_killed_deployment_does_not_record_a_stopped_release_as_running
     assert status(shop, "staging")["status"] == "down"
     history = shop.conveyor("env", "history", "staging", "--json").json()
     assert [(h["id"], h["status"]) for h in history] == [(2, "interrupted"), (1, "succeeded")]
+
+
+@pytest.mark.parametrize("folder_lost", [False, True])
+def test_the_release_a_killed_deployer_had_stopped_runs_again_at_the_next_deployment(
+    shop: Repo, folder_lost: bool
+) -> None:
+    """`kill -9` while release 2 is checked: release 1 was stopped already. The next deployment
+    starts release 1 again before it begins, so that its own failure rolls back to release 1
+    (the environment used to stay down, with nothing to roll back to). If release 1 cannot be
+    started, the record says why and nothing runs."""
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    assert shop.conveyor("promote", "1", "--to", "staging").code == 0
+    url = str(status(shop, "staging")["url"])
+    assert get(url).startswith("v1 ")
+    shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
+    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    proc = shop.popen("promote", "2", "--to", "staging")
+    state = shop.path / ".conveyor" / "environments" / "staging" / "run" / "2.json"
+    deadline = time.monotonic() + 30
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert state.exists(), "release 2 never started"
+    if folder_lost:
+        releases = shop.path / ".conveyor" / "environments" / "staging" / "releases"
+        shutil.rmtree(releases / "1")
+    shop.write("server.py", SERVER)
+    shop.write("VERSION", "crash\n")  # release 3 exits at once
+    shop.pipeline(PIPELINE)
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    promoted = shop.conveyor("promote", "3", "--to", "staging")
+    assert promoted.code == 1, promoted.out + promoted.err
+    if folder_lost:
+        history = shop.conveyor("env", "history", "staging", "--json").json()
+        assert [(h["id"], h["status"]) for h in history] == [
+            (3, "failed"),
+            (2, "interrupted"),
+            (1, "succeeded"),
+        ]
+        assert (
+            "deployment 1, which it had stopped, could not be started again: its folder"
+            in (history[1]["reason"])
+        )
+        assert status(shop, "staging")["status"] == "down"
+        return
+    assert "starting deployment 1 again" in promoted.out
+    assert "rolling back to deployment 1" in promoted.out
+    assert get(url).startswith("v1 ")
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert [(h["id"], h["status"]) for h in history] == [
+        (3, "rolled_back"),
+        (2, "interrupted"),
+        (1, "succeeded"),
+    ]
+    assert (
+        "deployment 1, which it had stopped, was started again and is healthy"
+        in (history[1]["reason"])
+    )
+    now = status(shop, "staging")
+    assert (now["status"], now["deployment"]) == ("running", 1)
+    assert shop.conveyor("audit", "verify").code == 0

@@ -564,6 +564,30 @@ def test_an_environment_port_is_outside_the_ephemeral_range() -> None:
             sock.bind(("127.0.0.1", port))
 
 
+def test_a_new_environment_port_is_neither_declared_nor_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a port the pipeline declares for an environment, nor one another keeps: those
+    are free only while their service is stopped."""
+    import random
+
+    from conveyor.bootstrap import environment_port
+
+    low, high = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    if low - 10000 < 100 and 65535 - high < 100:
+        pytest.skip("the ephemeral range leaves no room")
+    declared, kept, fresh = (allocate_port() for _ in range(3))
+    (tmp_path / "staging").mkdir()
+    (tmp_path / "staging" / "port").write_text(f"{kept}\n")
+    offered = iter([declared, kept, fresh])
+    monkeypatch.setattr(random, "randint", lambda lo, hi: next(offered))
+    production = tmp_path / "production"
+    assert environment_port(production, None, reserved={declared}) == fresh
+    assert (production / "port").read_text() == f"{fresh}\n"
+    assert environment_port(production, None, reserved={declared}) == fresh  # kept
+    assert environment_port(tmp_path / "qa", declared, reserved={declared}) == declared
+
+
 def test_recorded_services_are_those_that_still_run(tmp_path: Path) -> None:
     """A dead service leaves its record: a recycled pid must not be taken for it."""
     from conveyor.adapters.targets.process import recorded_services

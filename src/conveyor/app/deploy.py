@@ -623,8 +623,15 @@ class Deployer:
             health,
         )
 
-    def recover_interrupted(self, environment: EnvironmentSpec, fence: tuple[str, int]) -> None:
-        """Record the deployments a dead deployer left unfinished, and stop their release."""
+    def recover_interrupted(
+        self, environment: EnvironmentSpec, fence: tuple[str, int], restart: bool = True
+    ) -> None:
+        """Record the deployments a dead deployer left unfinished, and stop their release.
+
+        A release the dead deployer had stopped (it stops the old release, then starts the new
+        one) is started again and checked, unless ``restart`` is false (``env stop``): the
+        environment gets back what ran, and the next deployment something to roll back to.
+        """
         for row in self.record.unfinished_deployments(environment.name):
             release = self._release_of(row)
             if Path(release.folder).is_dir():
@@ -639,13 +646,20 @@ class Deployer:
             )
             running_id = state["deployment"] if state else None
             checkable = state is not None and state["status"] == "running" and not uncertain
+            reason = "its deployer stopped before the end (its lease was taken over)"
             # The dead deployer may have stopped it already (it stops, then starts).
             if (
                 running_id is not None
                 and checkable
                 and self._runs(environment, running_id) is False
             ):
-                running_id = None
+                stopped, running_id = running_id, None
+                if not restart:
+                    reason += f"; it had stopped deployment {stopped}"
+                else:
+                    runs, fate = self._start_stopped(environment, stopped, release)
+                    running_id = stopped if runs else None
+                    reason += f"; deployment {stopped}, which it had stopped, {fate}"
             self._append(
                 [
                     de.DeploymentFinished(
@@ -653,7 +667,7 @@ class Deployer:
                         deployment_id=row["id"],
                         environment=environment.name,
                         status="interrupted",
-                        reason="its deployer stopped before the end (its lease was taken over)",
+                        reason=reason,
                         health="",
                         duration_s=0.0,
                         running_deployment=running_id,
@@ -663,6 +677,42 @@ class Deployer:
                 fence=fence,
             )
             self.say(f"deployment {row['id']} to {environment.name} was interrupted; recorded")
+
+    def _start_stopped(
+        self, environment: EnvironmentSpec, deployment_id: int, interrupted: Release
+    ) -> tuple[bool, str]:
+        """Start again, and check, the release a dead deployer had stopped: whether it runs,
+        and what became of it (for the record)."""
+        row = self.record.deployment(deployment_id)
+        if row is None:
+            return False, "could not be started again: it is not on the record"
+        release = self._release_of(row)
+        if not Path(release.folder).is_dir():
+            return False, f"could not be started again: its folder {release.folder} is gone"
+        self.say(
+            f"starting deployment {deployment_id} again: deployment {interrupted.deployment_id},"
+            " which replaced it, stopped before the end"
+        )
+        target = self.make_target(environment, release)
+        try:
+            target.restore(release, interrupted)
+            health = target.check(release, environment.health_timeout_s, self.cancelled)
+        except ConveyorError as exc:
+            if isinstance(exc, LeaseLost):
+                raise
+            health = Health(False, exc.message)
+        if health.ok:
+            return True, "was started again and is healthy"
+        if health.cut_short:  # as a rollback's: left running, its health not known
+            try:
+                running = target.describe(release).get("running")
+            except (ConveyorError, OSError):
+                running = None
+            if running is not False:
+                return True, f"was started again; {CANCELLED} before its health was known"
+        with contextlib.suppress(ConveyorError, OSError):
+            target.stop(release)
+        return False, f"could not be started again: {health.detail}"
 
     def _runs(self, environment: EnvironmentSpec, deployment_id: int) -> bool | None:
         """Whether the release of a deployment runs now (``None``: not known)."""

@@ -113,7 +113,7 @@ def promote(
     it verifies and the environment's policy accepts it. Exit 0 if the deployment succeeded,
     1 if it was refused, failed or rolled back.
     """
-    from conveyor.bootstrap import CancelFlag, make_deployer
+    from conveyor.bootstrap import CancelFlag, declared_ports, make_deployer
     from conveyor.cli.main import _actor
 
     root, home_obj, spec, source, record = _context(pipeline_file, home)
@@ -131,6 +131,7 @@ def promote(
         wait_s=wait,
         secrets=[os.environ[name] for name in spec.secrets if os.environ.get(name)],
         cancelled=cancel.is_set,
+        reserved_ports=declared_ports(spec),
     )
     handlers = {sig: signal.signal(sig, cancel.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -355,7 +356,7 @@ def env_stop(name: str, as_user: str | None, pipeline_file: str, home: Path | No
         from conveyor.bootstrap import make_deployer
 
         make_deployer(home_obj, record, source, click.echo).recover_interrupted(
-            spec_env, (name, token)
+            spec_env, (name, token), restart=False
         )
         _stop_leased(record, home_obj, source, spec_env, name, actor, token)
     finally:
