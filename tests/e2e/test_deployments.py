@@ -867,7 +867,8 @@ def test_a_failed_rollback_is_not_recorded_as_running_after_a_cancel(
     outcome, steps, _ = deploy_cancelled_after(
         shop, monkeypatch, ("stop", 2), "unhealthy", fail_restore=True
     )
-    assert steps == [("stop", 1), ("check", 2), ("stop", 2), ("restore failed", 1)]
+    # What the failed restore may have started is stopped: the record says nothing runs.
+    assert steps == [("stop", 1), ("check", 2), ("stop", 2), ("restore failed", 1), ("stop", 1)]
     assert outcome.status == "failed"
     assert "the rollback to deployment 1 failed too: cannot start it again" in outcome.reason
     assert status(shop, "staging")["status"] == "down"
@@ -950,6 +951,129 @@ def test_ending_a_killed_deployment_does_not_record_a_stopped_release_as_running
     assert [(h["id"], h["status"]) for h in history] == [(2, "interrupted"), (1, "succeeded")]
 
 
+def kill_deployer_2_while_it_checks(shop: Repo, version: str) -> Path:
+    """Deploy release 1 (v1), then `kill -9` the deployer of release 2 (a server that binds
+    no port, never healthy) once it started it: release 1 was stopped already. Then commit and
+    build run 3 with ``version``. Returns the folder of the environment."""
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    assert shop.conveyor("promote", "1", "--to", "staging").code == 0
+    shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
+    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    proc = shop.popen("promote", "2", "--to", "staging")
+    folder = shop.path / ".conveyor" / "environments" / "staging"
+    deadline = time.monotonic() + 30
+    while not (folder / "run" / "2.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert (folder / "run" / "2.json").exists(), "release 2 never started"
+    shop.write("server.py", SERVER)
+    shop.write("VERSION", f"{version}\n")
+    shop.pipeline(PIPELINE)
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    return folder
+
+
+def processes_in(folder: Path) -> list[int]:
+    """The processes whose working directory is ``folder`` (a release's service)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and Path(os.readlink(entry / "cwd")) == folder:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_cancel_while_the_restarted_release_is_checked_leaves_it_and_begins_nothing(
+    shop: Repo,
+) -> None:
+    """The next deployment starts release 1 again (a dead deployer had stopped it); Ctrl-C
+    while release 1 is checked: it is left running, unchecked, and the new deployment does not
+    begin. The command says what was done (it used to say it "changed nothing")."""
+    folder = kill_deployer_2_while_it_checks(shop, "v3")
+    (folder / "releases" / "1" / "server.py").write_text("import time\ntime.sleep(60)\n")
+    (folder / "run" / "1.json").unlink(missing_ok=True)
+    proc = shop.popen("promote", "3", "--to", "staging")
+    deadline = time.monotonic() + 30
+    while not (folder / "run" / "1.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (folder / "run" / "1.json").exists(), "release 1 was not started again"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out.decode() + err.decode()
+    assert "it only ended what a dead deployer left unfinished" in err.decode()
+    assert "changed nothing" not in err.decode()
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert [(h["id"], h["status"]) for h in history] == [(2, "interrupted"), (1, "succeeded")]
+    assert "cut its health check short: it runs, its health is not known" in history[0]["reason"]
+    now = status(shop, "staging")
+    assert (now["status"], now["deployment"], now["running"]) == ("running", 1, True)
+
+
+def test_a_dead_deployers_release_is_stopped_even_if_its_folder_is_gone(shop: Repo) -> None:
+    """It held the environment's port: the next deployment failed with "port in use"."""
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    assert shop.conveyor("promote", "1", "--to", "staging").code == 0
+    url = str(status(shop, "staging")["url"])
+    shop.write("VERSION", "unhealthy\n")  # it serves, but /healthz answers 500
+    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    proc = shop.popen("promote", "2", "--to", "staging")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if get(url).startswith("unhealthy "):
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    else:
+        pytest.fail("release 2 never answered")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    releases = shop.path / ".conveyor" / "environments" / "staging" / "releases"
+    shutil.rmtree(releases / "2")
+    shop.write("VERSION", "v3\n")
+    shop.pipeline(PIPELINE)
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    promoted = shop.conveyor("promote", "3", "--to", "staging")
+    assert promoted.code == 0, promoted.out + promoted.err
+    assert get(url).startswith("v3 ")
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert [(h["id"], h["status"]) for h in history] == [
+        (3, "succeeded"),
+        (2, "interrupted"),
+        (1, "succeeded"),
+    ]
+
+
+def test_a_restored_release_that_fails_its_check_is_stopped(shop: Repo) -> None:
+    """The rollback to release 1 fails its health check: release 1 is stopped again, as the
+    record says (its process used to run on, the record saying nothing ran)."""
+    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 3s", 1))
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    assert shop.conveyor("promote", "1", "--to", "staging").code == 0
+    release_1 = shop.path / ".conveyor" / "environments" / "staging" / "releases" / "1"
+    (release_1 / "VERSION").write_text("unhealthy\n")  # it would no longer come back healthy
+    shop.write("VERSION", "crash\n")
+    shop.commit("crash")
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    promoted = shop.conveyor("promote", "2", "--to", "staging")
+    assert promoted.code == 1, promoted.out + promoted.err
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert history[0]["status"] == "failed"
+    assert "the rollback to deployment 1 failed too" in history[0]["reason"]
+    assert status(shop, "staging")["status"] == "down"
+    deadline = time.monotonic() + 15
+    while processes_in(release_1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_in(release_1)
+
+
 @pytest.mark.parametrize("folder_lost", [False, True])
 def test_the_release_a_killed_deployer_had_stopped_runs_again_at_the_next_deployment(
     shop: Repo, folder_lost: bool
@@ -958,28 +1082,10 @@ def test_the_release_a_killed_deployer_had_stopped_runs_again_at_the_next_deploy
     starts release 1 again before it begins, so that its own failure rolls back to release 1
     (the environment used to stay down, with nothing to roll back to). If release 1 cannot be
     started, the record says why and nothing runs."""
-    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
-    assert shop.conveyor("promote", "1", "--to", "staging").code == 0
+    folder = kill_deployer_2_while_it_checks(shop, "crash")  # release 3 exits at once
     url = str(status(shop, "staging")["url"])
-    assert get(url).startswith("v1 ")
-    shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
-    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
-    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
-    proc = shop.popen("promote", "2", "--to", "staging")
-    state = shop.path / ".conveyor" / "environments" / "staging" / "run" / "2.json"
-    deadline = time.monotonic() + 30
-    while not state.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    assert state.exists(), "release 2 never started"
     if folder_lost:
-        releases = shop.path / ".conveyor" / "environments" / "staging" / "releases"
-        shutil.rmtree(releases / "1")
-    shop.write("server.py", SERVER)
-    shop.write("VERSION", "crash\n")  # release 3 exits at once
-    shop.pipeline(PIPELINE)
-    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+        shutil.rmtree(folder / "releases" / "1")
     promoted = shop.conveyor("promote", "3", "--to", "staging")
     assert promoted.code == 1, promoted.out + promoted.err
     if folder_lost:

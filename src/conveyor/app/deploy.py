@@ -73,6 +73,10 @@ class _Steps:
 
 CANCELLED = "the deployment was cancelled (Ctrl-C or SIGTERM)"
 NOTHING_CHANGED = "cancelled (Ctrl-C or SIGTERM) before the deployment began: it changed nothing"
+RECOVERED_ONLY = (
+    "cancelled (Ctrl-C or SIGTERM) before the deployment began: it only ended what a dead"
+    " deployer left unfinished (`conveyor env history` says what became of it)"
+)
 
 
 def _previous_after_break(deployment_id: int, state: str) -> str:
@@ -321,7 +325,8 @@ class Deployer:
         redeploy: bool = False,
     ) -> Outcome:
         name = environment.name
-        self.recover_interrupted(environment, fence)
+        if self.recover_interrupted(environment, fence) and self.cancelled():
+            raise DeployCancelled(RECOVERED_ONLY)
         state = self.record.environment_state(name)
         previous_row = (
             self.record.deployment(state["deployment"])
@@ -650,8 +655,13 @@ class Deployer:
                 )
             restored = Health(False, "its process is not running")
         # The scripts own the service: after a failed rollback script, what runs is not known
-        # (the release it tried to restore stays the last one known to have run).
+        # (the release it tried to restore stays the last one known to have run). A restored
+        # process that failed its check is stopped, as a new release that failed it is: the
+        # record says nothing runs, and nothing does.
         steps.uncertain = not old_target.stops_releases
+        if old_target.stops_releases:
+            with contextlib.suppress(ConveyorError, OSError):
+                old_target.stop(previous)
         return (
             "failed",
             f"unhealthy: {health.detail}; the rollback to deployment {previous.deployment_id}"
@@ -662,20 +672,22 @@ class Deployer:
 
     def recover_interrupted(
         self, environment: EnvironmentSpec, fence: tuple[str, int], restart: bool = True
-    ) -> None:
-        """Record the deployments a dead deployer left unfinished, and stop their release.
+    ) -> int:
+        """Record the deployments a dead deployer left unfinished, and stop their release;
+        how many there were.
 
         A release the dead deployer had stopped (it stops the old release, then starts the new
         one) is started again and checked, unless ``restart`` is false (``env stop``): the
         environment gets back what ran, and the next deployment something to roll back to.
+        Only for targets whose releases Conveyor stops (``process``): a ``command`` target's
+        scripts own the service, and what runs there is not known.
         """
-        for row in self.record.unfinished_deployments(environment.name):
+        rows = self.record.unfinished_deployments(environment.name)
+        for row in rows:
             release = self._release_of(row)
-            if Path(release.folder).is_dir():
-                try:
-                    self.make_target(environment, release).stop(release)
-                except ConveyorError:
-                    pass
+            # Its folder may be gone; what runs is known by the target's state, not the folder.
+            with contextlib.suppress(ConveyorError, OSError):
+                self.make_target(environment, release).stop(release)
             state = self.record.environment_state(environment.name)
             # A dead deployer's script may have replaced what ran (scripts own the service).
             uncertain = environment.target.type == "command" or bool(
@@ -694,9 +706,11 @@ class Deployer:
                 if not restart:
                     reason += f"; it had stopped deployment {stopped}"
                 else:
-                    runs, fate = self._start_stopped(environment, stopped, release)
+                    runs, fate, unsure = self._start_stopped(environment, stopped, release)
                     running_id = stopped if runs else None
+                    uncertain = uncertain or unsure
                     reason += f"; deployment {stopped}, which it had stopped, {fate}"
+                    self.say(f"deployment {stopped} {fate}")
             self._append(
                 [
                     de.DeploymentFinished(
@@ -714,18 +728,19 @@ class Deployer:
                 fence=fence,
             )
             self.say(f"deployment {row['id']} to {environment.name} was interrupted; recorded")
+        return len(rows)
 
     def _start_stopped(
         self, environment: EnvironmentSpec, deployment_id: int, interrupted: Release
-    ) -> tuple[bool, str]:
+    ) -> tuple[bool, str, bool]:
         """Start again, and check, the release a dead deployer had stopped: whether it runs,
-        and what became of it (for the record)."""
+        what became of it (for the record), and whether its running is not known."""
         row = self.record.deployment(deployment_id)
         if row is None:
-            return False, "could not be started again: it is not on the record"
+            return False, "could not be started again: it is not on the record", False
         release = self._release_of(row)
         if not Path(release.folder).is_dir():
-            return False, f"could not be started again: its folder {release.folder} is gone"
+            return False, f"could not be started again: its folder {release.folder} is gone", False
         self.say(
             f"starting deployment {deployment_id} again: deployment {interrupted.deployment_id},"
             " which replaced it, stopped before the end"
@@ -739,17 +754,24 @@ class Deployer:
                 raise
             health = Health(False, exc.message)
         if health.ok:
-            return True, "was started again and is healthy"
+            return True, "was started again and is healthy", False
         if health.cut_short:  # as a rollback's: left running, its health not known
             try:
                 running = target.describe(release).get("running")
             except (ConveyorError, OSError):
                 running = None
             if running is not False:
-                return True, f"was started again; {CANCELLED} before its health was known"
+                return (
+                    True,
+                    "was started again; a cancel (Ctrl-C or SIGTERM) cut its health check short:"
+                    + (" it runs" if running else " it may run")
+                    + ", its health is not known",
+                    running is None,
+                )
+            health = Health(False, "its process is not running")
         with contextlib.suppress(ConveyorError, OSError):
             target.stop(release)
-        return False, f"could not be started again: {health.detail}"
+        return False, f"could not be started again: {health.detail}", False
 
     def _runs(self, environment: EnvironmentSpec, deployment_id: int) -> bool | None:
         """Whether the release of a deployment runs now (``None``: not known)."""

@@ -184,7 +184,12 @@ def env() -> None:
 
 
 def _status_doc(
-    record: Any, home_obj: Any, source: Any, spec_env: Any, name: str
+    record: Any,
+    home_obj: Any,
+    source: Any,
+    spec_env: Any,
+    name: str,
+    reserved: frozenset[int] = frozenset(),
 ) -> dict[str, Any]:
     from conveyor.app.deploy import unfinished_deployments
     from conveyor.bootstrap import make_target
@@ -230,7 +235,9 @@ def _status_doc(
             revision=row["revision"],
         )
         try:
-            live = make_target(home_obj, source, spec_env, release).describe(release)
+            live = make_target(
+                home_obj, source, spec_env, release, reserved_ports=reserved
+            ).describe(release)
         except Exception:
             live = {}
         doc["running"] = live.get("running")
@@ -258,7 +265,10 @@ def _latest_verdicts(record: Any, environment: str) -> list[dict[str, Any]]:
 def env_list(pipeline_file: str, home: Path | None, as_json: bool) -> None:
     """Every environment of the pipeline, with what runs there."""
     _, home_obj, spec, source, record = _context(pipeline_file, home)
-    docs = [_status_doc(record, home_obj, source, e, e.name) for e in spec.environments]
+    from conveyor.bootstrap import declared_ports
+
+    reserved = declared_ports(spec)
+    docs = [_status_doc(record, home_obj, source, e, e.name, reserved) for e in spec.environments]
     if as_json:
         echo_json(docs)
         return
@@ -284,7 +294,11 @@ def env_list(pipeline_file: str, home: Path | None, as_json: bool) -> None:
 def env_status(name: str, pipeline_file: str, home: Path | None, as_json: bool) -> None:
     """What runs in ENV: digest, revision, run, since when, and whether it is up."""
     _, home_obj, spec, source, record = _context(pipeline_file, home)
-    doc = _status_doc(record, home_obj, source, _environment(spec, name), name)
+    from conveyor.bootstrap import declared_ports
+
+    doc = _status_doc(
+        record, home_obj, source, _environment(spec, name), name, declared_ports(spec)
+    )
     if as_json:
         echo_json(doc)
         return
@@ -367,18 +381,26 @@ def env_stop(name: str, as_user: str | None, pipeline_file: str, home: Path | No
     token = take_lease(record, name, actor)
     try:
         # First what a killed deployer left: its new release may be serving, unrecorded.
-        from conveyor.bootstrap import make_deployer
+        from conveyor.bootstrap import declared_ports, make_deployer
 
-        make_deployer(home_obj, record, source, click.echo).recover_interrupted(
-            spec_env, (name, token), restart=False
-        )
-        _stop_leased(record, home_obj, source, spec_env, name, actor, token)
+        reserved = declared_ports(spec)
+        make_deployer(
+            home_obj, record, source, click.echo, reserved_ports=reserved
+        ).recover_interrupted(spec_env, (name, token), restart=False)
+        _stop_leased(record, home_obj, source, spec_env, name, actor, token, reserved)
     finally:
         record.release_lease(name, token)
 
 
 def _stop_leased(
-    record: Any, home_obj: Any, source: Any, spec_env: Any, name: str, actor: str, token: int
+    record: Any,
+    home_obj: Any,
+    source: Any,
+    spec_env: Any,
+    name: str,
+    actor: str,
+    token: int,
+    reserved: frozenset[int] = frozenset(),
 ) -> None:
     from conveyor.bootstrap import make_target
     from conveyor.domain import delivery_events as de
@@ -408,7 +430,7 @@ def _stop_leased(
         artifact_path="",
         revision=row["revision"],
     )
-    make_target(home_obj, source, spec_env, release).stop(release)
+    make_target(home_obj, source, spec_env, release, reserved_ports=reserved).stop(release)
     record.append(
         [
             de.EnvironmentStopped(
