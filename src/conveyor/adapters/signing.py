@@ -308,11 +308,35 @@ def verify_envelope(
 ) -> dict[str, Any]:
     """The provenance statement in a DSSE ``envelope`` signed by the key ``public_pem``.
 
+    ``envelope`` is untrusted (see ``open_envelope``). The payload must be a SLSA v1 provenance
+    statement (``check_statement``). The caller still decides whether the statement's subject
+    and builder are the expected ones.
+
+    Raises:
+        VerificationError: saying which check failed.
+    """
+    payload = open_envelope(envelope, public_pem, payload_type=payload_type)
+    try:
+        return check_statement(loads_strict(payload))
+    except ValueError as exc:
+        raise VerificationError(
+            f"the signed payload is not a SLSA v1 provenance statement: {exc}"
+        ) from None
+
+
+def open_envelope(
+    envelope: Mapping[str, Any] | bytes | str,
+    public_pem: str | bytes,
+    *,
+    payload_type: str,
+    what: str = "provenance",
+) -> bytes:
+    """The payload of a DSSE ``envelope`` of ``payload_type`` signed by the key ``public_pem``.
+
     ``envelope`` is untrusted: the JSON text or its parsed object. A signature is tried when its
     ``keyid`` is this key's id or is unset (``keyid`` is an unauthenticated hint); one valid
-    signature is enough. The payload is parsed only after its signature verifies, and must be a
-    SLSA v1 provenance statement (``check_statement``). The caller still decides whether the
-    statement's subject and builder are the expected ones.
+    signature is enough. The payload is returned only once its signature verifies; ``what``
+    names the envelope in errors.
 
     Raises:
         VerificationError: saying which check failed.
@@ -322,31 +346,29 @@ def verify_envelope(
     if isinstance(envelope, bytes | str):
         if len(envelope) > MAX_ENVELOPE_BYTES:
             raise VerificationError(
-                f"the provenance envelope is larger than {MAX_ENVELOPE_BYTES} bytes"
+                f"the {what} envelope is larger than {MAX_ENVELOPE_BYTES} bytes"
             )
         try:
             envelope = loads_strict(envelope)
         except ValueError as exc:
-            raise VerificationError(f"the provenance envelope is not valid JSON: {exc}") from None
+            raise VerificationError(f"the {what} envelope is not valid JSON: {exc}") from None
     if not isinstance(envelope, Mapping):
-        raise VerificationError("the provenance envelope is not a JSON object")
+        raise VerificationError(f"the {what} envelope is not a JSON object")
 
     found_type = envelope.get("payloadType")
     encoded = envelope.get("payload")
     signatures = envelope.get("signatures")
     if not isinstance(found_type, str):
-        raise VerificationError("the provenance envelope has no string 'payloadType'")
+        raise VerificationError(f"the {what} envelope has no string 'payloadType'")
     if not isinstance(encoded, str):
-        raise VerificationError("the provenance envelope has no string 'payload'")
+        raise VerificationError(f"the {what} envelope has no string 'payload'")
     if not isinstance(signatures, list) or not signatures:
-        raise VerificationError("the provenance envelope has no 'signatures' list")
+        raise VerificationError(f"the {what} envelope has no 'signatures' list")
     if len(signatures) > MAX_SIGNATURES:
-        raise VerificationError(
-            f"the provenance envelope has more than {MAX_SIGNATURES} signatures"
-        )
+        raise VerificationError(f"the {what} envelope has more than {MAX_SIGNATURES} signatures")
     if found_type != payload_type:
         raise VerificationError(
-            f"the provenance envelope's payloadType is {found_type!r}, not {payload_type!r}"
+            f"the {what} envelope's payloadType is {found_type!r}, not {payload_type!r}"
         )
     try:
         payload = _b64decode(encoded)
@@ -371,21 +393,16 @@ def verify_envelope(
             others.append(hint)
     if not candidates:
         raise VerificationError(
-            f"no signature by key {keyid}: the provenance is signed by another key"
+            f"no signature by key {keyid}: the {what} is signed by another key"
             f" ({', '.join(others)})"
         )
     message = pae(found_type, payload)
     if not any(_verifies(key, sig, message) for sig in candidates):
         raise VerificationError(
-            f"signature does not verify with key {keyid}: the provenance was altered or signed"
+            f"signature does not verify with key {keyid}: the {what} was altered or signed"
             " by another key"
         )
-    try:
-        return check_statement(loads_strict(payload))
-    except ValueError as exc:
-        raise VerificationError(
-            f"the signed payload is not a SLSA v1 provenance statement: {exc}"
-        ) from None
+    return payload
 
 
 def _verifies(key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:

@@ -185,7 +185,7 @@ def keys() -> None:
 @home_option
 @json_option
 def keys_show(home: Path | None, as_json: bool) -> None:
-    """Print the public key (PEM) that verifies this instance's provenance."""
+    """Print the public key (PEM) that verifies this instance's provenance and checkpoints."""
     from conveyor.adapters.signing import InstanceKey
 
     key = InstanceKey.load_or_create(_home(home).keys)

@@ -1066,33 +1066,58 @@ def audit() -> None:
 
 
 @audit.command("verify")
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also check that the log holds the event this checkpoint vouches for (repeatable).",
+)
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The public key (PEM) that signed the checkpoints [default: this instance's].",
+)
 @home_option
 @json_option
-def audit_verify(home: Path | None, as_json: bool) -> None:
-    """Verify the hash chain of the event log (exit 1 naming the first bad event)."""
+def audit_verify(
+    checkpoints: tuple[Path, ...], key_file: Path | None, home: Path | None, as_json: bool
+) -> None:
+    """Verify the hash chain of the event log (exit 1 naming the first bad event), and the
+    checkpoints given (exit 1 if the log no longer holds what one vouches for)."""
     from conveyor.errors import AuditError, StoreError
 
     # As found: recovering an orphaned run first would write a new head mark over a missing one.
     record = open_record_at(home, recover=False)
+    public_pem = _checkpoint_key(home, key_file) if checkpoints else ""
     try:
         report = record.verify()
+        checks = [_check_checkpoint(record, path, public_pem) for path in checkpoints]
     except StoreError as exc:
         if not (exc.hint and "audit verify" in exc.hint):
             raise
         raise StoreError(  # its hint would send the user back here
             exc.message, hint="restore the database (and its -wal file) from a backup"
         ) from exc
+    failed = [check for check in checks if not check.ok]
     if as_json:
         echo_json(
             {
-                "ok": report.ok,
+                "ok": report.ok and not failed,
                 "events": report.events,
                 "first_bad_seq": report.first_bad_seq,
                 "problem": report.problem or None,
                 "head_hash": report.head_hash,
+                "checkpoints": [check.to_dict() for check in checks],
             }
         )
-        sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+        sys.exit(EXIT_OK if report.ok and not failed else EXIT_FAILED)
+    for check in checks:
+        if check.ok:
+            click.echo(f"ok: {check.source} (event {check.seq}, signed {check.signed_at})")
+        else:
+            click.echo(f"FAIL: {check.source}: {check.problem}", err=True)
     if not report.ok:
         raise AuditError(
             f"the event log does not verify: {report.problem}",
@@ -1103,7 +1128,83 @@ def audit_verify(home: Path | None, as_json: bool) -> None:
             )
             + "the record was altered outside Conveyor",
         )
+    if failed:
+        raise AuditError(
+            f"{len(failed)} of {len(checks)} checkpoints do not hold: the record was altered"
+            " since they were made",
+            hint="restore the database (and its -wal file) from a backup made before",
+        )
     click.echo(f"ok: {report.events} events, hash chain intact (head {report.head_hash[:16]})")
+
+
+def _checkpoint_key(home: Path | None, key_file: Path | None) -> str:
+    """The public key (PEM) checkpoints are checked with: ``key_file``, or this instance's."""
+    from conveyor.adapters.signing import PUBLIC_KEY_FILE, load_public_key
+
+    path = key_file if key_file is not None else home_of(home, None if home else repo_root()).keys
+    if key_file is None:
+        path = path / PUBLIC_KEY_FILE
+    try:
+        public_pem = path.read_text(encoding="ascii", errors="replace")[:65536]
+        load_public_key(public_pem)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read the public key {path}: {exc.strerror or exc}",
+            hint="give the key that signed the checkpoints with --key FILE"
+            " (`conveyor keys show` prints this instance's)",
+        ) from exc
+    except ConveyorError as exc:
+        raise UsageError(f"{path}: {exc.message}", hint=exc.hint) from exc
+    return public_pem
+
+
+def _check_checkpoint(record: Any, path: Path, public_pem: str) -> Any:
+    from conveyor.app.checkpoints import MAX_CHECKPOINT_BYTES, check_checkpoint
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CHECKPOINT_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read the checkpoint {path}: {exc.strerror or exc}") from exc
+    return check_checkpoint(record, str(path), data, public_pem)
+
+
+@audit.command("checkpoint")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write it to FILE (keep it off this machine) [default: standard output].",
+)
+@home_option
+def audit_checkpoint(output: Path | None, home: Path | None) -> None:
+    """Sign the event log's newest event: a checkpoint to keep off this machine, which
+    `audit verify --checkpoint FILE` later checks the log still holds."""
+    import json
+
+    from conveyor.adapters.clock import SystemClock
+    from conveyor.adapters.signing import InstanceKey
+    from conveyor.app.checkpoints import make_checkpoint
+
+    record = open_record_at(home, recover=False)
+    key = InstanceKey.load_or_create(home_of(home, None if home else repo_root()).keys)
+    envelope, seq, digest = make_checkpoint(record, key, SystemClock().now())
+    text = json.dumps(envelope, indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text, encoding="ascii")
+            os.replace(tmp, output)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    click.echo(
+        f"checkpoint of event {seq} (hash {digest[:16]}), signed by key {key.keyid[:16]}"
+        + (f", written to {output}" if output else ""),
+        err=True,
+    )
 
 
 @cli.command()

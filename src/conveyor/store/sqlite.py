@@ -1219,6 +1219,33 @@ class SqliteRecord:
             finally:
                 self._conn.execute("PRAGMA busy_timeout=30000")
 
+    def log_head(self) -> tuple[int, str, str] | None:
+        """The newest event's ``seq`` and ``hash`` and the first event's ``hash`` (``None``:
+        no events yet), once the write-ahead log that holds them is on disk (a checkpoint
+        must not name an event a power loss could take back)."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            last = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+            first = conn.execute("SELECT hash FROM events WHERE seq = 1").fetchone()
+        finally:
+            conn.execute("COMMIT")
+        if last is None:
+            return None
+        if first is None:
+            raise StoreError(
+                f"the event log of {self.path} has no event 1",
+                hint="`conveyor audit verify` says what is wrong with it",
+            )
+        # A checkpoint syncs the log first (synchronous=NORMAL), then copies it into the file.
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        return int(last[0]), str(last[1]), str(first[0])
+
+    def event_hash_at(self, seq: int) -> str | None:
+        """The stored hash of event ``seq`` (``None``: there is none)."""
+        row = self._conn.execute("SELECT hash FROM events WHERE seq = ?", (seq,)).fetchone()
+        return str(row[0]) if row else None
+
     def head_was_written(self) -> bool:
         """Whether a head mark was ever written for this record (the note in its header)."""
         try:

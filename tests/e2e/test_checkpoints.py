@@ -1,0 +1,166 @@
+"""Signed checkpoints kept off the machine: what a rewrite of the whole record cannot hide."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+from conveyor.store.sqlite import GENESIS, event_hash
+from tests.e2e.conftest import Repo
+
+SIMPLE = """\
+pipeline: simple
+stages:
+  - name: only
+    jobs:
+      a: {run: "true"}
+"""
+
+
+def rewrite_history(home: Path, seq: int) -> None:
+    """What someone who can write the home can do: alter event ``seq``, then recompute every
+    hash after it and the head mark, so that the chain and the mark both verify."""
+    conn = sqlite3.connect(home / "conveyor.db")
+    conn.execute("DROP TRIGGER events_append_only_update")
+    conn.execute(
+        "UPDATE events SET payload = replace(payload, '\"run_id\"', '\"run_id\" ') WHERE seq = ?",
+        (seq,),
+    )
+    prev, last = GENESIS, 0
+    for row in conn.execute(
+        "SELECT seq, at, type, run_id, payload FROM events ORDER BY seq"
+    ).fetchall():
+        digest = event_hash(prev, row[0], row[1], row[2], row[3], row[4])
+        conn.execute(
+            "UPDATE events SET prev_hash = ?, hash = ? WHERE seq = ?", (prev, digest, row[0])
+        )
+        prev, last = digest, row[0]
+    conn.commit()
+    conn.close()
+    (home / "conveyor.db.head").write_text(json.dumps({"seq": last, "hash": prev}))
+
+
+def test_a_checkpoint_sees_a_rewritten_history_that_the_chain_cannot(
+    repo: Repo, tmp_path: Path
+) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    checkpoint = tmp_path / "offbox" / "checkpoint.json"
+    checkpoint.parent.mkdir()
+    made = repo.conveyor("audit", "checkpoint", "-o", str(checkpoint))
+    assert made.code == 0, made.err
+    assert "checkpoint of event" in made.err and "written to" in made.err
+    envelope = json.loads(checkpoint.read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    events = repo.conveyor("audit", "verify", "--json").json()["events"]
+    assert statement["seq"] == events and statement["_type"] == "conveyor.checkpoint/v1"
+    assert repo.conveyor("run", "--no-cache").code == 0  # the log goes on past it
+    ok = repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint))
+    assert ok.code == 0, ok.err
+    assert f"(event {events}, signed" in ok.out
+
+    rewrite_history(repo.path / ".conveyor", 2)
+    assert repo.conveyor("audit", "verify").code == 0  # the chain and the mark were redone
+    caught = repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint), "--json")
+    assert caught.code == 1
+    doc = caught.json()
+    assert doc["ok"] is False and doc["problem"] is None  # the chain itself verifies
+    assert doc["checkpoints"][0]["problem"] == (
+        f"event {events} is not the one it vouches for: the log was rewritten since"
+    )
+    plain = repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint))
+    assert plain.code == 1 and "1 of 1 checkpoints do not hold" in plain.err
+
+
+def test_a_checkpoint_sees_an_older_copy_of_the_record_put_back(repo: Repo, tmp_path: Path) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    home = repo.path / ".conveyor"
+    assert repo.conveyor("audit", "checkpoint", "-o", str(tmp_path / "old.json")).code == 0
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for name in ("conveyor.db", "conveyor.db-wal", "conveyor.db-shm", "conveyor.db.head"):
+        if (home / name).exists():
+            shutil.copy2(home / name, backup / name)
+    assert repo.conveyor("run", "--no-cache").code == 0
+    made = repo.conveyor("audit", "checkpoint")  # to standard output
+    assert made.code == 0
+    (tmp_path / "new.json").write_text(made.out)
+    for name in ("conveyor.db", "conveyor.db-wal", "conveyor.db-shm", "conveyor.db.head"):
+        (home / name).unlink(missing_ok=True)
+        if (backup / name).exists():
+            shutil.copy2(backup / name, home / name)
+    assert repo.conveyor("audit", "verify").code == 0  # a consistent older record
+    result = repo.conveyor(
+        "audit",
+        "verify",
+        "--checkpoint",
+        str(tmp_path / "old.json"),
+        "--checkpoint",
+        str(tmp_path / "new.json"),
+        "--json",
+    )
+    assert result.code == 1
+    old, new = result.json()["checkpoints"]
+    assert old["ok"] is True
+    assert new["ok"] is False and "events were removed from its end" in new["problem"]
+
+
+def test_forged_foreign_and_hostile_checkpoints_do_not_verify(repo: Repo, tmp_path: Path) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    good = tmp_path / "good.json"
+    assert repo.conveyor("audit", "checkpoint", "-o", str(good)).code == 0
+    envelope = json.loads(good.read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    # A checkpoint whose payload was changed after signing (an attacker's "newer" head).
+    forged = dict(
+        envelope, payload=base64.b64encode(json.dumps(dict(statement, seq=1)).encode()).decode()
+    )
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    # One made by another instance (another home, another key).
+    other = Repo(tmp_path / "other")
+    other.pipeline(SIMPLE)
+    assert other.conveyor("run").code == 0
+    assert other.conveyor("audit", "checkpoint", "-o", str(tmp_path / "foreign.json")).code == 0
+    (tmp_path / "garbage.json").write_bytes(b"\xff\x00{not json")
+    (tmp_path / "huge.json").write_bytes(b" " * (70 * 1024))
+    problems = {}
+    for name in ("forged", "foreign", "garbage", "huge"):
+        result = repo.conveyor(
+            "audit", "verify", "--checkpoint", str(tmp_path / f"{name}.json"), "--json"
+        )
+        assert result.code == 1, (name, result.err)
+        problems[name] = result.json()["checkpoints"][0]["problem"]
+    assert "signature does not verify" in problems["forged"]
+    assert "signed by another key" in problems["foreign"]
+    assert "not valid JSON" in problems["garbage"]
+    assert "larger than" in problems["huge"]
+    # With the other instance's key pinned, its checkpoint names another record.
+    other_key = tmp_path / "other.pub"
+    other_key.write_text(other.conveyor("keys", "show").out)
+    pinned = repo.conveyor(
+        "audit",
+        "verify",
+        "--checkpoint",
+        str(tmp_path / "foreign.json"),
+        "--key",
+        str(other_key),
+        "--json",
+    )
+    assert pinned.code == 1
+    assert "checkpoint of another record" in pinned.json()["checkpoints"][0]["problem"]
+    missing = repo.conveyor("audit", "verify", "--checkpoint", str(tmp_path / "nope.json"))
+    assert missing.code == 2 and "cannot read the checkpoint" in missing.err
+    assert "Traceback" not in missing.err
+
+
+def test_a_record_without_events_has_nothing_to_checkpoint(repo: Repo) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("runs", "list").code == 0  # creates the record
+    result = repo.conveyor("audit", "checkpoint")
+    assert result.code == 1 and "nothing to checkpoint" in result.err
+    assert result.out == ""
