@@ -25,8 +25,7 @@ def test_demo_builds_once_deploys_promotes_and_cleans_up(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "deployment 1 to staging: succeeded" in out
-    assert "already runs in staging (deployment 1): nothing to deploy" in out  # the second run
-    assert "to production (deployment 2)" in out and "deployment 2 to production: succeeded" in out
+    assert "to production (deployment 3)" in out and "deployment 3 to production: succeeded" in out
     assert "verified" in out
     assert "(built by run 1)" in out
     assert "using token *** (masked in every log)" in out

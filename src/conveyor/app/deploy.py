@@ -246,11 +246,8 @@ class Deployer:
         actor: str,
         trigger: str,
         hotfix: bool = False,
-        redeploy: bool = False,
     ) -> Outcome:
-        """Deploy ``item`` to ``environment`` (see the module docstring). A digest that already
-        runs there, under the same environment definition, is not deployed again (the outcome
-        is ``unchanged``, nothing is recorded but the gates' verdicts) unless ``redeploy``."""
+        """Deploy ``item`` to ``environment`` (see the module docstring)."""
         self.check_policy(environment, item, revision, gates=False)
         token = self._acquire(environment, actor)
         fence = (environment.name, token)
@@ -261,7 +258,7 @@ class Deployer:
             overridden = self.check_gates(environment, item, revision)
             self._refuse_if_cancelled()
             return self._deploy_leased(
-                environment, item, revision, actor, trigger, fence, hotfix, overridden, redeploy
+                environment, item, revision, actor, trigger, fence, hotfix, overridden
             )
         finally:
             self.record.release_lease(environment.name, token)
@@ -322,7 +319,6 @@ class Deployer:
         fence: tuple[str, int],
         hotfix: bool = False,
         overridden: bool = False,
-        redeploy: bool = False,
     ) -> Outcome:
         name = environment.name
         if self.recover_interrupted(environment, fence) and self.cancelled():
@@ -333,11 +329,6 @@ class Deployer:
             if state and state["deployment"] is not None
             else None
         )
-        if not redeploy and previous_row is not None and state is not None:
-            unchanged = self._already_runs(environment, item, state, previous_row)
-            if unchanged is not None:
-                self.say(unchanged.reason)
-                return unchanged
         deployment_id = self.record.allocate_deployment_id()
         release = self._prepare(environment, item, deployment_id, revision)
         if self.cancelled():
@@ -467,34 +458,6 @@ class Deployer:
             f"deployment {deployment_id} to {name}: {status}" + (f" ({reason})" if reason else "")
         )
         return Outcome(deployment_id, status, reason, health.detail, cancelled=steps.cut_short)
-
-    def _already_runs(
-        self,
-        environment: EnvironmentSpec,
-        item: ArtifactRecord,
-        state: dict[str, Any],
-        row: dict[str, Any],
-    ) -> Outcome | None:
-        """The ``unchanged`` outcome when ``item``'s digest runs in the environment, deployed
-        under its current definition (the target's command, port, health, policy...)."""
-        if state["status"] != "running" or row["digest"] != item.digest:
-            return None
-        if self.record.deployment_policy(row["id"]) != policy_digest(environment):
-            return None  # the environment was redefined: deploying applies its new definition
-        try:
-            release = self._release_of(row)
-            running = self.make_target(environment, release).describe(release).get("running")
-        except (ConveyorError, OSError):
-            return None
-        if running is False:  # it crashed or was stopped from outside: deploy it again
-            return None
-        return Outcome(
-            row["id"],
-            "unchanged",
-            f"{item.digest[:19]}… already runs in {environment.name} (deployment {row['id']}):"
-            " nothing to deploy (--redeploy deploys it again)",
-            "",
-        )
 
     def _refuse_if_cancelled(self) -> None:
         """Before anything changed: stop with nothing recorded but the gates' verdicts."""

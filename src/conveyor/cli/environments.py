@@ -92,11 +92,6 @@ def _artifact_of(record: Any, spec: Any, ref: str, artifact: str | None) -> Any:
     help="Who promotes [default: CONVEYOR_USER or git user.email].",
 )
 @click.option("--hotfix", is_flag=True, help="Mark the deployment as an unplanned fix.")
-@click.option(
-    "--redeploy",
-    is_flag=True,
-    help="Deploy even if this digest already runs there (a new deployment restarts it).",
-)
 @file_option
 @home_option
 @json_option
@@ -107,7 +102,6 @@ def promote(
     wait: float,
     as_user: str | None,
     hotfix: bool,
-    redeploy: bool,
     pipeline_file: str,
     home: Path | None,
     as_json: bool,
@@ -116,10 +110,8 @@ def promote(
 
     RUN|ARTIFACT is a run (id or `latest`: the artifact its deploy stages use, or its only
     one) or an artifact (NAME@RUN, NAME, sha256:<hex>). Refused, with nothing changed, unless
-    it verifies and the environment's policy accepts it. A digest that already runs there,
-    under the same environment definition, is not deployed again (`--redeploy` does). Exit 0
-    if the deployment succeeded or nothing needed deploying, 1 if it was refused, failed or
-    rolled back.
+    it verifies and the environment's policy accepts it. Exit 0 if the deployment succeeded,
+    1 if it was refused, failed or rolled back.
     """
     from conveyor.bootstrap import CancelFlag, declared_ports, make_deployer
     from conveyor.cli.main import _actor
@@ -150,7 +142,6 @@ def promote(
             actor=_actor(as_user, root),
             trigger="promote",
             hotfix=hotfix,
-            redeploy=redeploy,
         )
     except ConveyorError as exc:
         if as_json and exc.deployment_id is not None:  # it was recorded: print it as promised
@@ -160,12 +151,7 @@ def promote(
         for sig, handler in handlers.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     if as_json:
-        doc = record.deployment(outcome.deployment_id)
-        if outcome.status == "unchanged":  # the deployment that runs it; nothing was deployed
-            doc = {**doc, "unchanged": True}
-        echo_json(doc)
-    if outcome.status == "unchanged":
-        return
+        echo_json(record.deployment(outcome.deployment_id))
     if outcome.status == "interrupted" or outcome.cancelled:
         sys.exit(DeployCancelled.exit_code)
     if cancel.is_set():

@@ -156,8 +156,7 @@ class Target(Protocol):
 @dataclass(frozen=True)
 class DeploymentOutcome:
     """How a deployment ended: ``succeeded``, ``failed``, ``rolled_back``, or ``interrupted``
-    (a cancel cut the check of the restored release short); or ``unchanged``: the digest
-    already ran there and nothing was deployed (``deployment_id`` is the one that runs it)."""
+    (a cancel cut the check of the restored release short)."""
 
     deployment_id: int
     status: str
@@ -179,8 +178,6 @@ class Deployments(Protocol):
         actor: str,
         trigger: str,
         hotfix: bool = False,
-        redeploy: bool = False,
     ) -> DeploymentOutcome:
-        """Deploy ``item``; raises ``DeployError`` if a policy refuses it (nothing changed).
-        A digest that already runs there is not deployed again unless ``redeploy``."""
+        """Deploy ``item``; raises ``DeployError`` if a policy refuses it (nothing changed)."""
         ...

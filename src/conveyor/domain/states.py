@@ -27,6 +27,3 @@ JOB_FINAL: frozenset[str] = frozenset(
 )
 JOB_PASSED: frozenset[str] = frozenset({"succeeded", "cached"})
 """A job in one of these statuses lets the jobs that need it run."""
-DEPLOYED: frozenset[str] = frozenset({"succeeded", "unchanged"})
-"""Outcomes of a deployment request after which the artifact runs in the environment
-(``unchanged``: it already ran there, and nothing was deployed)."""

@@ -33,7 +33,7 @@ from conveyor.domain.ports import (
     SourceSnapshot,
     Workspace,
 )
-from conveyor.domain.states import DEPLOYED, JOB_PASSED
+from conveyor.domain.states import JOB_PASSED
 from conveyor.engine.planning import (
     cache_keys,
     job_decision,
@@ -393,13 +393,11 @@ class Engine:
                 if self.cancel.is_set():  # broken off by the run's cancellation
                     status = "cancelled"
             else:
-                status = "succeeded" if outcome.status in DEPLOYED else "failed"
+                status = "succeeded" if outcome.status == "succeeded" else "failed"
                 if outcome.cancelled or (outcome.status == "interrupted" and self.cancel.is_set()):
                     status = "cancelled"  # the cancel cut a rollback's check short
                 reason = (
-                    outcome.reason
-                    if outcome.status == "unchanged"
-                    else f"deployment {outcome.deployment_id} to {stage.deploy.environment}:"
+                    f"deployment {outcome.deployment_id} to {stage.deploy.environment}:"
                     f" {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "")
                 )
         self._emit(

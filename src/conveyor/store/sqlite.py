@@ -708,20 +708,6 @@ class SqliteRecord:
             "branches": list(payload.get("policy_branches") or []),
         }
 
-    def deployment_policy(self, deployment_id: int) -> str | None:
-        """The digest of the environment definition a deployment was made under (from its
-        ``deployment.started`` event; ``None`` if not recorded)."""
-        row = self._conn.execute(
-            "SELECT e.payload FROM deployments d JOIN events e"
-            " ON e.type = 'deployment.started' AND e.run_id = d.run_id"
-            " AND json_extract(e.payload, '$.deployment_id') = d.id WHERE d.id = ?",
-            (deployment_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        digest = json.loads(row[0]).get("policy_digest")
-        return digest if isinstance(digest, str) and digest else None
-
     def deployments(self, environment: str, limit: int = 50) -> list[dict[str, Any]]:
         """An environment's deployments, newest first."""
         rows = self._conn.execute(
