@@ -649,8 +649,10 @@ class Deployer:
         for row in rows:
             release = self._release_of(row)
             # Its folder may be gone; what runs is known by the target's state, not the folder.
-            with contextlib.suppress(ConveyorError, OSError):
-                self.make_target(environment, release).stop(release)
+            # (A command target's stop does nothing: not even its checkout is needed.)
+            if environment.target.type != "command":
+                with contextlib.suppress(ConveyorError, OSError):
+                    self.make_target(environment, release).stop(release)
             state = self.record.environment_state(environment.name)
             # A dead deployer's script may have replaced what ran (scripts own the service).
             uncertain = environment.target.type == "command" or bool(
