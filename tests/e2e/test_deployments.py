@@ -45,12 +45,12 @@ artifacts:
 environments:
   staging:
     target: {type: process, command: "python3 server.py", health: {http: /healthz}}
-    timeout: 10s
+    timeout: 5s
   production:
     requires: [acceptance]
     branches: [main]
     target: {type: process, command: "python3 server.py", health: {http: /healthz}}
-    timeout: 10s
+    timeout: 5s
 stages:
   - name: commit
     jobs:
@@ -232,7 +232,7 @@ def test_a_hostile_archive_is_refused_before_the_environment_changes(repo: Repo)
 def test_kill_9_mid_deployment_leaves_a_recoverable_lease(shop: Repo) -> None:
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
     shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
-    slow = PIPELINE.replace("timeout: 10s", "timeout: 30s", 1)
+    slow = PIPELINE.replace("timeout: 5s", "timeout: 30s", 1)
     shop.pipeline(slow)
     proc = shop.popen("run", "--progress", "plain")
     deadline = time.monotonic() + 30
@@ -552,7 +552,7 @@ def test_unknown_environments_and_empty_titles_are_usage_errors(repo: Repo) -> N
 def test_env_stop_after_a_killed_deployment_stops_its_release(shop: Repo) -> None:
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
     shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
-    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
+    shop.pipeline(PIPELINE.replace("timeout: 5s", "timeout: 30s", 1))
     proc = shop.popen("run", "--progress", "plain")
     db = shop.path / ".conveyor" / "conveyor.db"
     deadline = time.monotonic() + 30
@@ -653,7 +653,7 @@ def test_ctrl_c_during_a_runs_last_deploy_stage_cancels_the_run(shop: Repo) -> N
     """The deploy stage is the last one: the deployment stops at its next safe point (it went
     on, and the run ended 'succeeded', exit 0), and the run is cancelled."""
     shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
-    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
+    shop.pipeline(PIPELINE.replace("timeout: 5s", "timeout: 30s", 1))
     proc = shop.popen("run", "--progress", "plain")
     state = shop.path / ".conveyor" / "environments" / "staging" / "run" / "1.json"
     deadline = time.monotonic() + 30
@@ -931,7 +931,7 @@ def test_ending_a_killed_deployment_does_not_record_a_stopped_release_as_running
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
     assert shop.conveyor("promote", "1", "--to", "staging").code == 0
     shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
-    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
+    shop.pipeline(PIPELINE.replace("timeout: 5s", "timeout: 30s", 1))
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
     proc = shop.popen("promote", "2", "--to", "staging")
     state = shop.path / ".conveyor" / "environments" / "staging" / "run" / "2.json"
@@ -956,7 +956,7 @@ def kill_deployer_2_while_it_checks(shop: Repo, version: str) -> Path:
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
     assert shop.conveyor("promote", "1", "--to", "staging").code == 0
     shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
-    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
+    shop.pipeline(PIPELINE.replace("timeout: 5s", "timeout: 30s", 1))
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
     proc = shop.popen("promote", "2", "--to", "staging")
     folder = shop.path / ".conveyor" / "environments" / "staging"
@@ -1018,7 +1018,7 @@ def test_a_dead_deployers_release_is_stopped_even_if_its_folder_is_gone(shop: Re
     assert shop.conveyor("promote", "1", "--to", "staging").code == 0
     url = str(status(shop, "staging")["url"])
     shop.write("VERSION", "unhealthy\n")  # it serves, but /healthz answers 500
-    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 30s", 1))
+    shop.pipeline(PIPELINE.replace("timeout: 5s", "timeout: 30s", 1))
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
     proc = shop.popen("promote", "2", "--to", "staging")
     deadline = time.monotonic() + 30
@@ -1052,7 +1052,7 @@ def test_a_dead_deployers_release_is_stopped_even_if_its_folder_is_gone(shop: Re
 def test_a_restored_release_that_fails_its_check_is_stopped(shop: Repo) -> None:
     """The rollback to release 1 fails its health check: release 1 is stopped again, as the
     record says (its process used to run on, the record saying nothing ran)."""
-    shop.pipeline(PIPELINE.replace("timeout: 10s", "timeout: 3s", 1))
+    shop.pipeline(PIPELINE.replace("timeout: 5s", "timeout: 3s", 1))
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
     assert shop.conveyor("promote", "1", "--to", "staging").code == 0
     release_1 = shop.path / ".conveyor" / "environments" / "staging" / "releases" / "1"
