@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_a_checkpoint_sees_a_rewritten_history_that_the_chain_cannot(
         f"event {events} is not the one it vouches for: the log was rewritten since"
     )
     plain = repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint))
-    assert plain.code == 1 and "1 of 1 checkpoints do not hold" in plain.err
+    assert plain.code == 1 and "1 of 1 checkpoints no longer hold" in plain.err
 
 
 def test_a_checkpoint_sees_an_older_copy_of_the_record_put_back(repo: Repo, tmp_path: Path) -> None:
@@ -154,8 +155,22 @@ def test_forged_foreign_and_hostile_checkpoints_do_not_verify(repo: Repo, tmp_pa
     assert pinned.code == 1
     assert "checkpoint of another record" in pinned.json()["checkpoints"][0]["problem"]
     missing = repo.conveyor("audit", "verify", "--checkpoint", str(tmp_path / "nope.json"))
-    assert missing.code == 2 and "cannot read the checkpoint" in missing.err
+    assert missing.code == 2 and "nope.json: cannot read it" in missing.err
     assert "Traceback" not in missing.err
+    assert (
+        "could not be checked"
+        in repo.conveyor("audit", "verify", "--checkpoint", str(tmp_path / "garbage.json")).err
+    )  # not "the record was altered": the file is bad
+    # Anyone who can read the home can sign: a checkpoint beyond any event number is refused.
+    from conveyor.adapters.signing import InstanceKey
+    from conveyor.app.checkpoints import CHECKPOINT_TYPE
+
+    key = InstanceKey.load_or_create(repo.path / ".conveyor" / "keys")
+    huge = key.sign(CHECKPOINT_TYPE, json.dumps(dict(statement, seq=2**70)).encode())
+    (tmp_path / "huge-seq.json").write_text(json.dumps(huge))
+    result = repo.conveyor("audit", "verify", "--checkpoint", str(tmp_path / "huge-seq.json"))
+    assert result.code == 1 and "'seq' is not an event number" in result.err
+    assert "internal error" not in result.err
 
 
 def test_a_record_without_events_has_nothing_to_checkpoint(repo: Repo) -> None:
@@ -164,3 +179,54 @@ def test_a_record_without_events_has_nothing_to_checkpoint(repo: Repo) -> None:
     result = repo.conveyor("audit", "checkpoint")
     assert result.code == 1 and "nothing to checkpoint" in result.err
     assert result.out == ""
+
+
+def test_a_checkpoint_needs_the_chain_up_to_its_event(repo: Repo, tmp_path: Path) -> None:
+    """An event before the checkpoint's, altered without recomputing the hashes: the log does
+    not verify, and neither does the checkpoint; nor is a new one made of an altered log."""
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    checkpoint = tmp_path / "checkpoint.json"
+    assert repo.conveyor("audit", "checkpoint", "-o", str(checkpoint)).code == 0
+    conn = sqlite3.connect(repo.path / ".conveyor" / "conveyor.db")
+    conn.execute("DROP TRIGGER events_append_only_update")
+    conn.execute(
+        "UPDATE events SET payload = replace(payload, '\"run_id\"', '\"run_id\" ') WHERE seq = 2"
+    )
+    conn.commit()
+    conn.close()
+    result = repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint), "--json")
+    assert result.code == 1
+    check = result.json()["checkpoints"][0]
+    assert (check["ok"], check["found"]) == (False, "altered")
+    assert "event 2, which it vouches for, does not verify" in check["problem"]
+    refused = repo.conveyor("audit", "checkpoint")
+    assert refused.code == 1 and "a checkpoint would vouch for an altered record" in refused.err
+    assert refused.out == ""
+
+
+def test_the_keys_of_checkpoints_are_read_safely(repo: Repo, tmp_path: Path) -> None:
+    """The home's key is as untrusted as the home: a deleted key is a finding (exit 1), a FIFO
+    in its place does not block the check; --key alone is a usage error."""
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    checkpoint = tmp_path / "checkpoint.json"
+    assert repo.conveyor("audit", "checkpoint", "-o", str(checkpoint)).code == 0
+    public = repo.path / ".conveyor" / "keys" / "instance.pub"
+    kept = tmp_path / "instance.pub"
+    shutil.copy2(public, kept)
+    public.unlink()
+    os.mkfifo(public)
+    blocked = repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint), timeout=20)
+    assert blocked.code == 1 and "this home's public key" in blocked.err
+    public.unlink()
+    gone = repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint), "--json")
+    assert gone.code == 1 and gone.json()["checkpoints"][0]["found"] == "invalid"
+    pinned = repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint), "--key", str(kept))
+    assert pinned.code == 0, pinned.err
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    odd = repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint), "--key", str(fifo))
+    assert odd.code == 2 and "not a regular file" in odd.err
+    alone = repo.conveyor("audit", "verify", "--key", str(kept))
+    assert alone.code == 2 and "--checkpoint" in alone.err

@@ -47,6 +47,7 @@ from conveyor.domain.provenance import (
     pae,
     statement_bytes,
 )
+from conveyor.domain.text import inline
 from conveyor.errors import ConveyorError, VerificationError
 
 KEY_FILE = "instance.key"
@@ -390,7 +391,7 @@ def open_envelope(
         if hint in (None, "", keyid):
             candidates.append(sig)
         else:
-            others.append(hint)
+            others.append(inline(hint)[:80])  # unsigned: it reaches messages neutralised
     if not candidates:
         raise VerificationError(
             f"no signature by key {keyid}: the {what} is signed by another key"

@@ -5,7 +5,8 @@ nothing was cut from its end, as long as nobody rewrites both. A checkpoint is t
 event's sequence number and hash (and the first event's, which names the record), signed with
 the instance's key in a DSSE envelope. Kept somewhere the machine cannot write, it makes a later
 rewrite visible: the log must still hold that event with that hash, and since every hash covers
-the one before, everything up to it is as it was when the checkpoint was made.
+the one before, everything up to it is as it was when the checkpoint was made (provided the
+chain verifies up to it).
 """
 
 from __future__ import annotations
@@ -23,26 +24,34 @@ CHECKPOINT_TYPE = "application/vnd.conveyor.checkpoint+json"
 CHECKPOINT_SCHEMA = "conveyor.checkpoint/v1"
 MAX_CHECKPOINT_BYTES = 64 * 1024
 """A checkpoint is a few hundred bytes; larger files are refused unread."""
+MAX_SEQ = 2**63 - 1
+"""SQLite's largest integer: no event can have a larger sequence number."""
 _HASH = re.compile(r"[0-9a-f]{64}")
+
+OK, ALTERED, INVALID, UNREADABLE = "ok", "altered", "invalid", "unreadable"
+"""What a check found: the log holds it; the log no longer does (it was altered since); it is
+not a checkpoint signed by the key; its file could not be read."""
 
 
 @dataclass(frozen=True)
 class CheckpointCheck:
-    """What one checkpoint says about the log: ``problem`` is empty when the log holds it."""
+    """What one checkpoint says about the log (``problem`` is empty when it holds)."""
 
     source: str
-    seq: int | None
-    signed_at: str | None
+    found: str
+    seq: int | None = None
+    signed_at: str | None = None
     problem: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.problem
+        return self.found == OK
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "file": self.source,
             "ok": self.ok,
+            "found": self.found,
             "seq": self.seq,
             "signed_at": self.signed_at,
             "problem": self.problem or None,
@@ -52,16 +61,27 @@ class CheckpointCheck:
 def make_checkpoint(record: Any, key: Any, signed_at: str) -> tuple[dict[str, Any], int, str]:
     """A signed checkpoint of the record's newest event: (the envelope, its seq, its hash).
 
+    The log is verified first (a checkpoint must not vouch for an altered record) and the
+    events are made durable (a power loss must not take back an event it vouches for).
+
     Raises:
-        VerificationError: the record has no events yet (nothing to vouch for).
+        VerificationError: the log does not verify, or has no events yet.
     """
-    head = record.log_head()
-    if head is None:
+    report = record.verify()
+    if not report.ok:
+        raise VerificationError(
+            f"the event log does not verify ({report.problem}): a checkpoint would vouch for an"
+            " altered record",
+            hint="`conveyor audit verify` says what is wrong",
+        )
+    if report.events == 0:
         raise VerificationError(
             "the record has no events yet: there is nothing to checkpoint",
             hint="run a pipeline first",
         )
-    seq, digest, first = head
+    seq, digest = report.events, report.head_hash  # verified: seq runs 1..events
+    first = record.event_hash_at(1)
+    record.make_log_durable()
     statement = {
         "_type": CHECKPOINT_SCHEMA,
         "seq": seq,
@@ -73,48 +93,49 @@ def make_checkpoint(record: Any, key: Any, signed_at: str) -> tuple[dict[str, An
     return envelope, seq, digest
 
 
-def check_checkpoint(record: Any, source: str, data: bytes, public_pem: str) -> CheckpointCheck:
-    """Whether the log still holds the event a checkpoint (untrusted ``data``) vouches for."""
+def check_checkpoint(
+    record: Any, report: Any, source: str, data: bytes, public_pem: str
+) -> CheckpointCheck:
+    """Whether the log still holds the event a checkpoint (untrusted ``data``) vouches for;
+    ``report`` is the log's own verification (an event altered before it breaks it too)."""
     from conveyor.adapters.signing import open_envelope
 
     if len(data) > MAX_CHECKPOINT_BYTES:
         return CheckpointCheck(
-            source, None, None, f"it is larger than {MAX_CHECKPOINT_BYTES} bytes: not a checkpoint"
+            source, INVALID, problem=f"it is larger than {MAX_CHECKPOINT_BYTES} bytes"
         )
     try:
         payload = open_envelope(data, public_pem, payload_type=CHECKPOINT_TYPE, what="checkpoint")
         statement = _statement(payload)
     except VerificationError as exc:
-        return CheckpointCheck(source, None, None, exc.message)
+        return CheckpointCheck(source, INVALID, problem=exc.message)
     seq, signed_at = statement["seq"], statement["signed_at"]
+
+    def altered(problem: str) -> CheckpointCheck:
+        return CheckpointCheck(source, ALTERED, seq, signed_at, problem)
+
     first = record.event_hash_at(1)
+    if first is None:
+        return altered(f"the log has no event 1: it vouches for events 1..{seq}")
     if first != statement["first_hash"]:
-        return CheckpointCheck(
-            source,
-            seq,
-            signed_at,
+        return altered(
             "event 1 is not the one it names: it is a checkpoint of another record, or the"
-            " whole log was rewritten",
+            " whole log was rewritten"
         )
     found = record.event_hash_at(seq)
     if found is None:
-        last = record.log_head()
-        end = last[0] if last else 0
-        return CheckpointCheck(
-            source,
-            seq,
-            signed_at,
-            f"it vouches for event {seq}, but the log ends at event {end}: events were removed"
-            " from its end since",
+        return altered(
+            f"it vouches for event {seq}, but the log ends before it: events were removed from"
+            " its end since"
         )
     if found != statement["hash"]:
-        return CheckpointCheck(
-            source,
-            seq,
-            signed_at,
-            f"event {seq} is not the one it vouches for: the log was rewritten since",
+        return altered(f"event {seq} is not the one it vouches for: the log was rewritten since")
+    bad = report.first_bad_seq
+    if bad is not None and bad <= seq:
+        return altered(
+            f"event {bad}, which it vouches for, does not verify: the log was altered since"
         )
-    return CheckpointCheck(source, seq, signed_at)
+    return CheckpointCheck(source, OK, seq, signed_at)
 
 
 def _statement(payload: bytes) -> dict[str, Any]:
@@ -126,8 +147,8 @@ def _statement(payload: bytes) -> dict[str, Any]:
     if not isinstance(statement, dict) or statement.get("_type") != CHECKPOINT_SCHEMA:
         raise VerificationError(f"the signed payload is not a {CHECKPOINT_SCHEMA} checkpoint")
     seq = statement.get("seq")
-    if type(seq) is not int or seq < 1:
-        raise VerificationError("the checkpoint's 'seq' is not a positive integer")
+    if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
+        raise VerificationError("the checkpoint's 'seq' is not an event number")
     for name in ("hash", "first_hash"):
         value = statement.get(name)
         if not isinstance(value, str) or not _HASH.fullmatch(value):

@@ -7,8 +7,10 @@ commands that need them, so ``conveyor validate`` starts fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -1086,25 +1088,37 @@ def audit_verify(
 ) -> None:
     """Verify the hash chain of the event log (exit 1 naming the first bad event), and the
     checkpoints given (exit 1 if the log no longer holds what one vouches for)."""
+    from conveyor.app.checkpoints import ALTERED, INVALID, UNREADABLE
+    from conveyor.domain.text import inline
     from conveyor.errors import AuditError, StoreError
 
+    if key_file is not None and not checkpoints:
+        raise UsageError("--key is the key of checkpoints", hint="give them with --checkpoint FILE")
+    public_pem = _public_key(key_file) if key_file is not None else None
     # As found: recovering an orphaned run first would write a new head mark over a missing one.
     record = open_record_at(home, recover=False)
-    public_pem = _checkpoint_key(home, key_file) if checkpoints else ""
     try:
         report = record.verify()
-        checks = [_check_checkpoint(record, path, public_pem) for path in checkpoints]
+        if checkpoints and public_pem is None:
+            public_pem = _instance_public_key(home)
+        checks = [_check_checkpoint(record, report, path, public_pem) for path in checkpoints]
     except StoreError as exc:
         if not (exc.hint and "audit verify" in exc.hint):
             raise
         raise StoreError(  # its hint would send the user back here
             exc.message, hint="restore the database (and its -wal file) from a backup"
         ) from exc
-    failed = [check for check in checks if not check.ok]
+    found = {
+        kind: [c for c in checks if c.found == kind] for kind in (ALTERED, INVALID, UNREADABLE)
+    }
+    ok = report.ok and not any(found.values())
+    code = EXIT_OK if ok else EXIT_FAILED
+    if report.ok and not found[ALTERED] and not found[INVALID] and found[UNREADABLE]:
+        code = EXIT_USAGE  # only files that could not be read: not a verdict on the record
     if as_json:
         echo_json(
             {
-                "ok": report.ok and not failed,
+                "ok": ok,
                 "events": report.events,
                 "first_bad_seq": report.first_bad_seq,
                 "problem": report.problem or None,
@@ -1112,12 +1126,14 @@ def audit_verify(
                 "checkpoints": [check.to_dict() for check in checks],
             }
         )
-        sys.exit(EXIT_OK if report.ok and not failed else EXIT_FAILED)
+        sys.exit(code)
     for check in checks:
         if check.ok:
-            click.echo(f"ok: {check.source} (event {check.seq}, signed {check.signed_at})")
+            click.echo(
+                f"ok: {check.source} (event {check.seq}, signed {inline(check.signed_at or '')})"
+            )
         else:
-            click.echo(f"FAIL: {check.source}: {check.problem}", err=True)
+            click.echo(f"FAIL: {inline(check.source)}: {inline(check.problem)}", err=True)
     if not report.ok:
         raise AuditError(
             f"the event log does not verify: {report.problem}",
@@ -1128,45 +1144,92 @@ def audit_verify(
             )
             + "the record was altered outside Conveyor",
         )
-    if failed:
+    if found[ALTERED]:
         raise AuditError(
-            f"{len(failed)} of {len(checks)} checkpoints do not hold: the record was altered"
-            " since they were made",
+            f"{len(found[ALTERED])} of {len(checks)} checkpoints no longer hold: the record was"
+            " altered since they were made",
             hint="restore the database (and its -wal file) from a backup made before",
         )
+    if found[INVALID]:
+        raise AuditError(
+            f"{len(found[INVALID])} of {len(checks)} checkpoints could not be checked: they are"
+            " not checkpoints signed by the key (see above)",
+            hint="check the files, and give the key that signed them with --key FILE",
+        )
+    if found[UNREADABLE]:
+        raise UsageError(f"{len(found[UNREADABLE])} of {len(checks)} checkpoints cannot be read")
     click.echo(f"ok: {report.events} events, hash chain intact (head {report.head_hash[:16]})")
 
 
-def _checkpoint_key(home: Path | None, key_file: Path | None) -> str:
-    """The public key (PEM) checkpoints are checked with: ``key_file``, or this instance's."""
-    from conveyor.adapters.signing import PUBLIC_KEY_FILE, load_public_key
+_KEY_BYTES = 64 * 1024
 
-    path = key_file if key_file is not None else home_of(home, None if home else repo_root()).keys
-    if key_file is None:
-        path = path / PUBLIC_KEY_FILE
+
+def _read_small(path: Path, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of a regular file: never blocks (a FIFO) nor reads a huge
+    file whole (files in the home, or given, are untrusted)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        public_pem = path.read_text(encoding="ascii", errors="replace")[:65536]
-        load_public_key(public_pem)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "it is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def _public_key(path: Path) -> str:
+    """The public key (PEM) in a file the user gave; a usage error if it is not one."""
+    from conveyor.adapters.signing import load_public_key
+
+    try:
+        data = _read_small(path, _KEY_BYTES)
     except OSError as exc:
-        raise UsageError(
-            f"cannot read the public key {path}: {exc.strerror or exc}",
-            hint="give the key that signed the checkpoints with --key FILE"
-            " (`conveyor keys show` prints this instance's)",
-        ) from exc
+        raise UsageError(f"cannot read the public key {path}: {exc.strerror or exc}") from exc
+    if len(data) > _KEY_BYTES:
+        raise UsageError(f"{path} is not a public key: it is larger than {_KEY_BYTES} bytes")
+    try:
+        load_public_key(data)
     except ConveyorError as exc:
         raise UsageError(f"{path}: {exc.message}", hint=exc.hint) from exc
-    return public_pem
+    return data.decode("ascii", "replace")
 
 
-def _check_checkpoint(record: Any, path: Path, public_pem: str) -> Any:
-    from conveyor.app.checkpoints import MAX_CHECKPOINT_BYTES, check_checkpoint
+def _instance_public_key(home: Path | None) -> str | None:
+    """This instance's public key, if it can be read (``None``: each checkpoint says why not,
+    for a missing or replaced key is itself a finding)."""
+    from conveyor.adapters.signing import PUBLIC_KEY_FILE
+
+    path = home_of(home, None if home else repo_root()).keys / PUBLIC_KEY_FILE
+    try:
+        return _public_key(path)
+    except UsageError:
+        return None
+
+
+def _check_checkpoint(record: Any, report: Any, path: Path, public_pem: str | None) -> Any:
+    from conveyor.adapters.signing import PUBLIC_KEY_FILE
+    from conveyor.app.checkpoints import (
+        INVALID,
+        MAX_CHECKPOINT_BYTES,
+        UNREADABLE,
+        CheckpointCheck,
+        check_checkpoint,
+    )
 
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_CHECKPOINT_BYTES + 1)
+        data = _read_small(path, MAX_CHECKPOINT_BYTES)
     except OSError as exc:
-        raise UsageError(f"cannot read the checkpoint {path}: {exc.strerror or exc}") from exc
-    return check_checkpoint(record, str(path), data, public_pem)
+        return CheckpointCheck(
+            str(path), UNREADABLE, problem=f"cannot read it: {exc.strerror or exc}"
+        )
+    if public_pem is None:
+        return CheckpointCheck(
+            str(path),
+            INVALID,
+            problem=f"this home's public key (keys/{PUBLIC_KEY_FILE}) cannot be read: check it"
+            " with the key that signed it (--key FILE)",
+        )
+    return check_checkpoint(record, report, str(path), data, public_pem)
 
 
 @audit.command("checkpoint")
@@ -1193,18 +1256,38 @@ def audit_checkpoint(output: Path | None, home: Path | None) -> None:
     if output is None:
         click.echo(text, nl=False)
     else:
-        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(text, encoding="ascii")
-            os.replace(tmp, output)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
+        _write_file(output, text.encode("ascii"))
     click.echo(
         f"checkpoint of event {seq} (hash {digest[:16]}), signed by key {key.keyid[:16]}"
         + (f", written to {output}" if output else ""),
         err=True,
     )
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``, durably: readers see the old file or the whole new one."""
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 @cli.command()
