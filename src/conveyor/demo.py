@@ -4,8 +4,8 @@ It writes a tiny HTTP service (``shop``) with unit tests and a smoke test, commi
 git repository, and runs the real ``conveyor`` command on it: the pipeline builds the service
 once (a signed artifact), tests it, deploys it to ``staging`` as a local process; a second run
 comes from the cache; the same digest is verified and promoted to ``production``; both
-services answer over HTTP; then the history of both environments and the record's check. The
-services are stopped at the end.
+services answer over HTTP; then the history of both environments, a signed checkpoint of the
+record and the record's check against it. The services are stopped at the end.
 """
 
 from __future__ import annotations
@@ -293,7 +293,21 @@ def run_demo(directory: Path | None, progress: str = "auto") -> int:
         step("every deployment to staging", "env", "history", "staging")
         step("every deployment to production", "env", "history", "production")
         step("delivery performance from the record (DORA keys)", "metrics", "--since", "1d")
-        step("prove the record was not altered", "audit", "verify")
+        checkpoint = str(directory.parent / "shop-checkpoint.json")
+        step(
+            "sign the record's newest event, to keep off this machine",
+            "audit",
+            "checkpoint",
+            "-o",
+            checkpoint,
+        )
+        step(
+            "prove the record was not altered (and still holds what the checkpoint vouches for)",
+            "audit",
+            "verify",
+            "--checkpoint",
+            checkpoint,
+        )
     finally:
         for name in ("staging", "production"):
             subprocess.run(
