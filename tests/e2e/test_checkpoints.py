@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 from conveyor.store.sqlite import GENESIS, event_hash
@@ -230,3 +232,72 @@ def test_the_keys_of_checkpoints_are_read_safely(repo: Repo, tmp_path: Path) -> 
     assert odd.code == 2 and "not a regular file" in odd.err
     alone = repo.conveyor("audit", "verify", "--key", str(kept))
     assert alone.code == 2 and "--checkpoint" in alone.err
+
+
+def test_checkpoint_files_go_where_they_are_meant_to(repo: Repo, tmp_path: Path) -> None:
+    """-o writes through a link (an off-box mount behind it keeps the copy), refuses what is not
+    a regular file, and a closed standard output is an error, not a success line."""
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    offbox = tmp_path / "offbox.json"
+    offbox.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(offbox)
+    assert repo.conveyor("audit", "checkpoint", "-o", str(link)).code == 0
+    assert link.is_symlink() and json.loads(offbox.read_text())["payloadType"]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    refused = repo.conveyor("audit", "checkpoint", "-o", str(fifo), timeout=20)
+    assert refused.code == 1 and "not a regular file" in refused.err
+    assert not fifo.is_file()
+    closed = subprocess.run(
+        [sys.executable, "-m", "conveyor", "audit", "checkpoint"],
+        cwd=repo.path,
+        env=repo.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        pass_fds=(),
+        preexec_fn=lambda: os.close(1),
+    )
+    assert closed.returncode == 1, closed.stderr
+    assert "cannot write the checkpoint to standard output" in closed.stderr
+    assert "Traceback" not in closed.stderr and "checkpoint of event" not in closed.stderr
+
+
+def test_a_directory_among_the_checkpoints_does_not_hide_a_finding(
+    repo: Repo, tmp_path: Path
+) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    good = tmp_path / "good.json"
+    assert repo.conveyor("audit", "checkpoint", "-o", str(good)).code == 0
+    rewrite_history(repo.path / ".conveyor", 2)
+    (tmp_path / "folder").mkdir()
+    result = repo.conveyor(
+        "audit",
+        "verify",
+        "--checkpoint",
+        str(good),
+        "--checkpoint",
+        str(tmp_path / "folder"),
+        "--json",
+    )
+    assert result.code == 1  # the rewrite is the verdict; the folder is only unreadable
+    assert [c["found"] for c in result.json()["checkpoints"]] == ["altered", "unreadable"]
+    alone = repo.conveyor("audit", "verify", "--checkpoint", str(tmp_path / "folder"))
+    assert alone.code == 2 and "not a regular file" in alone.err
+
+
+def test_a_fifo_for_the_public_key_does_not_block_a_checkpoint(repo: Repo, tmp_path: Path) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    public = repo.path / ".conveyor" / "keys" / "instance.pub"
+    assert repo.conveyor("keys", "show").code == 0
+    public.unlink()
+    os.mkfifo(public)
+    made = repo.conveyor("audit", "checkpoint", "-o", str(tmp_path / "c.json"), timeout=20)
+    assert made.code == 0, made.err
+    assert public.is_file()  # the key's public half is written again
+    assert repo.conveyor("audit", "verify", "--checkpoint", str(tmp_path / "c.json")).code == 0

@@ -150,12 +150,29 @@ class InstanceKey:
     def _write_public_key(self, path: Path) -> None:
         data = self.public_pem.encode("ascii")
         try:
-            with contextlib.suppress(FileNotFoundError):
-                if path.read_bytes() == data:
-                    return
+            if _same_regular_file(path, data):
+                return
             _write_atomically(path, data, 0o644)
         except OSError as exc:
             raise SigningKeyError(f"cannot write the public key {path}: {_reason(exc)}") from exc
+
+
+def _same_regular_file(path: Path, data: bytes) -> bool:
+    """Whether ``path`` is a regular file holding ``data`` (read without blocking on a FIFO,
+    and no further than ``data``'s length: the home is untrusted)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(len(data) + 1) == data
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _reason(exc: OSError) -> str:

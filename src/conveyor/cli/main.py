@@ -1072,13 +1072,13 @@ def audit() -> None:
     "--checkpoint",
     "checkpoints",
     multiple=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(readable=False, path_type=Path),  # each is read, or said unreadable, below
     help="Also check that the log holds the event this checkpoint vouches for (repeatable).",
 )
 @click.option(
     "--key",
     "key_file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(readable=False, path_type=Path),
     help="The public key (PEM) that signed the checkpoints [default: this instance's].",
 )
 @home_option
@@ -1097,11 +1097,14 @@ def audit_verify(
     public_pem = _public_key(key_file) if key_file is not None else None
     # As found: recovering an orphaned run first would write a new head mark over a missing one.
     record = open_record_at(home, recover=False)
+    key_problem = ""
     try:
         report = record.verify()
         if checkpoints and public_pem is None:
-            public_pem = _instance_public_key(home)
-        checks = [_check_checkpoint(record, report, path, public_pem) for path in checkpoints]
+            public_pem, key_problem = _instance_public_key(home)
+        checks = [
+            _check_checkpoint(record, report, path, public_pem, key_problem) for path in checkpoints
+        ]
     except StoreError as exc:
         if not (exc.hint and "audit verify" in exc.hint):
             raise
@@ -1147,8 +1150,9 @@ def audit_verify(
     if found[ALTERED]:
         raise AuditError(
             f"{len(found[ALTERED])} of {len(checks)} checkpoints no longer hold: the record was"
-            " altered since they were made",
-            hint="restore the database (and its -wal file) from a backup made before",
+            " altered since they were made, or they are another record's",
+            hint="if they are this record's, restore the database (and its -wal file) from a"
+            " backup made before",
         )
     if found[INVALID]:
         raise AuditError(
@@ -1165,8 +1169,11 @@ _KEY_BYTES = 64 * 1024
 
 
 def _read_small(path: Path, limit: int) -> bytes:
-    """At most ``limit + 1`` bytes of a regular file: never blocks (a FIFO) nor reads a huge
-    file whole (files in the home, or given, are untrusted)."""
+    """At most ``limit + 1`` bytes of a regular file: never opens anything else (a FIFO would
+    block, a device may act), nor reads a huge file whole (files in the home, or given, are
+    untrusted)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(0, "it is not a regular file")
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -1194,19 +1201,21 @@ def _public_key(path: Path) -> str:
     return data.decode("ascii", "replace")
 
 
-def _instance_public_key(home: Path | None) -> str | None:
-    """This instance's public key, if it can be read (``None``: each checkpoint says why not,
-    for a missing or replaced key is itself a finding)."""
+def _instance_public_key(home: Path | None) -> tuple[str | None, str]:
+    """This instance's public key, or ``None`` and why not: each checkpoint then says so, for
+    a missing or replaced key is itself a finding."""
     from conveyor.adapters.signing import PUBLIC_KEY_FILE
 
     path = home_of(home, None if home else repo_root()).keys / PUBLIC_KEY_FILE
     try:
-        return _public_key(path)
-    except UsageError:
-        return None
+        return _public_key(path), ""
+    except UsageError as exc:
+        return None, exc.message
 
 
-def _check_checkpoint(record: Any, report: Any, path: Path, public_pem: str | None) -> Any:
+def _check_checkpoint(
+    record: Any, report: Any, path: Path, public_pem: str | None, key_problem: str = ""
+) -> Any:
     from conveyor.adapters.signing import PUBLIC_KEY_FILE
     from conveyor.app.checkpoints import (
         INVALID,
@@ -1226,8 +1235,8 @@ def _check_checkpoint(record: Any, report: Any, path: Path, public_pem: str | No
         return CheckpointCheck(
             str(path),
             INVALID,
-            problem=f"this home's public key (keys/{PUBLIC_KEY_FILE}) cannot be read: check it"
-            " with the key that signed it (--key FILE)",
+            problem=f"this home's public key (keys/{PUBLIC_KEY_FILE}) is not usable"
+            f" ({key_problem}): check it with the key that signed it (--key FILE)",
         )
     return check_checkpoint(record, report, str(path), data, public_pem)
 
@@ -1254,7 +1263,16 @@ def audit_checkpoint(output: Path | None, home: Path | None) -> None:
     envelope, seq, digest = make_checkpoint(record, key, SystemClock().now())
     text = json.dumps(envelope, indent=2) + "\n"
     if output is None:
-        click.echo(text, nl=False)
+        try:
+            if sys.stdout is None:
+                raise OSError(0, "it is closed")
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError as exc:
+            raise ConveyorError(
+                f"cannot write the checkpoint to standard output: {exc.strerror or exc}",
+                hint="write it to a file with -o FILE",
+            ) from exc
     else:
         _write_file(output, text.encode("ascii"))
     click.echo(
@@ -1265,29 +1283,34 @@ def audit_checkpoint(output: Path | None, home: Path | None) -> None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``, durably: readers see the old file or the whole new one."""
+    """Replace the regular file at ``path`` (through a link: where it points) with ``data``,
+    durably: readers see the old file or the whole new one. Anything else there is refused."""
     import tempfile
 
+    target = Path(os.path.realpath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if target.exists() and not target.is_file():
+            raise OSError(0, "it is not a regular file")
+        fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise ConveyorError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), 0o644)
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ConveyorError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    with contextlib.suppress(OSError):  # the rename made durable (a write-only folder: not)
+        folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(folder)
         finally:
             os.close(folder)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 @cli.command()
@@ -1331,6 +1354,8 @@ def entry() -> NoReturn:
             print(exc.code, file=sys.stderr)
             code = EXIT_FAILED
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with it closed
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):
