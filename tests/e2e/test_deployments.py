@@ -1115,3 +1115,23 @@ def test_the_release_a_killed_deployer_had_stopped_runs_again_at_the_next_deploy
     now = status(shop, "staging")
     assert (now["status"], now["deployment"]) == ("running", 1)
     assert shop.conveyor("audit", "verify").code == 0
+
+
+def test_old_release_folders_are_deleted_but_the_running_one(shop: Repo) -> None:
+    """An environment keeps the folders of its 5 newest deployments and of the one that runs,
+    however old: a rollback and a restart need only that one."""
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    assert shop.conveyor("promote", "1", "--to", "staging").code == 0
+    shop.write("VERSION", "crash\n")  # every later release exits at once: rolled back to 1
+    shop.commit("crash")
+    assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    for _ in range(6):
+        assert shop.conveyor("promote", "2", "--to", "staging").code == 1
+    releases = shop.path / ".conveyor" / "environments" / "staging" / "releases"
+    assert sorted(int(p.name) for p in releases.iterdir() if p.is_dir()) == [1, 3, 4, 5, 6, 7]
+    assert not (releases / "2.path").exists() and (releases / "1.path").exists()
+    now = status(shop, "staging")
+    assert (now["deployment"], now["running"]) == (1, True)
+    assert get(str(now["url"])).startswith("v1 ")
+    assert shop.conveyor("promote", "1", "--to", "staging").code == 0  # unpacked again
+    assert sorted(int(p.name) for p in releases.iterdir() if p.is_dir()) == [4, 5, 6, 7, 8]

@@ -47,6 +47,9 @@ LEASE_MARGIN_S = 120.0
 SCRIPT_TIMEOUT_S = 600.0
 """How long one script of a ``command`` target may run (the target's default)."""
 STOP_TIMEOUT_S = 10.0
+KEEP_RELEASES = 5
+"""Release folders (and checkouts) kept per environment: the newest deployments' and the
+running one's; a promotion of an older artifact unpacks it again from the store."""
 
 
 Outcome = DeploymentOutcome
@@ -420,6 +423,7 @@ class Deployer:
                 ],
                 fence=fence,
             )
+            self._prune_releases(name)
             summary = f"deployment {deployment_id} to {name}: {status} ({reason})"
             if isinstance(exc, DeployCancelled):
                 cancelled = DeployCancelled(summary)
@@ -457,6 +461,7 @@ class Deployer:
         self.say(
             f"deployment {deployment_id} to {name}: {status}" + (f" ({reason})" if reason else "")
         )
+        self._prune_releases(name)
         return Outcome(deployment_id, status, reason, health.detail, cancelled=steps.cut_short)
 
     def _refuse_if_cancelled(self) -> None:
@@ -752,6 +757,35 @@ class Deployer:
 
     # -- releases ----------------------------------------------------------------------------
 
+    def _prune_releases(self, environment: str) -> None:
+        """Delete the release folders and checkouts of all but the ``KEEP_RELEASES`` newest
+        deployments of ``environment``, except the one that runs (or last ran) there. Called
+        under the environment's lease, once a deployment is recorded."""
+        try:
+            state = self.record.environment_state(environment)
+        except ConveyorError:
+            return  # what runs is not known: delete nothing
+        running = state["deployment"] if state else None
+        base = self.environments_dir / environment
+        for part in ("releases", "checkouts"):
+            try:
+                entries = list((base / part).iterdir())
+            except OSError:
+                continue
+            ids = sorted(
+                {int(stem) for stem in (_stem(e.name) for e in entries) if stem is not None},
+                reverse=True,
+            )
+            doomed = set(ids[KEEP_RELEASES:]) - {running}
+            for entry in entries:
+                if _stem(entry.name) not in doomed:
+                    continue
+                with contextlib.suppress(OSError):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+
     def _folder(self, environment: str, deployment_id: int) -> Path:
         return self.environments_dir / environment / "releases" / str(deployment_id)
 
@@ -817,6 +851,12 @@ class Deployer:
             artifact_path=str(artifact_path),
             revision=row["revision"],
         )
+
+
+def _stem(name: str) -> int | None:
+    """The deployment id a release folder's entry belongs to (``12``, ``12.path``), if any."""
+    stem = name.split(".", 1)[0]
+    return int(stem) if stem.isascii() and stem.isdigit() else None
 
 
 def policy_digest(environment: EnvironmentSpec) -> str:
