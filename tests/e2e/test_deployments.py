@@ -1125,9 +1125,14 @@ def test_old_release_folders_are_deleted_but_the_running_one(shop: Repo) -> None
     shop.write("VERSION", "crash\n")  # every later release exits at once: rolled back to 1
     shop.commit("crash")
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
+    releases = shop.path / ".conveyor" / "environments" / "staging" / "releases"
+    for stray in ("012", "notes"):  # not a deployment's: never counted, never deleted
+        (releases / stray).mkdir()
+    (releases / "99.path").write_text("stray")
     for _ in range(6):
         assert shop.conveyor("promote", "2", "--to", "staging").code == 1
-    releases = shop.path / ".conveyor" / "environments" / "staging" / "releases"
+    for stray in ("012", "notes"):
+        (releases / stray).rmdir()
     assert sorted(int(p.name) for p in releases.iterdir() if p.is_dir()) == [1, 3, 4, 5, 6, 7]
     assert not (releases / "2.path").exists() and (releases / "1.path").exists()
     now = status(shop, "staging")

@@ -765,6 +765,8 @@ class Deployer:
             state = self.record.environment_state(environment)
         except ConveyorError:
             return  # what runs is not known: delete nothing
+        if state is not None and state["status"] == "unknown":
+            return  # a user's script may serve from a later release's folder: keep them all
         running = state["deployment"] if state else None
         base = self.environments_dir / environment
         for part in ("releases", "checkouts"):
@@ -773,7 +775,11 @@ class Deployer:
             except OSError:
                 continue
             ids = sorted(
-                {int(stem) for stem in (_stem(e.name) for e in entries) if stem is not None},
+                {
+                    stem
+                    for stem in (_stem(e.name) for e in entries if e.is_dir())
+                    if stem is not None
+                },
                 reverse=True,
             )
             doomed = set(ids[KEEP_RELEASES:]) - {running}
@@ -854,9 +860,12 @@ class Deployer:
 
 
 def _stem(name: str) -> int | None:
-    """The deployment id a release folder's entry belongs to (``12``, ``12.path``), if any."""
-    stem = name.split(".", 1)[0]
-    return int(stem) if stem.isascii() and stem.isdigit() else None
+    """The deployment id a release folder's entry belongs to (``12``, ``12.path``; not
+    ``012``), if any."""
+    stem = name.removesuffix(".path")
+    if not (stem.isascii() and stem.isdigit()) or str(int(stem)) != stem:
+        return None
+    return int(stem)
 
 
 def policy_digest(environment: EnvironmentSpec) -> str:
