@@ -293,7 +293,8 @@ def run_demo(directory: Path | None, progress: str = "auto") -> int:
         step("every deployment to staging", "env", "history", "staging")
         step("every deployment to production", "env", "history", "production")
         step("delivery performance from the record (DORA keys)", "metrics", "--since", "1d")
-        checkpoint = str(directory.parent / "shop-checkpoint.json")
+        # Off the sample (as off the machine): in a new folder of its own, never beside DIRECTORY.
+        checkpoint = str(Path(tempfile.mkdtemp(prefix="conveyor-demo-checkpoint-")) / "shop.json")
         step(
             "sign the record's newest event, to keep off this machine",
             "audit",

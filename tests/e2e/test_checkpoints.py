@@ -235,20 +235,26 @@ def test_the_keys_of_checkpoints_are_read_safely(repo: Repo, tmp_path: Path) -> 
 
 
 def test_checkpoint_files_go_where_they_are_meant_to(repo: Repo, tmp_path: Path) -> None:
-    """-o writes through a link (an off-box mount behind it keeps the copy), refuses what is not
-    a regular file, and a closed standard output is an error, not a success line."""
+    """-o creates a new file: an existing one is replaced only with --force, a link is refused
+    (the copy meant for elsewhere would stay here), so is anything but a regular file; a
+    closed standard output is an error, not a success line."""
     repo.pipeline(SIMPLE)
     assert repo.conveyor("run").code == 0
     offbox = tmp_path / "offbox.json"
     offbox.write_text("old")
+    exists = repo.conveyor("audit", "checkpoint", "-o", str(offbox))
+    assert exists.code == 2 and "exists already" in exists.err and offbox.read_text() == "old"
+    assert repo.conveyor("audit", "checkpoint", "-o", str(offbox), "--force").code == 0
+    assert json.loads(offbox.read_text())["payloadType"]
     link = tmp_path / "link.json"
-    link.symlink_to(offbox)
-    assert repo.conveyor("audit", "checkpoint", "-o", str(link)).code == 0
-    assert link.is_symlink() and json.loads(offbox.read_text())["payloadType"]
+    link.symlink_to(tmp_path / "victim.txt")
+    refused = repo.conveyor("audit", "checkpoint", "-o", str(link), "--force")
+    assert refused.code == 2 and "not a regular file" in refused.err
+    assert not (tmp_path / "victim.txt").exists()
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     refused = repo.conveyor("audit", "checkpoint", "-o", str(fifo), timeout=20)
-    assert refused.code == 1 and "not a regular file" in refused.err
+    assert refused.code == 2 and "not a regular file" in refused.err
     assert not fifo.is_file()
     closed = subprocess.run(
         [sys.executable, "-m", "conveyor", "audit", "checkpoint"],

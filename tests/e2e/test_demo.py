@@ -36,7 +36,9 @@ def test_demo_builds_once_deploys_promotes_and_cleans_up(tmp_path: Path) -> None
     assert "gate tests: ok" in out and "a deployment would be allowed" in out
     assert "deployment frequency" in out
     assert "hash chain intact" in out
-    assert "shop-checkpoint.json (event" in out  # the record holds what the checkpoint vouches for
+    # The record holds what the checkpoint vouches for; the checkpoint is in a folder of its own.
+    assert "conveyor-demo-checkpoint-" in out and "/shop.json (event" in out
+    assert not (tmp_path / "shop-checkpoint.json").exists()
     # The services were stopped: no process runs from the sample's release folders.
     releases = str(target / ".conveyor" / "environments")
     for proc_dir in Path("/proc").glob("[0-9]*"):

@@ -1094,7 +1094,7 @@ def test_the_release_a_killed_deployer_had_stopped_runs_again_at_the_next_deploy
             (1, "succeeded"),
         ]
         assert (
-            "deployment 1, which it had stopped, could not be started again: its folder"
+            "deployment 1, which no longer ran, could not be started again: its folder"
             in (history[1]["reason"])
         )
         assert status(shop, "staging")["status"] == "down"
@@ -1109,7 +1109,7 @@ def test_the_release_a_killed_deployer_had_stopped_runs_again_at_the_next_deploy
         (1, "succeeded"),
     ]
     assert (
-        "deployment 1, which it had stopped, was started again and is healthy"
+        "deployment 1, which no longer ran, was started again and is healthy"
         in (history[1]["reason"])
     )
     now = status(shop, "staging")
@@ -1140,3 +1140,33 @@ def test_old_release_folders_are_deleted_but_the_running_one(shop: Repo) -> None
     assert get(str(now["url"])).startswith("v1 ")
     assert shop.conveyor("promote", "1", "--to", "staging").code == 0  # unpacked again
     assert sorted(int(p.name) for p in releases.iterdir() if p.is_dir()) == [4, 5, 6, 7, 8]
+
+
+def test_a_cancel_while_unpacking_after_a_recovery_says_what_the_recovery_did(
+    shop: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recovery started release 1 again; a cancel during the new release's unpacking
+    must not say the deployment "changed nothing"."""
+    kill_deployer_2_while_it_checks(shop, "v3")
+    unpacked = [False]
+    deployer, spec, record = in_process_deployer(shop, monkeypatch, lambda: unpacked[0])
+    prepare = deployer._prepare
+
+    def prepared(*args: Any, **kwargs: Any) -> Any:
+        release = prepare(*args, **kwargs)
+        unpacked[0] = True
+        return release
+
+    deployer._prepare = prepared
+    try:
+        with pytest.raises(DeployCancelled, match="it only ended what a dead deployer left"):
+            deployer.deploy(
+                spec.environment("staging"),
+                resolve(record, "app@3"),
+                revision="",
+                actor="t",
+                trigger="promote",
+            )
+    finally:
+        record.close()
+    assert (status(shop, "staging")["deployment"], status(shop, "staging")["running"]) == (1, True)

@@ -324,7 +324,8 @@ class Deployer:
         overridden: bool = False,
     ) -> Outcome:
         name = environment.name
-        if self.recover_interrupted(environment, fence) and self.cancelled():
+        recovered = self.recover_interrupted(environment, fence)
+        if recovered and self.cancelled():
             raise DeployCancelled(RECOVERED_ONLY)
         state = self.record.environment_state(name)
         previous_row = (
@@ -337,7 +338,7 @@ class Deployer:
         if self.cancelled():
             shutil.rmtree(release.folder, ignore_errors=True)
             Path(release.folder).with_suffix(".path").unlink(missing_ok=True)
-            raise DeployCancelled(NOTHING_CHANGED)
+            raise DeployCancelled(RECOVERED_ONLY if recovered else NOTHING_CHANGED)
         # A release someone stopped (`env stop`) is not restarted by a rollback: the
         # environment was meant to be down, and stays down if the new release fails.
         running = previous_row is not None and state is not None and state["status"] != "stopped"
@@ -674,12 +675,12 @@ class Deployer:
             ):
                 stopped, running_id = running_id, None
                 if not restart:
-                    reason += f"; it had stopped deployment {stopped}"
+                    reason += f"; deployment {stopped} no longer ran"
                 else:
                     runs, fate, unsure = self._start_stopped(environment, stopped, release)
                     running_id = stopped if runs else None
                     uncertain = uncertain or unsure
-                    reason += f"; deployment {stopped}, which it had stopped, {fate}"
+                    reason += f"; deployment {stopped}, which no longer ran, {fate}"
                     self.say(f"deployment {stopped} {fate}")
             self._append(
                 [

@@ -1248,8 +1248,9 @@ def _check_checkpoint(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write it to FILE (keep it off this machine) [default: standard output].",
 )
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 @home_option
-def audit_checkpoint(output: Path | None, home: Path | None) -> None:
+def audit_checkpoint(output: Path | None, force: bool, home: Path | None) -> None:
     """Sign the event log's newest event: a checkpoint to keep off this machine, which
     `audit verify --checkpoint FILE` later checks the log still holds."""
     import json
@@ -1274,7 +1275,7 @@ def audit_checkpoint(output: Path | None, home: Path | None) -> None:
                 hint="write it to a file with -o FILE",
             ) from exc
     else:
-        _write_file(output, text.encode("ascii"))
+        _write_file(output, text.encode("ascii"), force)
     click.echo(
         f"checkpoint of event {seq} (hash {digest[:16]}), signed by key {key.keyid[:16]}"
         + (f", written to {output}" if output else ""),
@@ -1282,16 +1283,36 @@ def audit_checkpoint(output: Path | None, home: Path | None) -> None:
     )
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Replace the regular file at ``path`` (through a link: where it points) with ``data``,
-    durably: readers see the old file or the whole new one. Anything else there is refused."""
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (never an existing file, never through a link) holding ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _write_file(path: Path, data: bytes, force: bool = False) -> None:
+    """Write ``data`` to a new file at ``path`` (``force``: replace the regular file there),
+    durably: readers see no file, or the old one, or the whole new one. A link, or anything but
+    a regular file, is refused: the file must be where it is said to be."""
     import tempfile
 
-    target = Path(os.path.realpath(path))
     try:
-        if target.exists() and not target.is_file():
-            raise OSError(0, "it is not a regular file")
-        fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=target.parent)
+        found = path.lstat()
+    except FileNotFoundError:
+        found = None
+    except OSError as exc:
+        raise ConveyorError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    if found is not None:
+        if stat.S_ISLNK(found.st_mode) or not stat.S_ISREG(found.st_mode):
+            raise UsageError(
+                f"{path} is not a regular file", hint="give the path of a file, not of a link"
+            )
+        if not force:
+            raise UsageError(f"{path} exists already", hint="pass --force to replace it")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise ConveyorError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
@@ -1300,13 +1321,26 @@ def _write_file(path: Path, data: bytes) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, target)
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if a file appeared there meanwhile: none is replaced
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: create it exclusively
+                _write_new(path, data)
+            os.unlink(tmp)
+    except FileExistsError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise UsageError(f"{path} exists already", hint="pass --force to replace it") from exc
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise ConveyorError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    with contextlib.suppress(OSError):  # the rename made durable (a write-only folder: not)
-        folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    with contextlib.suppress(OSError):  # the name made durable (a write-only folder: not)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(folder)
         finally:
