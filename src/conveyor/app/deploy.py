@@ -90,8 +90,8 @@ def _previous_after_break(deployment_id: int, state: str) -> str:
         return f"deployment {deployment_id} was started again (its health was not checked)"
     if state == "stopped":
         return (
-            f"deployment {deployment_id} was stopped before it: promote its artifact again to"
-            " restore it"
+            f"deployment {deployment_id} was stopped before it and could not be started again:"
+            " promote its artifact again to restore it"
         )
     return (
         f"whether deployment {deployment_id} still runs is not known: promote the release you"
@@ -511,6 +511,17 @@ class Deployer:
         fate = f"{name} " + ("was not started" if steps.new == "not started" else "stopped")
         if previous is None:
             return fate, None, False
+        if steps.previous == "stopped":
+            # What ran before comes back (unchecked), as when a cancel comes before the new
+            # release starts: a deployment that broke off does not leave the environment down.
+            try:
+                self.make_target(environment, previous).restore(previous, release)
+                steps.previous = "restarted"
+            except (ConveyorError, OSError) as exc:
+                detail = exc.message if isinstance(exc, ConveyorError) else str(exc)
+                self.say(
+                    f"deployment {previous.deployment_id} could not be started again: {detail}"
+                )
         fate += "; " + _previous_after_break(previous.deployment_id, steps.previous)
         if steps.previous in ("running", "restarted", "unknown"):
             return fate, previous.deployment_id, steps.previous == "unknown"
