@@ -1171,3 +1171,17 @@ def test_a_cancel_while_unpacking_after_a_recovery_says_what_the_recovery_did(
     finally:
         record.close()
     assert (status(shop, "staging")["deployment"], status(shop, "staging")["running"]) == (1, True)
+
+
+def test_a_release_that_cannot_be_started_again_after_a_cancel_is_tried_once(
+    shop: Repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled once release 1 is stopped: starting it again fails; it is tried once, and the
+    record says the environment is down (it was tried twice, with a reason saying both)."""
+    exc, steps, _ = deploy_cancelled_after(shop, monkeypatch, ("stop", 1), "v2", fail_restore=True)
+    assert isinstance(exc, DeployCancelled)
+    assert steps == [("stop", 1), ("restore failed", 1)]
+    history = shop.conveyor("env", "history", "staging", "--json").json()
+    assert history[0]["status"] == "interrupted"
+    assert history[0]["reason"].count("could not be started again") == 2  # the cancel's, the fate's
+    assert status(shop, "staging")["status"] == "down"

@@ -71,6 +71,8 @@ class _Steps:
     uncertain: bool = False
     """Whether what runs at the end is not known (a user's scripts own the service)."""
     cut_short: bool = False
+    restart_tried: bool = False
+    """Whether starting the replaced release again was tried already (once is enough)."""
     """Whether a cancel cut a step short (the rollback's health check)."""
 
 
@@ -405,7 +407,9 @@ class Deployer:
                 status, reason = "failed", f"the deployment stopped: {detail}"
             if steps.unhealthy:
                 reason += f"; release {deployment_id} was unhealthy: {steps.unhealthy}"
-            fate, running_now, uncertain = self._after_break(environment, release, previous, steps)
+            fate, running_now, uncertain = self._after_break(
+                environment, release, previous, steps, renew
+            )
             reason += "; " + fate
             self._append(
                 [
@@ -480,6 +484,7 @@ class Deployer:
         release: Release,
         previous: Release | None,
         steps: _Steps,
+        renew: Callable[[], None] = lambda: None,
     ) -> tuple[str, int | None, bool]:
         """Stop the new release of a deployment that broke off. What became of it and of the
         release it replaced; the deployment whose release runs (or may run); whether that is
@@ -511,16 +516,15 @@ class Deployer:
         fate = f"{name} " + ("was not started" if steps.new == "not started" else "stopped")
         if previous is None:
             return fate, None, False
-        if steps.previous == "stopped":
+        if steps.previous == "stopped" and not steps.restart_tried:
             # What ran before comes back (unchecked), as when a cancel comes before the new
             # release starts: a deployment that broke off does not leave the environment down.
-            try:
-                self.make_target(environment, previous).restore(previous, release)
-                steps.previous = "restarted"
-            except (ConveyorError, OSError) as exc:
-                detail = exc.message if isinstance(exc, ConveyorError) else str(exc)
+            renew()  # a deployer that lost the lease starts nothing (LeaseLost)
+            target = self.make_target(environment, previous)
+            problem = self._start_again(target, previous, release, steps)
+            if problem:
                 self.say(
-                    f"deployment {previous.deployment_id} could not be started again: {detail}"
+                    f"deployment {previous.deployment_id} could not be started again: {problem}"
                 )
         fate += "; " + _previous_after_break(previous.deployment_id, steps.previous)
         if steps.previous in ("running", "restarted", "unknown"):
@@ -532,15 +536,31 @@ class Deployer:
     ) -> None:
         """Cancelled once the release it replaces was stopped and before the new one started:
         start that one again (unchecked), so that the cancel leaves what ran; then stop."""
-        try:
-            target.restore(previous, release)
-        except ConveyorError as exc:
+        problem = self._start_again(target, previous, release, steps)
+        if problem:
             raise DeployCancelled(
                 f"{CANCELLED}; deployment {previous.deployment_id} could not be started again:"
-                f" {exc.message}"
-            ) from exc
-        steps.previous = "restarted"
+                f" {problem}"
+            )
         raise DeployCancelled(CANCELLED)
+
+    def _start_again(
+        self, target: Target, previous: Release, release: Release, steps: _Steps
+    ) -> str:
+        """Start the replaced release again, unchecked (its process must at least be there);
+        why it is not running (``""``: it is, and ``steps.previous`` says so)."""
+        steps.restart_tried = True
+        try:
+            target.restore(previous, release)
+            running = target.describe(previous).get("running")
+        except (ConveyorError, OSError) as exc:
+            return exc.message if isinstance(exc, ConveyorError) else str(exc)
+        if running is False:
+            with contextlib.suppress(ConveyorError, OSError):
+                target.stop(previous)
+            return "its process ended at once"
+        steps.previous = "restarted"
+        return ""
 
     def _recreate(
         self,
