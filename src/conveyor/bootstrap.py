@@ -169,7 +169,7 @@ class PreparedRun:
     workspace: GitWorkspace | DirtyWorkspace
 
 
-SPEC_CACHE_VERSION = "5"
+SPEC_CACHE_VERSION = "6"
 SPEC_CACHE_KEEP = 32
 """Parsed pipeline files kept in the cache: the most recently used ones."""
 
@@ -442,6 +442,9 @@ def make_target(
         k: v for k, v in without_repository_env(os.environ).items() if not k.startswith("CONVEYOR_")
     }
     target = environment.target
+    from conveyor.adapters.targets.process import LogLimits
+
+    logs = LogLimits(environment.log_max_bytes, environment.log_files)
     if target.type == "process":
         from conveyor.adapters.targets.process import ProcessTarget
 
@@ -452,6 +455,7 @@ def make_target(
             health_http=target.health_http,
             health_command=target.health_command,
             base_env=base_env,
+            logs=logs,
         )
     from conveyor.adapters.targets.command import CommandTarget
 
@@ -473,6 +477,7 @@ def make_target(
         workdir=checkout,
         base_env=base_env,
         cancelled=cancelled,
+        logs=logs,
     )
 
 

@@ -1185,3 +1185,69 @@ def test_a_release_that_cannot_be_started_again_after_a_cancel_is_tried_once(
     assert history[0]["status"] == "interrupted"
     assert history[0]["reason"].count("could not be started again") == 2  # the cancel's, the fate's
     assert status(shop, "staging")["status"] == "down"
+
+
+def keepers_of(log: Path) -> list[int]:
+    """The log keeper processes writing ``log``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(log).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_services_output_is_kept_in_rotated_files_of_a_capped_size(shop: Repo) -> None:
+    chatty = (
+        "import sys\nfor i in range(3000):\n    print(f'line {i:05d} ' + 'x' * 40)\n"
+        "print('to stderr', file=sys.stderr)\nsys.stdout.flush()\n"
+    )
+    shop.write("server.py", chatty + SERVER)
+    shop.pipeline(
+        PIPELINE.replace(
+            "    timeout: 5s\n  production:",
+            "    timeout: 5s\n    logs: {max_size: 20KB, files: 3}\n  production:",
+        )
+    )
+    assert shop.conveyor("run").code == 0
+    logs = shop.path / ".conveyor" / "environments" / "staging" / "logs"
+    log = logs / "1.log"
+    deadline = time.monotonic() + 10
+    while b"to stderr" not in log.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(p.name for p in logs.iterdir()) == ["1.log", "1.log.1", "1.log.2"]
+    for path in logs.iterdir():
+        assert len(path.read_bytes()) <= 20_000 + 200
+    lines = log.read_bytes().splitlines()
+    assert b"what came before is in 1.log.1" in lines[0]
+    assert lines[-2:] == [b"line 02999 " + b"x" * 40, b"to stderr"]
+    assert keepers_of(log), "the keeper runs as long as the service"
+    assert get(str(status(shop, "staging")["url"])).startswith("v1 ")
+
+    assert shop.conveyor("env", "stop", "staging").code == 0
+    assert keepers_of(log) == []  # it ended with the service, its last words written
+
+
+def test_a_command_targets_output_is_capped_and_keeps_its_order(repo: Repo, tmp_path: Path) -> None:
+    repo.write("ops/deploy.sh", "seq 1 20000\n")  # 109 KB
+    repo.write("ops/health.sh", "echo healthy\n")
+    repo.write("ops/rollback.sh", "true\n")
+    for script in ("deploy", "health", "rollback"):
+        os.chmod(repo.path / "ops" / f"{script}.sh", 0o755)
+    repo.write("VERSION", "v1\n")
+    repo.pipeline(
+        COMMAND_PIPELINE.replace(
+            "    timeout: 5s\n", "    timeout: 5s\n    logs: {max_size: 5KB}\n"
+        )
+    )
+    assert repo.conveyor("run").code == 0
+    logs = repo.path / ".conveyor" / "environments" / "prod" / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["1.log", "1.log.1"]
+    assert all(len(p.read_bytes()) <= 5000 + 200 for p in logs.iterdir())
+    lines = (logs / "1.log").read_text().splitlines()
+    assert "20000" in lines
+    after = lines[lines.index("20000") + 1 :]  # Conveyor's line after the script's last one
+    assert "health script for" in after[0] and after[1] == "healthy"
+    assert keepers_of(logs / "1.log") == []  # the scripts ended: so did their keepers

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conveyor.spec.durations import parse_duration
+from conveyor.spec.sizes import parse_size
 
 
 @pytest.mark.parametrize(
@@ -61,3 +64,41 @@ def test_refused(text: str | int | float, message: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_duration(text)
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        (4096, 4096),
+        ("4096", 4096),
+        ("50MB", 50_000_000),
+        ("50 mb", 50_000_000),
+        ("10MiB", 10 * 1024**2),
+        ("1.5KiB", 1536),
+        ("2kb", 2000),
+        (" 1GiB ", 1024**3),
+        ("1TB", 10**12),
+    ],
+)
+def test_sizes(value: str | int, size: int) -> None:
+    assert parse_size(value) == size
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("10 lines", "expected a size such as 50MB, 10MiB or 4096 (bytes), got '10 lines'"),
+        ("MB", "expected a size"),
+        ("-5MB", "expected a size"),
+        (1.5, "expected a size such as 50MB, 10MiB or 4096 (bytes), got 1.5"),
+        (True, "got true"),
+        (999, "a size must be at least 1KB (1000 bytes), got 999"),
+        (-1, "at least 1KB"),
+        ("2TiB", "a size can be at most 1TB, got '2TiB'"),
+        (10**30, "a size can be at most 1TB, got a very large number"),
+        ("9" * 400 + "MB", "expected a size"),
+    ],
+)
+def test_bad_sizes_are_explained(value: str | int | float, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_size(value)

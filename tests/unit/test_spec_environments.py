@@ -71,6 +71,17 @@ def test_environments_and_deploy_stages_parse() -> None:
     assert PipelineSpec.from_dict(spec.to_dict()) == spec
 
 
+def test_log_limits_default_and_parse() -> None:
+    spec = parse(
+        BASE.replace("timeout: 45s", "timeout: 45s\n    logs: {max_size: 10MiB, files: 3}")
+    )
+    staging = spec.environment("staging")
+    assert (staging.log_max_bytes, staging.log_files) == (10 * 1024 * 1024, 3)
+    production = spec.environment("production")
+    assert (production.log_max_bytes, production.log_files) == (50 * 1024 * 1024, 2)
+    assert PipelineSpec.from_dict(spec.to_dict()) == spec
+
+
 def test_the_only_artifact_is_the_default() -> None:
     spec = parse(
         BASE.replace(
@@ -111,6 +122,24 @@ def test_the_only_artifact_is_the_default() -> None:
         (("health: {http: /healthz}", 'health: ""'), "'health' is empty"),
         (("      deploy: ./ops/deploy.sh\n", ""), "missing required key 'deploy'"),
         (("timeout: 45s", "timeout: soon"), "'timeout'"),
+        (
+            ("timeout: 45s", "timeout: 45s\n    logs: {max_size: 10 lines}"),
+            "conveyor.yml:9:22: 'max_size': expected a size such as 50MB, 10MiB or 4096 (bytes),"
+            " got '10 lines'",
+        ),
+        (
+            ("timeout: 45s", "timeout: 45s\n    logs: {max_size: 999}"),
+            "'max_size': a size must be at least 1KB (1000 bytes), got 999",
+        ),
+        (
+            ("timeout: 45s", "timeout: 45s\n    logs: {files: 0}"),
+            "'files' must be between 1 and 100, got 0",
+        ),
+        (
+            ("timeout: 45s", "timeout: 45s\n    logs: {max_sise: 1MB}"),
+            "unknown key 'max_sise' in logs\n  hint: did you mean 'max_size'?",
+        ),
+        (("timeout: 45s", "timeout: 45s\n    logs: 10MB"), "'logs' must be a mapping"),
         (
             (
                 "    deploy: {environment: staging, artifact: app}",

@@ -19,6 +19,10 @@ ROLE_NAME = r"[a-z][a-z0-9_-]{0,39}"
 ``conveyor users add --role`` alike (a role no user can hold would fail its gate for ever)."""
 ROLE_HINT = "lower-case letters, digits, '_' and '-', starting with a letter (at most 40)"
 DEFAULT_HEALTH_TIMEOUT_S = 60.0
+DEFAULT_LOG_MAX_BYTES = 50 * 1024 * 1024
+"""A release's log file is rotated when it would grow past this (``logs: {max_size}``)."""
+DEFAULT_LOG_FILES = 2
+"""Log files kept per release, the newest included (``logs: {files}``)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class EnvironmentSpec:
     override_max_s: float = DEFAULT_OVERRIDE_MAX_S
     override_confirm: bool = False
     """Whether an override needs a second person's ``--confirm``."""
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    log_files: int = DEFAULT_LOG_FILES
     location: Location = Location(1, 1)
 
 

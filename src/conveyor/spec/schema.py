@@ -36,6 +36,8 @@ from typing import Any
 from conveyor.errors import SpecError, SpecProblem
 from conveyor.spec.delivery import (
     DEFAULT_HEALTH_TIMEOUT_S,
+    DEFAULT_LOG_FILES,
+    DEFAULT_LOG_MAX_BYTES,
     DEFAULT_OVERRIDE_EXPIRY_S,
     DEFAULT_OVERRIDE_MAX_S,
     DEFAULT_OVERRIDE_ROLES,
@@ -61,6 +63,7 @@ from conveyor.spec.models import (
     PipelineSpec,
     StageSpec,
 )
+from conveyor.spec.sizes import parse_size
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """Pipeline, stage and job names."""
@@ -89,7 +92,10 @@ ENVIRONMENT_KEYS = (
     "gates",
     "override_roles",
     "overrides",
+    "logs",
 )
+LOG_KEYS = ("max_size", "files")
+MAX_LOG_FILES = 100
 TARGET_KEYS = {
     "process": ("type", "command", "health"),
     "command": ("type", "deploy", "health", "rollback"),
@@ -987,6 +993,9 @@ class _Schema:
         expiry, maximum, confirm = DEFAULT_OVERRIDE_EXPIRY_S, DEFAULT_OVERRIDE_MAX_S, False
         if "overrides" in found:
             expiry, maximum, confirm = self.overrides(found["overrides"][1])
+        log_max_bytes, log_files = DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_FILES
+        if "logs" in found:
+            log_max_bytes, log_files = self.logs(found["logs"][1])
         if target is None:
             return None
         return EnvironmentSpec(
@@ -1001,6 +1010,8 @@ class _Schema:
             override_expiry_s=expiry,
             override_max_s=maximum,
             override_confirm=confirm,
+            log_max_bytes=log_max_bytes,
+            log_files=log_files,
             location=Location(key.line, key.column),
         )
 
@@ -1020,6 +1031,35 @@ class _Schema:
                     problem.hint,
                 )
         return draft.timeout_s
+
+    def logs(self, node: Node) -> tuple[int, int]:
+        """``{max_size: 50MiB, files: 2}``: how much of a release's output is kept."""
+        max_bytes, files = DEFAULT_LOG_MAX_BYTES, DEFAULT_LOG_FILES
+        if not isinstance(node, MapNode):
+            self.wrong_type("logs", "a mapping such as {max_size: 50MiB, files: 2}", node)
+            return max_bytes, files
+        found = self.fields(node, LOG_KEYS, "in logs")
+        if "max_size" in found:
+            size_node = found["max_size"][1]
+            value = size_node.value if isinstance(size_node, ScalarNode) else None
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                self.wrong_type("max_size", "a size such as 50MB or 10MiB", size_node)
+            else:
+                try:
+                    max_bytes = parse_size(value)
+                except ValueError as exc:
+                    self.add(size_node, f"'max_size': {exc}")
+        if "files" in found:
+            count = self.integer("files", found["files"][1])
+            if count is not None and not 1 <= count <= MAX_LOG_FILES:
+                self.add(
+                    found["files"][1],
+                    f"'files' must be between 1 and {MAX_LOG_FILES}, got {count}",
+                    hint="the newest file counts: 2 keeps it and the one before",
+                )
+            elif count is not None:
+                files = count
+        return max_bytes, files
 
     def overrides(self, node: Node) -> tuple[float, float, bool]:
         """``{expires: 2h, max_expires: 24h, confirm: true}``."""

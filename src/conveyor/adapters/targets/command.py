@@ -2,11 +2,12 @@
 
 Each script runs with ``bash --noprofile --norc -eo pipefail -c SCRIPT`` in ``workdir`` (the
 checkout of the repository at the deployment's revision, prepared by the caller), in a new
-session, with stdin from ``/dev/null`` and its output appended to
-``<env>/logs/<deployment>.log``. A script that runs longer than ``timeout_s`` has its whole
-process group terminated (SIGTERM, two seconds, SIGKILL) and fails. Processes a script leaves
-running after it exits are left alone: the scripts own the service they deploy. A script
-that runs when the deployment is cancelled (Ctrl-C or SIGTERM) is terminated the same way.
+session, with stdin from ``/dev/null`` and its output appended, through a log keeper (rotated
+at ``logs.max_size``), to ``<env>/logs/<deployment>.log``. A script that runs longer than
+``timeout_s`` has its whole process group terminated (SIGTERM, two seconds, SIGKILL) and
+fails. Processes a script leaves running after it exits are left alone: the scripts own the
+service they deploy. A script that runs when the deployment is cancelled (Ctrl-C or SIGTERM)
+is terminated the same way.
 
 Script contract:
 
@@ -38,16 +39,24 @@ restore goes to the failed deployment's log, where it is looked for.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from conveyor.adapters.logkeeper import start_keeper
 from conveyor.adapters.targets.process import (
     BASH,
     CUT_SHORT,
+    DEFAULT_LOG_LIMITS,
+    KEEPER_DRAIN_S,
+    LogLimits,
     describe_exit,
+    keep_child,
     release_env,
     run_bounded,
 )
@@ -76,8 +85,10 @@ class CommandTarget:
         base_env: Mapping[str, str] | None = None,
         health_interval_s: float = 1.0,
         cancelled: Callable[[], bool] = lambda: False,
+        logs: LogLimits = DEFAULT_LOG_LIMITS,
     ) -> None:
         self._cancelled = cancelled
+        self._logs = logs
         self._env_dir = Path(env_dir)
         self._deploy = deploy
         self._health = health
@@ -217,9 +228,22 @@ class CommandTarget:
             raise NotStarted(f"the {what} script was not started")
         log.parent.mkdir(parents=True, exist_ok=True)
         release = f"{env['CONVEYOR_ARTIFACT_DIGEST']} of deployment {env['CONVEYOR_DEPLOYMENT_ID']}"
-        with open(log, "ab") as out:
-            out.write(f"==> conveyor {_now()}: {what} script for {release}\n".encode())
-            out.flush()
+        try:
+            out, keeper = start_keeper(
+                log,
+                self._logs.max_bytes,
+                self._logs.files,
+                {k: env[k] for k in ("CONVEYOR_ENVIRONMENT", "CONVEYOR_DEPLOYMENT_ID")},
+            )
+        except OSError as exc:
+            raise DeployError(
+                f"cannot start the log keeper of the {what} script: {exc.strerror or exc}",
+                hint=f"check that {log.parent} is writable",
+            ) from exc
+        keep_child(keeper)
+        # Conveyor's own lines go through the keeper too: they stay in order with the script's.
+        try:
+            _say(out, f"==> conveyor {_now()}: {what} script for {release}\n")
             try:
                 code = run_bounded(
                     [*BASH, "-eo", "pipefail", "-c", script],
@@ -235,15 +259,23 @@ class CommandTarget:
                     hint="check that the checkout exists and that bash is installed",
                 ) from exc
             except DeployCancelled:
-                out.write(
-                    f"==> conveyor: {what} script stopped: the deployment was cancelled\n".encode()
-                )
+                _say(out, f"==> conveyor: {what} script stopped: the deployment was cancelled\n")
                 raise DeployCancelled(
                     f"the {what} script was stopped partway (see {log})"
                 ) from None
             if code is None:
-                out.write(f"==> conveyor: {what} script killed after {timeout_s:g} s\n".encode())
+                _say(out, f"==> conveyor: {what} script killed after {timeout_s:g} s\n")
+        finally:
+            os.close(out)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                keeper.wait(timeout=KEEPER_DRAIN_S)  # longer only while a leftover writes
         return code
+
+
+def _say(out: int, line: str) -> None:
+    """Write one of Conveyor's lines into the log's pipe (the keeper never stops reading)."""
+    with contextlib.suppress(OSError):
+        os.write(out, line.encode())
 
 
 def _now() -> str:

@@ -3,7 +3,8 @@
 ``ProcessTarget`` starts the environment's command with ``bash --noprofile --norc -c`` in the
 release folder, in a new session: its own process group, so it survives the command that started
 it, never gets the terminal's Ctrl-C, and can be signalled as a whole. Its stdin is
-``/dev/null``; stdout and stderr are appended to ``<env>/logs/<deployment>.log``. The service is
+``/dev/null``; stdout and stderr go through a log keeper (``adapters.logkeeper``) to
+``<env>/logs/<deployment>.log``, rotated at the environment's ``logs.max_size``. The service is
 recorded in ``<env>/run/<deployment>.json`` (written atomically): its pid (= process group id),
 the kernel's start time of that pid (``/proc/<pid>/stat`` field 22, so that a recycled pid is
 never taken for the service), port, digest and start time.
@@ -48,9 +49,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from conveyor.adapters.logkeeper import start_keeper
 from conveyor.domain.delivery import Health, Release
 from conveyor.domain.text import neutralise
 from conveyor.errors import DeployCancelled, DeployError
+from conveyor.spec.delivery import DEFAULT_LOG_FILES, DEFAULT_LOG_MAX_BYTES
 
 BASH = ("bash", "--noprofile", "--norc")
 RUN_TOKEN_VARIABLE = "CONVEYOR_RUN_TOKEN"
@@ -65,6 +68,8 @@ CUT_SHORT = "the deployment was cancelled before the check was over"
 _CANCEL_POLL_S = 0.1
 """How often a script run that can be cancelled looks at the cancel flag."""
 _KILL_WAIT_S = 5.0
+KEEPER_DRAIN_S = 1.0
+"""How long a release's log keeper is given to write the last output once the release ended."""
 _TAIL_LINES = 10
 _DEAD_STATES = ("Z", "X", "x")
 
@@ -153,6 +158,57 @@ class _State:
     port: int
     digest: str
     started_at: str
+    keeper: tuple[int, int] | None = None
+    """The log keeper's pid and start time (none in a record written before there was one)."""
+
+
+@dataclass(frozen=True)
+class LogLimits:
+    """How much of a release's output is kept: files of at most ``max_bytes``, ``files`` in
+    all (the newest and ``files - 1`` rotated ones)."""
+
+    max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    files: int = DEFAULT_LOG_FILES
+
+
+DEFAULT_LOG_LIMITS = LogLimits()
+
+
+def start_log_keeper(log: Path, limits: LogLimits, release: Release) -> tuple[int, Any]:
+    """A log keeper for ``release``'s output appending to ``log``: the pipe's write end (for
+    the caller to give its processes, then close) and the keeper's ``Popen``.
+
+    The keeper carries the release's ``CONVEYOR_DEPLOYMENT_ID``, as the release's processes
+    do: a run's orphan killer spares it.
+    """
+    env = {
+        "CONVEYOR_ENVIRONMENT": release.environment,
+        "CONVEYOR_DEPLOYMENT_ID": str(release.deployment_id),
+    }
+    return start_keeper(log, limits.max_bytes, limits.files, env)
+
+
+def keep_child(proc: subprocess.Popen[bytes]) -> int:
+    """Remember a child we spawned (reaped when polled, never dropped while it runs); its
+    start time."""
+    start_time = process_start_time(proc.pid) or 0  # ours and unreaped: always there
+    with _children_lock:
+        _children[proc.pid] = (start_time, proc)
+    return start_time
+
+
+def await_keeper(keeper: tuple[int, int] | None, timeout_s: float = KEEPER_DRAIN_S) -> None:
+    """Give the log keeper of a release whose processes ended up to ``timeout_s`` to write
+    what is left in its pipe (it ends then); one still held open by a leftover is not waited
+    for longer."""
+    if keeper is None:
+        return
+    pid, start_time = keeper
+    deadline = time.monotonic() + timeout_s
+    while _reap(pid, start_time) is None and process_alive(pid, start_time):
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
 
 
 class ProcessTarget:
@@ -170,8 +226,10 @@ class ProcessTarget:
         health_command: str | None = None,
         stop_timeout_s: float = 10.0,
         base_env: Mapping[str, str] | None = None,
+        logs: LogLimits = DEFAULT_LOG_LIMITS,
     ) -> None:
         self._env_dir = Path(env_dir)
+        self._logs = logs
         self._command = command
         self._port = port
         self._health_path = None
@@ -205,22 +263,31 @@ class ProcessTarget:
                 f"==> conveyor {_now()}: starting {_name(release)} ({release.digest}) "
                 f"on port {self._port}\n".encode()
             )
-            out.flush()
-            try:
-                proc = subprocess.Popen(
-                    [*BASH, "-c", self._command],
-                    cwd=release.folder,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise DeployError(
-                    f"cannot start {_name(release)} in {release.folder}: {exc.strerror or exc}",
-                    hint="check that the release folder exists and that bash is installed",
-                ) from exc
+        try:
+            write_fd, keeper = start_log_keeper(log, self._logs, release)
+        except OSError as exc:
+            raise DeployError(
+                f"cannot start the log keeper of {_name(release)}: {exc.strerror or exc}",
+                hint=f"check that {log.parent} is writable",
+            ) from exc
+        keeper_start = keep_child(keeper)
+        try:
+            proc = subprocess.Popen(
+                [*BASH, "-c", self._command],
+                cwd=release.folder,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise DeployError(
+                f"cannot start {_name(release)} in {release.folder}: {exc.strerror or exc}",
+                hint="check that the release folder exists and that bash is installed",
+            ) from exc
+        finally:
+            os.close(write_fd)  # the keeper ends when the service's processes are all gone
         start_time = process_start_time(proc.pid)  # an unreaped child of ours: always there
         if start_time is None:
             _signal_group(proc.pid, signal.SIGKILL)
@@ -237,6 +304,7 @@ class ProcessTarget:
             "port": self._port,
             "digest": release.digest,
             "started_at": _now(),
+            "keeper": [keeper.pid, keeper_start],
         }
         try:
             _write_json_atomically(self._state_path(release), state)
@@ -263,6 +331,7 @@ class ProcessTarget:
         while True:
             exited = _leader_exit(state.pid, state.start_time)
             if exited is not None:
+                await_keeper(state.keeper)
                 detail = f"the process {exited} before it was healthy; see {log}"
                 tail = log_tail(log)
                 return Health(False, f"{detail}\n{tail}" if tail else detail)
@@ -307,6 +376,7 @@ class ProcessTarget:
                         hint=f"look at it with `ps -o pid,stat,cmd -s {state.pid}`",
                     )
         _reap(state.pid, state.start_time)
+        await_keeper(state.keeper)
         path.unlink(missing_ok=True)
 
     def restore(self, previous: Release, failed: Release) -> None:
@@ -346,6 +416,7 @@ class ProcessTarget:
                 port=int(data["port"]),
                 digest=str(data["digest"]),
                 started_at=str(data["started_at"]),
+                keeper=_pair(data.get("keeper")),
             )
         except FileNotFoundError:
             return None
@@ -426,7 +497,7 @@ def run_bounded(
     *,
     cwd: str,
     env: Mapping[str, str],
-    stdout: IO[bytes],
+    stdout: IO[bytes] | int,
     timeout_s: float,
     cancelled: Callable[[], bool] | None = None,
 ) -> int | None:
@@ -514,6 +585,14 @@ def _now() -> str:
 
 def _secs(value: float) -> str:
     return f"{value:g}"
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    """``[pid, start_time]`` as recorded, or ``None``."""
+    if value is None:
+        return None
+    pid, start_time = value
+    return int(pid), int(start_time)
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -1,0 +1,109 @@
+"""The log keeper of deployed releases, as a real process behind a real pipe."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conveyor.adapters.logkeeper import Keeper, start_keeper
+
+
+def feed(path: Path, chunks: list[bytes], max_bytes: int = 1000, files: int = 2) -> int:
+    """Run a keeper on ``path``, write ``chunks`` into its pipe, close it; its exit code."""
+    write_fd, keeper = start_keeper(path, max_bytes, files, {})
+    try:
+        for chunk in chunks:
+            os.write(write_fd, chunk)
+    finally:
+        os.close(write_fd)
+    return keeper.wait(timeout=10)
+
+
+def test_output_is_appended_and_rotated_at_the_cap_between_lines(tmp_path: Path) -> None:
+    log = tmp_path / "7.log"
+    log.write_bytes(b"==> header\n")
+    lines = [f"line {i:04d} {'x' * 40}\n".encode() for i in range(200)]
+    assert feed(log, [b"".join(lines)], max_bytes=1000, files=3) == 0
+
+    kept = [log, tmp_path / "7.log.1", tmp_path / "7.log.2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["7.log", "7.log.1", "7.log.2"]
+    for path in kept:
+        data = path.read_bytes()
+        assert len(data) <= 1000 + 120  # the rotation's own line may pass the cap
+        assert data.endswith(b"\n")
+    newest = log.read_bytes().splitlines()
+    assert newest[0].startswith(b"==> conveyor ") and b"what came before is in 7.log.1" in newest[0]
+    assert newest[-1] == lines[-1].rstrip(b"\n")  # nothing lost at the end, no line split
+    text = b"".join(p.read_bytes() for p in reversed(kept))
+    body = [line for line in text.splitlines() if line.startswith(b"line ")]
+    numbers = [int(line.split()[1]) for line in body]
+    assert numbers == list(range(numbers[0], 200))  # the newest lines, whole, in order
+
+
+def test_one_file_only_drops_the_old_output(tmp_path: Path) -> None:
+    log = tmp_path / "1.log"
+    assert feed(log, [b"a" * 999 + b"\n", b"b" * 10 + b"\n"], max_bytes=1000, files=1) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["1.log"]
+    data = log.read_bytes()
+    assert b"what came before was dropped" in data and data.endswith(b"b" * 10 + b"\n")
+    assert b"a" * 10 not in data
+
+
+def test_a_line_longer_than_a_file_is_cut(tmp_path: Path) -> None:
+    log = tmp_path / "2.log"
+    assert feed(log, [b"z" * 2500], max_bytes=1000, files=5) == 0
+    sizes = sorted(len(p.read_bytes()) for p in tmp_path.iterdir())
+    assert sum(p.read_bytes().count(b"z") for p in tmp_path.iterdir()) == 2500
+    assert max(sizes) <= 1000 + 120
+
+
+def test_it_outlives_sigterm_until_every_writer_is_gone(tmp_path: Path) -> None:
+    log = tmp_path / "3.log"
+    write_fd, keeper = start_keeper(log, 10_000, 2, {})
+    try:
+        os.write(write_fd, b"before\n")
+        deadline = time.monotonic() + 10
+        while not log.read_bytes() and time.monotonic() < deadline:  # its handlers are set
+            time.sleep(0.01)
+        keeper.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            keeper.wait(timeout=0.3)
+        os.write(write_fd, b"last words\n")
+    finally:
+        os.close(write_fd)
+    assert keeper.wait(timeout=10) == 0
+    assert log.read_bytes() == b"before\nlast words\n"
+
+
+def test_a_failed_write_drops_output_and_says_so_later(tmp_path: Path) -> None:
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    keeper = Keeper(str(folder / "4.log"), 10_000, 2)
+    keeper.write(b"kept\n")
+    keeper.close()
+    (folder / "4.log").rename(tmp_path / "moved.log")
+    folder.rmdir()  # the folder is gone: opening fails
+    keeper.write(b"lost " * 10)
+    folder.mkdir()
+    keeper.write(b"again\n")
+    keeper.close()
+    lines = (folder / "4.log").read_bytes().splitlines()
+    assert b"50 bytes of output were lost (No such file or directory)" in lines[0]
+    assert lines[1:] == [b"again"]
+
+
+def test_it_starts_without_the_package_on_its_path(tmp_path: Path) -> None:
+    """It runs as a script with ``-I -S``: a hostile ``PYTHONPATH`` cannot break it."""
+    (tmp_path / "signal.py").write_text("raise SystemExit('shadowed')\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    log = tmp_path / "5.log"
+    write_fd, keeper = start_keeper(log, 10_000, 2, env)
+    os.write(write_fd, b"ok\n")
+    os.close(write_fd)
+    assert keeper.wait(timeout=10) == 0
+    assert log.read_bytes() == b"ok\n"
