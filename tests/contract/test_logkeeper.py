@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from conveyor.adapters.logkeeper import Keeper, start_keeper
+from conveyor.adapters.releaselogs import ReleaseLog, kept_files
+from conveyor.errors import ConveyorError
 
 
 def feed(path: Path, chunks: list[bytes], max_bytes: int = 1000, files: int = 2) -> int:
@@ -107,3 +109,59 @@ def test_it_starts_without_the_package_on_its_path(tmp_path: Path) -> None:
     os.close(write_fd)
     assert keeper.wait(timeout=10) == 0
     assert log.read_bytes() == b"ok\n"
+
+
+def test_the_last_lines_are_found_across_rotated_files(tmp_path: Path) -> None:
+    log = tmp_path / "8.log"
+    (tmp_path / "8.log.2").write_bytes(b"one\ntwo\n")
+    (tmp_path / "8.log.1").write_bytes(b"three\nfour\n")
+    log.write_bytes(b"five\n")
+    assert kept_files(log) == [tmp_path / "8.log.2", tmp_path / "8.log.1", log]
+    for lines, expected in [
+        (None, b"one\ntwo\nthree\nfour\nfive\n"),
+        (0, b""),
+        (1, b"five\n"),
+        (2, b"four\nfive\n"),
+        (4, b"two\nthree\nfour\nfive\n"),
+        (99, b"one\ntwo\nthree\nfour\nfive\n"),
+    ]:
+        reader = ReleaseLog(log)
+        assert b"".join(reader.kept(lines)) == expected, lines
+        assert reader.new() == b""
+        reader.close()
+
+
+def test_following_goes_on_in_the_next_file_after_rotations(tmp_path: Path) -> None:
+    log = tmp_path / "9.log"
+    keeper = Keeper(str(log), 1000, 3)
+    reader = ReleaseLog(log)
+    assert b"".join(reader.kept()) == b""
+    keeper.write(b"a" * 600 + b"\n")
+    assert reader.new() == b"a" * 600 + b"\n"
+    keeper.write(b"b" * 600 + b"\n")  # rotates: the file read is now 9.log.1
+    keeper.write(b"c" * 600 + b"\n")  # and again: 9.log.2, then 9.log.1
+    got = b""
+    while data := reader.new():
+        got += data
+    assert [line[:1] for line in got.splitlines() if not line.startswith(b"==>")] == [b"b", b"c"]
+    assert not reader.gap
+    for letter in b"defg":  # the file being read falls off the kept ones
+        keeper.write(bytes([letter]) * 600 + b"\n")
+    got = b""
+    while data := reader.new():
+        got += data
+    assert reader.gap  # said, then it goes on from the oldest kept file
+    assert [line[:1] for line in got.splitlines() if not line.startswith(b"==>")] == [
+        b"e",
+        b"f",
+        b"g",
+    ]
+    keeper.close()
+    reader.close()
+
+
+def test_a_log_replaced_by_a_link_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("no\n")
+    (tmp_path / "1.log").symlink_to(tmp_path / "secret")
+    with pytest.raises(ConveyorError, match="it is a link"):
+        b"".join(ReleaseLog(tmp_path / "1.log").kept())

@@ -1,4 +1,4 @@
-"""``conveyor promote`` and ``conveyor env list|status|history|stop``."""
+"""``conveyor promote`` and ``conveyor env list|status|history|logs|stop``."""
 
 from __future__ import annotations
 
@@ -344,6 +344,114 @@ def env_history(name: str, limit: int, home: Path | None, as_json: bool) -> None
         )
         if row["reason"]:
             click.echo(f"      {inline(row['reason'].replace(chr(10), ' ⏎ '))}")
+
+
+@env.command("logs")
+@click.argument("name", metavar="ENV")
+@click.option(
+    "--deployment",
+    "deployment_id",
+    type=click.IntRange(min=1),
+    help="Whose output [default: the deployment that runs in ENV, else the latest].",
+)
+@click.option(
+    "-n", "--lines", type=click.IntRange(min=0), help="Only the last N lines [default: all kept]."
+)
+@click.option(
+    "-F", "--follow", is_flag=True, help="Keep printing new output while the release writes."
+)
+@click.option("--raw", is_flag=True, help="Print bytes as stored (escape sequences included).")
+@file_option
+@home_option
+def env_logs(
+    name: str,
+    deployment_id: int | None,
+    lines: int | None,
+    follow: bool,
+    raw: bool,
+    pipeline_file: str,
+    home: Path | None,
+) -> None:
+    """Print what a release in ENV printed: its service's or its scripts' output."""
+    import time
+
+    from conveyor.adapters.releaselogs import ReleaseLog
+    from conveyor.adapters.targets.process import process_alive, recorded_writers
+    from conveyor.app.deploy import unfinished_deployments
+    from conveyor.domain.text import neutralise
+
+    _, home_obj, spec, _, record = _context(pipeline_file, home)
+    if name not in record.environment_names():
+        _environment(spec, name)  # an unknown name: explained; a known one was never deployed
+    row = record.deployment(deployment_id) if deployment_id else _shown_deployment(record, name)
+    if row is None or row["environment"] != name:
+        raise UsageError(
+            f"environment '{name}' has no deployment {deployment_id}"
+            if deployment_id
+            else f"environment '{name}' has no deployment yet",
+            hint=f"`conveyor env history {name}` lists its deployments",
+        )
+    number = int(row["id"])
+    env_dir = home_obj.environments / name
+    log = ReleaseLog(env_dir / "logs" / f"{number}.log")
+    out = sys.stdout.buffer
+    carry = b""
+
+    def show(data: bytes, final: bool = False) -> None:
+        nonlocal carry
+        if raw:
+            out.write(data)
+        else:  # whole lines: a character or an escape sequence is never cut in two
+            data = carry + data
+            cut = len(data) if final or len(data) > 1 << 20 else data.rfind(b"\n") + 1
+            carry = data[cut:]
+            out.write(neutralise(data[:cut].decode("utf-8", "replace")).encode())
+        out.flush()
+
+    writers: set[tuple[int, int]] = set()
+
+    def writing() -> bool:
+        writers.update(recorded_writers(env_dir, number))
+        if any(process_alive(pid, start) for pid, start in writers):
+            return True
+        in_progress, _ = unfinished_deployments(record, name)
+        return any(item["id"] == number for item in in_progress)
+
+    try:
+        for chunk in log.kept(lines):
+            show(chunk)
+        while follow:
+            data = log.new()
+            if log.gap:
+                log.gap = False
+                show(b"", final=True)
+                click.echo(
+                    f"conveyor: output of deployment {number} was rotated away before it could"
+                    " be shown (logs.max_size is small for how fast it writes)",
+                    err=True,
+                )
+            if data:
+                show(data)
+                continue
+            if not writing():
+                data = log.new()  # what the last writer wrote on its way out
+                if not data:
+                    break
+                show(data)
+                continue
+            time.sleep(0.2)
+        show(b"", final=True)
+    finally:
+        log.close()
+
+
+def _shown_deployment(record: Any, name: str) -> dict[str, Any] | None:
+    """The deployment that runs (or last ran) in ``name``, else its latest one."""
+    state = record.environment_state(name)
+    if state is not None and state["deployment"] is not None:
+        return dict(record.deployment(state["deployment"]))
+    latest = record.deployments(name, 1)
+    return latest[0] if latest else None
 
 
 @env.command("stop")

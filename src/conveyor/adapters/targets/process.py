@@ -101,6 +101,18 @@ def recorded_services(environments_dir: Path) -> set[int]:
     return pids
 
 
+def recorded_writers(env_dir: Path, deployment_id: int) -> set[tuple[int, int]]:
+    """The (pid, start time) of the processes recorded as writing a release's log: its
+    service and its log keeper (none once the service was stopped)."""
+    try:
+        data = json.loads((env_dir / "run" / f"{deployment_id}.json").read_text(encoding="utf-8"))
+        found = {(int(data["pid"]), int(data["start_time"]))}
+        keeper = _pair(data.get("keeper"))
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        return set()
+    return found | ({keeper} if keeper else set())
+
+
 def allocate_port(avoid: Set[int] = frozenset()) -> int:
     """A TCP port free on 127.0.0.1 right now and not in ``avoid``, outside the kernel's
     ephemeral range when it can: an environment keeps its port, and there any outgoing

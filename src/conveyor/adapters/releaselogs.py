@@ -1,0 +1,166 @@
+"""Reads a release's kept log (``<env>/logs/<deployment>.log`` and its rotated files, see
+``adapters.logkeeper``): the files in order, their last lines, and new output as it comes,
+across rotations, as ``tail -F`` does.
+
+Only regular files are read, never through a link: a log is a file Conveyor wrote.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from conveyor.errors import ConveyorError
+
+_BLOCK = 64 * 1024
+
+
+def kept_files(path: Path) -> list[Path]:
+    """``path`` and its rotated files that exist, oldest first (``N.log.3``, ``.2``, ``.1``,
+    ``N.log``)."""
+    found: list[Path] = []
+    index = 1
+    while True:
+        older = path.with_name(f"{path.name}.{index}")
+        if not os.path.lexists(older):
+            break
+        found.append(older)
+        index += 1
+    found.reverse()
+    if os.path.lexists(path):
+        found.append(path)
+    return found
+
+
+class ReleaseLog:
+    """The kept output of one release; ``kept()`` first, then ``new()`` again and again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
+        self.gap = False
+        """Set when output was rotated away before it could be read."""
+
+    def kept(self, lines: int | None = None) -> Iterator[bytes]:
+        """What the files hold, oldest first, in chunks; only the last ``lines`` lines if given.
+        Leaves the newest file open at its end for ``new``."""
+        opened: list[tuple[Path, int]] = []
+        try:
+            for path in kept_files(self.path):
+                fd = _open(path)
+                if fd is not None:
+                    opened.append((path, fd))
+            fds = [fd for _, fd in opened]
+            first, offset = (0, 0) if lines is None else _tail_start(fds, lines)
+            end: int | None = None
+            for index in range(first, len(fds)):
+                position = offset if index == first else 0
+                while data := os.pread(fds[index], _BLOCK, position):
+                    position += len(data)
+                    yield data
+                end = position
+            if opened and opened[-1][0] == self.path:
+                _, newest = opened.pop()
+                os.lseek(newest, os.fstat(newest).st_size if end is None else end, os.SEEK_SET)
+                self._adopt(newest)
+        finally:
+            for _, fd in opened:
+                os.close(fd)
+
+    def new(self) -> bytes:
+        """Output written since the last call. After a rotation, the rest of the file being
+        read, then the next newer kept file, and so on (``gap`` is set when the file being
+        read was rotated away before its successors could be found)."""
+        if self._fd is not None:
+            data = os.read(self._fd, _BLOCK)
+            if data:
+                return data
+        try:
+            info = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return b""
+        if (info.st_dev, info.st_ino) == self._identity:
+            return b""
+        files = kept_files(self.path)
+        identities = [_identity(path) for path in files]
+        if self._identity is None or self._identity not in identities:
+            self.gap = self._identity is not None
+            following = files  # start again from the oldest kept
+        else:
+            following = files[identities.index(self._identity) + 1 :]
+        for path in following:
+            fd = _open(path)
+            if fd is not None:
+                self._close()
+                self._adopt(fd)
+                return os.read(fd, _BLOCK)
+        return b""
+
+    def close(self) -> None:
+        self._close()
+
+    def _adopt(self, fd: int) -> None:
+        info = os.fstat(fd)
+        self._fd, self._identity = fd, (info.st_dev, info.st_ino)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _open(path: Path) -> int | None:
+    """A read-only descriptor of the regular file ``path``; ``None`` if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConveyorError(
+                f"cannot read {path}: it is a link", hint="a release's log is a regular file"
+            ) from exc
+        raise ConveyorError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConveyorError(
+            f"cannot read {path}: it is not a regular file", hint="a release's log is a file"
+        )
+    return fd
+
+
+def _tail_start(fds: list[int], lines: int) -> tuple[int, int]:
+    """Where the last ``lines`` lines of the files (oldest first) begin: (file, offset)."""
+    if lines == 0:
+        return (len(fds), 0)
+    needed = lines
+    last = True
+    for index in range(len(fds) - 1, -1, -1):
+        end = os.fstat(fds[index]).st_size
+        position = end
+        while position > 0:
+            size = min(_BLOCK, position)
+            position -= size
+            block = os.pread(fds[index], size, position)
+            if last and block:
+                last = False
+                if block.endswith(b"\n"):
+                    block = block[:-1]  # the last line's own end
+            cut = len(block)
+            while (cut := block.rfind(b"\n", 0, cut)) >= 0:
+                needed -= 1
+                if needed == 0:
+                    return index, position + cut + 1
+    return 0, 0
