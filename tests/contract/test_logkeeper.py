@@ -39,7 +39,7 @@ def test_output_is_appended_and_rotated_at_the_cap_between_lines(tmp_path: Path)
         assert len(data) <= 1000 + 120  # the rotation's own line may pass the cap
         assert data.endswith(b"\n")
     newest = log.read_bytes().splitlines()
-    assert newest[0].startswith(b"==> conveyor ") and b"what came before is in 7.log.1" in newest[0]
+    assert newest[0].startswith(b"==> conveyor ") and b"older output is in the rotated" in newest[0]
     assert newest[-1] == lines[-1].rstrip(b"\n")  # nothing lost at the end, no line split
     text = b"".join(p.read_bytes() for p in reversed(kept))
     body = [line for line in text.splitlines() if line.startswith(b"line ")]
@@ -52,7 +52,7 @@ def test_one_file_only_drops_the_old_output(tmp_path: Path) -> None:
     assert feed(log, [b"a" * 999 + b"\n", b"b" * 10 + b"\n"], max_bytes=1000, files=1) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["1.log"]
     data = log.read_bytes()
-    assert b"what came before was dropped" in data and data.endswith(b"b" * 10 + b"\n")
+    assert b"1000 bytes: it was dropped" in data and data.endswith(b"b" * 10 + b"\n")
     assert b"a" * 10 not in data
 
 
@@ -165,3 +165,67 @@ def test_a_log_replaced_by_a_link_is_refused(tmp_path: Path) -> None:
     (tmp_path / "1.log").symlink_to(tmp_path / "secret")
     with pytest.raises(ConveyorError, match="it is a link"):
         b"".join(ReleaseLog(tmp_path / "1.log").kept())
+
+
+def test_a_line_begun_near_the_cap_is_finished_in_its_file(tmp_path: Path) -> None:
+    keeper = Keeper(str(tmp_path / "b.log"), 1000, 2)
+    keeper.write(b"a" * 899 + b"\n")
+    keeper.write(b"b" * 90)
+    keeper.write(b"b" * 20 + b"\n" + b"c" * 10 + b"\n")
+    keeper.close()
+    assert (tmp_path / "b.log.1").read_bytes() == b"a" * 899 + b"\n" + b"b" * 110 + b"\n"
+    assert (tmp_path / "b.log").read_bytes().endswith(b"\n" + b"c" * 10 + b"\n")
+
+
+def test_while_rotation_fails_output_is_dropped_not_written_past_the_cap(tmp_path: Path) -> None:
+    keeper = Keeper(str(tmp_path / "a.log"), 1000, 2)
+    (tmp_path / "a.log.1").mkdir()  # a.log cannot become a.log.1
+    (tmp_path / "a.log.1" / "x").write_text("")
+    for _ in range(2000):
+        keeper.write(b"x" * 50 + b"\n")
+    assert len((tmp_path / "a.log").read_bytes()) <= 1000
+    (tmp_path / "a.log.1" / "x").unlink()
+    (tmp_path / "a.log.1").rmdir()
+    keeper.write(b"back\n")  # in the room left
+    keeper.write(b"z" * 100 + b"\n")  # rotates
+    keeper.close()
+    assert (tmp_path / "a.log.1").read_bytes().endswith(b"x\nback\n")
+    lines = (tmp_path / "a.log").read_bytes().splitlines()
+    assert len(lines) == 3 and lines[-1] == b"z" * 100
+    assert b"bytes of output were lost (Is a directory)" in lines[1]  # said once, then
+
+
+def test_a_log_removed_by_hand_is_begun_again_and_old_rotations_go(tmp_path: Path) -> None:
+    log = tmp_path / "c.log"
+    for index in range(2, 6):  # left by a larger 'files'
+        (tmp_path / f"c.log.{index}").write_text("old\n")
+    keeper = Keeper(str(log), 1000, 2)
+    keeper.write(b"one\n")
+    log.unlink()
+    keeper.write(b"two\n")
+    assert log.read_bytes() == b"two\n"
+    keeper.write(b"z" * 999 + b"\n")  # rotates
+    keeper.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.log", "c.log.1"]
+
+
+def test_the_keeper_holds_no_log_file_but_the_one_it_writes(tmp_path: Path) -> None:
+    log = tmp_path / "d.log"
+    write_fd, keeper = start_keeper(log, 1000, 2, {})
+    try:
+        for _ in range(100):
+            os.write(write_fd, b"y" * 99 + b"\n")
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "d.log.1").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        targets = [os.readlink(f) for f in Path(f"/proc/{keeper.pid}/fd").iterdir()]
+        assert not any("(deleted)" in t for t in targets), targets
+        assert [t for t in targets if t.startswith(str(tmp_path))] in ([], [str(log)])
+    finally:
+        os.close(write_fd)
+    assert keeper.wait(timeout=10) == 0
+
+
+def test_a_keeper_that_cannot_start_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="the log keeper did not start"):
+        start_keeper(tmp_path / "e.log", 1000, 0, {})  # files 0: its own check fails

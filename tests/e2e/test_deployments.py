@@ -1221,7 +1221,7 @@ def test_a_services_output_is_kept_in_rotated_files_of_a_capped_size(shop: Repo)
     for path in logs.iterdir():
         assert len(path.read_bytes()) <= 20_000 + 200
     lines = log.read_bytes().splitlines()
-    assert b"what came before is in 1.log.1" in lines[0]
+    assert b"older output is in the rotated files" in lines[0]
     assert lines[-2:] == [b"line 02999 " + b"x" * 40, b"to stderr"]
     assert keepers_of(log), "the keeper runs as long as the service"
     assert get(str(status(shop, "staging")["url"])).startswith("v1 ")
@@ -1244,10 +1244,13 @@ def test_a_command_targets_output_is_capped_and_keeps_its_order(repo: Repo, tmp_
     )
     assert repo.conveyor("run").code == 0
     logs = repo.path / ".conveyor" / "environments" / "prod" / "logs"
+    deadline = time.monotonic() + 10  # one keeper for all the scripts, ended with conveyor
+    while keepers_of(logs / "1.log") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert keepers_of(logs / "1.log") == []
     assert sorted(p.name for p in logs.iterdir()) == ["1.log", "1.log.1"]
     assert all(len(p.read_bytes()) <= 5000 + 200 for p in logs.iterdir())
     lines = (logs / "1.log").read_text().splitlines()
     assert "20000" in lines
     after = lines[lines.index("20000") + 1 :]  # Conveyor's line after the script's last one
     assert "health script for" in after[0] and after[1] == "healthy"
-    assert keepers_of(logs / "1.log") == []  # the scripts ended: so did their keepers

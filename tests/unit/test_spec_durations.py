@@ -78,6 +78,9 @@ def test_refused(text: str | int | float, message: str) -> None:
         ("2kb", 2000),
         (" 1GiB ", 1024**3),
         ("1TB", 10**12),
+        (1e9, 10**9),
+        ("1.1KB", 1100),
+        ("0.3MiB", 314572),
     ],
 )
 def test_sizes(value: str | int, size: int) -> None:
@@ -97,6 +100,8 @@ def test_sizes(value: str | int, size: int) -> None:
         ("2TiB", "a size can be at most 1TB, got '2TiB'"),
         (10**30, "a size can be at most 1TB, got a very large number"),
         ("9" * 400 + "MB", "expected a size"),
+        ("١٠٠٠٠", "expected a size"),
+        ("1000.9", "a number of bytes is a whole number, got '1000.9'"),
     ],
 )
 def test_bad_sizes_are_explained(value: str | int | float, message: str) -> None:

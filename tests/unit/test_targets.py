@@ -428,8 +428,9 @@ def test_scripts_get_the_release_and_its_neighbours(
         "CONVEYOR_PREVIOUS_DIGEST": "",
         "CONVEYOR_REVISION": "rev1",
     }
-    log = (env_dir / "logs" / "2.log").read_text()
-    assert "deployed" in log and "rollback script for " + previous.digest in log
+    log = env_dir / "logs" / "2.log"  # written by the log keeper: a moment later
+    assert wait_until(lambda: "rollback script for " + previous.digest in log.read_text())
+    assert "deployed" in log.read_text()
     assert target.describe(new) == {"running": None, "log": str(env_dir / "logs" / "2.log")}
 
 
@@ -456,7 +457,8 @@ def test_failing_scripts_are_reported_with_the_log(
     with pytest.raises(DeployError) as raised:
         target.start(release, None)
     assert raised.value.message == f"deploy script exited with code 1; see {log}"
-    assert "cannot reach host" in log.read_text() and "unreached" not in log.read_text()
+    assert wait_until(lambda: "cannot reach host" in log.read_text())
+    assert "unreached" not in log.read_text()
 
     target = scripted(env_dir, tmp_path, health="echo down; exit 4")
     began = time.monotonic()
@@ -512,8 +514,10 @@ def test_a_cancel_stops_a_running_script_with_its_group(
     assert time.monotonic() - armed[0] < 4
     pgid = int(pid_file.read_text())
     assert wait_until(lambda: live_group_members(pgid) == [])
-    log = (env_dir / "logs" / "1.log").read_text()
-    assert "deploy script stopped: the deployment was cancelled" in log
+    log = env_dir / "logs" / "1.log"
+    assert wait_until(
+        lambda: "deploy script stopped: the deployment was cancelled" in log.read_text()
+    )
 
     pid_file.unlink()
     armed.clear()

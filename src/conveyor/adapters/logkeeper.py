@@ -3,24 +3,29 @@
 A release's service (and a ``command`` target's scripts) write into a pipe; a keeper process
 reads it and appends to ``<env>/logs/<deployment>.log``. When the file would pass ``max_bytes``
 it is rotated as ``logrotate`` and Docker's ``json-file`` driver do: ``N.log.1`` becomes
-``N.log.2`` and so on, ``N.log`` becomes ``N.log.1``, and a new ``N.log`` begins; at most
-``files`` files are kept in all (with ``files: 1`` the old output is dropped). A cut falls
-after a line's end when the line fits in a file.
+``N.log.2`` and so on, ``N.log`` becomes ``N.log.1``, and a new ``N.log`` begins with a line
+saying so; at most ``files`` files are kept in all (with ``files: 1`` the old output is
+dropped). A cut falls between two lines: a line begun in a file is finished there (up to
+``LINE_SLACK`` bytes past the cap), and only a line longer than a whole file is cut.
 
 The keeper runs in a session of its own, ignores SIGTERM, SIGINT and SIGHUP, and ends when
 every writer has closed the pipe: a service's last words on its way down are kept, and
 stopping the service's process group does not stop the keeper first. A write that fails (a
-full disk, the folder removed) drops that output, never blocks the service nor kills it with
-SIGPIPE, and a line in the log says how much was lost once writing works again.
+full disk, a folder that cannot be written) drops that output, never blocks the service, and
+one line in the log says how much was lost once writing works again; while a file cannot be
+rotated, output is dropped rather than written past the cap. A log removed or replaced by
+hand is begun again at its path. If the keeper itself is killed, a service that writes gets
+SIGPIPE, as with any pipe.
 
-This module uses the standard library only: it runs as a script (``python -I -S``, a few
-milliseconds to start), apart from the package and whatever ``PYTHONPATH`` says.
+This module uses the standard library only: it runs as a script (``python -I -S``), apart from
+the package and whatever ``PYTHONPATH`` says.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -29,23 +34,31 @@ from collections.abc import Mapping
 from pathlib import Path
 
 _CHUNK = 64 * 1024
+LINE_SLACK = 4096
+"""How far past the cap a file may go to finish the line it holds the beginning of."""
+_READY = b"ready\n"
+_READY_TIMEOUT_S = 30.0
 
 
 def start_keeper(
     path: Path, max_bytes: int, files: int, env: Mapping[str, str]
 ) -> tuple[int, subprocess.Popen[bytes]]:
-    """Start a keeper appending to ``path``; returns the pipe's write end (ours to close once
-    the writers are started) and the keeper's process. The keeper's own errors go to ``path``.
+    """Start a keeper appending to ``path`` and wait until it reads; returns the pipe's write
+    end (for the caller to give its processes, then close) and the keeper's process.
 
-    Raises ``OSError`` when it cannot be started.
+    What the keeper says if it cannot start (a Python error) is appended to ``path``.
+
+    Raises ``OSError`` when it cannot be started (the message says why).
     """
+    path = Path(os.path.abspath(path))
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     try:
         with open(path, "ab") as errors:
             keeper = subprocess.Popen(
                 [sys.executable, "-I", "-S", __file__, str(path), str(max_bytes), str(files)],
                 stdin=read_fd,
-                stdout=subprocess.DEVNULL,
+                stdout=ready_w,
                 stderr=errors,
                 cwd="/",
                 env=dict(env),
@@ -56,7 +69,32 @@ def start_keeper(
         raise
     finally:
         os.close(read_fd)
+        os.close(ready_w)
+    try:
+        said = _read_ready(ready_r)
+    finally:
+        os.close(ready_r)
+    if said != _READY:
+        os.close(write_fd)
+        with contextlib.suppress(OSError):
+            keeper.kill()
+        keeper.wait()
+        raise OSError(f"the log keeper did not start (exit code {keeper.returncode}; see {path})")
     return write_fd, keeper
+
+
+def _read_ready(fd: int) -> bytes:
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    said = b""
+    while len(said) < len(_READY) and (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        data = os.read(fd, len(_READY))
+        if not data:
+            break
+        said += data
+    return said
 
 
 class Keeper:
@@ -67,65 +105,79 @@ class Keeper:
         self.max_bytes = max_bytes
         self.files = files
         self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
         self._size = 0
-        self._lost = 0
-        self._lost_why = ""
+        self._line_open = False
+        """The file ends in the middle of a line."""
         self._fresh = False
         """Nothing but the rotation's line in the file yet: a line too long is cut here."""
+        self._lost = 0
+        self._lost_why = ""
 
     def write(self, data: bytes) -> None:
-        """Append ``data``, rotating as needed; on a failure drop it and remember how much."""
+        """Append ``data``, rotating as needed; on a failure drop the rest and count it."""
+        view = memoryview(data)
         try:
-            if self._fd is None:
-                self._open()
+            self._ensure_open()
             if self._lost:
                 self._mark_lost()
-            while data:
+            while view:
                 room = self.max_bytes - self._size
-                if room <= 0:
-                    self._rotate()
-                    continue
-                if len(data) <= room:
-                    piece = data
-                else:
-                    cut = data.rfind(b"\n", 0, room) + 1
-                    if cut == 0 and not self._fresh:
-                        self._rotate()  # the line may fit whole in the next file
-                        continue
-                    piece = data[: cut or room]
-                self._write_all(piece)
-                self._fresh = False
-                data = data[len(piece) :]
+                cut = len(view)
+                if cut > room:
+                    cut = _last_line_end(view, room)
+                    if cut == 0 and self._line_open:  # finish the line this file holds
+                        cut = _first_line_end(view, room + LINE_SLACK)
+                    if cut == 0:
+                        if not self._fresh:
+                            self._rotate()  # the line may fit whole in the next file
+                            if self._lost:
+                                self._mark_lost()
+                            continue
+                        cut = max(room, 1)  # a line longer than a whole file
+                while cut:
+                    written = os.write(self._fd, view[:cut])  # type: ignore[arg-type]
+                    self._size += written
+                    self._line_open = view[written - 1] != ord("\n")
+                    self._fresh = False
+                    view, cut = view[written:], cut - written
         except OSError as exc:
-            self._lost += len(data)
+            self._lost += len(view)
             self._lost_why = exc.strerror or str(exc)
-            self._close()
+            self._close()  # opened again at the next write (and rotated, if it can be then)
 
     def close(self) -> None:
         self._close()
 
-    def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._size = os.fstat(self._fd).st_size
+    def _ensure_open(self) -> None:
+        """Open the file, again if it was removed or replaced at its path since."""
+        if self._fd is not None:
+            try:
+                info = os.stat(self.path, follow_symlinks=False)
+                if (info.st_dev, info.st_ino) == self._identity:
+                    return
+            except FileNotFoundError:
+                pass
+            self._close()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        info = os.fstat(fd)
+        self._fd, self._identity, self._size = fd, (info.st_dev, info.st_ino), info.st_size
+        self._line_open = self._size > 0 and os.pread(fd, 1, self._size - 1) != b"\n"
 
     def _close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
-
-    def _write_all(self, data: bytes) -> None:
-        assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            self._size += written
-            view = view[written:]
 
     def _rotate(self) -> None:
+        """Shift the kept files by one and begin a new one (``OSError`` if it cannot be done:
+        then nothing was renamed or the shift is only partly done, and output is dropped)."""
         self._close()
+        index = self.files
+        while os.path.lexists(f"{self.path}.{index}"):  # beyond the count (files was lowered)
+            os.unlink(f"{self.path}.{index}")
+            index += 1
         for index in range(self.files - 1, 1, -1):
             older = f"{self.path}.{index - 1}"
             if os.path.lexists(older):
@@ -135,20 +187,35 @@ class Keeper:
                 os.replace(self.path, f"{self.path}.1")
             else:
                 os.unlink(self.path)
-        self._open()
-        what = f"is in {os.path.basename(self.path)}.1" if self.files > 1 else "was dropped"
-        self._write_all(
-            f"==> conveyor {_now()}: the log reached {self.max_bytes} bytes;"
-            f" what came before {what}\n".encode()
-        )
+        self._ensure_open()
+        older = "older output is in the rotated files" if self.files > 1 else "it was dropped"
+        self._note(f"the log reached {self.max_bytes} bytes: {older}")
         self._fresh = True
 
     def _mark_lost(self) -> None:
-        self._write_all(
-            f"==> conveyor {_now()}: {self._lost} bytes of output were lost"
-            f" ({self._lost_why})\n".encode()
-        )
+        """Say how much was lost, when the file has room for it."""
+        if self._size + 200 > self.max_bytes:
+            return  # said once the file is rotated
+        self._note(f"{self._lost} bytes of output were lost ({self._lost_why})")
         self._lost = 0
+
+    def _note(self, text: str) -> None:
+        assert self._fd is not None
+        line = f"==> conveyor {_now()}: {text}\n".encode()
+        if self._line_open:
+            line = b"\n" + line
+        self._size += os.write(self._fd, line)
+        self._line_open = False
+
+
+def _last_line_end(view: memoryview, limit: int) -> int:
+    """Bytes up to and including the last newline within the first ``limit`` (0: none)."""
+    return bytes(view[: max(limit, 0)]).rfind(b"\n") + 1
+
+
+def _first_line_end(view: memoryview, limit: int) -> int:
+    """Bytes up to and including the first newline within the first ``limit`` (0: none)."""
+    return bytes(view[: max(limit, 0)]).find(b"\n") + 1
 
 
 def _now() -> str:
@@ -160,7 +227,17 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     path, max_bytes, files = argv[0], int(argv[1]), int(argv[2])
+    if max_bytes < 1 or files < 1:
+        print(f"logkeeper: bad limits: {max_bytes} bytes, {files} files", file=sys.stderr)
+        return 2
     keeper = Keeper(path, max_bytes, files)
+    # Ready: the signals are ignored. Then stdout and stderr go nowhere, not to a file that
+    # may be rotated away (and kept on disk, deleted, while we hold it).
+    os.write(1, _READY)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
     while True:
         try:
             data = os.read(0, _CHUNK)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 MIN_SIZE = 1000
 """Smallest size accepted (1 KB): a smaller log file would be rotated at almost every line."""
@@ -20,7 +21,7 @@ _UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_SIZE = re.compile(r"\s*(\d{1,15}(?:\.\d{1,6})?)\s*([A-Za-z]{1,3})?\s*")
+_SIZE = re.compile(r"\s*([0-9]{1,15}(?:\.[0-9]{1,6})?)\s*([A-Za-z]{1,3})?\s*")
 _EXPECTED = "expected a size such as 50MB, 10MiB or 4096 (bytes)"
 
 
@@ -33,16 +34,20 @@ def parse_size(value: str | int | float) -> int:
         ValueError: With a message for the user when ``value`` is not such a size, or is not
             between 1 KB and 1 TB.
     """
-    if isinstance(value, bool | float):
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError(f"{_EXPECTED}, got {str(value).lower()}")
-    if isinstance(value, int):
-        size, shown = value, str(value) if abs(value) < 10**15 else "a very large number"
+    if isinstance(value, int | float):
+        size = int(value)
+        shown = str(size) if abs(size) < 10**15 else "a very large number"
     else:
         match = _SIZE.fullmatch(value)
         unit = (match.group(2) or "b").lower() if match else ""
         if match is None or unit not in _UNITS:
             raise ValueError(f"{_EXPECTED}, got '{value[:40]}'")
-        size, shown = int(float(match.group(1)) * _UNITS[unit]), f"'{value.strip()}'"
+        exact = Fraction(match.group(1)) * _UNITS[unit]
+        if unit == "b" and exact.denominator != 1:
+            raise ValueError(f"a number of bytes is a whole number, got '{value.strip()}'")
+        size, shown = int(exact), f"'{value.strip()}'"
     if size < MIN_SIZE:
         raise ValueError(f"a size must be at least 1KB (1000 bytes), got {shown}")
     if size > MAX_SIZE:

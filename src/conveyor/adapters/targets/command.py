@@ -39,26 +39,28 @@ restore goes to the failed deployment's log, where it is looked for.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import os
 import subprocess
+import termios
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from conveyor.adapters.logkeeper import start_keeper
 from conveyor.adapters.targets.process import (
     BASH,
     CUT_SHORT,
     DEFAULT_LOG_LIMITS,
-    KEEPER_DRAIN_S,
     LogLimits,
     describe_exit,
     keep_child,
     release_env,
     run_bounded,
+    start_log_keeper,
 )
 from conveyor.domain.delivery import Health, Release
 from conveyor.errors import DeployCancelled, DeployError, NotStarted
@@ -228,48 +230,70 @@ class CommandTarget:
             raise NotStarted(f"the {what} script was not started")
         log.parent.mkdir(parents=True, exist_ok=True)
         release = f"{env['CONVEYOR_ARTIFACT_DIGEST']} of deployment {env['CONVEYOR_DEPLOYMENT_ID']}"
+        out = _script_output(log, self._logs, env)
+        # Conveyor's own lines go through the keeper too: they stay in order with the script's.
+        _say(out, f"==> conveyor {_now()}: {what} script for {release}\n")
         try:
-            out, keeper = start_keeper(
-                log,
-                self._logs.max_bytes,
-                self._logs.files,
-                {k: env[k] for k in ("CONVEYOR_ENVIRONMENT", "CONVEYOR_DEPLOYMENT_ID")},
+            code = run_bounded(
+                [*BASH, "-eo", "pipefail", "-c", script],
+                cwd=str(self._workdir),
+                env=env,
+                stdout=out,
+                timeout_s=max(0.1, timeout_s),
+                cancelled=stop,
             )
         except OSError as exc:
             raise DeployError(
-                f"cannot start the log keeper of the {what} script: {exc.strerror or exc}",
-                hint=f"check that {log.parent} is writable",
+                f"cannot run the {what} script in {self._workdir}: {exc.strerror or exc}",
+                hint="check that the checkout exists and that bash is installed",
             ) from exc
-        keep_child(keeper)
-        # Conveyor's own lines go through the keeper too: they stay in order with the script's.
-        try:
-            _say(out, f"==> conveyor {_now()}: {what} script for {release}\n")
-            try:
-                code = run_bounded(
-                    [*BASH, "-eo", "pipefail", "-c", script],
-                    cwd=str(self._workdir),
-                    env=env,
-                    stdout=out,
-                    timeout_s=max(0.1, timeout_s),
-                    cancelled=stop,
-                )
-            except OSError as exc:
-                raise DeployError(
-                    f"cannot run the {what} script in {self._workdir}: {exc.strerror or exc}",
-                    hint="check that the checkout exists and that bash is installed",
-                ) from exc
-            except DeployCancelled:
-                _say(out, f"==> conveyor: {what} script stopped: the deployment was cancelled\n")
-                raise DeployCancelled(
-                    f"the {what} script was stopped partway (see {log})"
-                ) from None
-            if code is None:
-                _say(out, f"==> conveyor: {what} script killed after {timeout_s:g} s\n")
+        except DeployCancelled:
+            _say(out, f"==> conveyor: {what} script stopped: the deployment was cancelled\n")
+            raise DeployCancelled(f"the {what} script was stopped partway (see {log})") from None
         finally:
-            os.close(out)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                keeper.wait(timeout=KEEPER_DRAIN_S)  # longer only while a leftover writes
+            _wait_read(out)
+        if code is None:
+            _say(out, f"==> conveyor: {what} script killed after {timeout_s:g} s\n")
+            _wait_read(out)
         return code
+
+
+_script_logs: dict[Path, tuple[int, subprocess.Popen[bytes]]] = {}
+"""The keepers of the logs this process's scripts write, by path: one per log, so that the
+scripts of a deployment, Conveyor's lines and whatever a script leaves running write through
+one keeper, in order, under one cap. Their write ends stay open until this process exits."""
+
+
+def _script_output(log: Path, limits: LogLimits, env: Mapping[str, str]) -> int:
+    """The write end of the pipe to ``log``'s keeper (started on first use, or again if it
+    died)."""
+    entry = _script_logs.get(log)
+    if entry is not None and entry[1].poll() is None:
+        return entry[0]
+    if entry is not None:
+        os.close(entry[0])
+        del _script_logs[log]
+    out, keeper = start_log_keeper(
+        log, limits, env["CONVEYOR_ENVIRONMENT"], int(env["CONVEYOR_DEPLOYMENT_ID"])
+    )
+    keep_child(keeper)
+    _script_logs[log] = (out, keeper)
+    return out
+
+
+def _wait_read(out: int, timeout_s: float = 1.0) -> None:
+    """Wait, a short while at most, until the keeper has read what the pipe holds (it writes
+    it to the log at once): a script's output is in its log when its result is told."""
+    unread = array.array("i", [0])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.ioctl(out, termios.FIONREAD, unread, True)
+        except OSError:
+            return
+        if unread[0] == 0 or time.monotonic() >= deadline:
+            return
+        time.sleep(0.002)
 
 
 def _say(out: int, line: str) -> None:

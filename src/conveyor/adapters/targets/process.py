@@ -186,18 +186,24 @@ class LogLimits:
 DEFAULT_LOG_LIMITS = LogLimits()
 
 
-def start_log_keeper(log: Path, limits: LogLimits, release: Release) -> tuple[int, Any]:
-    """A log keeper for ``release``'s output appending to ``log``: the pipe's write end (for
-    the caller to give its processes, then close) and the keeper's ``Popen``.
+def start_log_keeper(
+    log: Path, limits: LogLimits, environment: str, deployment_id: int
+) -> tuple[int, Any]:
+    """A log keeper appending a release's output to ``log``: the pipe's write end (for the
+    caller to give its processes, then close) and the keeper's ``Popen``.
 
     The keeper carries the release's ``CONVEYOR_DEPLOYMENT_ID``, as the release's processes
-    do: a run's orphan killer spares it.
+    do: a run's orphan killer spares it. Raises ``DeployError`` if it cannot be started.
     """
-    env = {
-        "CONVEYOR_ENVIRONMENT": release.environment,
-        "CONVEYOR_DEPLOYMENT_ID": str(release.deployment_id),
-    }
-    return start_keeper(log, limits.max_bytes, limits.files, env)
+    env = {k: v for k, v in os.environ.items() if k != RUN_TOKEN_VARIABLE}
+    env.update({"CONVEYOR_ENVIRONMENT": environment, "CONVEYOR_DEPLOYMENT_ID": str(deployment_id)})
+    try:
+        return start_keeper(log, limits.max_bytes, limits.files, env)
+    except OSError as exc:
+        raise DeployError(
+            f"cannot start the log keeper of deployment {deployment_id}: {exc.strerror or exc}",
+            hint=f"check that {log.parent} is writable",
+        ) from exc
 
 
 def keep_child(proc: subprocess.Popen[bytes]) -> int:
@@ -275,13 +281,9 @@ class ProcessTarget:
                 f"==> conveyor {_now()}: starting {_name(release)} ({release.digest}) "
                 f"on port {self._port}\n".encode()
             )
-        try:
-            write_fd, keeper = start_log_keeper(log, self._logs, release)
-        except OSError as exc:
-            raise DeployError(
-                f"cannot start the log keeper of {_name(release)}: {exc.strerror or exc}",
-                hint=f"check that {log.parent} is writable",
-            ) from exc
+        write_fd, keeper = start_log_keeper(
+            log, self._logs, release.environment, release.deployment_id
+        )
         keeper_start = keep_child(keeper)
         try:
             proc = subprocess.Popen(
