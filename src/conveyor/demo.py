@@ -290,6 +290,7 @@ def run_demo(directory: Path | None, progress: str = "auto") -> int:
         )
         step("what runs where", "env", "list")
         _ask_services(conveyor, directory, env)
+        step("what the production service printed", "env", "logs", "production")
         step("every deployment to staging", "env", "history", "staging")
         step("every deployment to production", "env", "history", "production")
         step("delivery performance from the record (DORA keys)", "metrics", "--since", "1d")

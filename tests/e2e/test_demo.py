@@ -33,6 +33,7 @@ def test_demo_builds_once_deploys_promotes_and_cleans_up(tmp_path: Path) -> None
     assert len(answers) == 2 and all(line.endswith('{"gross": 1200}') for line in answers)
     digests = {line.split("(")[1].split(",")[1].strip().rstrip(")") for line in answers}
     assert len(digests) == 1  # the same build in both environments
+    assert "\nlistening on " in out  # what the production service printed (env logs)
     assert "gate tests: ok" in out and "a deployment would be allowed" in out
     assert "deployment frequency" in out
     assert "hash chain intact" in out
