@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.adapters.logkeeper import Keeper, start_keeper
+from conveyor.adapters.logkeeper import Keeper, say, start_keeper
 from conveyor.adapters.releaselogs import ReleaseLog, kept_files
 from conveyor.errors import ConveyorError
 
@@ -229,3 +230,74 @@ def test_the_keeper_holds_no_log_file_but_the_one_it_writes(tmp_path: Path) -> N
 def test_a_keeper_that_cannot_start_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="the log keeper did not start"):
         start_keeper(tmp_path / "e.log", 1000, 0, {})  # files 0: its own check fails
+
+
+def test_conveyors_lines_begin_a_line_and_never_block(tmp_path: Path) -> None:
+    log = tmp_path / "f.log"
+    write_fd, keeper = start_keeper(log, 1_000_000, 2, {})
+    try:
+        os.write(write_fd, b"no newline at end")
+        say(write_fd, "health script for x")
+        keeper.send_signal(signal.SIGSTOP)  # a keeper that stops reading
+        os.set_blocking(write_fd, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(write_fd, b"z" * 4096)
+        os.set_blocking(write_fd, True)
+        began = time.monotonic()
+        say(write_fd, "dropped", timeout_s=0.2)
+        assert time.monotonic() - began < 2
+    finally:
+        keeper.send_signal(signal.SIGCONT)
+        os.close(write_fd)
+    assert keeper.wait(timeout=10) == 0
+    lines = log.read_bytes().splitlines()
+    assert lines[0] == b"no newline at end"
+    assert lines[1] == b"==> conveyor health script for x"
+    assert b"dropped" not in log.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "link"])
+def test_a_log_path_that_is_no_regular_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    log = tmp_path / "g.log"
+    if kind == "fifo":
+        os.mkfifo(log)
+    elif kind == "folder":
+        log.mkdir()
+    else:
+        log.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        start_keeper(log, 10_000, 2, {})
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_reading_goes_on_from_a_rotated_file_after_the_log_was_removed(tmp_path: Path) -> None:
+    log = tmp_path / "h.log"
+    (tmp_path / "h.log.1").write_bytes(b"old A\n")
+    reader = ReleaseLog(log)
+    assert b"".join(reader.kept()) == b"old A\n"
+    log.write_bytes(b"new B\n")
+    assert reader.new() == b"new B\n"
+    assert reader.new() == b"" and not reader.gap
+
+
+def test_one_kept_file_is_followed_without_a_false_gap(tmp_path: Path) -> None:
+    log = tmp_path / "i.log"
+    keeper = Keeper(str(log), 1000, 1)
+    reader = ReleaseLog(log)
+    assert b"".join(reader.kept()) == b""
+    got = b""
+    for index in range(60):
+        keeper.write(f"tick {index:03d} {'x' * 40}\n".encode())
+        while data := reader.new():
+            got += data
+    keeper.close()
+    ticks = [line for line in got.splitlines() if line.startswith(b"tick")]
+    assert len(ticks) == 60 and not reader.gap
+
+
+def test_a_file_cut_mid_line_is_followed_by_a_line_end(tmp_path: Path) -> None:
+    log = tmp_path / "j.log"
+    (tmp_path / "j.log.1").write_bytes(b"qqqq")  # a line longer than a file was cut here
+    log.write_bytes(b"==> conveyor rotated\nqq\n")
+    assert b"".join(ReleaseLog(log).kept()) == b"qqqq\n==> conveyor rotated\nqq\n"

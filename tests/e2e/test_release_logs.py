@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -136,3 +137,42 @@ def test_bad_references_are_usage_errors(shop: Repo) -> None:
     missing = shop.conveyor("env", "logs", "staging", "--deployment", "7")
     assert missing.code == 2 and "environment 'staging' has no deployment 7" in missing.err
     assert shop.conveyor("env", "logs", "staging", "-n", "-1").code == 2
+
+
+COMMAND_PIPELINE = """\
+pipeline: ops
+artifacts:
+  bundle: {path: dist/bundle.txt}
+environments:
+  prod:
+    target: {type: command, deploy: ./deploy.sh, health: "true"}
+stages:
+  - name: commit
+    jobs:
+      build: {run: "mkdir -p dist && echo v1 > dist/bundle.txt", outputs: [bundle]}
+"""
+
+
+def test_follow_goes_on_while_a_scripts_leftover_writes(repo: Repo) -> None:
+    repo.write(
+        "deploy.sh",
+        "printf 'deploying'\n"  # no line end: Conveyor's next line begins its own
+        '( for i in 1 2 3 4 5; do sleep 0.3; echo "leftover $i"; done ) &\n',
+    )
+    os.chmod(repo.path / "deploy.sh", 0o755)
+    repo.pipeline(COMMAND_PIPELINE)
+    assert repo.conveyor("run").code == 0
+    assert repo.conveyor("promote", "1", "--to", "prod").code == 0
+    followed = repo.conveyor("env", "logs", "prod", "-F", timeout=30)
+    assert followed.code == 0, followed.err
+    lines = followed.out.splitlines()
+    assert lines[-1] == "leftover 5"  # it followed the leftover to its end
+    deploying = lines.index("deploying")
+    assert "health script for" in lines[deploying + 1]
+
+
+def test_a_deployment_number_too_large_is_a_usage_error(repo: Repo) -> None:
+    repo.write("deploy.sh", "true\n")
+    repo.pipeline(COMMAND_PIPELINE)
+    huge = repo.conveyor("env", "logs", "prod", "--deployment", "9" * 20)
+    assert huge.code == 2 and "Traceback" not in huge.err and "internal" not in huge.err

@@ -24,9 +24,11 @@ the package and whatever ``PYTHONPATH`` says.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -37,6 +39,9 @@ _CHUNK = 64 * 1024
 LINE_SLACK = 4096
 """How far past the cap a file may go to finish the line it holds the beginning of."""
 _READY = b"ready\n"
+_MARK = b"\0==> conveyor "
+"""How Conveyor's own lines come through the pipe (``say``): written as ``==> conveyor ...``
+at the start of a line."""
 _READY_TIMEOUT_S = 30.0
 
 
@@ -51,23 +56,25 @@ def start_keeper(
     Raises ``OSError`` when it cannot be started (the message says why).
     """
     path = Path(os.path.abspath(path))
+    errors = open_log(str(path))
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     try:
-        with open(path, "ab") as errors:
-            keeper = subprocess.Popen(
-                [sys.executable, "-I", "-S", __file__, str(path), str(max_bytes), str(files)],
-                stdin=read_fd,
-                stdout=ready_w,
-                stderr=errors,
-                cwd="/",
-                env=dict(env),
-                start_new_session=True,
-            )
+        keeper = subprocess.Popen(
+            [sys.executable, "-I", "-S", __file__, str(path), str(max_bytes), str(files)],
+            stdin=read_fd,
+            stdout=ready_w,
+            stderr=errors,
+            cwd="/",
+            env=dict(env),
+            start_new_session=True,
+        )
     except BaseException:
         os.close(write_fd)
+        os.close(ready_r)
         raise
     finally:
+        os.close(errors)
         os.close(read_fd)
         os.close(ready_w)
     try:
@@ -81,6 +88,31 @@ def start_keeper(
         keeper.wait()
         raise OSError(f"the log keeper did not start (exit code {keeper.returncode}; see {path})")
     return write_fd, keeper
+
+
+def open_log(path: str) -> int:
+    """A descriptor appending to the regular file ``path`` (created if need be). Never
+    blocks and never follows a link: ``OSError`` for a link, a FIFO, a folder..."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def say(out: int, text: str, timeout_s: float = 1.0) -> None:
+    """Write one of Conveyor's own lines into a keeper's pipe: it begins a line of its own in
+    the log. Dropped rather than wait longer than ``timeout_s`` for room in the pipe (a keeper
+    that stopped reading never blocks Conveyor)."""
+    line = (_MARK + text.encode("utf-8", "replace"))[: select.PIPE_BUF - 1] + b"\n"
+    try:
+        _, writable, _ = select.select([], [out], [], timeout_s)
+        if writable:  # room for PIPE_BUF bytes: the write does not block
+            os.write(out, line)
+    except (OSError, ValueError):
+        pass
 
 
 def _read_ready(fd: int) -> bytes:
@@ -146,6 +178,11 @@ class Keeper:
             self._lost_why = exc.strerror or str(exc)
             self._close()  # opened again at the next write (and rotated, if it can be then)
 
+    def new_line(self) -> None:
+        """End the line the file ends in, if it does (before a line of Conveyor's)."""
+        if self._line_open:
+            self.write(b"\n")
+
     def close(self) -> None:
         self._close()
 
@@ -159,7 +196,7 @@ class Keeper:
             except FileNotFoundError:
                 pass
             self._close()
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_log(self.path)
         info = os.fstat(fd)
         self._fd, self._identity, self._size = fd, (info.st_dev, info.st_ino), info.st_size
         self._line_open = self._size > 0 and os.pread(fd, 1, self._size - 1) != b"\n"
@@ -245,7 +282,11 @@ def main(argv: list[str]) -> int:
             continue
         if not data:
             break
-        keeper.write(data)
+        first, *marked = data.split(_MARK)
+        keeper.write(first)
+        for part in marked:  # Conveyor's own lines, each on a line of its own
+            keeper.new_line()
+            keeper.write(b"==> conveyor " + part)
     keeper.close()
     return 0
 

@@ -43,53 +43,59 @@ class ReleaseLog:
         self._fd: int | None = None
         self._identity: tuple[int, int] | None = None
         self.gap = False
-        """Set when output was rotated away before it could be read."""
+        """Set when output may have been rotated away before it could be read."""
+        self._line_open = False
+        self._fresh_file = False
 
     def kept(self, lines: int | None = None) -> Iterator[bytes]:
-        """What the files hold, oldest first, in chunks; only the last ``lines`` lines if given.
-        Leaves the newest file open at its end for ``new``."""
-        opened: list[tuple[Path, int]] = []
+        """What the files hold, oldest first, in chunks (a file that does not end a line is
+        followed by a line end); only the last ``lines`` lines if given. Leaves the newest
+        file open at its end for ``new``."""
+        opened: list[int] = []
         try:
             for path in kept_files(self.path):
                 fd = _open(path)
                 if fd is not None:
-                    opened.append((path, fd))
-            fds = [fd for _, fd in opened]
-            first, offset = (0, 0) if lines is None else _tail_start(fds, lines)
+                    opened.append(fd)
+            first, offset = (0, 0) if lines is None else _tail_start(opened, lines)
             end: int | None = None
-            for index in range(first, len(fds)):
+            for index in range(first, len(opened)):
                 position = offset if index == first else 0
-                while data := os.pread(fds[index], _BLOCK, position):
+                self._fresh_file = True
+                while data := os.pread(opened[index], _BLOCK, position):
                     position += len(data)
-                    yield data
+                    yield from self._emit(data)
                 end = position
-            if opened and opened[-1][0] == self.path:
-                _, newest = opened.pop()
+            if opened:
+                newest = opened.pop()
                 os.lseek(newest, os.fstat(newest).st_size if end is None else end, os.SEEK_SET)
                 self._adopt(newest)
         finally:
-            for _, fd in opened:
+            for fd in opened:
                 os.close(fd)
 
     def new(self) -> bytes:
         """Output written since the last call. After a rotation, the rest of the file being
         read, then the next newer kept file, and so on (``gap`` is set when the file being
-        read was rotated away before its successors could be found)."""
+        read was rotated away with others: some output may have gone before it was read)."""
         if self._fd is not None:
             data = os.read(self._fd, _BLOCK)
             if data:
-                return data
+                return b"".join(self._emit(data))
         try:
             info = os.stat(self.path, follow_symlinks=False)
         except OSError:
             return b""
         if (info.st_dev, info.st_ino) == self._identity:
             return b""
+        if self._fd is not None and (data := os.read(self._fd, _BLOCK)):
+            return b"".join(self._emit(data))  # written just before the rotation
         files = kept_files(self.path)
         identities = [_identity(path) for path in files]
         if self._identity is None or self._identity not in identities:
-            self.gap = self._identity is not None
-            following = files  # start again from the oldest kept
+            # Ours was dropped: the oldest kept file follows it, unless more files went too.
+            self.gap = self._identity is not None and len(files) > 1
+            following = files
         else:
             following = files[identities.index(self._identity) + 1 :]
         for path in following:
@@ -97,8 +103,18 @@ class ReleaseLog:
             if fd is not None:
                 self._close()
                 self._adopt(fd)
-                return os.read(fd, _BLOCK)
+                return b"".join(self._emit(os.read(fd, _BLOCK), new_file=True))
         return b""
+
+    def _emit(self, data: bytes, new_file: bool = False) -> Iterator[bytes]:
+        """``data``, after a line end if it begins another file and the last did not end one."""
+        if not data:
+            return
+        if self._line_open and (new_file or self._fresh_file):
+            yield b"\n"
+        self._fresh_file = False
+        self._line_open = not data.endswith(b"\n")
+        yield data
 
     def close(self) -> None:
         self._close()

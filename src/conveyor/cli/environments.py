@@ -351,7 +351,7 @@ def env_history(name: str, limit: int, home: Path | None, as_json: bool) -> None
 @click.option(
     "--deployment",
     "deployment_id",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=2**63 - 1),
     help="Whose output [default: the deployment that runs in ENV, else the latest].",
 )
 @click.option(
@@ -401,9 +401,15 @@ def env_logs(
         nonlocal carry
         if raw:
             out.write(data)
-        else:  # whole lines: a character or an escape sequence is never cut in two
+        else:  # whole lines (or 1 MiB of one): a character is never cut in two
             data = carry + data
-            cut = len(data) if final or len(data) > 1 << 20 else data.rfind(b"\n") + 1
+            cut = len(data) if final else data.rfind(b"\n") + 1
+            if cut == 0 and len(data) > 1 << 20:
+                cut = len(data)
+                while cut > len(data) - 4 and data[cut - 1] & 0xC0 == 0x80:
+                    cut -= 1  # inside a UTF-8 sequence: before its first byte
+                if data[cut - 1] >= 0xC0:
+                    cut -= 1
             carry = data[cut:]
             out.write(neutralise(data[:cut].decode("utf-8", "replace")).encode())
         out.flush()
@@ -426,8 +432,8 @@ def env_logs(
                 log.gap = False
                 show(b"", final=True)
                 click.echo(
-                    f"conveyor: output of deployment {number} was rotated away before it could"
-                    " be shown (logs.max_size is small for how fast it writes)",
+                    f"conveyor: some output of deployment {number} may have been rotated away"
+                    " before it could be shown (logs.max_size is small for how fast it writes)",
                     err=True,
                 )
             if data:

@@ -40,7 +40,6 @@ restore goes to the failed deployment's log, where it is looked for.
 from __future__ import annotations
 
 import array
-import contextlib
 import fcntl
 import os
 import subprocess
@@ -51,6 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from conveyor.adapters.logkeeper import say
 from conveyor.adapters.targets.process import (
     BASH,
     CUT_SHORT,
@@ -58,6 +58,7 @@ from conveyor.adapters.targets.process import (
     LogLimits,
     describe_exit,
     keep_child,
+    record_keeper,
     release_env,
     run_bounded,
     start_log_keeper,
@@ -228,11 +229,10 @@ class CommandTarget:
 
         if stop():
             raise NotStarted(f"the {what} script was not started")
-        log.parent.mkdir(parents=True, exist_ok=True)
         release = f"{env['CONVEYOR_ARTIFACT_DIGEST']} of deployment {env['CONVEYOR_DEPLOYMENT_ID']}"
-        out = _script_output(log, self._logs, env)
+        out = _script_output(log, self._logs, env, self._env_dir)
         # Conveyor's own lines go through the keeper too: they stay in order with the script's.
-        _say(out, f"==> conveyor {_now()}: {what} script for {release}\n")
+        say(out, f"{_now()}: {what} script for {release}")
         try:
             code = run_bounded(
                 [*BASH, "-eo", "pipefail", "-c", script],
@@ -248,12 +248,12 @@ class CommandTarget:
                 hint="check that the checkout exists and that bash is installed",
             ) from exc
         except DeployCancelled:
-            _say(out, f"==> conveyor: {what} script stopped: the deployment was cancelled\n")
+            say(out, f"{_now()}: {what} script stopped: the deployment was cancelled")
             raise DeployCancelled(f"the {what} script was stopped partway (see {log})") from None
         finally:
             _wait_read(out)
         if code is None:
-            _say(out, f"==> conveyor: {what} script killed after {timeout_s:g} s\n")
+            say(out, f"{_now()}: {what} script killed after {timeout_s:g} s")
             _wait_read(out)
         return code
 
@@ -264,20 +264,21 @@ scripts of a deployment, Conveyor's lines and whatever a script leaves running w
 one keeper, in order, under one cap. Their write ends stay open until this process exits."""
 
 
-def _script_output(log: Path, limits: LogLimits, env: Mapping[str, str]) -> int:
+def _script_output(log: Path, limits: LogLimits, env: Mapping[str, str], env_dir: Path) -> int:
     """The write end of the pipe to ``log``'s keeper (started on first use, or again if it
-    died)."""
+    died). The keeper is recorded in ``<env>/run/<deployment>.keeper`` (``env logs -F``
+    follows the log while it runs)."""
     entry = _script_logs.get(log)
     if entry is not None and entry[1].poll() is None:
         return entry[0]
     if entry is not None:
         os.close(entry[0])
         del _script_logs[log]
-    out, keeper = start_log_keeper(
-        log, limits, env["CONVEYOR_ENVIRONMENT"], int(env["CONVEYOR_DEPLOYMENT_ID"])
-    )
-    keep_child(keeper)
+    deployment_id = int(env["CONVEYOR_DEPLOYMENT_ID"])
+    out, keeper = start_log_keeper(log, limits, env["CONVEYOR_ENVIRONMENT"], deployment_id)
+    start_time = keep_child(keeper)
     _script_logs[log] = (out, keeper)
+    record_keeper(env_dir, deployment_id, keeper.pid, start_time)
     return out
 
 
@@ -294,12 +295,6 @@ def _wait_read(out: int, timeout_s: float = 1.0) -> None:
         if unread[0] == 0 or time.monotonic() >= deadline:
             return
         time.sleep(0.002)
-
-
-def _say(out: int, line: str) -> None:
-    """Write one of Conveyor's lines into the log's pipe (the keeper never stops reading)."""
-    with contextlib.suppress(OSError):
-        os.write(out, line.encode())
 
 
 def _now() -> str:

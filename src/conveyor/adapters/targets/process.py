@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from conveyor.adapters.logkeeper import start_keeper
+from conveyor.adapters.logkeeper import say, start_keeper
 from conveyor.domain.delivery import Health, Release
 from conveyor.domain.text import neutralise
 from conveyor.errors import DeployCancelled, DeployError
@@ -103,14 +103,30 @@ def recorded_services(environments_dir: Path) -> set[int]:
 
 def recorded_writers(env_dir: Path, deployment_id: int) -> set[tuple[int, int]]:
     """The (pid, start time) of the processes recorded as writing a release's log: its
-    service and its log keeper (none once the service was stopped)."""
-    try:
+    service and the service's log keeper (until the service is stopped), and the keeper of a
+    ``command`` target's scripts (``record_keeper``)."""
+    found: set[tuple[int, int]] = set()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, OverflowError):
         data = json.loads((env_dir / "run" / f"{deployment_id}.json").read_text(encoding="utf-8"))
-        found = {(int(data["pid"]), int(data["start_time"]))}
+        found.add((int(data["pid"]), int(data["start_time"])))
         keeper = _pair(data.get("keeper"))
-    except (OSError, ValueError, KeyError, TypeError, OverflowError):
-        return set()
-    return found | ({keeper} if keeper else set())
+        if keeper:
+            found.add(keeper)
+    with contextlib.suppress(OSError, ValueError, TypeError, OverflowError):
+        text = (env_dir / "run" / f"{deployment_id}.keeper").read_text(encoding="ascii")
+        found.add(_pair(text.split()) or (0, 0))
+    return found
+
+
+def record_keeper(env_dir: Path, deployment_id: int, pid: int, start_time: int) -> None:
+    """Note the log keeper of a deployment's scripts (best effort: only ``env logs -F`` reads
+    it). Not a ``.json`` file: it is no service (``recorded_services``)."""
+    path = env_dir / "run" / f"{deployment_id}.keeper"
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(f"{pid} {start_time}\n", encoding="ascii")
+        os.replace(tmp, path)
 
 
 def allocate_port(avoid: Set[int] = frozenset()) -> int:
@@ -198,6 +214,7 @@ def start_log_keeper(
     env = {k: v for k, v in os.environ.items() if k != RUN_TOKEN_VARIABLE}
     env.update({"CONVEYOR_ENVIRONMENT": environment, "CONVEYOR_DEPLOYMENT_ID": str(deployment_id)})
     try:
+        log.parent.mkdir(parents=True, exist_ok=True)
         return start_keeper(log, limits.max_bytes, limits.files, env)
     except OSError as exc:
         raise DeployError(
@@ -274,15 +291,12 @@ class ProcessTarget:
                 "shows it) or give the environment another port",
             )
         log = self._log_path(release)
-        log.parent.mkdir(parents=True, exist_ok=True)
         env = release_env(self._base_env, release, {"PORT": str(self._port)})
-        with open(log, "ab") as out:
-            out.write(
-                f"==> conveyor {_now()}: starting {_name(release)} ({release.digest}) "
-                f"on port {self._port}\n".encode()
-            )
         write_fd, keeper = start_log_keeper(
             log, self._logs, release.environment, release.deployment_id
+        )
+        say(
+            write_fd, f"{_now()}: starting {_name(release)} ({release.digest}) on port {self._port}"
         )
         keeper_start = keep_child(keeper)
         try:
