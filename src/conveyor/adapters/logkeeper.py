@@ -108,19 +108,21 @@ def say(out: int, text: str, timeout_s: float = 1.0) -> None:
     that stopped reading never blocks Conveyor)."""
     line = (_MARK + text.encode("utf-8", "replace"))[: select.PIPE_BUF - 1] + b"\n"
     try:
-        _, writable, _ = select.select([], [out], [], timeout_s)
-        if writable:  # room for PIPE_BUF bytes: the write does not block
+        poller = select.poll()
+        poller.register(out, select.POLLOUT)
+        if poller.poll(timeout_s * 1000):  # room for PIPE_BUF bytes: the write does not block
             os.write(out, line)
-    except (OSError, ValueError):
+    except OSError:
         pass
 
 
 def _read_ready(fd: int) -> bytes:
     deadline = time.monotonic() + _READY_TIMEOUT_S
     said = b""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     while len(said) < len(_READY) and (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
+        if not poller.poll(left * 1000):
             break
         data = os.read(fd, len(_READY))
         if not data:
