@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -514,7 +515,15 @@ def make_deployer(
         authors=source.authors_of if source is not None else None,
         masker=Masker(secrets),
         cancelled=cancelled,
+        finished=_release_target_resources,
     )
+
+
+def _release_target_resources() -> None:
+    """What targets hold for a deployment, released once it is over (loaded targets only)."""
+    command = sys.modules.get("conveyor.adapters.targets.command")
+    if command is not None:
+        command.release_script_logs()
 
 
 def log_cap() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -301,3 +302,49 @@ def test_a_file_cut_mid_line_is_followed_by_a_line_end(tmp_path: Path) -> None:
     (tmp_path / "j.log.1").write_bytes(b"qqqq")  # a line longer than a file was cut here
     log.write_bytes(b"==> conveyor rotated\nqq\n")
     assert b"".join(ReleaseLog(log).kept()) == b"qqqq\n==> conveyor rotated\nqq\n"
+
+
+def test_the_last_lines_count_a_file_that_ends_mid_line(tmp_path: Path) -> None:
+    log = tmp_path / "k.log"
+    (tmp_path / "k.log.1").write_bytes(b"a\nbbbb")  # cut past the cap
+    log.write_bytes(b"==> note\ncc\n")
+    assert b"".join(ReleaseLog(log).kept(2)) == b"==> note\ncc\n"
+    assert b"".join(ReleaseLog(log).kept(3)) == b"bbbb\n==> note\ncc\n"
+
+
+def test_a_line_longer_than_a_file_is_cut_between_characters(tmp_path: Path) -> None:
+    log = tmp_path / "l.log"
+    for max_bytes in (1001, 1002):
+        keeper = Keeper(str(log), max_bytes, 100)
+        keeper.write("€".encode() * 10_000 + b"\n")
+        keeper.close()
+        text = b"".join(ReleaseLog(log).kept()).decode("utf-8", "replace")
+        assert "\ufffd" not in text and text.count("€") == 10_000
+        for path in kept_files(log):
+            path.unlink()
+
+
+def test_an_empty_file_is_not_rotated_away(tmp_path: Path) -> None:
+    log = tmp_path / "m.log"
+    log.write_bytes(b"")
+    keeper = Keeper(str(log), 1000, 3)
+    keeper.write(b"z" * 1500 + b"\n")
+    keeper.close()
+    assert all(path.stat().st_size > 0 for path in kept_files(log))
+    assert b"".join(ReleaseLog(log).kept()).count(b"z") == 1500
+
+
+def test_a_mark_split_between_two_reads_still_begins_a_line(tmp_path: Path) -> None:
+    log = tmp_path / "n.log"
+    write_fd, keeper = start_keeper(log, 1_000_000, 2, {})
+    try:
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # more than one read of the keeper
+        keeper.send_signal(signal.SIGSTOP)
+        os.write(write_fd, b"x" * 65531)
+        say(write_fd, "hello there")
+    finally:
+        keeper.send_signal(signal.SIGCONT)
+        os.close(write_fd)
+    assert keeper.wait(timeout=10) == 0
+    data = log.read_bytes()
+    assert b"\0" not in data and data.endswith(b"x\n==> conveyor hello there\n")

@@ -176,3 +176,42 @@ def test_a_deployment_number_too_large_is_a_usage_error(repo: Repo) -> None:
     repo.pipeline(COMMAND_PIPELINE)
     huge = repo.conveyor("env", "logs", "prod", "--deployment", "9" * 20)
     assert huge.code == 2 and "Traceback" not in huge.err and "internal" not in huge.err
+
+
+def test_a_scripts_keeper_ends_with_its_deployment_not_with_the_run(repo: Repo) -> None:
+    repo.write("deploy.sh", "echo deployed\n")
+    os.chmod(repo.path / "deploy.sh", 0o755)
+    repo.pipeline(
+        COMMAND_PIPELINE
+        + "  - name: prod\n    deploy: {environment: prod}\n"
+        + "  - name: later\n    jobs:\n      wait: {run: sleep 4}\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", "run"],
+        cwd=repo.path,
+        env=repo.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        keeper = repo.path / ".conveyor" / "environments" / "prod" / "run" / "1.keeper"
+        wait_for(lambda: "deployed" in repo.conveyor("env", "logs", "prod").out, timeout=20)
+        wait_for(lambda: not keeper.exists())
+        assert not keeper.exists() and run.poll() is None  # released, while the run goes on
+        followed = repo.conveyor("env", "logs", "prod", "-F", timeout=3)
+        assert followed.code == 0 and "deployed" in followed.out
+    finally:
+        run.wait(timeout=30)
+
+
+def test_a_missing_logs_folder_is_said(repo: Repo) -> None:
+    repo.write("deploy.sh", "echo deployed\n")
+    os.chmod(repo.path / "deploy.sh", 0o755)
+    repo.pipeline(COMMAND_PIPELINE)
+    assert repo.conveyor("run").code == 0
+    assert repo.conveyor("promote", "1", "--to", "prod").code == 0
+    logs = repo.path / ".conveyor" / "environments" / "prod" / "logs"
+    logs.rename(logs.with_name("moved"))
+    shown = repo.conveyor("env", "logs", "prod")
+    assert shown.code == 0 and shown.out == ""
+    assert "deployment 1 has no output kept in" in shown.err

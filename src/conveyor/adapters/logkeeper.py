@@ -163,12 +163,12 @@ class Keeper:
                     if cut == 0 and self._line_open:  # finish the line this file holds
                         cut = _first_line_end(view, room + LINE_SLACK)
                     if cut == 0:
-                        if not self._fresh:
+                        if not self._fresh and self._size > 0:
                             self._rotate()  # the line may fit whole in the next file
                             if self._lost:
                                 self._mark_lost()
                             continue
-                        cut = max(room, 1)  # a line longer than a whole file
+                        cut = _char_start(view, max(room, 1))  # a line longer than a file
                 while cut:
                     written = os.write(self._fd, view[:cut])  # type: ignore[arg-type]
                     self._size += written
@@ -182,6 +182,10 @@ class Keeper:
 
     def new_line(self) -> None:
         """End the line the file ends in, if it does (before a line of Conveyor's)."""
+        try:
+            self._ensure_open()
+        except OSError:
+            return
         if self._line_open:
             self.write(b"\n")
 
@@ -247,6 +251,14 @@ class Keeper:
         self._line_open = False
 
 
+def _char_start(view: memoryview, cut: int) -> int:
+    """``cut`` moved back to the start of the UTF-8 character it falls in (if it is one)."""
+    back = cut
+    while back > 0 and cut - back < 4 and view[back] & 0xC0 == 0x80:
+        back -= 1
+    return back if back > 0 and cut - back < 4 else cut
+
+
 def _last_line_end(view: memoryview, limit: int) -> int:
     """Bytes up to and including the last newline within the first ``limit`` (0: none)."""
     return bytes(view[: max(limit, 0)]).rfind(b"\n") + 1
@@ -255,6 +267,14 @@ def _last_line_end(view: memoryview, limit: int) -> int:
 def _first_line_end(view: memoryview, limit: int) -> int:
     """Bytes up to and including the first newline within the first ``limit`` (0: none)."""
     return bytes(view[: max(limit, 0)]).find(b"\n") + 1
+
+
+def _hold_mark_prefix(data: bytes) -> tuple[bytes, bytes]:
+    """``data`` split before a tail that could begin ``_MARK`` (kept for the next read)."""
+    for size in range(min(len(_MARK) - 1, len(data)), 0, -1):
+        if data.endswith(_MARK[:size]):
+            return data[:-size], data[-size:]
+    return data, b""
 
 
 def _now() -> str:
@@ -277,13 +297,16 @@ def main(argv: list[str]) -> int:
     os.dup2(null, 1)
     os.dup2(null, 2)
     os.close(null)
+    held = b""  # the end of a read that may be the beginning of a mark
     while True:
         try:
             data = os.read(0, _CHUNK)
         except InterruptedError:
             continue
         if not data:
+            keeper.write(held)
             break
+        data, held = _hold_mark_prefix(held + data)
         first, *marked = data.split(_MARK)
         keeper.write(first)
         for part in marked:  # Conveyor's own lines, each on a line of its own

@@ -23,16 +23,26 @@ def kept_files(path: Path) -> list[Path]:
     ``N.log``)."""
     found: list[Path] = []
     index = 1
-    while True:
-        older = path.with_name(f"{path.name}.{index}")
-        if not os.path.lexists(older):
-            break
+    while _exists(older := path.with_name(f"{path.name}.{index}")):
         found.append(older)
         index += 1
     found.reverse()
-    if os.path.lexists(path):
+    if _exists(path):
         found.append(path)
     return found
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists (a link too); ``ConveyorError`` if that cannot be known."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return False
+    except OSError as exc:
+        raise ConveyorError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return True
 
 
 class ReleaseLog:
@@ -158,20 +168,25 @@ def _open(path: Path) -> int | None:
 
 
 def _tail_start(fds: list[int], lines: int) -> tuple[int, int]:
-    """Where the last ``lines`` lines of the files (oldest first) begin: (file, offset)."""
+    """Where the last ``lines`` lines of the files (oldest first) begin: (file, offset). A
+    file that does not end a line ends one all the same (``kept`` adds the line end)."""
     if lines == 0:
         return (len(fds), 0)
     needed = lines
-    last = True
+    seen = False  # a byte was passed, from the end
     for index in range(len(fds) - 1, -1, -1):
         end = os.fstat(fds[index]).st_size
+        if end and seen and os.pread(fds[index], 1, end - 1) != b"\n":
+            needed -= 1
+            if needed == 0:
+                return index + 1, 0
         position = end
         while position > 0:
             size = min(_BLOCK, position)
             position -= size
             block = os.pread(fds[index], size, position)
-            if last and block:
-                last = False
+            if not seen and block:
+                seen = True
                 if block.endswith(b"\n"):
                     block = block[:-1]  # the last line's own end
             cut = len(block)

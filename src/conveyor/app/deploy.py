@@ -133,8 +133,11 @@ class Deployer:
         authors: Callable[[str, Sequence[str]], list[str]] | None = None,
         masker: Masker | None = None,
         cancelled: Callable[[], bool] = lambda: False,
+        finished: Callable[[], None] = lambda: None,
     ) -> None:
         self.cancelled = cancelled
+        self.finished = finished
+        """Called when a deployment is over: the targets release what they held for it."""
         """Whether Ctrl-C or SIGTERM asked to stop: looked at between the steps of a
         deployment and while it waits (never in the middle of a step), then the deployment
         stops cleanly (``DeployCancelled``)."""
@@ -266,6 +269,7 @@ class Deployer:
                 environment, item, revision, actor, trigger, fence, hotfix, overridden
             )
         finally:
+            self.finished()
             self.record.release_lease(environment.name, token)
 
     def _acquire(self, environment: EnvironmentSpec, actor: str) -> int:

@@ -423,6 +423,10 @@ def env_logs(
         in_progress, _ = unfinished_deployments(record, name)
         return any(item["id"] == number for item in in_progress)
 
+    from conveyor.adapters.releaselogs import kept_files
+
+    if not kept_files(log.path) and not (follow and writing()):
+        click.echo(f"(deployment {number} has no output kept in {log.path.parent})", err=True)
     try:
         for chunk in log.kept(lines):
             show(chunk)

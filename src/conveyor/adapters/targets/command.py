@@ -40,6 +40,7 @@ restore goes to the failed deployment's log, where it is looked for.
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import os
 import subprocess
@@ -262,6 +263,20 @@ _script_logs: dict[Path, tuple[int, subprocess.Popen[bytes]]] = {}
 """The keepers of the logs this process's scripts write, by path: one per log, so that the
 scripts of a deployment, Conveyor's lines and whatever a script leaves running write through
 one keeper, in order, under one cap. Their write ends stay open until this process exits."""
+
+
+def release_script_logs() -> None:
+    """Close this process's ends of its scripts' log pipes (a deployment is over): each keeper
+    ends once what its scripts left running ends too, and its record goes with it."""
+    for log, (out, keeper) in list(_script_logs.items()):
+        del _script_logs[log]
+        os.close(out)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            keeper.wait(timeout=0.2)
+        if keeper.poll() is not None:
+            deployment = log.name.removesuffix(".log")
+            with contextlib.suppress(OSError):
+                (log.parent.parent / "run" / f"{deployment}.keeper").unlink()
 
 
 def _script_output(log: Path, limits: LogLimits, env: Mapping[str, str], env_dir: Path) -> int:
