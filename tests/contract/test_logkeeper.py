@@ -14,6 +14,7 @@ import pytest
 
 from conveyor.adapters.logkeeper import Keeper, say, start_keeper
 from conveyor.adapters.releaselogs import ReleaseLog, kept_files
+from conveyor.adapters.targets.process import forget_keeper, record_keeper, recorded_writers
 from conveyor.errors import ConveyorError
 
 
@@ -233,6 +234,12 @@ def test_a_keeper_that_cannot_start_is_an_error(tmp_path: Path) -> None:
         start_keeper(tmp_path / "e.log", 1000, 0, {})  # files 0: its own check fails
 
 
+def stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (``T`` in ``/proc/<pid>/stat``)."""
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    return data[data.rfind(b")") + 2 :].startswith(b"T")
+
+
 def test_conveyors_lines_begin_a_line_and_never_block(tmp_path: Path) -> None:
     log = tmp_path / "f.log"
     write_fd, keeper = start_keeper(log, 1_000_000, 2, {})
@@ -240,6 +247,9 @@ def test_conveyors_lines_begin_a_line_and_never_block(tmp_path: Path) -> None:
         os.write(write_fd, b"no newline at end")
         say(write_fd, "health script for x")
         keeper.send_signal(signal.SIGSTOP)  # a keeper that stops reading
+        deadline = time.monotonic() + 10
+        while not stopped(keeper.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         os.set_blocking(write_fd, False)
         with contextlib.suppress(BlockingIOError):
             while True:
@@ -340,6 +350,9 @@ def test_a_mark_split_between_two_reads_still_begins_a_line(tmp_path: Path) -> N
     try:
         fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # more than one read of the keeper
         keeper.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not stopped(keeper.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         os.write(write_fd, b"x" * 65531)
         say(write_fd, "hello there")
     finally:
@@ -348,3 +361,30 @@ def test_a_mark_split_between_two_reads_still_begins_a_line(tmp_path: Path) -> N
     assert keeper.wait(timeout=10) == 0
     data = log.read_bytes()
     assert b"\0" not in data and data.endswith(b"x\n==> conveyor hello there\n")
+
+
+def test_output_ending_like_the_start_of_a_mark_is_not_held_back(tmp_path: Path) -> None:
+    log = tmp_path / "o.log"
+    write_fd, keeper = start_keeper(log, 1_000_000, 2, {})
+    try:
+        os.write(write_fd, b"x\0==> conv")
+        deadline = time.monotonic() + 10
+        while log.read_bytes() != b"x\0==> conv" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert log.read_bytes() == b"x\0==> conv"  # written while the pipe stays open
+    finally:
+        os.close(write_fd)
+    assert keeper.wait(timeout=10) == 0
+
+
+def test_a_released_keeper_forgets_only_its_own_record(tmp_path: Path) -> None:
+    """Two keepers of one deployment's log (a rollback's check after a leftover kept the
+    first alive): the one released leaves the other recorded, for ``env logs -F``."""
+    record_keeper(tmp_path, 1, 101, 5001)
+    record_keeper(tmp_path, 1, 102, 5002)
+    assert recorded_writers(tmp_path, 1) == {(101, 5001), (102, 5002)}
+    forget_keeper(tmp_path, 1, 102, 5002)
+    assert recorded_writers(tmp_path, 1) == {(101, 5001)}
+    forget_keeper(tmp_path, 1, 101, 5001)
+    assert recorded_writers(tmp_path, 1) == set()
+    assert not (tmp_path / "run" / "1.keeper").exists()

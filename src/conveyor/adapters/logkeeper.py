@@ -43,6 +43,8 @@ _MARK = b"\0==> conveyor "
 """How Conveyor's own lines come through the pipe (``say``): written as ``==> conveyor ...``
 at the start of a line."""
 _READY_TIMEOUT_S = 30.0
+_HOLD_S = 0.2
+"""How long the end of a read that may begin Conveyor's mark waits for the rest of it."""
 
 
 def start_keeper(
@@ -298,7 +300,12 @@ def main(argv: list[str]) -> int:
     os.dup2(null, 2)
     os.close(null)
     held = b""  # the end of a read that may be the beginning of a mark
+    stdin = select.poll()
+    stdin.register(0, select.POLLIN)
     while True:
+        if held and not stdin.poll(_HOLD_S * 1000):
+            keeper.write(held)  # no mark came: it was the service's own output
+            held = b""
         try:
             data = os.read(0, _CHUNK)
         except InterruptedError:

@@ -136,11 +136,11 @@ class Deployer:
         finished: Callable[[], None] = lambda: None,
     ) -> None:
         self.cancelled = cancelled
-        self.finished = finished
-        """Called when a deployment is over: the targets release what they held for it."""
         """Whether Ctrl-C or SIGTERM asked to stop: looked at between the steps of a
         deployment and while it waits (never in the middle of a step), then the deployment
         stops cleanly (``DeployCancelled``)."""
+        self.finished = finished
+        """Called when a deployment is over: the targets release what they held for it."""
         self.masker = masker or Masker(())
         """The pipeline's secrets: masked in what is said and recorded (a release's output
         reaches the deployment's health and reason)."""
@@ -269,8 +269,10 @@ class Deployer:
                 environment, item, revision, actor, trigger, fence, hotfix, overridden
             )
         finally:
-            self.finished()
-            self.record.release_lease(environment.name, token)
+            try:
+                self.finished()
+            finally:
+                self.record.release_lease(environment.name, token)
 
     def _acquire(self, environment: EnvironmentSpec, actor: str) -> int:
         name = environment.name

@@ -58,6 +58,7 @@ from conveyor.adapters.targets.process import (
     DEFAULT_LOG_LIMITS,
     LogLimits,
     describe_exit,
+    forget_keeper,
     keep_child,
     record_keeper,
     release_env,
@@ -259,24 +260,25 @@ class CommandTarget:
         return code
 
 
-_script_logs: dict[Path, tuple[int, subprocess.Popen[bytes]]] = {}
-"""The keepers of the logs this process's scripts write, by path: one per log, so that the
-scripts of a deployment, Conveyor's lines and whatever a script leaves running write through
-one keeper, in order, under one cap. Their write ends stay open until this process exits."""
+_script_logs: dict[Path, tuple[int, subprocess.Popen[bytes], Path, int, int]] = {}
+"""The keepers of the logs this process's scripts write, by path (write end, keeper, env
+folder, deployment, keeper's start time): one per log, so that the scripts of a deployment,
+Conveyor's lines and whatever a script leaves running write through one keeper, in order,
+under one cap. Their write ends are closed when the deployment is over
+(``release_script_logs``)."""
 
 
 def release_script_logs() -> None:
     """Close this process's ends of its scripts' log pipes (a deployment is over): each keeper
-    ends once what its scripts left running ends too, and its record goes with it."""
-    for log, (out, keeper) in list(_script_logs.items()):
+    ends once what its scripts left running ends too, and its line in the record with it."""
+    for log, (out, keeper, env_dir, deployment_id, start_time) in list(_script_logs.items()):
         del _script_logs[log]
-        os.close(out)
+        with contextlib.suppress(OSError):
+            os.close(out)
         with contextlib.suppress(subprocess.TimeoutExpired):
             keeper.wait(timeout=0.2)
         if keeper.poll() is not None:
-            deployment = log.name.removesuffix(".log")
-            with contextlib.suppress(OSError):
-                (log.parent.parent / "run" / f"{deployment}.keeper").unlink()
+            forget_keeper(env_dir, deployment_id, keeper.pid, start_time)
 
 
 def _script_output(log: Path, limits: LogLimits, env: Mapping[str, str], env_dir: Path) -> int:
@@ -288,11 +290,12 @@ def _script_output(log: Path, limits: LogLimits, env: Mapping[str, str], env_dir
         return entry[0]
     if entry is not None:
         os.close(entry[0])
+        forget_keeper(entry[2], entry[3], entry[1].pid, entry[4])
         del _script_logs[log]
     deployment_id = int(env["CONVEYOR_DEPLOYMENT_ID"])
     out, keeper = start_log_keeper(log, limits, env["CONVEYOR_ENVIRONMENT"], deployment_id)
     start_time = keep_child(keeper)
-    _script_logs[log] = (out, keeper)
+    _script_logs[log] = (out, keeper, env_dir, deployment_id, start_time)
     record_keeper(env_dir, deployment_id, keeper.pid, start_time)
     return out
 

@@ -114,19 +114,34 @@ def recorded_writers(env_dir: Path, deployment_id: int) -> set[tuple[int, int]]:
             found.add(keeper)
     with contextlib.suppress(OSError, ValueError, TypeError, OverflowError):
         text = (env_dir / "run" / f"{deployment_id}.keeper").read_text(encoding="ascii")
-        found.add(_pair(text.split()) or (0, 0))
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError, TypeError, OverflowError):
+                found.add(_pair(line.split()) or (0, 0))
     return found
 
 
 def record_keeper(env_dir: Path, deployment_id: int, pid: int, start_time: int) -> None:
-    """Note the log keeper of a deployment's scripts (best effort: only ``env logs -F`` reads
-    it). Not a ``.json`` file: it is no service (``recorded_services``)."""
+    """Note a log keeper of a deployment's scripts, one line each (best effort: only ``env
+    logs -F`` reads it). Not a ``.json`` file: it is no service (``recorded_services``)."""
     path = env_dir / "run" / f"{deployment_id}.keeper"
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(f"{pid} {start_time}\n", encoding="ascii")
-        os.replace(tmp, path)
+        with open(path, "a", encoding="ascii") as handle:
+            handle.write(f"{pid} {start_time}\n")
+
+
+def forget_keeper(env_dir: Path, deployment_id: int, pid: int, start_time: int) -> None:
+    """Remove one keeper's line from the record (the file, once it names no other)."""
+    path = env_dir / "run" / f"{deployment_id}.keeper"
+    with contextlib.suppress(OSError):
+        lines = path.read_text(encoding="ascii").splitlines()
+        rest = [line for line in lines if line.split() != [str(pid), str(start_time)]]
+        if rest:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text("".join(f"{line}\n" for line in rest), encoding="ascii")
+            os.replace(tmp, path)
+        else:
+            path.unlink()
 
 
 def allocate_port(avoid: Set[int] = frozenset()) -> int:
