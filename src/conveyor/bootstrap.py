@@ -35,6 +35,7 @@ from conveyor.adapters.processes import (
     owner_is_gone,
     run_is_live,
 )
+from conveyor.adapters.trash import TRASH, discard
 from conveyor.domain.events import RunInterrupted
 from conveyor.domain.masking import Masker
 from conveyor.domain.ports import Observer, SourceSnapshot
@@ -558,56 +559,21 @@ def prune_workspaces(home: Home, keep: int = KEEP_WORKSPACES) -> None:
     if not home.workspaces.is_dir():
         return
     stale: list[Path] = []
+    ids: list[int] = []
     for entry in home.workspaces.iterdir():
         name = entry.name
         if name.startswith(".checkout-"):
             pid = name.removeprefix(".checkout-")
             if pid.isascii() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
                 stale.append(entry)
-        elif name == ".trash":
-            stale.extend(entry.iterdir())  # left by an rm that did not finish
-    ids = sorted(
-        (int(p.name) for p in home.workspaces.iterdir() if p.name.isascii() and p.name.isdigit()),
-        reverse=True,
-    )
+        elif name.isascii() and name.isdigit():
+            ids.append(int(name))
+    ids.sort(reverse=True)
     stale.extend(
         home.workspaces / str(run_id)
         for run_id in ids[keep:]
         if not run_is_live(home.locks, run_id)  # an older run that is still going keeps it
     )
-    if not stale:
-        return
-    trash = home.workspaces / ".trash"
-    doomed = []
-    for path in stale:
-        target = path if path.parent == trash else trash / f"{path.name}.{os.getpid()}"
-        try:
-            trash.mkdir(exist_ok=True)
-            if target != path:
-                os.replace(path, target)
-        except OSError:
-            continue
-        doomed.append(str(target))
-    if doomed:
-        _delete_in_background(doomed)
-
-
-def _delete_in_background(paths: list[str]) -> None:
-    """``rm -rf`` in its own session, not waited for; synchronously if it cannot start."""
-    try:
-        os.posix_spawnp(
-            "rm",
-            ["rm", "-rf", "--", *paths],
-            {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"},
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
-            ],
-            setsid=True,
-        )
-    except OSError:
-        import shutil
-
-        for path in paths:
-            shutil.rmtree(path, ignore_errors=True)
+    trash = home.workspaces / TRASH
+    if stale or trash.is_dir():
+        discard(stale, trash)  # and what an rm that did not finish left there

@@ -1136,6 +1136,11 @@ def test_old_release_folders_are_deleted_but_the_running_one(shop: Repo) -> None
         (releases / stray).rmdir()
     assert sorted(int(p.name) for p in releases.iterdir() if p.is_dir()) == [1, 3, 4, 5, 6, 7]
     assert not (releases / "2.path").exists() and (releases / "1.path").exists()
+    trash = releases.parent / ".trash"  # moved there under the lease, deleted by a detached rm
+    deadline = time.monotonic() + 10
+    while any(trash.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(trash.iterdir())
     now = status(shop, "staging")
     assert (now["deployment"], now["running"]) == (1, True)
     assert get(str(now["url"])).startswith("v1 ")

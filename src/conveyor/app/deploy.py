@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from conveyor.adapters.trash import TRASH, discard
 from conveyor.app.artifacts import verify
 from conveyor.domain import delivery_events as de
 from conveyor.domain import events as ev
@@ -807,6 +808,7 @@ class Deployer:
             return  # a user's script may serve from a later release's folder: keep them all
         running = state["deployment"] if state else None
         base = self.environments_dir / environment
+        unwanted: list[Path] = []
         for part in ("releases", "checkouts"):
             try:
                 entries = list((base / part).iterdir())
@@ -821,14 +823,12 @@ class Deployer:
                 reverse=True,
             )
             doomed = set(ids[KEEP_RELEASES:]) - {running}
-            for entry in entries:
-                if _stem(entry.name) not in doomed:
-                    continue
-                with contextlib.suppress(OSError):
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry)
-                    else:
-                        entry.unlink()
+            unwanted.extend(entry for entry in entries if _stem(entry.name) in doomed)
+        # Moved aside now, deleted by a detached rm: the lease is not held while gigabytes
+        # of old releases are deleted (the first deployment after an upgrade had them all).
+        trash = base / TRASH
+        if unwanted or trash.is_dir():
+            discard(unwanted, trash)
 
     def _folder(self, environment: str, deployment_id: int) -> Path:
         return self.environments_dir / environment / "releases" / str(deployment_id)

@@ -1,0 +1,72 @@
+"""Deleting large trees without waiting for them: move aside at once, delete in the background.
+
+A rename into a ``.trash`` folder beside them is instant, so the caller (a run's start, a
+deployment under its environment's lease) does not wait for a ``node_modules`` or a release
+folder to be deleted; a detached ``rm -rf`` does that. What an ``rm`` left behind (the machine
+stopped) is deleted with the next discard into the same folder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+TRASH = ".trash"
+"""The folder, beside the discarded entries, they are moved into."""
+
+_numbers = itertools.count()
+"""Makes the names in the trash unique within this process (the pid, across processes)."""
+
+
+def discard(paths: Iterable[Path], trash: Path) -> None:
+    """Move ``paths`` into ``trash`` and delete them, and whatever ``trash`` still held, with a
+    detached ``rm -rf``. An entry that cannot be moved (permissions, another filesystem) is
+    deleted here and now; one that cannot be deleted either is left as it is."""
+    for path in paths:
+        try:
+            trash.mkdir(exist_ok=True)
+            os.replace(path, trash / f"{path.name}.{os.getpid()}.{next(_numbers)}")
+        except FileNotFoundError:
+            continue
+        except OSError:
+            _delete_now(path)
+    try:
+        # With what an earlier rm did not finish; one still running is harmless.
+        doomed = [str(entry) for entry in trash.iterdir()]
+    except OSError:
+        return
+    if doomed:
+        delete_in_background(doomed)
+
+
+def delete_in_background(paths: list[str]) -> None:
+    """``rm -rf`` in its own session, not waited for; synchronously if it cannot start."""
+    try:
+        os.posix_spawnp(
+            "rm",
+            ["rm", "-rf", "--", *paths],
+            {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"},
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+            ],
+            setsid=True,
+        )
+    except OSError:
+        for path in paths:
+            _delete_now(Path(path))
+
+
+def _delete_now(path: Path) -> None:
+    import shutil
+
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    except OSError:
+        pass
