@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint bench clean
+.PHONY: demo test test-slow check lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/conveyor demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+test: $(STAMP)  # the default suite: every test but those marked slow (under 5 min on 2 cores)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+test-slow: $(STAMP)  # the long end-to-end deployment and gate scenarios (CI runs them too)
+	$(BIN)/python -m pytest -q -n 2 -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
@@ -25,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-check: lint test
+check: lint test test-slow
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -113,6 +113,7 @@ def test_build_once_deploy_to_staging_promote_to_production(shop: Repo) -> None:
     assert shop.conveyor("audit", "verify").code == 0
 
 
+@pytest.mark.slow
 def test_an_unhealthy_release_rolls_back_and_the_previous_one_still_answers(shop: Repo) -> None:
     assert shop.conveyor("run").code == 0
     good = status(shop, "staging")
@@ -141,6 +142,7 @@ def test_a_crashing_first_release_fails_with_the_log_tail(shop: Repo) -> None:
     assert status(shop, "staging")["status"] == "down"
 
 
+@pytest.mark.slow
 def test_promotion_policies_refuse_with_nothing_changed(shop: Repo) -> None:
     # A build of another branch is refused by production (branches: [main]).
     shop.git("checkout", "-q", "-b", "feature")
@@ -263,6 +265,7 @@ def test_kill_9_mid_deployment_leaves_a_recoverable_lease(shop: Repo) -> None:
     assert shop.conveyor("audit", "verify").code == 0
 
 
+@pytest.mark.slow
 def test_concurrent_promotions_to_one_environment_are_serialised(shop: Repo) -> None:
     assert shop.conveyor("run").code == 0
     procs = [
@@ -309,6 +312,7 @@ stages:
 """
 
 
+@pytest.mark.slow
 def test_command_target_scripts_deploy_check_and_roll_back(repo: Repo, tmp_path: Path) -> None:
     live = tmp_path / "live"
     repo.env["LIVE_DIR"] = str(live)
@@ -504,6 +508,7 @@ def test_an_edited_read_model_does_not_change_what_the_policy_sees(repo: Repo) -
     assert refused.code == 1 and "branch 'feature'" in refused.err
 
 
+@pytest.mark.slow
 def test_a_stopped_environment_is_not_restarted_by_a_rollback(repo: Repo, tmp_path: Path) -> None:
     live = tmp_path / "live"
     live.mkdir()
@@ -826,6 +831,7 @@ def test_a_cancel_once_the_running_release_is_stopped_starts_it_again(
     assert answers(url, "v1 ")
 
 
+@pytest.mark.slow
 def test_a_cancel_does_not_skip_the_rollback_and_cuts_its_check_short(
     shop: Repo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -840,6 +846,7 @@ def test_a_cancel_does_not_skip_the_rollback_and_cuts_its_check_short(
     assert answers(url, "v1 ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("version", "expected"), [("v2", "succeeded"), ("crash", "interrupted")])
 def test_a_verdict_that_came_in_before_the_cancel_stands(
     shop: Repo, monkeypatch: pytest.MonkeyPatch, version: str, expected: str
@@ -860,6 +867,7 @@ def test_a_verdict_that_came_in_before_the_cancel_stands(
         assert answers(url, "v1 ")
 
 
+@pytest.mark.slow
 def test_a_failed_rollback_is_not_recorded_as_running_after_a_cancel(
     shop: Repo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -873,6 +881,7 @@ def test_a_failed_rollback_is_not_recorded_as_running_after_a_cancel(
     assert status(shop, "staging")["status"] == "down"
 
 
+@pytest.mark.slow
 def test_a_cancel_stops_a_command_targets_deploy_script(repo: Repo, tmp_path: Path) -> None:
     """A `command` target's script runs in its own session, out of Ctrl-C's reach: the cancel
     terminates it at once (it used to run on for up to 10 minutes), and the record says that
@@ -924,6 +933,7 @@ def test_a_cancel_stops_a_command_targets_deploy_script(repo: Repo, tmp_path: Pa
     assert repo.conveyor("env", "status", "prod", "--json").json()["status"] == "running"
 
 
+@pytest.mark.slow
 def test_ending_a_killed_deployment_does_not_record_a_stopped_release_as_running(
     shop: Repo,
 ) -> None:
@@ -986,6 +996,7 @@ def processes_in(folder: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_cancel_while_the_restarted_release_is_checked_leaves_it_and_begins_nothing(
     shop: Repo,
 ) -> None:
@@ -1013,6 +1024,7 @@ def test_a_cancel_while_the_restarted_release_is_checked_leaves_it_and_begins_no
     assert (now["status"], now["deployment"], now["running"]) == ("running", 1, True)
 
 
+@pytest.mark.slow
 def test_a_dead_deployers_release_is_stopped_even_if_its_folder_is_gone(shop: Repo) -> None:
     """It held the environment's port: the next deployment failed with "port in use"."""
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
@@ -1050,6 +1062,7 @@ def test_a_dead_deployers_release_is_stopped_even_if_its_folder_is_gone(shop: Re
     ]
 
 
+@pytest.mark.slow
 def test_a_restored_release_that_fails_its_check_is_stopped(shop: Repo) -> None:
     """The rollback to release 1 fails its health check: release 1 is stopped again, as the
     record says (its process used to run on, the record saying nothing ran)."""
@@ -1073,6 +1086,7 @@ def test_a_restored_release_that_fails_its_check_is_stopped(shop: Repo) -> None:
     assert not processes_in(release_1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder_lost", [False, True])
 def test_the_release_a_killed_deployer_had_stopped_runs_again_at_the_next_deployment(
     shop: Repo, folder_lost: bool
@@ -1148,6 +1162,7 @@ def test_old_release_folders_are_deleted_but_the_running_one(shop: Repo) -> None
     assert sorted(int(p.name) for p in releases.iterdir() if p.is_dir()) == [4, 5, 6, 7, 8]
 
 
+@pytest.mark.slow
 def test_a_cancel_while_unpacking_after_a_recovery_says_what_the_recovery_did(
     shop: Repo, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -150,6 +150,7 @@ def test_coverage_may_not_drop_against_what_runs_now(shop: Repo) -> None:
     assert code == 1 and "gate 'coverage'" in out and "90" in out
 
 
+@pytest.mark.slow
 def test_self_approval_and_approvals_of_another_digest_do_not_count(shop: Repo) -> None:
     first = build(shop)
     # The author of the change approves it: recorded, but not counted (not_author).
@@ -164,6 +165,7 @@ def test_self_approval_and_approvals_of_another_digest_do_not_count(shop: Repo) 
     assert promote(shop, first)[0] == 0
 
 
+@pytest.mark.slow
 def test_overrides_are_accountable(shop: Repo) -> None:
     run = build(shop, GOOD.replace("P95=150", "P95=900"))
     shop.conveyor("approve", str(run), "-e", "production", "--as", "rm@example.invalid")
@@ -283,6 +285,7 @@ def test_change_window_in_its_time_zone_across_dst(shop: Repo) -> None:
     assert doc.json()["at"] == "2026-10-23T14:30:00.000000Z"
 
 
+@pytest.mark.slow
 def test_incidents_and_hotfixes_feed_the_dora_keys(shop: Repo) -> None:
     first = build(shop)
     shop.conveyor("approve", str(first), "-e", "production", "--as", "rm@example.invalid")
@@ -390,6 +393,7 @@ def test_not_author_fails_closed_for_a_dirty_build(shop: Repo) -> None:
     assert code == 1 and "dirty working tree" in out
 
 
+@pytest.mark.slow
 def test_the_author_of_a_merged_change_cannot_approve_it(shop: Repo) -> None:
     """not_author covers every commit a deployment brings, not only the tip (a merge commit
     made by someone else)."""

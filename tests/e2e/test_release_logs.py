@@ -97,6 +97,7 @@ def test_escape_sequences_are_neutralised_unless_raw(shop: Repo) -> None:
     assert "starting \x1b[31mred\x1b[0m" in raw
 
 
+@pytest.mark.slow
 def test_follow_prints_new_output_and_ends_with_the_release(shop: Repo) -> None:
     shop.pipeline(PIPELINE.replace("max_size: 8KB", "max_size: 20KB"))
     assert shop.conveyor("run").code == 0
@@ -178,6 +179,7 @@ def test_a_deployment_number_too_large_is_a_usage_error(repo: Repo) -> None:
     assert huge.code == 2 and "Traceback" not in huge.err and "internal" not in huge.err
 
 
+@pytest.mark.slow
 def test_a_scripts_keeper_ends_with_its_deployment_not_with_the_run(repo: Repo) -> None:
     repo.write("deploy.sh", "echo deployed\n")
     os.chmod(repo.path / "deploy.sh", 0o755)
