@@ -39,8 +39,9 @@ from conveyor.adapters.trash import TRASH, discard
 from conveyor.domain.events import RunInterrupted
 from conveyor.domain.masking import Masker
 from conveyor.domain.ports import Observer, SourceSnapshot
+from conveyor.domain.text import inline
 from conveyor.engine.engine import Engine, RunOptions, RunRequest
-from conveyor.errors import DeployError, UsageError
+from conveyor.errors import ConveyorError, DeployError, UsageError
 from conveyor.executors.local import LocalExecutor, kill_tagged
 from conveyor.spec.models import PipelineSpec
 from conveyor.store.migrate import ensure_schema
@@ -79,7 +80,76 @@ def open_record(
         )
     if recover:
         recover_orphans(record, home, say)
+    _opened.append((home, record))
     return record
+
+
+_opened: list[tuple[Home, SqliteRecord]] = []
+"""The records this process opened: those it wrote to get a checkpoint shipped at its end."""
+
+CHECKPOINT_COMMAND = "CONVEYOR_CHECKPOINT_COMMAND"
+CHECKPOINT_TIMEOUT = "CONVEYOR_CHECKPOINT_TIMEOUT"
+DEFAULT_CHECKPOINT_TIMEOUT_S = 60.0
+
+
+def checkpoint_command() -> str | None:
+    """The shell command that ships checkpoints off this machine, if one is set."""
+    command = os.environ.get(CHECKPOINT_COMMAND, "")
+    return command if command.strip() else None
+
+
+def ship_checkpoints(say: Callable[[str], None]) -> bool:
+    """At the end of a command: with ``CONVEYOR_CHECKPOINT_COMMAND`` set, ship a checkpoint
+    of each record this process wrote to. What fails is said as a warning (the command's own
+    outcome stands); whether every one was shipped."""
+    command = checkpoint_command()
+    if command is None:
+        return True
+    shipped = True
+    homes = {home.root: home for home, record in _opened if record.appended}
+    for home in homes.values():
+        try:
+            ship_checkpoint_of(home, command)
+        except ConveyorError as exc:
+            say(f"warning: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""))
+            shipped = False
+    return shipped
+
+
+def ship_checkpoint_of(home: Home, command: str) -> tuple[int, str]:
+    """Ship a checkpoint of ``home``'s record with ``command`` (see ``ship_checkpoint``)."""
+    from conveyor.adapters.signing import InstanceKey
+    from conveyor.app.checkpoints import ship_checkpoint
+
+    timeout_s = checkpoint_timeout()
+    clock = SystemClock()
+    record = SqliteRecord(home.database, clock.now)
+    try:
+        key = InstanceKey.load_or_create(home.keys)
+        return ship_checkpoint(
+            record, key, command, env=os.environ, timeout_s=timeout_s, now=clock.now()
+        )
+    finally:
+        record.close()
+
+
+def checkpoint_timeout() -> float:
+    """``CONVEYOR_CHECKPOINT_TIMEOUT`` (seconds), or the default."""
+    value = os.environ.get(CHECKPOINT_TIMEOUT, "").strip()
+    if not value:
+        return DEFAULT_CHECKPOINT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 86400:
+        raise UsageError(
+            f"{CHECKPOINT_TIMEOUT} must be a number of seconds from 0 to 86400, not"
+            f" '{inline(value[:40])}'",
+            hint=f"e.g. {CHECKPOINT_TIMEOUT}=120, or unset it for the default"
+            f" ({DEFAULT_CHECKPOINT_TIMEOUT_S:g})",
+        )
+    return seconds
 
 
 def recover_orphans(

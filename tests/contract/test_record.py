@@ -285,6 +285,25 @@ class TestSqliteRecord(RecordContract):
         assert (report.ok, report.first_bad_seq) == (False, -2)
         assert "event 1 is missing" not in report.problem
 
+    def test_verifying_from_an_event_checks_only_what_follows_it(
+        self, record: SqliteRecord
+    ) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run), finished(run, "a", "k"), finished(run, "b", "k2")])
+        two = record.event_hash_at(2)
+        assert two is not None
+        report = record.verify((2, two))
+        assert (report.ok, report.events) == (True, 3)  # the head's seq, as a whole check
+        assert report.head_hash == record.verify().head_hash
+        assert record.verify((3, record.event_hash_at(3) or "")).ok  # nothing after it
+        self._tamper(record, "UPDATE events SET payload = payload || ' ' WHERE seq = 3")
+        report = record.verify((2, two))
+        assert (report.ok, report.first_bad_seq) == (False, 3)
+        other = record.verify((2, "0" * 64))  # the event it starts from must be unchanged
+        assert (other.ok, other.first_bad_seq) == (False, 2)
+        assert "is not the one the last checkpoint shipped vouches for" in other.problem
+        assert not record.verify((9, two)).ok  # an event the log does not hold
+
     def test_removed_tail_is_detected(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()
         record.append([started(run), finished(run, "a", "k"), finished(run, "b", "k2")])

@@ -307,3 +307,131 @@ def test_a_fifo_for_the_public_key_does_not_block_a_checkpoint(repo: Repo, tmp_p
     assert made.code == 0, made.err
     assert public.is_file()  # the key's public half is written again
     assert repo.conveyor("audit", "verify", "--checkpoint", str(tmp_path / "c.json")).code == 0
+
+
+# -- shipped by CONVEYOR_CHECKPOINT_COMMAND --------------------------------------------------
+
+
+def shipping_to(folder: Path, **extra: str) -> dict[str, str]:
+    folder.mkdir(exist_ok=True)
+    return {
+        "CONVEYOR_CHECKPOINT_COMMAND": f'cat > "{folder}/$CONVEYOR_CHECKPOINT_NAME"',
+        **extra,
+    }
+
+
+def shipped(folder: Path) -> list[int]:
+    """The event numbers of the checkpoints in ``folder``, in order."""
+    return sorted(int(p.name.rsplit("-", 1)[1].removesuffix(".json")) for p in folder.iterdir())
+
+
+def test_commands_that_write_ship_a_checkpoint_and_readers_do_not(
+    repo: Repo, tmp_path: Path
+) -> None:
+    repo.pipeline(SIMPLE)
+    offbox = tmp_path / "offbox"
+    env = shipping_to(offbox)
+    first = repo.conveyor("run", env=env)
+    assert first.code == 0, first.err
+    events = repo.conveyor("audit", "verify", "--json").json()["events"]
+    assert shipped(offbox) == [events] and first.err.count("warning") == 0
+    (file,) = offbox.iterdir()  # named after the record (its first event's hash) and the event
+    assert file.name.startswith("checkpoint-") and len(file.name.split("-")[1]) == 16
+    for reader in (["runs", "list"], ["audit", "verify"], ["logs", "latest", "a"]):
+        assert repo.conveyor(*reader, env=env).code == 0
+    assert shipped(offbox) == [events]  # nothing new: nothing shipped
+    assert repo.conveyor("run", "--no-cache", env=env).code == 0
+    later = repo.conveyor("audit", "verify", "--json").json()["events"]
+    assert shipped(offbox) == [events, later]
+    for checkpoint in offbox.iterdir():
+        ok = repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint))
+        assert ok.code == 0, ok.err
+    mark = json.loads((repo.path / ".conveyor" / "conveyor.db.shipped").read_text())
+    assert mark["seq"] == later
+
+    rewrite_history(repo.path / ".conveyor", 2)  # both shipped checkpoints see it
+    for checkpoint in offbox.iterdir():
+        assert repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint)).code == 1
+    # and no new checkpoint vouches for the rewritten log: it no longer holds the last one
+    refused = repo.conveyor("run", "--no-cache", env=env)
+    assert refused.code == 0  # the run's own outcome stands
+    assert "warning: the event log does not verify" in refused.err
+    assert f"event {later} is not the one the last checkpoint shipped vouches for" in refused.err
+    assert shipped(offbox) == [events, later]
+
+
+def test_a_failed_or_slow_shipment_is_a_warning_and_the_next_command_ships(
+    repo: Repo, tmp_path: Path
+) -> None:
+    repo.pipeline(SIMPLE)
+    failing = {"CONVEYOR_CHECKPOINT_COMMAND": "echo 'backup host down' >&2; exit 3"}
+    result = repo.conveyor("run", env=failing)
+    assert result.code == 0
+    assert (
+        "warning: the checkpoint of event 6 was not shipped: CONVEYOR_CHECKPOINT_COMMAND exited"
+        " with status 3: backup host down" in result.err
+    )
+    assert "hint: the next command that writes to the record ships one again" in result.err
+    assert not (repo.path / ".conveyor" / "conveyor.db.shipped").exists()
+
+    stuck = {
+        "CONVEYOR_CHECKPOINT_COMMAND": "sleep 61.5 & sleep 61.5",
+        "CONVEYOR_CHECKPOINT_TIMEOUT": "0.5",
+    }
+    result = repo.conveyor("run", "--no-cache", env=stuck, timeout=30)
+    assert result.code == 0
+    assert "CONVEYOR_CHECKPOINT_COMMAND did not finish within 0.5 s and was stopped" in result.err
+    left = subprocess.run(["pgrep", "-f", "sleep 61.5"], capture_output=True, text=True)
+    assert left.stdout.strip() == ""  # its whole process group was killed
+
+    bad = repo.conveyor(
+        "run",
+        "--no-cache",
+        env={**shipping_to(tmp_path / "o"), "CONVEYOR_CHECKPOINT_TIMEOUT": "soon"},
+    )
+    assert bad.code == 0 and "CONVEYOR_CHECKPOINT_TIMEOUT must be a number of seconds" in bad.err
+
+    offbox = tmp_path / "offbox"
+    assert repo.conveyor("run", "--no-cache", env=shipping_to(offbox)).code == 0
+    events = repo.conveyor("audit", "verify", "--json").json()["events"]
+    assert shipped(offbox) == [events]  # covers what the failed ones would have
+
+
+def test_audit_checkpoint_ship_ships_now(repo: Repo, tmp_path: Path) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0  # no command set: nothing shipped
+    unset = repo.conveyor("audit", "checkpoint", "--ship")
+    assert unset.code == 2 and "CONVEYOR_CHECKPOINT_COMMAND is not set" in unset.err
+    offbox = tmp_path / "offbox"
+    both = repo.conveyor("audit", "checkpoint", "--ship", "-o", str(tmp_path / "c.json"))
+    assert both.code == 2 and "give one of them" in both.err
+    failed = repo.conveyor(
+        "audit", "checkpoint", "--ship", env={"CONVEYOR_CHECKPOINT_COMMAND": "exit 1"}
+    )
+    assert failed.code == 1 and "exited with status 1" in failed.err
+    done = repo.conveyor("audit", "checkpoint", "--ship", env=shipping_to(offbox))
+    assert done.code == 0, done.err
+    assert "checkpoint of event 6 shipped as checkpoint-" in done.err
+    again = repo.conveyor("audit", "checkpoint", "--ship", env=shipping_to(offbox))
+    assert again.code == 0 and "was shipped already" in again.err
+    assert shipped(offbox) == [6]
+    (checkpoint,) = offbox.iterdir()
+    assert repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint)).code == 0
+
+
+def test_an_unreadable_shipped_mark_means_the_whole_log_is_verified(
+    repo: Repo, tmp_path: Path
+) -> None:
+    repo.pipeline(SIMPLE)
+    offbox = tmp_path / "offbox"
+    assert repo.conveyor("run", env=shipping_to(offbox)).code == 0
+    mark = repo.path / ".conveyor" / "conveyor.db.shipped"
+    mark.write_text("{not json")
+    conn = sqlite3.connect(repo.path / ".conveyor" / "conveyor.db")
+    conn.execute("DROP TRIGGER events_append_only_update")
+    conn.execute("UPDATE events SET payload = replace(payload, 'simple', 'simpler') WHERE seq = 1")
+    conn.commit()
+    conn.close()
+    result = repo.conveyor("run", "--no-cache", env=shipping_to(offbox))
+    assert "warning: the event log does not verify (event 1 (run.started) was altered" in result.err
+    assert shipped(offbox) == [6]

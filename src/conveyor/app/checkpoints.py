@@ -11,13 +11,15 @@ chain verifies up to it).
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from conveyor.domain.canonical import canonical_json
 from conveyor.domain.provenance import loads_strict
-from conveyor.errors import VerificationError
+from conveyor.errors import ConveyorError, VerificationError
 
 CHECKPOINT_TYPE = "application/vnd.conveyor.checkpoint+json"
 """The DSSE ``payloadType`` of a checkpoint."""
@@ -58,16 +60,20 @@ class CheckpointCheck:
         }
 
 
-def make_checkpoint(record: Any, key: Any, signed_at: str) -> tuple[dict[str, Any], int, str]:
+def make_checkpoint(
+    record: Any, key: Any, signed_at: str, since: tuple[int, str] | None = None
+) -> tuple[dict[str, Any], int, str]:
     """A signed checkpoint of the record's newest event: (the envelope, its seq, its hash).
 
-    The log is verified first (a checkpoint must not vouch for an altered record) and the
-    events are made durable (a power loss must not take back an event it vouches for).
+    The log is verified first (a checkpoint must not vouch for an altered record): from
+    ``since`` on (the seq and hash of a checkpoint made before, which the log must still
+    hold), or whole. The events are made durable (a power loss must not take back an event
+    it vouches for).
 
     Raises:
         VerificationError: the log does not verify, or has no events yet.
     """
-    report = record.verify()
+    report = record.verify(since)
     if not report.ok:
         raise VerificationError(
             f"the event log does not verify ({report.problem}): a checkpoint would vouch for an"
@@ -91,6 +97,51 @@ def make_checkpoint(record: Any, key: Any, signed_at: str) -> tuple[dict[str, An
     }
     envelope = key.sign(CHECKPOINT_TYPE, canonical_json(statement).encode())
     return envelope, seq, digest
+
+
+def ship_checkpoint(
+    record: Any,
+    key: Any,
+    command: str,
+    *,
+    env: Mapping[str, str],
+    timeout_s: float,
+    now: str,
+) -> tuple[int, str]:
+    """Sign the record's newest event and hand the checkpoint to ``command`` (standard input;
+    ``CONVEYOR_CHECKPOINT_SEQ`` and a file name, ``CONVEYOR_CHECKPOINT_NAME``, in its
+    environment), then remember it shipped: the next one verifies the log from there on.
+    Returns (its seq, its name); the name is ``""`` when that event was shipped already.
+
+    Raises:
+        VerificationError: the log does not verify (nothing is shipped).
+        ConveyorError: the command failed (said how, with the end of its output).
+    """
+    from conveyor.adapters.shipper import ship
+    from conveyor.store.sqlite import read_shipped, write_shipped
+
+    since = read_shipped(record.path)
+    envelope, seq, digest = make_checkpoint(record, key, now, since)
+    if since is not None and since == (seq, digest):
+        return seq, ""
+    first = record.event_hash_at(1) or ""
+    name = f"checkpoint-{first[:16]}-{seq}.json"
+    data = (json.dumps(envelope, indent=2) + "\n").encode("ascii")
+    problem = ship(
+        command,
+        data,
+        {**env, "CONVEYOR_CHECKPOINT_SEQ": str(seq), "CONVEYOR_CHECKPOINT_NAME": name},
+        timeout_s,
+    )
+    if problem is not None:
+        raise ConveyorError(
+            f"the checkpoint of event {seq} was not shipped: CONVEYOR_CHECKPOINT_COMMAND {problem}",
+            hint="the next command that writes to the record ships one again, as does `conveyor"
+            " audit checkpoint --ship`; until then, the events since the last one shipped are"
+            " covered by the hash chain and the head mark only",
+        )
+    write_shipped(record.path, seq, digest, now)
+    return seq, name
 
 
 def check_checkpoint(

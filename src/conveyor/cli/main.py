@@ -1249,8 +1249,13 @@ def _check_checkpoint(
     help="Write it to FILE (keep it off this machine) [default: standard output].",
 )
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@click.option(
+    "--ship",
+    is_flag=True,
+    help="Hand it to CONVEYOR_CHECKPOINT_COMMAND now, as commands that write do at their end.",
+)
 @home_option
-def audit_checkpoint(output: Path | None, force: bool, home: Path | None) -> None:
+def audit_checkpoint(output: Path | None, force: bool, ship: bool, home: Path | None) -> None:
     """Sign the event log's newest event: a checkpoint to keep off this machine, which
     `audit verify --checkpoint FILE` later checks the log still holds."""
     import json
@@ -1259,6 +1264,9 @@ def audit_checkpoint(output: Path | None, force: bool, home: Path | None) -> Non
     from conveyor.adapters.signing import InstanceKey
     from conveyor.app.checkpoints import make_checkpoint
 
+    if ship:
+        _ship_now(output, home)
+        return
     record = open_record_at(home, recover=False)
     key = InstanceKey.load_or_create(home_of(home, None if home else repo_root()).keys)
     envelope, seq, digest = make_checkpoint(record, key, SystemClock().now())
@@ -1281,6 +1289,30 @@ def audit_checkpoint(output: Path | None, force: bool, home: Path | None) -> Non
         + (f", written to {output}" if output else ""),
         err=True,
     )
+
+
+def _ship_now(output: Path | None, home: Path | None) -> None:
+    """``audit checkpoint --ship``: exit 1 if the command fails, 2 if none is set."""
+    from conveyor.bootstrap import CHECKPOINT_COMMAND, checkpoint_command, ship_checkpoint_of
+
+    if output is not None:
+        raise UsageError(
+            "--ship hands the checkpoint to CONVEYOR_CHECKPOINT_COMMAND; -o writes it to a file",
+            hint="give one of them",
+        )
+    command = checkpoint_command()
+    if command is None:
+        raise UsageError(
+            f"{CHECKPOINT_COMMAND} is not set: there is nothing to ship the checkpoint with",
+            hint=f"set it to a shell command that keeps its standard input off this machine,"
+            f" e.g. {CHECKPOINT_COMMAND}='ssh backup \"cat > ckpt/$CONVEYOR_CHECKPOINT_NAME\"'",
+        )
+    open_record_at(home, recover=False).close()  # created and migrated, as for any command
+    seq, name = ship_checkpoint_of(home_of(home, None if home else repo_root()), command)
+    if name:
+        click.echo(f"checkpoint of event {seq} shipped as {name}", err=True)
+    else:
+        click.echo(f"the checkpoint of event {seq}, the newest, was shipped already", err=True)
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -1387,6 +1419,7 @@ def entry() -> NoReturn:
         else:
             print(exc.code, file=sys.stderr)
             code = EXIT_FAILED
+    code = _ship_checkpoints(code)
     for stream in (sys.stdout, sys.stderr):
         if stream is None:  # started with it closed
             continue
@@ -1399,6 +1432,29 @@ def entry() -> NoReturn:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _ship_checkpoints(code: int) -> int:
+    """After a command that wrote to a record, with ``CONVEYOR_CHECKPOINT_COMMAND`` set: a
+    checkpoint shipped off the machine. A failure is a warning; the command's exit code
+    stands (130 if the shipping is cancelled)."""
+    if not os.environ.get("CONVEYOR_CHECKPOINT_COMMAND", "").strip():
+        return code
+    bootstrap = sys.modules.get("conveyor.bootstrap")
+    if bootstrap is None:  # no record was opened
+        return code
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        bootstrap.ship_checkpoints(lambda text: click.echo(text, err=True))
+    except KeyboardInterrupt:
+        click.echo(
+            "warning: the checkpoint was not shipped: cancelled (Ctrl-C or SIGTERM)", err=True
+        )
+        return code or EXIT_CANCELLED
+    except Exception as exc:  # the command is over: never a traceback after its outcome
+        click.echo(f"warning: the checkpoint was not shipped: {exc}", err=True)
+    return code
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,6 +135,39 @@ def _write_head(db_path: Path, seq: int, digest: str) -> None:
         os.replace(temporary, path)
 
 
+def shipped_path(db_path: Path) -> Path:
+    """Where the newest checkpoint shipped off this machine is remembered (its event's seq and
+    hash): later checkpoints verify the log from there on."""
+    return db_path.with_name(db_path.name + ".shipped")
+
+
+def read_shipped(db_path: Path) -> tuple[int, str] | None:
+    """The ``(seq, hash)`` of the newest checkpoint shipped, if one is remembered (a mark that
+    cannot be read, or is not one, is as none: the next checkpoint verifies the whole log)."""
+    try:
+        data = json.loads(shipped_path(db_path).read_text(encoding="utf-8"))
+        seq, digest = data["seq"], data["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if type(seq) is not int or not 0 < seq < 2**63 or not isinstance(digest, str):
+        return None
+    return seq, digest
+
+
+def write_shipped(db_path: Path, seq: int, digest: str, at: str) -> None:
+    """Remember a shipped checkpoint, unless a newer one is remembered (concurrent commands)."""
+    known = read_shipped(db_path)
+    if known is not None and known[0] >= seq:
+        return
+    path = shipped_path(db_path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(OSError):  # at worst, the next checkpoint verifies more
+        temporary.write_text(
+            json.dumps({"seq": seq, "hash": digest, "shipped_at": at}) + "\n", encoding="utf-8"
+        )
+        os.replace(temporary, path)
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """Open the database with the pragmas every connection needs."""
     try:
@@ -236,6 +269,8 @@ class SqliteRecord:
         self._conn = connect(path)
         self._tail: tuple[int, str] | None = None  # (seq, hash) of the last event we wrote
         self._head_flagged = False
+        self.appended = 0
+        """How many events this connection appended (a command that wrote ships a checkpoint)."""
 
     def close(self) -> None:
         """Close the connection."""
@@ -315,6 +350,7 @@ class SqliteRecord:
                 f"cannot write to the record at {self.path}: {exc}",
                 hint=f"free some space on the disk that holds {self.path.parent}" if full else None,
             ) from exc
+        self.appended += len(events)
         if durable and self._tail is not None:
             _write_head(self.path, *self._tail)
             if not self._head_flagged:
@@ -1040,13 +1076,20 @@ class SqliteRecord:
             {"id": r[0], "owner_pid": r[1], "owner_host": r[2], "owner_token": r[3]} for r in rows
         ]
 
-    def iter_events(self) -> Iterator[tuple[int, bytes, bytes, int, bytes, bytes, bytes]]:
-        """Every stored event as ``(seq, at, type, run_id, payload, prev_hash, hash)``, its text
-        as the stored bytes (a damaged record may hold bytes that are not UTF-8)."""
-        yield from self._conn.execute(
+    def iter_events(
+        self, after: int = 0
+    ) -> Iterator[tuple[int, bytes, bytes, int, bytes, bytes, bytes]]:
+        """Every stored event (after event ``after``) as ``(seq, at, type, run_id, payload,
+        prev_hash, hash)``, its text as the stored bytes (a damaged record may hold bytes that
+        are not UTF-8)."""
+        query = (
             "SELECT seq, CAST(at AS BLOB), CAST(type AS BLOB), run_id, CAST(payload AS BLOB),"
-            " CAST(prev_hash AS BLOB), CAST(hash AS BLOB) FROM events ORDER BY seq"
+            " CAST(prev_hash AS BLOB), CAST(hash AS BLOB) FROM events"
         )
+        if after > 0:  # never ``seq > 0`` for all: an event numbered 0 or below is seen too
+            yield from self._conn.execute(f"{query} WHERE seq > ? ORDER BY seq", (after,))
+        else:
+            yield from self._conn.execute(f"{query} ORDER BY seq")
 
     def events_of_run(self, run_id: int) -> list[dict[str, Any]]:
         """The events of one run, in order."""
@@ -1059,12 +1102,15 @@ class SqliteRecord:
             for r in rows
         ]
 
-    def verify(self) -> AuditReport:
+    def verify(self, since: tuple[int, str] | None = None) -> AuditReport:
         """Check the hash chain, the sequence and the high-water mark of the event log.
 
         The head mark is read first (it names an event committed before it was written), then
         everything else in one read transaction: events appended meanwhile by a run are not
         taken for events removed from the end.
+
+        With ``since`` (an event's seq and hash, verified before: the last checkpoint shipped),
+        only the events after it are checked, once that event is found unchanged.
         """
         flagged = self.head_was_written()  # before the mark: the mark is written first
         head = _head_of(self.path)
@@ -1074,17 +1120,40 @@ class SqliteRecord:
         except sqlite3.Error as exc:
             raise _unreadable(self.path, exc) from exc
         try:
-            return self._verify(head, flagged)
+            return self._verify(head, flagged, since)
         finally:
             if conn.in_transaction:
                 conn.execute("COMMIT")
 
-    def _verify(self, head_of: tuple[tuple[int, str] | None, str], flagged: bool) -> AuditReport:
+    def _verify(
+        self,
+        head_of: tuple[tuple[int, str] | None, str],
+        flagged: bool,
+        since: tuple[int, str] | None = None,
+    ) -> AuditReport:
         expected_prev = GENESIS
         count = 0
         last_seq = 0
+        if since is not None:
+            last_seq, expected_prev = since
+            try:
+                row = self._conn.execute(
+                    "SELECT CAST(hash AS BLOB) FROM events WHERE seq = ?", (last_seq,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise _unreadable(self.path, exc) from exc
+            if row is None or bytes(row[0] or b"") != expected_prev.encode():
+                return AuditReport(
+                    False,
+                    0,
+                    last_seq,
+                    f"event {last_seq} is not the one the last checkpoint shipped vouches for"
+                    f" (remembered in {shipped_path(self.path).name}): the log, or that file,"
+                    " was altered since",
+                )
+            count = last_seq
         try:
-            for seq, *texts, run_id, raw_payload, raw_prev, raw_hash in self.iter_events():
+            for seq, *texts, run_id, raw_payload, raw_prev, raw_hash in self.iter_events(last_seq):
                 count += 1
                 try:  # read as bytes: the first event that is not UTF-8 is named
                     at, kind, payload, prev_hash, stored = (

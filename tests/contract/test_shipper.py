@@ -1,0 +1,38 @@
+"""The checkpoint shipping command: its input, its outcome, and what is said of a failure."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from conveyor.adapters.shipper import OUTPUT_SHOWN, ship
+
+
+def test_the_checkpoint_is_on_its_standard_input_and_exit_0_is_success(tmp_path: Path) -> None:
+    out = tmp_path / "kept.json"
+    env = {"PATH": os.environ["PATH"], "OUT": str(out)}
+    assert ship('cat > "$OUT"', b'{"seq": 1}\n', env, 10) is None
+    assert out.read_bytes() == b'{"seq": 1}\n'
+
+
+def test_a_failure_says_how_with_the_end_of_its_output_on_one_safe_line() -> None:
+    env = {"PATH": os.environ["PATH"]}
+    said = ship("printf 'a\\033[31mred\\nline two\\n' >&2; exit 4", b"", env, 10)
+    assert said == "exited with status 4: ared line two"
+    assert ship("kill -9 $$", b"", env, 10) == "was killed by signal 9"
+    long = ship("head -c 100000 /dev/zero | tr '\\0' x; exit 1", b"", env, 10)
+    assert long is not None and len(long) <= len("exited with status 1: ") + OUTPUT_SHOWN
+
+
+def test_a_command_that_runs_too_long_is_stopped_with_its_group() -> None:
+    env = {"PATH": os.environ["PATH"]}
+    began = time.monotonic()
+    said = ship("sleep 30 & echo started; wait", b"", env, 0.5)
+    assert said == "did not finish within 0.5 s and was stopped: started"
+    assert time.monotonic() - began < 10
+
+
+def test_a_command_that_does_not_read_its_input_is_fine() -> None:
+    env = {"PATH": os.environ["PATH"]}
+    assert ship("true", b"x" * 1_000_000, env, 10) is None
