@@ -23,7 +23,8 @@ OUTPUT_SHOWN = 2000
 def ship(command: str, data: bytes, env: Mapping[str, str], timeout_s: float) -> str | None:
     """Run ``command`` with ``sh -c``, ``data`` on its standard input, in a session of its
     own; ``None`` when it exits 0 within ``timeout_s``, else what went wrong ("exited with
-    status 3: <the end of what it printed>"). A command that runs too long is killed, with its process group."""
+    status 3: <the end of what it printed>"). A command that runs too long is killed, with
+    its process group."""
     with tempfile.TemporaryFile() as output:
         try:
             proc = subprocess.Popen(
