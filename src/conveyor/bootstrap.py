@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -90,6 +91,7 @@ _opened: list[tuple[Home, SqliteRecord]] = []
 CHECKPOINT_COMMAND = "CONVEYOR_CHECKPOINT_COMMAND"
 CHECKPOINT_TIMEOUT = "CONVEYOR_CHECKPOINT_TIMEOUT"
 DEFAULT_CHECKPOINT_TIMEOUT_S = 60.0
+_SECONDS = re.compile(r"[0-9]{1,5}(\.[0-9]{1,6})?")
 
 
 def checkpoint_command() -> str | None:
@@ -111,13 +113,15 @@ def ship_checkpoints(say: Callable[[str], None]) -> bool:
         try:
             ship_checkpoint_of(home, command)
         except ConveyorError as exc:
-            say(f"warning: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""))
             shipped = False
+            with contextlib.suppress(OSError, ValueError):  # stderr closed or full
+                say(f"warning: {exc.message}" + (f"\n  hint: {exc.hint}" if exc.hint else ""))
     return shipped
 
 
-def ship_checkpoint_of(home: Home, command: str) -> tuple[int, str]:
-    """Ship a checkpoint of ``home``'s record with ``command`` (see ``ship_checkpoint``)."""
+def ship_checkpoint_of(home: Home, command: str, *, full: bool = False) -> tuple[int, str]:
+    """Ship a checkpoint of ``home``'s record with ``command`` (see ``ship_checkpoint``;
+    ``full``: after verifying the whole log)."""
     from conveyor.adapters.signing import InstanceKey
     from conveyor.app.checkpoints import ship_checkpoint
 
@@ -127,7 +131,14 @@ def ship_checkpoint_of(home: Home, command: str) -> tuple[int, str]:
     try:
         key = InstanceKey.load_or_create(home.keys)
         return ship_checkpoint(
-            record, key, command, env=os.environ, timeout_s=timeout_s, now=clock.now()
+            record,
+            key,
+            command,
+            env=os.environ,
+            timeout_s=timeout_s,
+            now=clock.now(),
+            epoch=time.time(),
+            full=full,
         )
     finally:
         record.close()
@@ -138,13 +149,10 @@ def checkpoint_timeout() -> float:
     value = os.environ.get(CHECKPOINT_TIMEOUT, "").strip()
     if not value:
         return DEFAULT_CHECKPOINT_TIMEOUT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
+    seconds = float(value) if _SECONDS.fullmatch(value) else -1.0
     if not 0 < seconds <= 86400:
         raise UsageError(
-            f"{CHECKPOINT_TIMEOUT} must be a number of seconds from 0 to 86400, not"
+            f"{CHECKPOINT_TIMEOUT} must be a number of seconds above 0 and at most 86400, not"
             f" '{inline(value[:40])}'",
             hint=f"e.g. {CHECKPOINT_TIMEOUT}=120, or unset it for the default"
             f" ({DEFAULT_CHECKPOINT_TIMEOUT_S:g})",

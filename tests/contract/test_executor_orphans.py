@@ -103,6 +103,29 @@ def test_a_deployed_service_a_job_started_is_spared_and_ended_orphans_are_reaped
         _kill(leaked)
 
 
+def test_the_rm_of_old_releases_a_job_left_is_spared(tmp_path: Path) -> None:
+    """`conveyor promote` in a job moves old releases aside and leaves a detached rm deleting
+    them (``adapters.trash``): the stage's orphan killer lets it finish."""
+    executor = LocalExecutor()
+    env = {"PATH": os.environ["PATH"], "CONVEYOR_RUN_TOKEN": "t-trash"}
+    rm_pid = tmp_path / "rm.pid"
+    leave_rm = (
+        f"env -i CONVEYOR_TRASH=1 setsid -f sh -c 'echo $$ > {rm_pid}; exec sleep 1021';"
+        f" while [ ! -s {rm_pid} ]; do :; done"
+    )
+    leaked: list[int] = []
+    try:
+        executor.start(JobLaunch("promote#1", leave_rm, env, str(tmp_path)))
+        _wait_exit(executor, "promote#1")
+        rm = int(rm_pid.read_text())
+        leaked.append(rm)
+        assert executor.sweep() == []
+        assert _alive(rm)
+    finally:
+        executor.close()
+        _kill(leaked)
+
+
 def _zombie_children() -> list[int]:
     me = os.getpid()
     pids = Path(f"/proc/{me}/task/{me}/children").read_text().split()

@@ -301,8 +301,14 @@ class TestSqliteRecord(RecordContract):
         assert (report.ok, report.first_bad_seq) == (False, 3)
         other = record.verify((2, "0" * 64))  # the event it starts from must be unchanged
         assert (other.ok, other.first_bad_seq) == (False, 2)
-        assert "is not the one the last checkpoint shipped vouches for" in other.problem
+        assert "is not the one the log was verified up to before" in other.problem
         assert not record.verify((9, two)).ok  # an event the log does not hold
+        self._tamper(record, "UPDATE events SET payload = rtrim(payload) WHERE seq = 3")
+        assert record.verify((2, two)).ok
+        self._tamper(record, "UPDATE events SET hash = 'x' || substr(hash, 2) WHERE seq = 1")
+        report = record.verify((2, two))  # event 1 names the record: always checked
+        assert (report.ok, report.first_bad_seq) == (False, 1)
+        assert report.problem == "event 1 was altered: its hash does not match"
 
     def test_removed_tail_is_detected(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()
@@ -319,7 +325,7 @@ class TestSqliteRecord(RecordContract):
     @staticmethod
     def _tamper(record: SqliteRecord, sql: str) -> None:
         conn = sqlite3.connect(record.path)
-        conn.execute("DROP TRIGGER events_append_only_update")
+        conn.execute("DROP TRIGGER IF EXISTS events_append_only_update")
         conn.execute(sql)
         conn.commit()
         conn.close()

@@ -36,3 +36,30 @@ def test_a_command_that_runs_too_long_is_stopped_with_its_group() -> None:
 def test_a_command_that_does_not_read_its_input_is_fine() -> None:
     env = {"PATH": os.environ["PATH"]}
     assert ship("true", b"x" * 1_000_000, env, 10) is None
+
+
+def test_what_it_leaves_in_its_group_is_killed_and_does_not_hold_us(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"]}
+    pid_file = tmp_path / "pid"
+    began = time.monotonic()
+    said = ship(f"sleep 1033 & echo $! > {pid_file}; cat > /dev/null", b"{}", env, 30)
+    assert said is None and time.monotonic() - began < 10  # not until the sleep ends
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)  # killed; reaped by init (it was not our child)
+    assert not _running(pid)
+
+
+def test_only_the_end_of_a_huge_output_is_kept() -> None:
+    env = {"PATH": os.environ["PATH"]}
+    said = ship("head -c 50000000 /dev/zero | tr '\\0' x; echo END; exit 2", b"", env, 30)
+    assert said is not None and said.startswith("exited with status 2: x") and said.endswith("END")
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -91,3 +92,33 @@ def test_an_entry_that_cannot_be_moved_is_deleted_in_place(
     monkeypatch.setattr(trash_module.os, "replace", refuse)
     discard([folder], tmp_path / ".trash")
     assert not folder.exists()
+
+
+def test_a_link_in_place_of_the_trash_does_not_lead_the_rm_elsewhere(tmp_path: Path) -> None:
+    precious = _tree(tmp_path / "precious")
+    trash = tmp_path / ".trash"
+    trash.symlink_to(precious)
+    doomed = _tree(tmp_path / "9")
+    discard([doomed], trash)
+    assert (precious / "deep" / "er" / "file").read_text() == "x"
+    assert trash.is_dir() and not trash.is_symlink() and _emptied(trash)
+    assert not doomed.exists()
+
+
+def test_the_rm_is_marked_for_the_orphan_killer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    seen = tmp_path / "env.txt"
+    fake = bin_dir / "rm"
+    fake.write_text(f'#!/bin/sh\nenv > {seen}\nexec /bin/rm "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    trash = tmp_path / ".trash"
+    discard([_tree(tmp_path / "10")], trash)
+    assert _emptied(trash)
+    deadline = time.monotonic() + 10
+    while not seen.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "CONVEYOR_TRASH=1" in seen.read_text().split("\n")

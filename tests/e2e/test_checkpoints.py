@@ -356,7 +356,7 @@ def test_commands_that_write_ship_a_checkpoint_and_readers_do_not(
     refused = repo.conveyor("run", "--no-cache", env=env)
     assert refused.code == 0  # the run's own outcome stands
     assert "warning: the event log does not verify" in refused.err
-    assert f"event {later} is not the one the last checkpoint shipped vouches for" in refused.err
+    assert f"event {later} is not the one the log was verified up to before" in refused.err
     assert shipped(offbox) == [events, later]
 
 
@@ -419,19 +419,61 @@ def test_audit_checkpoint_ship_ships_now(repo: Repo, tmp_path: Path) -> None:
     assert repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint)).code == 0
 
 
-def test_an_unreadable_shipped_mark_means_the_whole_log_is_verified(
+def test_an_unreadable_verified_mark_means_the_whole_log_is_verified(
     repo: Repo, tmp_path: Path
 ) -> None:
     repo.pipeline(SIMPLE)
     offbox = tmp_path / "offbox"
     assert repo.conveyor("run", env=shipping_to(offbox)).code == 0
-    mark = repo.path / ".conveyor" / "conveyor.db.shipped"
+    mark = repo.path / ".conveyor" / "conveyor.db.verified"
     mark.write_text("{not json")
     conn = sqlite3.connect(repo.path / ".conveyor" / "conveyor.db")
     conn.execute("DROP TRIGGER events_append_only_update")
-    conn.execute("UPDATE events SET payload = replace(payload, 'simple', 'simpler') WHERE seq = 1")
+    conn.execute("UPDATE events SET payload = payload || ' ' WHERE seq = 2")
     conn.commit()
     conn.close()
     result = repo.conveyor("run", "--no-cache", env=shipping_to(offbox))
-    assert "warning: the event log does not verify (event 1 (run.started) was altered" in result.err
+    assert (
+        "warning: the event log does not verify (event 2 (stage.started) was altered" in result.err
+    )
     assert shipped(offbox) == [6]
+
+
+def test_event_1_is_checked_by_every_checkpoint_and_the_whole_log_daily_and_on_demand(
+    repo: Repo, tmp_path: Path
+) -> None:
+    """From the event verified last on, plus event 1 (it names the record and the file);
+    the whole log on `--ship` and when its last whole check is a day old."""
+    repo.pipeline(SIMPLE)
+    offbox = tmp_path / "offbox"
+    env = shipping_to(offbox)
+    assert repo.conveyor("run", env=env).code == 0
+    home = repo.path / ".conveyor"
+    verified = json.loads((home / "conveyor.db.verified").read_text())
+    assert verified["seq"] == 6 and verified["whole_at"] > 0
+
+    conn = sqlite3.connect(home / "conveyor.db")
+    conn.execute("DROP TRIGGER events_append_only_update")
+    conn.execute("UPDATE events SET payload = payload || ' ' WHERE seq = 3")
+    conn.commit()
+    incremental = repo.conveyor("run", "--no-cache", env=env)
+    assert incremental.code == 0 and "warning" not in incremental.err  # before the mark
+    assert shipped(offbox) == [6, 12]
+    whole = repo.conveyor("audit", "checkpoint", "--ship", env=env)
+    assert whole.code == 1 and "event 3 (job.attempt.started) was altered" in whole.err
+    stale = json.loads((home / "conveyor.db.verified").read_text())
+    (home / "conveyor.db.verified").write_text(
+        json.dumps({**stale, "whole_at": stale["whole_at"] - 25 * 3600})
+    )
+    daily = repo.conveyor("run", "--no-cache", env=env)
+    assert "warning: the event log does not verify (event 3" in daily.err
+    assert shipped(offbox) == [6, 12]
+
+    conn.execute("UPDATE events SET payload = rtrim(payload) WHERE seq = 3")
+    conn.execute("UPDATE events SET hash = ';rm -rf x;#' || substr(hash, 12) WHERE seq = 1")
+    conn.commit()
+    conn.close()
+    first = repo.conveyor("run", "--no-cache", env=env)
+    assert "warning: the event log does not verify (event 1 " in first.err
+    assert shipped(offbox) == [6, 12]
+    assert all(p.name[11:27].isalnum() for p in offbox.iterdir())

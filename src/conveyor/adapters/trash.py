@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 TRASH = ".trash"
 """The folder, beside the discarded entries, they are moved into."""
+TRASH_MARK = "CONVEYOR_TRASH"
+"""In the ``rm``'s environment: a run's orphan killer spares it (a ``conveyor promote`` in a
+job leaves it behind, deleting, when it ends)."""
 
 _numbers = itertools.count()
 """Makes the names in the trash unique within this process (the pid, across processes)."""
@@ -24,9 +28,12 @@ def discard(paths: Iterable[Path], trash: Path) -> None:
     """Move ``paths`` into ``trash`` and delete them, and whatever ``trash`` still held, with a
     detached ``rm -rf``. An entry that cannot be moved (permissions, another filesystem) is
     deleted here and now; one that cannot be deleted either is left as it is."""
+    if not _real_folder(trash):
+        for path in paths:
+            _delete_now(path)
+        return
     for path in paths:
         try:
-            trash.mkdir(exist_ok=True)
             os.replace(path, trash / f"{path.name}.{os.getpid()}.{next(_numbers)}")
         except FileNotFoundError:
             continue
@@ -41,13 +48,35 @@ def discard(paths: Iterable[Path], trash: Path) -> None:
         delete_in_background(doomed)
 
 
+def _real_folder(trash: Path) -> bool:
+    """Make ``trash`` a folder of its own if it is not one (a link there would have what it
+    points to deleted: it is removed); whether it is one now."""
+    try:
+        if not stat.S_ISDIR(os.lstat(trash).st_mode):
+            os.unlink(trash)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    try:
+        os.mkdir(trash, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    try:
+        return stat.S_ISDIR(os.lstat(trash).st_mode)
+    except OSError:
+        return False
+
+
 def delete_in_background(paths: list[str]) -> None:
     """``rm -rf`` in its own session, not waited for; synchronously if it cannot start."""
     try:
         os.posix_spawnp(
             "rm",
             ["rm", "-rf", "--", *paths],
-            {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"},
+            {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C", TRASH_MARK: "1"},
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),

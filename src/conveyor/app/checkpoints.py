@@ -99,6 +99,11 @@ def make_checkpoint(
     return envelope, seq, digest
 
 
+FULL_VERIFICATION_S = 24 * 3600
+"""A checkpoint verifies the whole log when the last whole verification is older than this
+(else only the events since the last verification, and event 1)."""
+
+
 def ship_checkpoint(
     record: Any,
     key: Any,
@@ -107,25 +112,39 @@ def ship_checkpoint(
     env: Mapping[str, str],
     timeout_s: float,
     now: str,
+    epoch: float,
+    full: bool = False,
 ) -> tuple[int, str]:
     """Sign the record's newest event and hand the checkpoint to ``command`` (standard input;
     ``CONVEYOR_CHECKPOINT_SEQ`` and a file name, ``CONVEYOR_CHECKPOINT_NAME``, in its
-    environment), then remember it shipped: the next one verifies the log from there on.
-    Returns (its seq, its name); the name is ``""`` when that event was shipped already.
+    environment), then remember it shipped. Returns (its seq, its name); the name is ``""``
+    when that event was shipped already.
+
+    The log is verified first: whole with ``full``, if it never was, or if its last whole
+    verification is older than ``FULL_VERIFICATION_S``; else from the event it was last
+    verified up to (which must be unchanged), with event 1.
 
     Raises:
         VerificationError: the log does not verify (nothing is shipped).
         ConveyorError: the command failed (said how, with the end of its output).
     """
     from conveyor.adapters.shipper import ship
-    from conveyor.store.sqlite import read_shipped, write_shipped
+    from conveyor.store.sqlite import SHIPPED, VERIFIED, read_mark, write_mark
 
-    since = read_shipped(record.path)
+    verified = None if full else read_mark(record.path, VERIFIED)
+    whole_at = verified.get("whole_at") if verified else None
+    if not isinstance(whole_at, int | float) or not 0 <= epoch - whole_at < FULL_VERIFICATION_S:
+        verified, whole_at = None, epoch
+    since = (verified["seq"], verified["hash"]) if verified else None
     envelope, seq, digest = make_checkpoint(record, key, now, since)
-    if since is not None and since == (seq, digest):
+    write_mark(record.path, VERIFIED, seq, digest, whole_at=whole_at)
+    shipped = read_mark(record.path, SHIPPED)
+    if shipped is not None and (shipped["seq"], shipped["hash"]) == (seq, digest):
         return seq, ""
     first = record.event_hash_at(1) or ""
-    name = f"checkpoint-{first[:16]}-{seq}.json"
+    if not (_HASH.fullmatch(first) and _HASH.fullmatch(digest)):  # verified: never, but named
+        raise VerificationError("the record's hashes are not sha256 hex digests: nothing shipped")
+    name = f"checkpoint-{first[:16]}-{seq}.json"  # letters, digits, "-" and ".": shell-safe
     data = (json.dumps(envelope, indent=2) + "\n").encode("ascii")
     problem = ship(
         command,
@@ -140,7 +159,7 @@ def ship_checkpoint(
             " audit checkpoint --ship`; until then, the events since the last one shipped are"
             " covered by the hash chain and the head mark only",
         )
-    write_shipped(record.path, seq, digest, now)
+    write_mark(record.path, SHIPPED, seq, digest, shipped_at=now)
     return seq, name
 
 

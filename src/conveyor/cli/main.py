@@ -1308,7 +1308,8 @@ def _ship_now(output: Path | None, home: Path | None) -> None:
             f" e.g. {CHECKPOINT_COMMAND}='ssh backup \"cat > ckpt/$CONVEYOR_CHECKPOINT_NAME\"'",
         )
     open_record_at(home, recover=False).close()  # created and migrated, as for any command
-    seq, name = ship_checkpoint_of(home_of(home, None if home else repo_root()), command)
+    home_obj = home_of(home, None if home else repo_root())
+    seq, name = ship_checkpoint_of(home_obj, command, full=True)
     if name:
         click.echo(f"checkpoint of event {seq} shipped as {name}", err=True)
     else:
@@ -1445,15 +1446,17 @@ def _ship_checkpoints(code: int) -> int:
         return code
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
+    problem = ""
     try:
         bootstrap.ship_checkpoints(lambda text: click.echo(text, err=True))
     except KeyboardInterrupt:
-        click.echo(
-            "warning: the checkpoint was not shipped: cancelled (Ctrl-C or SIGTERM)", err=True
-        )
-        return code or EXIT_CANCELLED
+        problem = "cancelled (Ctrl-C or SIGTERM)"
+        code = code or EXIT_CANCELLED
     except Exception as exc:  # the command is over: never a traceback after its outcome
-        click.echo(f"warning: the checkpoint was not shipped: {exc}", err=True)
+        problem = str(exc)
+    if problem:
+        with contextlib.suppress(OSError, ValueError):  # stderr closed or full
+            click.echo(f"warning: the checkpoint was not shipped: {problem}", err=True)
     return code
 
 

@@ -586,18 +586,23 @@ def _reaped(pid: int) -> bool:
 
 _SERVICE_MARK = b"CONVEYOR_DEPLOYMENT_ID="
 """Every process of a deployed release carries it (``targets.process.release_env``)."""
+_TRASH_MARK = b"CONVEYOR_TRASH="
+"""The ``rm`` that deletes old releases and workspaces carries it (``adapters.trash``)."""
 
 
 def _is_service(pid: int, recorded: set[int]) -> bool:
     """Whether a process belongs to a deployed release: a recorded service or one of its
     session, or one whose variables say so (a service that rewrote its title may have
-    blanked them: hence the record first)."""
+    blanked them: hence the record first); or is the ``rm`` of old releases (spared too)."""
     with contextlib.suppress(OSError):
         if pid in recorded or os.getsid(pid) in recorded:
             return True
     try:
         with open(f"/proc/{pid}/environ", "rb") as handle:
-            return any(entry.startswith(_SERVICE_MARK) for entry in handle.read().split(b"\0"))
+            return any(
+                entry.startswith((_SERVICE_MARK, _TRASH_MARK))
+                for entry in handle.read().split(b"\0")
+            )
     except OSError:
         return False
 

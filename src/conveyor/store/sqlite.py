@@ -135,35 +135,43 @@ def _write_head(db_path: Path, seq: int, digest: str) -> None:
         os.replace(temporary, path)
 
 
-def shipped_path(db_path: Path) -> Path:
-    """Where the newest checkpoint shipped off this machine is remembered (its event's seq and
-    hash): later checkpoints verify the log from there on."""
-    return db_path.with_name(db_path.name + ".shipped")
+SHIPPED, VERIFIED = ".shipped", ".verified"
+"""Marks beside the database (``conveyor.db.shipped``, ``conveyor.db.verified``): the newest
+checkpoint shipped off this machine, and the newest event the log was verified up to (the next
+checkpoint verifies from there on)."""
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def read_shipped(db_path: Path) -> tuple[int, str] | None:
-    """The ``(seq, hash)`` of the newest checkpoint shipped, if one is remembered (a mark that
-    cannot be read, or is not one, is as none: the next checkpoint verifies the whole log)."""
+def mark_path(db_path: Path, mark: str) -> Path:
+    return db_path.with_name(db_path.name + mark)
+
+
+def read_mark(db_path: Path, mark: str) -> dict[str, Any] | None:
+    """A mark's fields (``seq`` and ``hash`` checked), if it is there and is one: a mark that
+    cannot be read is as none."""
     try:
-        data = json.loads(shipped_path(db_path).read_text(encoding="utf-8"))
+        data = json.loads(mark_path(db_path, mark).read_text(encoding="utf-8"))
         seq, digest = data["seq"], data["hash"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if type(seq) is not int or not 0 < seq < 2**63 or not isinstance(digest, str):
+    if type(seq) is not int or not 0 < seq < 2**63:
         return None
-    return seq, digest
+    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+        return None
+    return dict(data)
 
 
-def write_shipped(db_path: Path, seq: int, digest: str, at: str) -> None:
-    """Remember a shipped checkpoint, unless a newer one is remembered (concurrent commands)."""
-    known = read_shipped(db_path)
-    if known is not None and known[0] >= seq:
+def write_mark(db_path: Path, mark: str, seq: int, digest: str, **fields: object) -> None:
+    """Write a mark, unless one names a later event (concurrent commands); best effort: at
+    worst, the next checkpoint verifies or ships again."""
+    known = read_mark(db_path, mark)
+    if known is not None and known["seq"] > seq:
         return
-    path = shipped_path(db_path)
+    path = mark_path(db_path, mark)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(OSError):  # at worst, the next checkpoint verifies more
+    with contextlib.suppress(OSError):
         temporary.write_text(
-            json.dumps({"seq": seq, "hash": digest, "shipped_at": at}) + "\n", encoding="utf-8"
+            json.dumps({"seq": seq, "hash": digest, **fields}) + "\n", encoding="utf-8"
         )
         os.replace(temporary, path)
 
@@ -1147,11 +1155,14 @@ class SqliteRecord:
                     False,
                     0,
                     last_seq,
-                    f"event {last_seq} is not the one the last checkpoint shipped vouches for"
-                    f" (remembered in {shipped_path(self.path).name}): the log, or that file,"
-                    " was altered since",
+                    f"event {last_seq} is not the one the log was verified up to before"
+                    f" (remembered in {mark_path(self.path, VERIFIED).name}): the log, or that"
+                    " file, was altered since",
                 )
             count = last_seq
+            first = self._first_event_problem()
+            if first:
+                return AuditReport(False, 0, 1, first)
         try:
             for seq, *texts, run_id, raw_payload, raw_prev, raw_hash in self.iter_events(last_seq):
                 count += 1
@@ -1252,6 +1263,29 @@ class SqliteRecord:
                     " the log was replaced",
                 )
         return AuditReport(True, count, head_hash=expected_prev)
+
+    def _first_event_problem(self) -> str:
+        """What is wrong with event 1, if anything (it names the record: a verification from a
+        later event checks it too)."""
+        try:
+            row = self._conn.execute(
+                "SELECT seq, CAST(at AS BLOB), CAST(type AS BLOB), run_id, CAST(payload AS BLOB),"
+                " CAST(prev_hash AS BLOB), CAST(hash AS BLOB) FROM events ORDER BY seq LIMIT 1"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise _unreadable(self.path, exc) from exc
+        if row is None or row[0] != 1:
+            return "event 1 is missing"
+        try:
+            at, kind, payload, prev, stored = (
+                bytes(value or b"").decode() for value in (*row[1:3], *row[4:])
+            )
+            digest = event_hash(prev, 1, at, kind, row[3], payload)
+        except (UnicodeDecodeError, ValueError, TypeError):
+            return "event 1 is damaged: it does not verify"
+        if prev != GENESIS or digest != stored:
+            return "event 1 was altered: its hash does not match"
+        return ""
 
     def _flag_head(self) -> None:
         """Note in the database header that a head mark was written for it (once): from then
