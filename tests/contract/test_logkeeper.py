@@ -14,7 +14,12 @@ import pytest
 
 from conveyor.adapters.logkeeper import Keeper, say, start_keeper
 from conveyor.adapters.releaselogs import ReleaseLog, kept_files
-from conveyor.adapters.targets.process import forget_keeper, record_keeper, recorded_writers
+from conveyor.adapters.targets.process import (
+    forget_keeper,
+    process_start_time,
+    record_keeper,
+    recorded_writers,
+)
 from conveyor.errors import ConveyorError
 
 
@@ -379,12 +384,25 @@ def test_output_ending_like_the_start_of_a_mark_is_not_held_back(tmp_path: Path)
 
 def test_a_released_keeper_forgets_only_its_own_record(tmp_path: Path) -> None:
     """Two keepers of one deployment's log (a rollback's check after a leftover kept the
-    first alive): the one released leaves the other recorded, for ``env logs -F``."""
-    record_keeper(tmp_path, 1, 101, 5001)
-    record_keeper(tmp_path, 1, 102, 5002)
-    assert recorded_writers(tmp_path, 1) == {(101, 5001), (102, 5002)}
-    forget_keeper(tmp_path, 1, 102, 5002)
-    assert recorded_writers(tmp_path, 1) == {(101, 5001)}
-    forget_keeper(tmp_path, 1, 101, 5001)
-    assert recorded_writers(tmp_path, 1) == set()
-    assert not (tmp_path / "run" / "1.keeper").exists()
+    first alive): the one released leaves the other recorded, for ``env logs -F``; a keeper
+    that ended unrecorded (after the command that started it) is dropped with the next."""
+    procs = [subprocess.Popen(["sleep", "1041"]) for _ in range(3)]
+    try:
+        one, two, three = ((p.pid, process_start_time(p.pid) or 0) for p in procs)
+        record_keeper(tmp_path, 1, *one)
+        record_keeper(tmp_path, 1, *two)
+        assert recorded_writers(tmp_path, 1) == {one, two}
+        forget_keeper(tmp_path, 1, *two)
+        assert recorded_writers(tmp_path, 1) == {one}
+        forget_keeper(tmp_path, 1, *one)
+        assert recorded_writers(tmp_path, 1) == set()
+        assert not (tmp_path / "run" / "1.keeper").exists()
+        record_keeper(tmp_path, 1, *one)
+        procs[0].kill()
+        procs[0].wait()  # ended, and its line was never removed
+        record_keeper(tmp_path, 1, *three)
+        assert recorded_writers(tmp_path, 1) == {three}
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

@@ -126,8 +126,28 @@ def record_keeper(env_dir: Path, deployment_id: int, pid: int, start_time: int) 
     path = env_dir / "run" / f"{deployment_id}.keeper"
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_ended_keepers(path)
         with open(path, "a", encoding="ascii") as handle:
             handle.write(f"{pid} {start_time}\n")
+
+
+def _drop_ended_keepers(path: Path) -> None:
+    """Remove the lines of keepers that ended (one a leftover kept alive past its deployment
+    ended after the command that started it, which could not remove its line then)."""
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except (OSError, ValueError):
+        return
+    live = []
+    for line in lines:
+        with contextlib.suppress(ValueError, TypeError, OverflowError):
+            pair = _pair(line.split())
+            if pair is not None and _pid_held(*pair):
+                live.append(line)
+    if len(live) != len(lines):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text("".join(f"{line}\n" for line in live), encoding="ascii")
+        os.replace(tmp, path)
 
 
 def forget_keeper(env_dir: Path, deployment_id: int, pid: int, start_time: int) -> None:
