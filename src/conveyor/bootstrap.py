@@ -91,7 +91,7 @@ _opened: list[tuple[Home, SqliteRecord]] = []
 CHECKPOINT_COMMAND = "CONVEYOR_CHECKPOINT_COMMAND"
 CHECKPOINT_TIMEOUT = "CONVEYOR_CHECKPOINT_TIMEOUT"
 DEFAULT_CHECKPOINT_TIMEOUT_S = 60.0
-_SECONDS = re.compile(r"[0-9]{1,5}(\.[0-9]{1,6})?")
+_SECONDS = re.compile(r"[0-9]{1,5}(\.[0-9]{0,6})?|\.[0-9]{1,6}")
 
 
 def checkpoint_command() -> str | None:
@@ -119,9 +119,11 @@ def ship_checkpoints(say: Callable[[str], None]) -> bool:
     return shipped
 
 
-def ship_checkpoint_of(home: Home, command: str, *, full: bool = False) -> tuple[int, str]:
+def ship_checkpoint_of(
+    home: Home, command: str, *, full: bool = False, again: bool = False
+) -> tuple[int, str]:
     """Ship a checkpoint of ``home``'s record with ``command`` (see ``ship_checkpoint``;
-    ``full``: after verifying the whole log)."""
+    ``full``: after verifying the whole log; ``again``: even if it was shipped already)."""
     from conveyor.adapters.signing import InstanceKey
     from conveyor.app.checkpoints import ship_checkpoint
 
@@ -139,6 +141,7 @@ def ship_checkpoint_of(home: Home, command: str, *, full: bool = False) -> tuple
             now=clock.now(),
             epoch=time.time(),
             full=full,
+            again=again,
         )
     finally:
         record.close()

@@ -126,6 +126,27 @@ def test_the_rm_of_old_releases_a_job_left_is_spared(tmp_path: Path) -> None:
         _kill(leaked)
 
 
+def test_a_spared_process_that_ends_is_reaped_not_left_a_zombie(tmp_path: Path) -> None:
+    executor = LocalExecutor()
+    env = {"PATH": os.environ["PATH"], "CONVEYOR_RUN_TOKEN": "t-trash-reaped"}
+    rm_pid = tmp_path / "rm.pid"
+    leave_rm = (
+        f"env -i CONVEYOR_TRASH=1 setsid -f sh -c 'echo $$ > {rm_pid}; exec sleep 1.6';"
+        f" while [ ! -s {rm_pid} ]; do :; done"
+    )
+    try:
+        executor.start(JobLaunch("promote#1", leave_rm, env, str(tmp_path)))
+        executor.start(JobLaunch("hang#1", "sleep 1018", env, str(tmp_path)))
+        _wait_exit(executor, "promote#1")
+        rm = int(rm_pid.read_text())
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{rm}").exists() and time.monotonic() < deadline:
+            executor.poll(0.2)  # while attempts run, ended orphans are reaped now and then
+        assert not Path(f"/proc/{rm}").exists()
+    finally:
+        executor.close()
+
+
 def _zombie_children() -> list[int]:
     me = os.getpid()
     pids = Path(f"/proc/{me}/task/{me}/children").read_text().split()

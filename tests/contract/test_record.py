@@ -309,6 +309,13 @@ class TestSqliteRecord(RecordContract):
         report = record.verify((2, two))  # event 1 names the record: always checked
         assert (report.ok, report.first_bad_seq) == (False, 1)
         assert report.problem == "event 1 was altered: its hash does not match"
+        self._tamper(
+            record,
+            "INSERT INTO events (seq, at, type, run_id, payload, prev_hash, hash)"
+            " SELECT 0, at, type, run_id, payload, prev_hash, hash FROM events WHERE seq = 1",
+        )
+        report = record.verify((2, two))
+        assert report.problem == "event 0 has an invalid sequence number (they start at 1)"
 
     def test_removed_tail_is_detected(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -63,3 +64,14 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_a_lost_exit_status_is_not_taken_for_success() -> None:
+    """SIGCHLD inherited as ignored: the kernel reaps the command, its status is lost."""
+    env = {"PATH": os.environ["PATH"]}
+    before = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        said = ship("sleep 0.2; exit 3", b"{}", env, 10)
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+    assert said is not None and "exit status was lost" in said

@@ -355,8 +355,11 @@ def test_commands_that_write_ship_a_checkpoint_and_readers_do_not(
     # and no new checkpoint vouches for the rewritten log: it no longer holds the last one
     refused = repo.conveyor("run", "--no-cache", env=env)
     assert refused.code == 0  # the run's own outcome stands
-    assert "warning: the event log does not verify" in refused.err
-    assert f"event {later} is not the one the log was verified up to before" in refused.err
+    assert (
+        f"warning: event {later} is not the one the record was verified up to before"
+        " (conveyor.db.verified): the log was rewritten, or an older copy of it put back,"
+        " since; no checkpoint is signed for it"
+    ) in refused.err
     assert shipped(offbox) == [events, later]
 
 
@@ -412,11 +415,66 @@ def test_audit_checkpoint_ship_ships_now(repo: Repo, tmp_path: Path) -> None:
     done = repo.conveyor("audit", "checkpoint", "--ship", env=shipping_to(offbox))
     assert done.code == 0, done.err
     assert "checkpoint of event 6 shipped as checkpoint-" in done.err
-    again = repo.conveyor("audit", "checkpoint", "--ship", env=shipping_to(offbox))
-    assert again.code == 0 and "was shipped already" in again.err
-    assert shipped(offbox) == [6]
     (checkpoint,) = offbox.iterdir()
+    checkpoint.unlink()  # lost off the machine: --ship ships it again (a run would not)
+    assert repo.conveyor("runs", "list", env=shipping_to(offbox)).code == 0
+    assert shipped(offbox) == []
+    again = repo.conveyor("audit", "checkpoint", "--ship", env=shipping_to(offbox))
+    assert again.code == 0 and "checkpoint of event 6 shipped as" in again.err
+    assert shipped(offbox) == [6]
     assert repo.conveyor("audit", "verify", "--checkpoint", str(checkpoint)).code == 0
+    force = repo.conveyor("audit", "checkpoint", "--force")
+    assert force.code == 2 and "--force replaces the file -o writes" in force.err
+    bad_timeout = repo.conveyor(
+        "audit",
+        "checkpoint",
+        "--ship",
+        env={**shipping_to(offbox), "CONVEYOR_CHECKPOINT_TIMEOUT": "0"},
+    )
+    assert bad_timeout.code == 2 and "above 0 and at most 86400" in bad_timeout.err
+    quick = repo.conveyor(
+        "audit",
+        "checkpoint",
+        "--ship",
+        env={**shipping_to(offbox), "CONVEYOR_CHECKPOINT_TIMEOUT": ".5"},
+    )
+    assert quick.code == 0, quick.err
+
+
+def test_a_record_put_back_from_an_older_copy_is_not_signed_for(repo: Repo, tmp_path: Path) -> None:
+    """The log no longer holds the event it was verified up to: an older copy was put back
+    (what checkpoints exist to catch), even though the older copy verifies on its own."""
+    repo.pipeline(SIMPLE)
+    offbox = tmp_path / "offbox"
+    env = shipping_to(offbox)
+    assert repo.conveyor("run", env=env).code == 0
+    home = repo.path / ".conveyor"
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    saved = ("conveyor.db", "conveyor.db-wal", "conveyor.db.head")  # a consistent copy
+    for name in saved:
+        shutil.copy2(home / name, backup / name)
+    assert repo.conveyor("run", "--no-cache", env=env).code == 0
+    assert shipped(offbox) == [6, 12]
+    (home / "conveyor.db-shm").unlink(missing_ok=True)
+    for name in saved:
+        shutil.copy2(backup / name, home / name)
+    assert repo.conveyor("audit", "verify").code == 0  # on its own, the old copy verifies
+    refused = repo.conveyor("audit", "checkpoint", "--ship", env=env)
+    assert refused.code == 1
+    assert "the record ends before event 12, which it was verified up to before" in refused.err
+    assert "restored from a backup on purpose, delete conveyor.db.verified" in refused.err
+    refused = repo.conveyor("run", "--no-cache", env=env)  # events 7..12 again, but others
+    assert refused.code == 0
+    assert "warning: event 12 is not the one the record was verified up to before" in refused.err
+    assert shipped(offbox) == [6, 12]
+    caught = repo.conveyor(
+        "audit", "verify", "--checkpoint", str(offbox / sorted(p.name for p in offbox.iterdir())[0])
+    )
+    assert caught.code == 1  # the checkpoint of event 12 sees it
+    (home / "conveyor.db.verified").unlink()
+    (home / "conveyor.db.shipped").unlink()
+    assert repo.conveyor("audit", "checkpoint", "--ship", env=env).code == 0
 
 
 def test_an_unreadable_verified_mark_means_the_whole_log_is_verified(

@@ -45,6 +45,9 @@ def ship(command: str, data: bytes, env: Mapping[str, str], timeout_s: float) ->
         os.close(write_fd)
     try:
         tail, finished = _feed_and_watch(proc, data, read_fd, time.monotonic() + timeout_s)
+    except _StatusLost:
+        _end_group(proc)
+        return "ended, but its exit status was lost (SIGCHLD is ignored): it may have failed"
     except BaseException:
         _end_group(proc)  # a Ctrl-C: it does not run on without us
         raise
@@ -118,8 +121,9 @@ def _write_some(fd: int, pending: memoryview) -> memoryview | None:
 
 
 def _read_into(fd: int, tail: bytearray) -> bool:
-    """Read what is there, keeping the last ``4 * OUTPUT_SHOWN`` bytes; ``False`` at its end."""
-    while True:
+    """Read what is there (a few pipes' worth at most: the deadline is looked at between
+    calls), keeping the last ``4 * OUTPUT_SHOWN`` bytes; ``False`` at its end."""
+    for _ in range(16):
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
@@ -128,6 +132,11 @@ def _read_into(fd: int, tail: bytearray) -> bool:
             return False
         tail += chunk
         del tail[: max(0, len(tail) - 4 * OUTPUT_SHOWN)]
+    return True
+
+
+class _StatusLost(Exception):
+    """The command was reaped by someone else: whether it succeeded is not known."""
 
 
 def _exited(pid: int) -> bool:
@@ -135,8 +144,8 @@ def _exited(pid: int) -> bool:
     by another process until it is reaped (after its group is killed)."""
     try:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
+    except ChildProcessError:  # reaped unseen (SIGCHLD ignored): its exit status is lost
+        raise _StatusLost from None
 
 
 def _end_group(proc: subprocess.Popen[bytes]) -> None:

@@ -114,15 +114,17 @@ def ship_checkpoint(
     now: str,
     epoch: float,
     full: bool = False,
+    again: bool = False,
 ) -> tuple[int, str]:
     """Sign the record's newest event and hand the checkpoint to ``command`` (standard input;
     ``CONVEYOR_CHECKPOINT_SEQ`` and a file name, ``CONVEYOR_CHECKPOINT_NAME``, in its
     environment), then remember it shipped. Returns (its seq, its name); the name is ``""``
-    when that event was shipped already.
+    when that event was shipped already (``again``: it is shipped again).
 
-    The log is verified first: whole with ``full``, if it never was, or if its last whole
-    verification is older than ``FULL_VERIFICATION_S``; else from the event it was last
-    verified up to (which must be unchanged), with event 1.
+    The log must still hold the event it was last verified up to, with the same hash (not an
+    older copy put back, nor a rewrite). Then it is verified: whole with ``full``, if it never
+    was, or if its last whole verification is older than ``FULL_VERIFICATION_S``; else from
+    that event on, with event 1.
 
     Raises:
         VerificationError: the log does not verify (nothing is shipped).
@@ -131,15 +133,21 @@ def ship_checkpoint(
     from conveyor.adapters.shipper import ship
     from conveyor.store.sqlite import SHIPPED, VERIFIED, read_mark, write_mark
 
-    verified = None if full else read_mark(record.path, VERIFIED)
+    verified = read_mark(record.path, VERIFIED)
+    if verified is not None:
+        _check_still_held(record, verified["seq"], verified["hash"])
     whole_at = verified.get("whole_at") if verified else None
-    if not isinstance(whole_at, int | float) or not 0 <= epoch - whole_at < FULL_VERIFICATION_S:
+    if (
+        full
+        or not isinstance(whole_at, int | float)
+        or not 0 <= epoch - whole_at < FULL_VERIFICATION_S
+    ):
         verified, whole_at = None, epoch
     since = (verified["seq"], verified["hash"]) if verified else None
     envelope, seq, digest = make_checkpoint(record, key, now, since)
     write_mark(record.path, VERIFIED, seq, digest, whole_at=whole_at)
     shipped = read_mark(record.path, SHIPPED)
-    if shipped is not None and (shipped["seq"], shipped["hash"]) == (seq, digest):
+    if not again and shipped is not None and (shipped["seq"], shipped["hash"]) == (seq, digest):
         return seq, ""
     first = record.event_hash_at(1) or ""
     if not (_HASH.fullmatch(first) and _HASH.fullmatch(digest)):  # verified: never, but named
@@ -161,6 +169,29 @@ def ship_checkpoint(
         )
     write_mark(record.path, SHIPPED, seq, digest, shipped_at=now)
     return seq, name
+
+
+def _check_still_held(record: Any, seq: int, digest: str) -> None:
+    """Refuse to sign for a log that no longer holds the event it was verified up to."""
+    from conveyor.store.sqlite import VERIFIED
+
+    found = record.event_hash_at(seq)
+    if found == digest:
+        return
+    mark = f"{record.path.name}{VERIFIED}"
+    what = (
+        f"the record ends before event {seq}, which it was verified up to before ({mark}):"
+        " an older copy of it was put back, or events were removed from its end"
+        if found is None
+        else f"event {seq} is not the one the record was verified up to before ({mark}):"
+        " the log was rewritten, or an older copy of it put back, since"
+    )
+    raise VerificationError(
+        f"{what}; no checkpoint is signed for it",
+        hint="`conveyor audit verify --checkpoint FILE` with the checkpoints shipped tells what"
+        f" changed; if the record was restored from a backup on purpose, delete {mark} and"
+        f" {record.path.name}.shipped beside it to sign again",
+    )
 
 
 def check_checkpoint(

@@ -1264,6 +1264,8 @@ def audit_checkpoint(output: Path | None, force: bool, ship: bool, home: Path | 
     from conveyor.adapters.signing import InstanceKey
     from conveyor.app.checkpoints import make_checkpoint
 
+    if force and output is None:
+        raise UsageError("--force replaces the file -o writes", hint="give -o FILE with it")
     if ship:
         _ship_now(output, home)
         return
@@ -1309,11 +1311,8 @@ def _ship_now(output: Path | None, home: Path | None) -> None:
         )
     open_record_at(home, recover=False).close()  # created and migrated, as for any command
     home_obj = home_of(home, None if home else repo_root())
-    seq, name = ship_checkpoint_of(home_obj, command, full=True)
-    if name:
-        click.echo(f"checkpoint of event {seq} shipped as {name}", err=True)
-    else:
-        click.echo(f"the checkpoint of event {seq}, the newest, was shipped already", err=True)
+    seq, name = ship_checkpoint_of(home_obj, command, full=True, again=True)
+    click.echo(f"checkpoint of event {seq} shipped as {name}", err=True)
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -1465,6 +1464,9 @@ def main(argv: list[str] | None = None) -> None:
     # Ctrl-C and SIGTERM cancel the command (exit 130); `run` installs its own handlers.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
+    # Inherited as ignored (some launchers do), children would be reaped unseen: exit
+    # statuses lost (a job's, a shipping command's).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         cli.main(args=argv, prog_name="conveyor", standalone_mode=False)
     except click.exceptions.Abort:

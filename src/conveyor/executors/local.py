@@ -259,6 +259,9 @@ class LocalExecutor:
         """While attempts may have orphaned processes: the children this process had before,
         and the deployed services it adopted (spared); ``None`` when there is nothing to look
         for."""
+        self._spared: set[int] = set()
+        """Adopted processes spared (deployed services, the ``rm`` of old releases): reaped
+        once they end."""
         self._next_adopted_reap = 0.0
         self._home_cwd = os.getcwd()
         self._cwd = self._home_cwd
@@ -426,6 +429,8 @@ class LocalExecutor:
                     time.sleep(0.005)
             tried.update(found)
             killed.extend(pid for pid in found if pid not in waiting)
+        self._reap_spared()
+        self._spared.clear()  # those still running are reaped when this process ends
         self._adopting = None
         _set_subreaper(False)  # what a deployment's scripts leave behind is not ours
         return killed
@@ -441,13 +446,23 @@ class LocalExecutor:
         recorded = self._services()
         services = {pid for pid in found if _is_service(pid, recorded)}
         self._adopting |= services
+        self._spared |= services
         return found - services
 
     def _reap_adopted(self) -> None:
-        """Reap adopted orphans that ended (never an attempt: its exit status is the job's)."""
+        """Reap adopted orphans that ended (never an attempt: its exit status is the job's),
+        spared ones too (the ``rm`` of old releases, a service that ended)."""
         self._next_adopted_reap = time.monotonic() + _ADOPTED_REAP_S
         for pid in self._strays():
             _reaped(pid)
+        self._reap_spared()
+
+    def _reap_spared(self) -> None:
+        for pid in list(self._spared):
+            if _reaped(pid):
+                self._spared.discard(pid)
+                if self._adopting is not None:
+                    self._adopting.discard(pid)  # its id may be given to a new process
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,8 +150,12 @@ def mark_path(db_path: Path, mark: str) -> Path:
 def read_mark(db_path: Path, mark: str) -> dict[str, Any] | None:
     """A mark's fields (``seq`` and ``hash`` checked), if it is there and is one: a mark that
     cannot be read is as none."""
-    try:
-        data = json.loads(mark_path(db_path, mark).read_text(encoding="utf-8"))
+    try:  # a regular file of a few hundred bytes (never a FIFO that would hang us)
+        fd = os.open(mark_path(db_path, mark), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            data = json.loads(handle.read(4096).decode("utf-8"))
         seq, digest = data["seq"], data["hash"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -1274,6 +1279,8 @@ class SqliteRecord:
             ).fetchone()
         except sqlite3.Error as exc:
             raise _unreadable(self.path, exc) from exc
+        if row is not None and row[0] < 1:
+            return f"event {row[0]} has an invalid sequence number (they start at 1)"
         if row is None or row[0] != 1:
             return "event 1 is missing"
         try:
