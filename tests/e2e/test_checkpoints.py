@@ -348,6 +348,9 @@ def test_commands_that_write_ship_a_checkpoint_and_readers_do_not(
         assert ok.code == 0, ok.err
     mark = json.loads((repo.path / ".conveyor" / "conveyor.db.shipped").read_text())
     assert mark["seq"] == later
+    told = repo.conveyor("audit", "verify", "--json").json()["last_shipped"]
+    assert told == {"seq": later, "shipped_at": mark["shipped_at"], "events_since": 0}
+    assert f"last checkpoint shipped: event {later} (" in repo.conveyor("audit", "verify").out
 
     rewrite_history(repo.path / ".conveyor", 2)  # both shipped checkpoints see it
     for checkpoint in offbox.iterdir():

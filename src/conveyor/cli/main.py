@@ -1118,6 +1118,7 @@ def audit_verify(
     code = EXIT_OK if ok else EXIT_FAILED
     if report.ok and not found[ALTERED] and not found[INVALID] and found[UNREADABLE]:
         code = EXIT_USAGE  # only files that could not be read: not a verdict on the record
+    shipped = _last_shipped(record, report.events)
     if as_json:
         echo_json(
             {
@@ -1127,6 +1128,7 @@ def audit_verify(
                 "problem": report.problem or None,
                 "head_hash": report.head_hash,
                 "checkpoints": [check.to_dict() for check in checks],
+                "last_shipped": shipped,
             }
         )
         sys.exit(code)
@@ -1163,6 +1165,28 @@ def audit_verify(
     if found[UNREADABLE]:
         raise UsageError(f"{len(found[UNREADABLE])} of {len(checks)} checkpoints cannot be read")
     click.echo(f"ok: {report.events} events, hash chain intact (head {report.head_hash[:16]})")
+    if shipped is not None:
+        click.echo(
+            f"last checkpoint shipped: event {shipped['seq']} ({shipped['shipped_at']}),"
+            f" {shipped['events_since']} events since"
+        )
+
+
+def _last_shipped(record: Any, events: int) -> dict[str, Any] | None:
+    """What ``conveyor.db.shipped`` says of the last checkpoint shipped (as told by the
+    home: the checkpoints themselves are the proof), if anything."""
+    from conveyor.domain.text import inline
+    from conveyor.store.sqlite import SHIPPED, read_mark
+
+    mark = read_mark(record.path, SHIPPED)
+    if mark is None:
+        return None
+    at = mark.get("shipped_at")
+    return {
+        "seq": mark["seq"],
+        "shipped_at": inline(at[:40]) if isinstance(at, str) else None,
+        "events_since": max(0, events - mark["seq"]),
+    }
 
 
 _KEY_BYTES = 64 * 1024
