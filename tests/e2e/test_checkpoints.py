@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conveyor.store.sqlite import GENESIS, event_hash
 from tests.e2e.conftest import Repo
 
@@ -112,6 +114,7 @@ def test_a_checkpoint_sees_an_older_copy_of_the_record_put_back(repo: Repo, tmp_
     assert new["ok"] is False and "events were removed from its end" in new["problem"]
 
 
+@pytest.mark.slow
 def test_forged_foreign_and_hostile_checkpoints_do_not_verify(repo: Repo, tmp_path: Path) -> None:
     repo.pipeline(SIMPLE)
     assert repo.conveyor("run").code == 0
@@ -403,6 +406,7 @@ def test_a_failed_or_slow_shipment_is_a_warning_and_the_next_command_ships(
     assert shipped(offbox) == [events]  # covers what the failed ones would have
 
 
+@pytest.mark.slow
 def test_audit_checkpoint_ship_ships_now(repo: Repo, tmp_path: Path) -> None:
     repo.pipeline(SIMPLE)
     assert repo.conveyor("run").code == 0  # no command set: nothing shipped
@@ -500,6 +504,7 @@ def test_an_unreadable_verified_mark_means_the_whole_log_is_verified(
     assert shipped(offbox) == [6]
 
 
+@pytest.mark.slow
 def test_event_1_is_checked_by_every_checkpoint_and_the_whole_log_daily_and_on_demand(
     repo: Repo, tmp_path: Path
 ) -> None:

@@ -554,6 +554,7 @@ def test_unknown_environments_and_empty_titles_are_usage_errors(repo: Repo) -> N
     assert "did you mean 'production'" in repo.conveyor("metrics", "-e", "prodution").err
 
 
+@pytest.mark.slow
 def test_env_stop_after_a_killed_deployment_stops_its_release(shop: Repo) -> None:
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
     shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
@@ -1193,6 +1194,7 @@ def test_a_cancel_while_unpacking_after_a_recovery_says_what_the_recovery_did(
     assert (status(shop, "staging")["deployment"], status(shop, "staging")["running"]) == (1, True)
 
 
+@pytest.mark.slow
 def test_a_release_that_cannot_be_started_again_after_a_cancel_is_tried_once(
     shop: Repo, monkeypatch: pytest.MonkeyPatch
 ) -> None:

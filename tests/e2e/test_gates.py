@@ -140,6 +140,7 @@ def test_a_failing_gate_refuses_with_its_evidence(
     assert failed and failed[0]["gate"] == gate and failed[0]["evidence"]
 
 
+@pytest.mark.slow
 def test_coverage_may_not_drop_against_what_runs_now(shop: Repo) -> None:
     first = build(shop, GOOD.replace("0.85", "0.90"))
     shop.conveyor("approve", str(first), "-e", "production", "--as", "rm@example.invalid")

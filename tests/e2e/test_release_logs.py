@@ -154,6 +154,7 @@ stages:
 """
 
 
+@pytest.mark.slow
 def test_follow_goes_on_while_a_scripts_leftover_writes(repo: Repo) -> None:
     repo.write(
         "deploy.sh",
