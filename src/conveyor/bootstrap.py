@@ -100,6 +100,11 @@ def checkpoint_command() -> str | None:
     return command if command.strip() else None
 
 
+def wrote_records() -> bool:
+    """Whether this process wrote to a record."""
+    return any(record.appended for _, record in _opened)
+
+
 def ship_checkpoints(say: Callable[[str], None]) -> bool:
     """At the end of a command: with ``CONVEYOR_CHECKPOINT_COMMAND`` set, ship a checkpoint
     of each record this process wrote to. What fails is said as a warning (the command's own
@@ -136,7 +141,7 @@ def ship_checkpoint_of(
             record,
             key,
             command,
-            env=os.environ,
+            env=without_repository_env(os.environ),  # as jobs: a hook's GIT_DIR is not theirs
             timeout_s=timeout_s,
             now=clock.now(),
             epoch=time.time(),

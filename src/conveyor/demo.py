@@ -302,7 +302,8 @@ def run_demo(directory: Path | None, progress: str = "auto") -> int:
         step("every deployment to staging", "env", "history", "staging")
         step("every deployment to production", "env", "history", "production")
         step("delivery performance from the record (DORA keys)", "metrics", "--since", "1d")
-        shipped = sorted(offbox.iterdir(), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+        # checkpoint-<record>-<seq>-<hash>.json, in the order of their events
+        shipped = sorted(offbox.iterdir(), key=lambda p: int(p.stem.split("-")[2]))
         print(
             f"\n# every command that wrote shipped a signed checkpoint of the record off the"
             f" sample (CONVEYOR_CHECKPOINT_COMMAND): {len(shipped)} in {offbox}",
@@ -319,11 +320,12 @@ def run_demo(directory: Path | None, progress: str = "auto") -> int:
                 str(shipped[-1]),
             )
     finally:
+        quiet = {k: v for k, v in env.items() if k != "CONVEYOR_CHECKPOINT_COMMAND"}
         for name in ("staging", "production"):
             subprocess.run(
                 [*conveyor, "env", "stop", name],
                 cwd=directory,
-                env=env,
+                env=quiet,
                 check=False,
                 stdout=subprocess.DEVNULL,
             )

@@ -682,3 +682,13 @@ def test_what_an_environment_runs_follows_its_deployments_ends(tmp_path: Path) -
     deploy(None)
     assert state() == (None, "down")
     record.close()
+
+
+def test_a_deeply_nested_mark_is_no_mark(tmp_path: Path) -> None:
+    from conveyor.store.sqlite import SHIPPED, head_path, mark_path, read_head, read_mark
+
+    db = tmp_path / "conveyor.db"
+    mark_path(db, SHIPPED).write_text("[" * 3000)
+    head_path(db).write_text("[" * 3000)
+    assert read_mark(db, SHIPPED) is None
+    assert read_head(db) is None

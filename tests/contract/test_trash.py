@@ -50,9 +50,15 @@ def test_a_link_is_removed_not_what_it_points_to(tmp_path: Path) -> None:
     assert (target / "deep" / "er" / "file").read_text() == "x"
 
 
-def test_what_an_earlier_rm_left_is_deleted_with_the_next_discard(tmp_path: Path) -> None:
+def test_what_an_earlier_rm_left_is_deleted_with_the_next_discard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     trash = tmp_path / ".trash"
-    _tree(trash / "5.999.0")  # a machine that stopped before its rm finished
+    _tree(trash / "5.999.0")  # moved in just now: another rm's, still deleting it
+    discard([], trash)
+    time.sleep(0.3)
+    assert (trash / "5.999.0").exists()
+    monkeypatch.setattr(trash_module, "_LEFT_AFTER_S", 0.0)  # long ago: the machine stopped
     discard([], trash)
     assert _emptied(trash)
 

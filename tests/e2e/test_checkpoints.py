@@ -6,9 +6,11 @@ import base64
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -325,7 +327,7 @@ def shipping_to(folder: Path, **extra: str) -> dict[str, str]:
 
 def shipped(folder: Path) -> list[int]:
     """The event numbers of the checkpoints in ``folder``, in order."""
-    return sorted(int(p.name.rsplit("-", 1)[1].removesuffix(".json")) for p in folder.iterdir())
+    return sorted(int(p.name.split("-")[2]) for p in folder.iterdir())
 
 
 def test_commands_that_write_ship_a_checkpoint_and_readers_do_not(
@@ -352,7 +354,12 @@ def test_commands_that_write_ship_a_checkpoint_and_readers_do_not(
     mark = json.loads((repo.path / ".conveyor" / "conveyor.db.shipped").read_text())
     assert mark["seq"] == later
     told = repo.conveyor("audit", "verify", "--json").json()["last_shipped"]
-    assert told == {"seq": later, "shipped_at": mark["shipped_at"], "events_since": 0}
+    assert told == {
+        "seq": later,
+        "shipped_at": mark["shipped_at"],
+        "held": True,
+        "events_since": 0,
+    }
     assert f"last checkpoint shipped: event {later} (" in repo.conveyor("audit", "verify").out
 
     rewrite_history(repo.path / ".conveyor", 2)  # both shipped checkpoints see it
@@ -466,7 +473,13 @@ def test_a_record_put_back_from_an_older_copy_is_not_signed_for(repo: Repo, tmp_
     (home / "conveyor.db-shm").unlink(missing_ok=True)
     for name in saved:
         shutil.copy2(backup / name, home / name)
-    assert repo.conveyor("audit", "verify").code == 0  # on its own, the old copy verifies
+    told = repo.conveyor("audit", "verify", "--json")  # the chain verifies, but the home's
+    assert told.code == 1  # own mark of the last checkpoint shipped names a later event
+    doc = told.json()
+    assert doc["problem"] is None and doc["last_shipped"]["held"] is False
+    plain = repo.conveyor("audit", "verify")
+    assert plain.code == 1
+    assert "the record no longer holds event 12 as the last checkpoint shipped" in plain.err
     refused = repo.conveyor("audit", "checkpoint", "--ship", env=env)
     assert refused.code == 1
     assert "the record ends before event 12, which it was verified up to before" in refused.err
@@ -482,6 +495,16 @@ def test_a_record_put_back_from_an_older_copy_is_not_signed_for(repo: Repo, tmp_
     (home / "conveyor.db.verified").unlink()
     (home / "conveyor.db.shipped").unlink()
     assert repo.conveyor("audit", "checkpoint", "--ship", env=env).code == 0
+    # Another history's event 12: a name of its own (the event's hash is in it), so the
+    # proof of the lost one stays off the machine.
+    assert shipped(offbox) == [6, 12, 12]
+    assert (
+        sum(
+            repo.conveyor("audit", "verify", "--checkpoint", str(p)).code == 0
+            for p in offbox.iterdir()
+        )
+        == 2
+    )
 
 
 def test_an_unreadable_verified_mark_means_the_whole_log_is_verified(
@@ -543,3 +566,47 @@ def test_event_1_is_checked_by_every_checkpoint_and_the_whole_log_daily_and_on_d
     assert "warning: the event log does not verify (event 1 " in first.err
     assert shipped(offbox) == [6, 12]
     assert all(p.name[11:27].isalnum() for p in offbox.iterdir())
+
+
+def test_the_shipping_command_runs_outside_the_hooks_repository_and_not_after_a_cancel(
+    repo: Repo, tmp_path: Path
+) -> None:
+    """As jobs: a hook's GIT_DIR is not the shipping command's (its git would commit into the
+    user's repository). A cancelled command ends at once: the next one ships."""
+    repo.pipeline(SIMPLE)
+    offbox = tmp_path / "offbox"
+    seen = tmp_path / "env.txt"
+    env = {
+        "CONVEYOR_CHECKPOINT_COMMAND": (
+            f'env > "{seen}"; cat > "{offbox}/$CONVEYOR_CHECKPOINT_NAME"'
+        ),
+        "GIT_DIR": str(repo.path / ".git"),
+    }
+    offbox.mkdir()
+    assert repo.conveyor("run", env=env).code == 0
+    assert shipped(offbox) == [6]
+    assert not any(line.startswith("GIT_DIR=") for line in seen.read_text().splitlines())
+
+    repo.pipeline(
+        "pipeline: simple\nstages:\n  - name: only\n    jobs:\n"
+        "      a: {run: 'echo $$ > ../a.pid; sleep 60'}\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", "run"],
+        cwd=repo.path,
+        env={**repo.env, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    pid_file = repo.path / ".conveyor" / "workspaces" / "a.pid"
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert b"no checkpoint shipped (the command was cancelled)" in err
+    assert shipped(offbox) == [6]
+    assert repo.conveyor("runs", "list", env=env).code == 0  # reads only: ships nothing
+    assert shipped(offbox) == [6]

@@ -13,6 +13,7 @@ from tests.e2e.conftest import GIT_ENV
 def test_demo_builds_once_deploys_promotes_and_cleans_up(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env.update(GIT_ENV)
+    env["TMPDIR"] = str(tmp_path)  # its checkpoints' folder too
     target = tmp_path / "shop"
     proc = subprocess.run(
         [sys.executable, "-m", "conveyor", "demo", str(target), "--progress", "plain"],

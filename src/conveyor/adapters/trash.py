@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import stat
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +21,8 @@ TRASH_MARK = "CONVEYOR_TRASH"
 """In the ``rm``'s environment: a run's orphan killer spares it (a ``conveyor promote`` in a
 job leaves it behind, deleting, when it ends)."""
 
+_LEFT_AFTER_S = 600.0
+"""An entry moved into the trash longer ago than this is taken for one an rm left."""
 _numbers = itertools.count()
 """Makes the names in the trash unique within this process (the pid, across processes)."""
 
@@ -32,20 +35,34 @@ def discard(paths: Iterable[Path], trash: Path) -> None:
         for path in paths:
             _delete_now(path)
         return
+    moved: set[str] = set()
     for path in paths:
+        name = f"{path.name}.{os.getpid()}.{next(_numbers)}"
         try:
-            os.replace(path, trash / f"{path.name}.{os.getpid()}.{next(_numbers)}")
+            os.replace(path, trash / name)
         except FileNotFoundError:
             continue
         except OSError:
             _delete_now(path)
+            continue
+        moved.add(name)
     try:
-        # With what an earlier rm did not finish; one still running is harmless.
-        doomed = [str(entry) for entry in trash.iterdir()]
+        doomed = [str(entry) for entry in trash.iterdir() if _not_being_deleted(entry, moved)]
     except OSError:
         return
     if doomed:
         delete_in_background(doomed)
+
+
+def _not_being_deleted(entry: Path, moved: set[str]) -> bool:
+    """Moved in just now, or left by an rm that did not finish (the machine stopped): moved in
+    over ``_LEFT_AFTER_S`` ago (a rename sets the change time). A younger one is another rm's."""
+    if entry.name in moved:
+        return True
+    try:
+        return time.time() - os.lstat(entry).st_ctime > _LEFT_AFTER_S
+    except OSError:
+        return False
 
 
 def _real_folder(trash: Path) -> bool:

@@ -152,7 +152,9 @@ def ship_checkpoint(
     first = record.event_hash_at(1) or ""
     if not (_HASH.fullmatch(first) and _HASH.fullmatch(digest)):  # verified: never, but named
         raise VerificationError("the record's hashes are not sha256 hex digests: nothing shipped")
-    name = f"checkpoint-{first[:16]}-{seq}.json"  # letters, digits, "-" and ".": shell-safe
+    # The record, the event and its hash: a checkpoint of another history (an older copy put
+    # back, then written to) never takes the name of one shipped before. Shell-safe.
+    name = f"checkpoint-{first[:16]}-{seq}-{digest[:16]}.json"
     data = (json.dumps(envelope, indent=2) + "\n").encode("ascii")
     problem = ship(
         command,

@@ -808,7 +808,6 @@ class Deployer:
             return  # a user's script may serve from a later release's folder: keep them all
         running = state["deployment"] if state else None
         base = self.environments_dir / environment
-        unwanted: list[Path] = []
         for part in ("releases", "checkouts"):
             try:
                 entries = list((base / part).iterdir())
@@ -823,12 +822,13 @@ class Deployer:
                 reverse=True,
             )
             doomed = set(ids[KEEP_RELEASES:]) - {running}
-            unwanted.extend(entry for entry in entries if _stem(entry.name) in doomed)
-        # Moved aside now, deleted by a detached rm: the lease is not held while gigabytes
-        # of old releases are deleted (the first deployment after an upgrade had them all).
-        trash = base / TRASH
-        if unwanted or trash.is_dir():
-            discard(unwanted, trash)
+            unwanted = [entry for entry in entries if _stem(entry.name) in doomed]
+            # Moved aside now (within the folder: on its disk), deleted by a detached rm: the
+            # lease is not held while gigabytes of old releases are deleted (the first
+            # deployment after an upgrade had them all).
+            trash = base / part / TRASH
+            if unwanted or trash.is_dir():
+                discard(unwanted, trash)
 
     def _folder(self, environment: str, deployment_id: int) -> Path:
         return self.environments_dir / environment / "releases" / str(deployment_id)

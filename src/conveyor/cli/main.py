@@ -1119,6 +1119,8 @@ def audit_verify(
     if report.ok and not found[ALTERED] and not found[INVALID] and found[UNREADABLE]:
         code = EXIT_USAGE  # only files that could not be read: not a verdict on the record
     shipped = _last_shipped(record, report.events)
+    if shipped is not None and not shipped["held"]:
+        ok, code = False, EXIT_FAILED  # the home's own mark says the record went back
     if as_json:
         echo_json(
             {
@@ -1164,6 +1166,14 @@ def audit_verify(
         )
     if found[UNREADABLE]:
         raise UsageError(f"{len(found[UNREADABLE])} of {len(checks)} checkpoints cannot be read")
+    if shipped is not None and not shipped["held"]:
+        raise AuditError(
+            f"the record no longer holds event {shipped['seq']} as the last checkpoint shipped"
+            f" vouched for it ({record.path.name}.shipped): it was rolled back to an older copy,"
+            " or rewritten, since",
+            hint="`conveyor audit verify --checkpoint FILE` with the checkpoints shipped tells"
+            " what changed",
+        )
     click.echo(f"ok: {report.events} events, hash chain intact (head {report.head_hash[:16]})")
     if shipped is not None:
         click.echo(
@@ -1182,10 +1192,12 @@ def _last_shipped(record: Any, events: int) -> dict[str, Any] | None:
     if mark is None:
         return None
     at = mark.get("shipped_at")
+    held = record.event_hash_at(mark["seq"]) == mark["hash"]
     return {
         "seq": mark["seq"],
         "shipped_at": inline(at[:40]) if isinstance(at, str) else None,
-        "events_since": max(0, events - mark["seq"]),
+        "held": held,
+        "events_since": events - mark["seq"] if held else None,
     }
 
 
@@ -1466,6 +1478,15 @@ def _ship_checkpoints(code: int) -> int:
         return code
     bootstrap = sys.modules.get("conveyor.bootstrap")
     if bootstrap is None:  # no record was opened
+        return code
+    if code == EXIT_CANCELLED:  # whoever cancelled wants it to end now
+        if bootstrap.wrote_records():
+            with contextlib.suppress(OSError, ValueError):
+                click.echo(
+                    "note: no checkpoint shipped (the command was cancelled): the next command"
+                    " that writes to the record ships one",
+                    err=True,
+                )
         return code
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)

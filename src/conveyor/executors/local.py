@@ -275,7 +275,8 @@ class LocalExecutor:
         """Start one attempt in its own session; returns its pid (= process group id)."""
         path = launch.env.get("PATH")
         if self._adopting is None and _set_subreaper(True):
-            self._adopting = _children()
+            # Spared ones of an earlier stage stay apart: reaped once they end.
+            self._adopting = _children() - self._spared
             self._next_adopted_reap = time.monotonic() + _ADOPTED_REAP_S
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
@@ -429,8 +430,7 @@ class LocalExecutor:
                     time.sleep(0.005)
             tried.update(found)
             killed.extend(pid for pid in found if pid not in waiting)
-        self._reap_spared()
-        self._spared.clear()  # those still running are reaped when this process ends
+        self._reap_spared()  # those still running are reaped in a later stage, or at exit
         self._adopting = None
         _set_subreaper(False)  # what a deployment's scripts leave behind is not ours
         return killed

@@ -94,7 +94,7 @@ def _head_of(db_path: Path) -> tuple[tuple[int, str] | None, str]:
     try:
         data = json.loads(text)
         seq, digest = data["seq"], data["hash"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # deep nesting: not a mark
         return None, "is not a mark Conveyor wrote (a JSON object with 'seq' and 'hash')"
     if type(seq) is not int or seq < 1 or not isinstance(digest, str):
         return None, "is not a mark Conveyor wrote (a JSON object with 'seq' and 'hash')"
@@ -157,7 +157,7 @@ def read_mark(db_path: Path, mark: str) -> dict[str, Any] | None:
                 return None
             data = json.loads(handle.read(4096).decode("utf-8"))
         seq, digest = data["seq"], data["hash"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     if type(seq) is not int or not 0 < seq < 2**63:
         return None

@@ -125,8 +125,9 @@ def record_keeper(env_dir: Path, deployment_id: int, pid: int, start_time: int) 
     logs -F`` reads it). Not a ``.json`` file: it is no service (``recorded_services``)."""
     path = env_dir / "run" / f"{deployment_id}.keeper"
     with contextlib.suppress(OSError):
+        _drop_ended_keepers(path)  # best effort: never in the way of the new line
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_ended_keepers(path)
         with open(path, "a", encoding="ascii") as handle:
             handle.write(f"{pid} {start_time}\n")
 
