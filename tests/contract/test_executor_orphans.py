@@ -147,6 +147,30 @@ def test_a_spared_process_that_ends_is_reaped_not_left_a_zombie(tmp_path: Path) 
         executor.close()
 
 
+def test_a_process_spared_in_one_stage_is_reaped_when_it_ends_in_a_later_one(
+    tmp_path: Path,
+) -> None:
+    executor = LocalExecutor()
+    env = {"PATH": os.environ["PATH"], "CONVEYOR_RUN_TOKEN": "t-spared-later"}
+    rm_pid = tmp_path / "rm.pid"
+    leave_rm = (
+        f"env -i CONVEYOR_TRASH=1 setsid -f sh -c 'echo $$ > {rm_pid}; exec sleep 1.6';"
+        f" while [ ! -s {rm_pid} ]; do :; done"
+    )
+    try:
+        executor.start(JobLaunch("promote#1", leave_rm, env, str(tmp_path)))
+        _wait_exit(executor, "promote#1")
+        rm = int(rm_pid.read_text())
+        assert executor.sweep() == [] and _alive(rm)  # the stage ends: spared
+        executor.start(JobLaunch("hang#1", "sleep 1018", env, str(tmp_path)))  # the next one
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{rm}").exists() and time.monotonic() < deadline:
+            executor.poll(0.2)
+        assert not Path(f"/proc/{rm}").exists()  # ended, and reaped: no zombie
+    finally:
+        executor.close()
+
+
 def _zombie_children() -> list[int]:
     me = os.getpid()
     pids = Path(f"/proc/{me}/task/{me}/children").read_text().split()
