@@ -342,9 +342,15 @@ def test_commands_that_write_ship_a_checkpoint_and_readers_do_not(
     assert shipped(offbox) == [events] and first.err.count("warning") == 0
     (file,) = offbox.iterdir()  # named after the record (its first event's hash) and the event
     assert file.name.startswith("checkpoint-") and len(file.name.split("-")[1]) == 16
+    counted = tmp_path / "count"
+    counting = {
+        "CONVEYOR_CHECKPOINT_COMMAND": f'echo x >> "{counted}"; cat > /dev/null',
+    }
+    (repo.path / ".conveyor" / "conveyor.db.shipped").unlink()  # as if never shipped
     for reader in (["runs", "list"], ["audit", "verify"], ["logs", "latest", "a"]):
-        assert repo.conveyor(*reader, env=env).code == 0
-    assert shipped(offbox) == [events]  # nothing new: nothing shipped
+        assert repo.conveyor(*reader, env=counting).code == 0
+    assert not counted.exists()  # they wrote nothing: they ship nothing
+    assert shipped(offbox) == [events]
     assert repo.conveyor("run", "--no-cache", env=env).code == 0
     later = repo.conveyor("audit", "verify", "--json").json()["events"]
     assert shipped(offbox) == [events, later]
@@ -480,6 +486,9 @@ def test_a_record_put_back_from_an_older_copy_is_not_signed_for(repo: Repo, tmp_
     plain = repo.conveyor("audit", "verify")
     assert plain.code == 1
     assert "the record no longer holds event 12 as the last checkpoint shipped" in plain.err
+    manual = repo.conveyor("audit", "checkpoint", "-o", str(tmp_path / "manual.json"))
+    assert manual.code == 1 and "the record ends before event 12" in manual.err
+    assert not (tmp_path / "manual.json").exists()
     refused = repo.conveyor("audit", "checkpoint", "--ship", env=env)
     assert refused.code == 1
     assert "the record ends before event 12, which it was verified up to before" in refused.err
@@ -492,7 +501,10 @@ def test_a_record_put_back_from_an_older_copy_is_not_signed_for(repo: Repo, tmp_
         "audit", "verify", "--checkpoint", str(offbox / sorted(p.name for p in offbox.iterdir())[0])
     )
     assert caught.code == 1  # the checkpoint of event 12 sees it
-    (home / "conveyor.db.verified").unlink()
+    (home / "conveyor.db.verified").unlink()  # the other mark still tells
+    refused = repo.conveyor("audit", "checkpoint", "--ship", env=env)
+    assert refused.code == 1
+    assert "event 12 is not the one the last checkpoint shipped vouches for" in refused.err
     (home / "conveyor.db.shipped").unlink()
     assert repo.conveyor("audit", "checkpoint", "--ship", env=env).code == 0
     # Another history's event 12: a name of its own (the event's hash is in it), so the
@@ -610,3 +622,43 @@ def test_the_shipping_command_runs_outside_the_hooks_repository_and_not_after_a_
     assert shipped(offbox) == [6]
     assert repo.conveyor("runs", "list", env=env).code == 0  # reads only: ships nothing
     assert shipped(offbox) == [6]
+
+
+def test_a_shipment_the_home_cannot_remember_is_said(repo: Repo, tmp_path: Path) -> None:
+    repo.pipeline(SIMPLE)
+    assert repo.conveyor("run").code == 0
+    home = repo.path / ".conveyor"
+    (home / "conveyor.db.shipped").mkdir()  # cannot be replaced by a file
+    offbox = tmp_path / "offbox"
+    result = repo.conveyor("audit", "checkpoint", "--ship", env=shipping_to(offbox))
+    assert result.code == 1
+    assert "was shipped as checkpoint-" in result.err and "cannot be written" in result.err
+    assert shipped(offbox) == [6]
+    assert not [p for p in home.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_started_with_sigchld_ignored_a_run_still_knows_its_jobs_exit_codes(
+    repo: Repo, tmp_path: Path
+) -> None:
+    """Some launchers leave SIGCHLD ignored: children would be reaped unseen."""
+    repo.pipeline(
+        "pipeline: simple\nstages:\n  - name: only\n    jobs:\n      a: {run: 'exit 3'}\n"
+    )
+    offbox = tmp_path / "offbox"
+    launcher = (
+        "import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_IGN);"
+        " os.execv(sys.executable, [sys.executable, '-m', 'conveyor', 'run'])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", launcher],
+        cwd=repo.path,
+        env={**repo.env, **shipping_to(offbox)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "internal error" not in proc.stderr
+    assert repo.jobs()["a"]["exit_code"] == 3
+    assert len(shipped(offbox)) == 1

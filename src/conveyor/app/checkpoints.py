@@ -71,8 +71,10 @@ def make_checkpoint(
     it vouches for).
 
     Raises:
-        VerificationError: the log does not verify, or has no events yet.
+        VerificationError: the log does not verify, has no events yet, or no longer holds an
+            event the home's marks say was verified or shipped (``_check_still_held``).
     """
+    _check_marks_held(record)
     report = record.verify(since)
     if not report.ok:
         raise VerificationError(
@@ -97,6 +99,10 @@ def make_checkpoint(
     }
     envelope = key.sign(CHECKPOINT_TYPE, canonical_json(statement).encode())
     return envelope, seq, digest
+
+
+class CheckpointUnmarked(ConveyorError):
+    """Shipped, but not remembered as shipped (the home cannot be written)."""
 
 
 FULL_VERIFICATION_S = 24 * 3600
@@ -133,9 +139,7 @@ def ship_checkpoint(
     from conveyor.adapters.shipper import ship
     from conveyor.store.sqlite import SHIPPED, VERIFIED, read_mark, write_mark
 
-    verified = read_mark(record.path, VERIFIED)
-    if verified is not None:
-        _check_still_held(record, verified["seq"], verified["hash"])
+    verified = read_mark(record.path, VERIFIED)  # held: make_checkpoint checks it
     whole_at = verified.get("whole_at") if verified else None
     if (
         full
@@ -169,31 +173,51 @@ def ship_checkpoint(
             " audit checkpoint --ship`; until then, the events since the last one shipped are"
             " covered by the hash chain and the head mark only",
         )
-    write_mark(record.path, SHIPPED, seq, digest, shipped_at=now)
+    if not write_mark(record.path, SHIPPED, seq, digest, shipped_at=now):
+        raise CheckpointUnmarked(
+            f"the checkpoint of event {seq} was shipped as {name}, but {record.path.name}"
+            f"{SHIPPED} cannot be written: `audit verify` will not tell it, and the next"
+            " command that writes ships it again",
+            hint=f"check that {record.path.parent} is writable",
+        )
     return seq, name
 
 
-def _check_still_held(record: Any, seq: int, digest: str) -> None:
-    """Refuse to sign for a log that no longer holds the event it was verified up to."""
-    from conveyor.store.sqlite import VERIFIED
+def _check_marks_held(record: Any) -> None:
+    """Refuse to sign for a log that no longer holds an event the home's marks name: the
+    one it was last verified up to, the last one shipped (an older copy of the record put
+    back verifies on its own)."""
+    from conveyor.store.sqlite import SHIPPED, VERIFIED, read_mark
 
-    found = record.event_hash_at(seq)
-    if found == digest:
-        return
-    mark = f"{record.path.name}{VERIFIED}"
-    what = (
-        f"the record ends before event {seq}, which it was verified up to before ({mark}):"
-        " an older copy of it was put back, or events were removed from its end"
-        if found is None
-        else f"event {seq} is not the one the record was verified up to before ({mark}):"
-        " the log was rewritten, or an older copy of it put back, since"
-    )
-    raise VerificationError(
-        f"{what}; no checkpoint is signed for it",
-        hint="`conveyor audit verify --checkpoint FILE` with the checkpoints shipped tells what"
-        f" changed; if the record was restored from a backup on purpose, delete {mark} and"
-        f" {record.path.name}.shipped beside it to sign again",
-    )
+    db = record.path.name
+    for mark, ends, differs in (
+        (VERIFIED, "which it was verified up to before", "the record was verified up to before"),
+        (
+            SHIPPED,
+            "which the last checkpoint shipped vouches for",
+            "the last checkpoint shipped vouches for",
+        ),
+    ):
+        found = read_mark(record.path, mark)
+        if found is None:
+            continue
+        seq = found["seq"]
+        held = record.event_hash_at(seq)
+        if held == found["hash"]:
+            continue
+        problem = (
+            f"the record ends before event {seq}, {ends} ({db}{mark}): an older copy of it was"
+            " put back, or events were removed from its end"
+            if held is None
+            else f"event {seq} is not the one {differs} ({db}{mark}): the log was rewritten, or"
+            " an older copy of it put back, since"
+        )
+        raise VerificationError(
+            f"{problem}; no checkpoint is signed for it",
+            hint="`conveyor audit verify --checkpoint FILE` with the checkpoints shipped tells"
+            f" what changed; if the record was restored from a backup on purpose, delete"
+            f" {db}{VERIFIED} and {db}{SHIPPED} beside it to sign again",
+        )
 
 
 def check_checkpoint(

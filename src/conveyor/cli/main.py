@@ -1118,7 +1118,7 @@ def audit_verify(
     code = EXIT_OK if ok else EXIT_FAILED
     if report.ok and not found[ALTERED] and not found[INVALID] and found[UNREADABLE]:
         code = EXIT_USAGE  # only files that could not be read: not a verdict on the record
-    shipped = _last_shipped(record, report.events)
+    shipped = _last_shipped(record, report.events, report.ok)
     if shipped is not None and not shipped["held"]:
         ok, code = False, EXIT_FAILED  # the home's own mark says the record went back
     if as_json:
@@ -1177,12 +1177,13 @@ def audit_verify(
     click.echo(f"ok: {report.events} events, hash chain intact (head {report.head_hash[:16]})")
     if shipped is not None:
         click.echo(
-            f"last checkpoint shipped: event {shipped['seq']} ({shipped['shipped_at']}),"
+            f"last checkpoint shipped: event {shipped['seq']}"
+            f" ({shipped['shipped_at'] or 'time unknown'}),"
             f" {shipped['events_since']} events since"
         )
 
 
-def _last_shipped(record: Any, events: int) -> dict[str, Any] | None:
+def _last_shipped(record: Any, events: int, verified: bool) -> dict[str, Any] | None:
     """What ``conveyor.db.shipped`` says of the last checkpoint shipped (as told by the
     home: the checkpoints themselves are the proof), if anything."""
     from conveyor.domain.text import inline
@@ -1197,7 +1198,7 @@ def _last_shipped(record: Any, events: int) -> dict[str, Any] | None:
         "seq": mark["seq"],
         "shipped_at": inline(at[:40]) if isinstance(at, str) else None,
         "held": held,
-        "events_since": events - mark["seq"] if held else None,
+        "events_since": events - mark["seq"] if held and verified else None,
     }
 
 
@@ -1456,6 +1457,9 @@ def entry() -> NoReturn:
             print(exc.code, file=sys.stderr)
             code = EXIT_FAILED
     code = _ship_checkpoints(code)
+    # Over: a signal now ends it at once (it would only turn the exit into a traceback).
+    signal.signal(signal.SIGINT, _exit_cancelled)
+    signal.signal(signal.SIGTERM, _exit_cancelled)
     for stream in (sys.stdout, sys.stderr):
         if stream is None:  # started with it closed
             continue
@@ -1468,6 +1472,10 @@ def entry() -> NoReturn:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _exit_cancelled(signum: int, frame: object) -> None:
+    os._exit(EXIT_CANCELLED)
 
 
 def _ship_checkpoints(code: int) -> int:

@@ -129,11 +129,22 @@ def _write_head(db_path: Path, seq: int, digest: str) -> None:
     known = read_head(db_path)
     if known is not None and known[0] >= seq:
         return
-    path = head_path(db_path)
+    # A secondary check: never fails a committed write.
+    _replace_file(head_path(db_path), json.dumps({"seq": seq, "hash": digest}) + "\n")
+
+
+def _replace_file(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` through a temporary file beside it (readers see the old file
+    or the new one); whether it was written (the temporary file never stays)."""
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(OSError):  # a secondary check: never fails a committed write
-        temporary.write_text(json.dumps({"seq": seq, "hash": digest}) + "\n", encoding="utf-8")
+    try:
+        temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        return False
+    return True
 
 
 SHIPPED, VERIFIED = ".shipped", ".verified"
@@ -166,19 +177,14 @@ def read_mark(db_path: Path, mark: str) -> dict[str, Any] | None:
     return dict(data)
 
 
-def write_mark(db_path: Path, mark: str, seq: int, digest: str, **fields: object) -> None:
-    """Write a mark, unless one names a later event (concurrent commands); best effort: at
-    worst, the next checkpoint verifies or ships again."""
+def write_mark(db_path: Path, mark: str, seq: int, digest: str, **fields: object) -> bool:
+    """Write a mark, unless one names a later event (concurrent commands); whether it is
+    written (or a later one is there). At worst, the next checkpoint verifies or ships again."""
     known = read_mark(db_path, mark)
     if known is not None and known["seq"] > seq:
-        return
-    path = mark_path(db_path, mark)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(OSError):
-        temporary.write_text(
-            json.dumps({"seq": seq, "hash": digest, **fields}) + "\n", encoding="utf-8"
-        )
-        os.replace(temporary, path)
+        return True
+    text = json.dumps({"seq": seq, "hash": digest, **fields}) + "\n"
+    return _replace_file(mark_path(db_path, mark), text)
 
 
 def connect(path: Path) -> sqlite3.Connection:
