@@ -485,7 +485,7 @@ def test_a_record_put_back_from_an_older_copy_is_not_signed_for(repo: Repo, tmp_
     assert doc["problem"] is None and doc["last_shipped"]["held"] is False
     plain = repo.conveyor("audit", "verify")
     assert plain.code == 1
-    assert "the record no longer holds event 12 as the last checkpoint shipped" in plain.err
+    assert "the record no longer holds event 12 as it was verified up to before" in plain.err
     manual = repo.conveyor("audit", "checkpoint", "-o", str(tmp_path / "manual.json"))
     assert manual.code == 1 and "the record ends before event 12" in manual.err
     assert not (tmp_path / "manual.json").exists()
@@ -662,3 +662,30 @@ def test_started_with_sigchld_ignored_a_run_still_knows_its_jobs_exit_codes(
     assert "internal error" not in proc.stderr
     assert repo.jobs()["a"]["exit_code"] == 3
     assert len(shipped(offbox)) == 1
+
+
+def test_audit_verify_tells_a_rollback_the_verified_mark_sees(repo: Repo, tmp_path: Path) -> None:
+    """Shipping failed after the last verification: only conveyor.db.verified names the lost
+    events; an unreadable --checkpoint does not hide it."""
+    repo.pipeline(SIMPLE)
+    offbox = tmp_path / "offbox"
+    assert repo.conveyor("run", env=shipping_to(offbox)).code == 0
+    home = repo.path / ".conveyor"
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    saved = ("conveyor.db", "conveyor.db-wal", "conveyor.db.head")
+    for name in saved:
+        shutil.copy2(home / name, backup / name)
+    failing = {"CONVEYOR_CHECKPOINT_COMMAND": "exit 3"}
+    assert repo.conveyor("run", "--no-cache", env=failing).code == 0  # verified 12, shipped 6
+    (home / "conveyor.db-shm").unlink(missing_ok=True)
+    for name in saved:
+        shutil.copy2(backup / name, home / name)
+    told = repo.conveyor("audit", "verify")
+    assert told.code == 1
+    assert "the record no longer holds event 12 as it was verified up to before" in told.err
+    doc = repo.conveyor("audit", "verify", "--json").json()
+    assert doc["ok"] is False and "event 12" in doc["marks_problem"]
+    assert doc["last_shipped"]["held"] is True
+    hidden = repo.conveyor("audit", "verify", "--checkpoint", str(tmp_path / "none.json"))
+    assert hidden.code == 1 and "no longer holds event 12" in hidden.err

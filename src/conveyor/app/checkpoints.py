@@ -72,7 +72,7 @@ def make_checkpoint(
 
     Raises:
         VerificationError: the log does not verify, has no events yet, or no longer holds an
-            event the home's marks say was verified or shipped (``_check_still_held``).
+            event the home's marks say was verified or shipped (``_check_marks_held``).
     """
     _check_marks_held(record)
     report = record.verify(since)
@@ -178,7 +178,8 @@ def ship_checkpoint(
             f"the checkpoint of event {seq} was shipped as {name}, but {record.path.name}"
             f"{SHIPPED} cannot be written: `audit verify` will not tell it, and the next"
             " command that writes ships it again",
-            hint=f"check that {record.path.parent} is writable",
+            hint=f"check that {record.path.name}{SHIPPED} can be written (a file, in a"
+            f" writable {record.path.parent})",
         )
     return seq, name
 

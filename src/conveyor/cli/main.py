@@ -1105,6 +1105,8 @@ def audit_verify(
         checks = [
             _check_checkpoint(record, report, path, public_pem, key_problem) for path in checkpoints
         ]
+        shipped = _last_shipped(record, report.events, report.ok)
+        unheld = _unheld_verified_mark(record)
     except StoreError as exc:
         if not (exc.hint and "audit verify" in exc.hint):
             raise
@@ -1118,9 +1120,9 @@ def audit_verify(
     code = EXIT_OK if ok else EXIT_FAILED
     if report.ok and not found[ALTERED] and not found[INVALID] and found[UNREADABLE]:
         code = EXIT_USAGE  # only files that could not be read: not a verdict on the record
-    shipped = _last_shipped(record, report.events, report.ok)
-    if shipped is not None and not shipped["held"]:
-        ok, code = False, EXIT_FAILED  # the home's own mark says the record went back
+    marks = unheld or (_unheld_shipped_text(record, shipped) if shipped is not None else "")
+    if marks:
+        ok, code = False, EXIT_FAILED  # the home's own marks say the record went back
     if as_json:
         echo_json(
             {
@@ -1131,6 +1133,7 @@ def audit_verify(
                 "head_hash": report.head_hash,
                 "checkpoints": [check.to_dict() for check in checks],
                 "last_shipped": shipped,
+                "marks_problem": marks or None,
             }
         )
         sys.exit(code)
@@ -1151,6 +1154,13 @@ def audit_verify(
             )
             + "the record was altered outside Conveyor",
         )
+    if marks:  # before the checkpoints' findings: an unreadable one must not hide it
+        raise AuditError(
+            marks,
+            hint="`conveyor audit verify --checkpoint FILE` with the checkpoints shipped tells"
+            " what changed; if the record was restored from a backup on purpose, delete"
+            f" {record.path.name}.verified and {record.path.name}.shipped",
+        )
     if found[ALTERED]:
         raise AuditError(
             f"{len(found[ALTERED])} of {len(checks)} checkpoints no longer hold: the record was"
@@ -1166,14 +1176,6 @@ def audit_verify(
         )
     if found[UNREADABLE]:
         raise UsageError(f"{len(found[UNREADABLE])} of {len(checks)} checkpoints cannot be read")
-    if shipped is not None and not shipped["held"]:
-        raise AuditError(
-            f"the record no longer holds event {shipped['seq']} as the last checkpoint shipped"
-            f" vouched for it ({record.path.name}.shipped): it was rolled back to an older copy,"
-            " or rewritten, since",
-            hint="`conveyor audit verify --checkpoint FILE` with the checkpoints shipped tells"
-            " what changed",
-        )
     click.echo(f"ok: {report.events} events, hash chain intact (head {report.head_hash[:16]})")
     if shipped is not None:
         click.echo(
@@ -1181,6 +1183,32 @@ def audit_verify(
             f" ({shipped['shipped_at'] or 'time unknown'}),"
             f" {shipped['events_since']} events since"
         )
+
+
+def _unheld_verified_mark(record: Any) -> str:
+    """What is wrong with ``conveyor.db.verified`` (the event the log was last verified up to
+    before a checkpoint was signed), if the log no longer holds that event: ``""`` if it does,
+    or there is no such mark."""
+    from conveyor.store.sqlite import VERIFIED, read_mark
+
+    mark = read_mark(record.path, VERIFIED)
+    if mark is None or record.event_hash_at(mark["seq"]) == mark["hash"]:
+        return ""
+    return (
+        f"the record no longer holds event {mark['seq']} as it was verified up to before a"
+        f" checkpoint was signed ({record.path.name}.verified): it was rolled back to an older"
+        " copy, or rewritten, since"
+    )
+
+
+def _unheld_shipped_text(record: Any, shipped: dict[str, Any]) -> str:
+    if shipped["held"]:
+        return ""
+    return (
+        f"the record no longer holds event {shipped['seq']} as the last checkpoint shipped"
+        f" vouched for it ({record.path.name}.shipped): it was rolled back to an older copy,"
+        " or rewritten, since"
+    )
 
 
 def _last_shipped(record: Any, events: int, verified: bool) -> dict[str, Any] | None:
@@ -1198,7 +1226,7 @@ def _last_shipped(record: Any, events: int, verified: bool) -> dict[str, Any] | 
         "seq": mark["seq"],
         "shipped_at": inline(at[:40]) if isinstance(at, str) else None,
         "held": held,
-        "events_since": events - mark["seq"] if held and verified else None,
+        "events_since": max(0, events - mark["seq"]) if held and verified else None,
     }
 
 
@@ -1456,10 +1484,11 @@ def entry() -> NoReturn:
         else:
             print(exc.code, file=sys.stderr)
             code = EXIT_FAILED
-    code = _ship_checkpoints(code)
-    # Over: a signal now ends it at once (it would only turn the exit into a traceback).
+    # Over: a signal now ends it at once (it would only turn the exit into a traceback),
+    # but while a checkpoint is shipped (it cancels that).
     signal.signal(signal.SIGINT, _exit_cancelled)
     signal.signal(signal.SIGTERM, _exit_cancelled)
+    code = _ship_checkpoints(code)
     for stream in (sys.stdout, sys.stderr):
         if stream is None:  # started with it closed
             continue
@@ -1496,16 +1525,19 @@ def _ship_checkpoints(code: int) -> int:
                     err=True,
                 )
         return code
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
     problem = ""
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupt)
         bootstrap.ship_checkpoints(lambda text: click.echo(text, err=True))
     except KeyboardInterrupt:
         problem = "cancelled (Ctrl-C or SIGTERM)"
         code = code or EXIT_CANCELLED
     except Exception as exc:  # the command is over: never a traceback after its outcome
         problem = str(exc)
+    finally:
+        signal.signal(signal.SIGINT, _exit_cancelled)
+        signal.signal(signal.SIGTERM, _exit_cancelled)
     if problem:
         with contextlib.suppress(OSError, ValueError):  # stderr closed or full
             click.echo(f"warning: the checkpoint was not shipped: {problem}", err=True)

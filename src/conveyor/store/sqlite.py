@@ -140,9 +140,11 @@ def _replace_file(path: Path, text: str) -> bool:
     try:
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
-    except OSError:
+    except BaseException as exc:  # a Ctrl-C too: the temporary file never stays
         with contextlib.suppress(OSError):
             temporary.unlink()
+        if not isinstance(exc, OSError):
+            raise
         return False
     return True
 
@@ -1128,8 +1130,8 @@ class SqliteRecord:
         everything else in one read transaction: events appended meanwhile by a run are not
         taken for events removed from the end.
 
-        With ``since`` (an event's seq and hash, verified before: the last checkpoint shipped),
-        only the events after it are checked, once that event is found unchanged.
+        With ``since`` (an event's seq and hash, verified before: ``conveyor.db.verified``),
+        only the events after it are checked (and event 1), once that event is found unchanged.
         """
         flagged = self.head_was_written()  # before the mark: the mark is written first
         head = _head_of(self.path)
