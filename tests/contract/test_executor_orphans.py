@@ -225,3 +225,24 @@ def test_a_recorded_service_that_blanked_its_variables_is_spared_with_its_sessio
 def _children_of_this_process() -> list[str]:
     me = os.getpid()
     return Path(f"/proc/{me}/task/{me}/children").read_text().split()
+
+
+def test_closing_uninstalls_its_signal_wakeup_pipe_and_leaves_anothers() -> None:
+    """A signal after close must not write to the closed pipe's number (reused by then by a
+    log or the database)."""
+    executor = LocalExecutor()
+    previous = signal.set_wakeup_fd(executor.wakeup_fd, warn_on_full_buffer=False)
+    try:
+        executor.close()
+        assert signal.set_wakeup_fd(-1) == -1
+        other_r, other_w = os.pipe2(os.O_NONBLOCK)
+        try:
+            another = LocalExecutor()
+            signal.set_wakeup_fd(other_w)
+            another.close()
+            assert signal.set_wakeup_fd(-1) == other_w
+        finally:
+            os.close(other_r)
+            os.close(other_w)
+    finally:
+        signal.set_wakeup_fd(previous)

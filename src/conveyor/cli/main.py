@@ -1484,6 +1484,8 @@ def entry() -> NoReturn:
         else:
             print(exc.code, file=sys.stderr)
             code = EXIT_FAILED
+    except KeyboardInterrupt:  # a second signal while the first one's message was written
+        code = EXIT_CANCELLED
     # Over: a signal now ends it at once (it would only turn the exit into a traceback),
     # but while a checkpoint is shipped (it cancels that).
     signal.signal(signal.SIGINT, _exit_cancelled)

@@ -394,6 +394,7 @@ class LocalExecutor:
             kill_tagged(self._token)
         self._kill_orphans()
         self._selector.close()
+        self._uninstall_wakeup()
         os.close(self._wake_r)
         os.close(self._wake_w)
         if self._cwd != self._home_cwd:
@@ -401,6 +402,17 @@ class LocalExecutor:
                 os.chdir(self._home_cwd)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _uninstall_wakeup(self) -> None:
+        """Stop signals from writing to the wake-up pipe before it is closed: a signal would
+        otherwise write its byte to a closed descriptor, or to whatever file reused its
+        number (a log, the database)."""
+        try:
+            previous = signal.set_wakeup_fd(-1)
+            if previous not in (-1, self._wake_w):
+                signal.set_wakeup_fd(previous)  # someone else's: left as it was
+        except ValueError:  # not the main thread: it cannot have installed ours
+            pass
 
     def _kill_orphans(self) -> list[int]:
         """Kill and reap the processes attempts orphaned (adopted since the first attempt),
