@@ -108,11 +108,7 @@ def test_the_rm_of_old_releases_a_job_left_is_spared(tmp_path: Path) -> None:
     them (``adapters.trash``): the stage's orphan killer lets it finish."""
     executor = LocalExecutor()
     env = {"PATH": os.environ["PATH"], "CONVEYOR_RUN_TOKEN": "t-trash"}
-    rm_pid = tmp_path / "rm.pid"
-    leave_rm = (
-        f"env -i CONVEYOR_TRASH=1 setsid -f sh -c 'echo $$ > {rm_pid}; exec sleep 1021';"
-        f" while [ ! -s {rm_pid} ]; do :; done"
-    )
+    rm_pid, leave_rm = _marked_leftover(tmp_path, "sleep 1021")
     leaked: list[int] = []
     try:
         executor.start(JobLaunch("promote#1", leave_rm, env, str(tmp_path)))
@@ -129,11 +125,7 @@ def test_the_rm_of_old_releases_a_job_left_is_spared(tmp_path: Path) -> None:
 def test_a_spared_process_that_ends_is_reaped_not_left_a_zombie(tmp_path: Path) -> None:
     executor = LocalExecutor()
     env = {"PATH": os.environ["PATH"], "CONVEYOR_RUN_TOKEN": "t-trash-reaped"}
-    rm_pid = tmp_path / "rm.pid"
-    leave_rm = (
-        f"env -i CONVEYOR_TRASH=1 setsid -f sh -c 'echo $$ > {rm_pid}; exec sleep 1.6';"
-        f" while [ ! -s {rm_pid} ]; do :; done"
-    )
+    rm_pid, leave_rm = _marked_leftover(tmp_path, "sleep 1.6")
     try:
         executor.start(JobLaunch("promote#1", leave_rm, env, str(tmp_path)))
         executor.start(JobLaunch("hang#1", "sleep 1018", env, str(tmp_path)))
@@ -152,11 +144,7 @@ def test_a_process_spared_in_one_stage_is_reaped_when_it_ends_in_a_later_one(
 ) -> None:
     executor = LocalExecutor()
     env = {"PATH": os.environ["PATH"], "CONVEYOR_RUN_TOKEN": "t-spared-later"}
-    rm_pid = tmp_path / "rm.pid"
-    leave_rm = (
-        f"env -i CONVEYOR_TRASH=1 setsid -f sh -c 'echo $$ > {rm_pid}; exec sleep 1.6';"
-        f" while [ ! -s {rm_pid} ]; do :; done"
-    )
+    rm_pid, leave_rm = _marked_leftover(tmp_path, "sleep 1.6")
     try:
         executor.start(JobLaunch("promote#1", leave_rm, env, str(tmp_path)))
         _wait_exit(executor, "promote#1")
@@ -169,6 +157,17 @@ def test_a_process_spared_in_one_stage_is_reaped_when_it_ends_in_a_later_one(
         assert not Path(f"/proc/{rm}").exists()  # ended, and reaped: no zombie
     finally:
         executor.close()
+
+
+def _marked_leftover(tmp_path: Path, command: str) -> tuple[Path, str]:
+    """A job script that leaves ``command`` running as the rm of old releases is left (own
+    session, marked ``CONVEYOR_TRASH``); where its pid is written."""
+    pid_file = tmp_path / "rm.pid"
+    script = (
+        f"env -i CONVEYOR_TRASH=1 setsid -f sh -c 'echo $$ > {pid_file}; exec {command}';"
+        f" while [ ! -s {pid_file} ]; do :; done"
+    )
+    return pid_file, script
 
 
 def _zombie_children() -> list[int]:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from conveyor.adapters.shipper import OUTPUT_SHOWN, ship
+from tests.contract.test_executor_orphans import _alive as alive
 
 
 def test_the_checkpoint_is_on_its_standard_input_and_exit_0_is_success(tmp_path: Path) -> None:
@@ -49,21 +50,13 @@ def test_what_it_leaves_in_its_group_is_killed_and_does_not_hold_us(tmp_path: Pa
     deadline = time.monotonic() + 5
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.02)  # killed; reaped by init (it was not our child)
-    assert not _running(pid)
+    assert not alive(pid)
 
 
 def test_only_the_end_of_a_huge_output_is_kept() -> None:
     env = {"PATH": os.environ["PATH"]}
     said = ship("head -c 50000000 /dev/zero | tr '\\0' x; echo END; exit 2", b"", env, 30)
     assert said is not None and said.startswith("exited with status 2: x") and said.endswith("END")
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_a_lost_exit_status_is_not_taken_for_success() -> None:
