@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -29,4 +28,6 @@ def signals_held() -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     if received:
-        os.kill(os.getpid(), received[0])
+        # To this thread, at once: os.kill may hand it to another thread, and its handler
+        # then run in this one only some time after the block (when it may not be expected).
+        signal.raise_signal(received[0])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 from pathlib import Path
@@ -148,7 +147,7 @@ def test_a_record_with_events_but_no_version_is_not_thrown_away(tmp_path: Path) 
 def test_ctrl_c_during_a_migration_takes_effect_when_it_has_ended(tmp_path: Path) -> None:
     db = tmp_path / "conveyor.db"
     with pytest.raises(KeyboardInterrupt), signals_held():
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # to this thread: xdist's workers have others
         migrate._create(db)
         migrate._upgrade(db)  # not interrupted half-way
     assert current_revision(db) == HEAD

@@ -452,6 +452,7 @@ def test_audit_checkpoint_ship_ships_now(repo: Repo, tmp_path: Path) -> None:
         assert ("above 0 and at most 86400" in result.err) == (code == 2)
 
 
+@pytest.mark.slow
 def test_a_record_put_back_from_an_older_copy_is_not_signed_for(repo: Repo, tmp_path: Path) -> None:
     """The log no longer holds the event it was verified up to: an older copy was put back
     (what checkpoints exist to catch), even though the older copy verifies on its own."""

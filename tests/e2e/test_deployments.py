@@ -231,6 +231,7 @@ def test_a_hostile_archive_is_refused_before_the_environment_changes(repo: Repo)
     assert repo.conveyor("env", "history", "staging", "--json").json() == []
 
 
+@pytest.mark.slow
 def test_kill_9_mid_deployment_leaves_a_recoverable_lease(shop: Repo) -> None:
     assert shop.conveyor("run", "--stage", "commit", "--stage", "acceptance").code == 0
     shop.write("server.py", "import time\ntime.sleep(60)\n")  # never healthy
@@ -615,6 +616,7 @@ def test_env_stop_after_a_killed_deployment_stops_its_release(shop: Repo) -> Non
     assert not serving()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_cancelled_promotion_stops_its_release(shop: Repo, sig: int) -> None:
     """Ctrl-C during a deployment: exit 130, the new release does not run on untracked (it
@@ -698,6 +700,7 @@ def in_process_deployer(
     return deployer, spec, record
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("looks", [1, 2, 3])
 def test_a_cancel_before_the_deployment_began_changes_nothing(
     shop: Repo, monkeypatch: pytest.MonkeyPatch, looks: int
@@ -817,6 +820,7 @@ def answers(url: str, text: str) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_a_cancel_once_the_running_release_is_stopped_starts_it_again(
     shop: Repo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1133,6 +1137,7 @@ def test_the_release_a_killed_deployer_had_stopped_runs_again_at_the_next_deploy
     assert shop.conveyor("audit", "verify").code == 0
 
 
+@pytest.mark.slow
 def test_old_release_folders_are_deleted_but_the_running_one(shop: Repo) -> None:
     """An environment keeps the folders of its 5 newest deployments and of the one that runs,
     however old: a rollback and a restart need only that one."""

@@ -219,6 +219,7 @@ def test_overrides_are_accountable(shop: Repo) -> None:
     assert code == 1 and "gate 'metric'" in out
 
 
+@pytest.mark.slow
 def test_an_override_can_need_a_second_person(shop: Repo) -> None:
     shop.pipeline(
         PIPELINE.replace(
