@@ -102,16 +102,69 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
     return elapsed
 
 
-def pairs(
-    a: list[str], b: list[str], cwd: Path, env: dict[str, str], runs: int
-) -> tuple[list[float], list[float]]:
-    timed(a, cwd, env)
-    timed(b, cwd, env)
-    ta, tb = [], []
+Timed = tuple[list[str], dict[str, str]]
+
+
+def rounds(commands: list[Timed], cwd: Path, runs: int) -> list[list[float]]:
+    """Each command's times, the commands alternating (A B C A B C ...) after one warm-up."""
+    for cmd, env in commands:
+        timed(cmd, cwd, env)
+    times: list[list[float]] = [[] for _ in commands]
     for _ in range(runs):
-        ta.append(timed(a, cwd, env))
-        tb.append(timed(b, cwd, env))
-    return ta, tb
+        for i, (cmd, env) in enumerate(commands):
+            times[i].append(timed(cmd, cwd, env))
+    return times
+
+
+class Row:
+    """One workload against one baseline: Conveyor by itself (cold) and resident."""
+
+    def __init__(self, workload: str, baseline: str, times: list[list[float]]) -> None:
+        cold, resident, base = times
+        self.workload, self.baseline = workload, baseline
+        self.cold = statistics.median(cold)
+        self.resident = statistics.median(resident)
+        self.base = statistics.median(base)
+        self.cold_ratios = [a / b for a, b in zip(cold, base, strict=True)]
+        self.resident_ratios = [a / b for a, b in zip(resident, base, strict=True)]
+
+    @staticmethod
+    def spread(ratios: list[float]) -> str:
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        return f"{q1:.2f}-{q3:.2f}"
+
+    def verdict(self, ratio: float, seconds: float) -> str:
+        if self.workload == "W4":
+            return "ok" if seconds < 0.5 else "MISSED"
+        if self.workload == "W5":
+            return "ok" if seconds < 0.25 else "MISSED"
+        limit = TARGETS.get((self.workload, self.baseline))
+        if limit is None:
+            return ""
+        return "ok" if ratio <= limit else "MISSED"
+
+    def lines(self) -> list[str]:
+        out = []
+        for mode, seconds, ratios in (
+            ("cold", self.cold, self.cold_ratios),
+            ("resident", self.resident, self.resident_ratios),
+        ):
+            ratio = statistics.median(ratios)
+            out.append(
+                f"{self.workload:<8} {self.baseline:<15} {mode:<9} {seconds:9.3f} {self.base:9.3f}"
+                f" {ratio:6.2f}x {self.spread(ratios):>11}  {self.verdict(ratio, seconds)}"
+            )
+        return out
+
+
+TARGETS = {("W1", "make -j2"): 3.0, ("W2", "make -j2"): 2.0, ("W3", "make -j2"): 3.0}
+TARGET_TEXT = {
+    "W1": "<= 3x make",
+    "W2": "<= 2x make",
+    "W3": "<= 3x make",
+    "W4": "conveyor < 0.5 s",
+    "W5": "conveyor < 0.25 s",
+}
 
 
 def main() -> None:
@@ -124,11 +177,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env["CONVEYOR_USER"] = "bench"
-    results: list[tuple[str, str, float, float, float, list[float]]] = []
+    cold_env = {**env, "CONVEYOR_DAEMON_SOCKET": ""}  # every command starts from scratch
+    resident_env = {**env, "CONVEYOR_DAEMON_SOCKET": str(work / "daemon" / "daemon.sock")}
+    rows: list[Row] = []
     make = shutil.which("make")
     # Bytecode for Conveyor's modules, as `make` installs it (PYTHONDONTWRITEBYTECODE may be set).
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE.parent / "src")], check=True)
     print(f"benchmark in {work}; {args.runs} alternated runs per pair; times are medians (s)")
+    subprocess.run(
+        [*conveyor, "daemon", "start", "--idle-timeout", "1h"],
+        env=resident_env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         for workload in ("W1", "W2", "W3", "W4"):
             if workload not in wanted:
@@ -137,82 +198,49 @@ def main() -> None:
             home = work / f"{workload}-home"
             run = [*conveyor, "run", "--jobs", "2", "--progress", "quiet", "--home", str(home)]
             if workload == "W4":
-                timed(run, repo, env)  # fill the cache once
+                timed(run, repo, cold_env)  # fill the cache once
             else:
                 run.append("--no-cache")
+            both: list[Timed] = [(run, cold_env), (run, resident_env)]
             if make and workload != "W4":
-                ta, tb = pairs(run, [make, "-s", "-j2"], repo, env, args.runs)
-                ratios = [a / b for a, b in zip(ta, tb, strict=True)]
-                results.append(
-                    (
-                        workload,
-                        "make -j2",
-                        statistics.median(ta),
-                        statistics.median(tb),
-                        statistics.median(ratios),
-                        ratios,
-                    )
-                )
+                times = rounds([*both, ([make, "-s", "-j2"], env)], repo, args.runs)
+                rows.append(Row(workload, "make -j2", times))
             floor = [sys.executable, str(FLOOR), workload, "--db", str(work / "floor.db")]
-            ta, tb = pairs(run, floor, repo, env, args.runs)
-            ratios = [a / b for a, b in zip(ta, tb, strict=True)]
-            results.append(
-                (
-                    workload,
-                    "python floor",
-                    statistics.median(ta),
-                    statistics.median(tb),
-                    statistics.median(ratios),
-                    ratios,
-                )
+            rows.append(
+                Row(workload, "python floor", rounds([*both, (floor, env)], repo, args.runs))
             )
         if "W5" in wanted:
-            repo = work / "W1"
-            if not repo.exists():
-                repo = prepare(work, "W1")
             small = work / "small"
             small.mkdir()
             (small / "conveyor.yml").write_text(
                 "pipeline: small\nstages:\n  - name: commit\n    jobs:\n      build: {run: make}\n"
                 "      unit: {run: pytest, needs: [build]}\n"
             )
-            ta, tb = pairs(
-                [*conveyor, "validate"], [sys.executable, "-c", "pass"], small, env, args.runs
+            validate = [*conveyor, "validate"]
+            times = rounds(
+                [
+                    (validate, cold_env),
+                    (validate, resident_env),
+                    ([sys.executable, "-c", "pass"], env),
+                ],
+                small,
+                args.runs,
             )
-            ratios = [a / b for a, b in zip(ta, tb, strict=True)]
-            results.append(
-                (
-                    "W5",
-                    "python -c pass",
-                    statistics.median(ta),
-                    statistics.median(tb),
-                    statistics.median(ratios),
-                    ratios,
-                )
-            )
+            rows.append(Row("W5", "python -c pass", times))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    targets = {("W1", "make -j2"): 3.0, ("W2", "make -j2"): 2.0, ("W3", "make -j2"): 3.0}
-    print(
-        f"{'workload':<8} {'baseline':<15} {'conveyor':>9} {'baseline':>9} {'ratio':>7}"
-        f" {'p25-p75':>11}  target"
-    )
-    for workload, base, t_conv, t_base, ratio, ratios in results:
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio] * 3
-        spread = f"{q1:.2f}-{q3:.2f}"
-        if workload == "W4":
-            target = "conveyor < 0.5 s " + ("ok" if t_conv < 0.5 else "MISSED")
-        elif workload == "W5":
-            target = "conveyor < 0.25 s " + ("ok" if t_conv < 0.25 else "MISSED")
-        elif (workload, base) in targets:
-            limit = targets[(workload, base)]
-            target = f"<= {limit:.0f}x " + ("ok" if ratio <= limit else "MISSED")
-        else:
-            target = ""
-        print(
-            f"{workload:<8} {base:<15} {t_conv:9.3f} {t_base:9.3f} {ratio:6.2f}x"
-            f" {spread:>11}  {target}"
+        subprocess.run(
+            [*conveyor, "daemon", "stop"], env=resident_env, stdout=subprocess.DEVNULL, check=False
         )
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"{'workload':<8} {'baseline':<15} {'conveyor':<9} {'conveyor':>9} {'baseline':>9}"
+        f" {'ratio':>7} {'p25-p75':>11}  target"
+    )
+    for row in rows:
+        for line in row.lines():
+            print(line)
+    print("targets: " + "; ".join(f"{w} {t}" for w, t in TARGET_TEXT.items()))
+    print("cold: each command a process of its own; resident: through `conveyor daemon start`")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""``python -m conveyor`` runs the command line."""
+"""``python -m conveyor`` runs the command line (through a resident Conveyor when one runs)."""
 
-from conveyor.cli.main import entry
+from conveyor.launcher import entry
 
 entry()

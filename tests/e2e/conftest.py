@@ -40,6 +40,9 @@ class Repo:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
         self.env.update(GIT_ENV)
         self.env["CONVEYOR_USER"] = "tester@example.invalid"
+        # No resident Conveyor of the user's: each command a process of its own, unless the
+        # suite is run through one on purpose (CONVEYOR_TEST_DAEMON_SOCKET).
+        self.env["CONVEYOR_DAEMON_SOCKET"] = os.environ.get("CONVEYOR_TEST_DAEMON_SOCKET", "")
         self.git("init", "-q", "-b", "main", f"--object-format={object_format}")
 
     def git(self, *args: str) -> str:

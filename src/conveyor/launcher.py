@@ -1,0 +1,288 @@
+"""The ``conveyor`` command's entry point: hand the command to a resident Conveyor, or run it here.
+
+A resident Conveyor (``conveyor daemon start``, see ``conveyor.cli.daemon``) has every module
+imported already. For each command it forks a worker that takes over this process's standard
+streams, working directory, environment, umask and limits, runs the command, and reports its
+exit status; this process forwards the signals it gets (Ctrl-C, SIGTERM, Ctrl-Z…) and exits
+with that status. A command so skips the ≈ 0.1 s of imports and class creation it would spend
+here. When no resident Conveyor answers, or it cannot run the command exactly as this process
+would (another interpreter, other flags or encodings, changed code), the command runs here.
+
+This module runs before that decision, so it imports only C modules: ``socket`` and ``signal``
+would cost 20 ms of ``enum`` at import, as much as the interpreter's own start-up.
+"""
+
+import _signal  # type: ignore[import-not-found]  # no stubs: the C half of ``signal``
+import _socket
+import _struct
+import os
+import sys
+
+PROTOCOL = b"conveyor-daemon/1"
+SOCKET_VARIABLE = "CONVEYOR_DAEMON_SOCKET"
+MAX_REQUEST = 64 * 1024 * 1024
+FORWARDED = (
+    _signal.SIGINT,
+    _signal.SIGTERM,
+    _signal.SIGHUP,
+    _signal.SIGQUIT,
+    _signal.SIGWINCH,
+    _signal.SIGTSTP,
+    _signal.SIGUSR1,
+    _signal.SIGUSR2,
+)
+RLIMITS = (
+    "RLIMIT_CORE",
+    "RLIMIT_CPU",
+    "RLIMIT_FSIZE",
+    "RLIMIT_DATA",
+    "RLIMIT_STACK",
+    "RLIMIT_NOFILE",
+    "RLIMIT_AS",
+    "RLIMIT_NPROC",
+    "RLIMIT_MEMLOCK",
+    "RLIMIT_LOCKS",
+    "RLIMIT_SIGPENDING",
+    "RLIMIT_MSGQUEUE",
+    "RLIMIT_NICE",
+    "RLIMIT_RTPRIO",
+    "RLIMIT_RTTIME",
+)
+
+
+def socket_path(environ: "os._Environ[str] | dict[str, str]" = os.environ) -> str | None:
+    """Where the resident Conveyor of this user listens; ``None`` when it is turned off
+    (``CONVEYOR_DAEMON_SOCKET`` set to an empty value)."""
+    explicit = environ.get(SOCKET_VARIABLE)
+    if explicit is not None:
+        return explicit or None
+    base = environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return f"{base}/conveyor-{os.getuid()}/daemon.sock"
+
+
+COMPATIBILITY_PARTS = (
+    "interpreter",
+    "Python version",
+    "interpreter flags",
+    "warning options",
+    "-X options",
+    "module path",
+    "file system encoding",
+    "file system encoding errors",
+    "locale encoding",
+    "user and groups",
+)
+
+
+def compatibility() -> bytes:
+    """What must be the same in the client and the resident Conveyor for a command to run
+    alike in both: the interpreter, its flags, its module path and its encodings."""
+    import _locale
+
+    parts = (  # named in COMPATIBILITY_PARTS
+        sys.executable,
+        sys.version,
+        repr(tuple(sys.flags)),
+        repr(sys.warnoptions),
+        repr(sys._xoptions),
+        repr(sys.path[1:]),  # [0] is the script's folder, or the directory of ``-m``
+        sys.getfilesystemencoding(),
+        sys.getfilesystemencodeerrors(),
+        _locale.nl_langinfo(_locale.CODESET),
+        repr((os.getuid(), os.geteuid(), os.getgid(), os.getegid(), sorted(os.getgroups()))),
+    )
+    return "\x1f".join(parts).encode("utf-8", "surrogateescape")
+
+
+def _streams() -> bytes:
+    shown = []
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        if stream is None:
+            return b""
+        shown.append(f"{stream.encoding}:{stream.errors}")
+    return ";".join(shown).encode()
+
+
+def _limits() -> bytes:
+    import resource
+
+    shown = []
+    for name in RLIMITS:
+        limit = getattr(resource, name, None)
+        if limit is not None:
+            soft, hard = resource.getrlimit(limit)
+            shown.append(f"{name}={soft},{hard}")
+    shown.append(f"priority={os.getpriority(os.PRIO_PROCESS, 0)}")
+    shown.append("affinity=" + ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+    return ";".join(shown).encode()
+
+
+def request(argv: list[str], main_package: str) -> bytes:
+    """The command as the resident Conveyor gets it (fields separated by NUL bytes, which no
+    argument, variable or path can hold)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    fields = [
+        b"run",
+        compatibility(),
+        _streams(),
+        _limits(),
+        os.getcwdb(),
+        b"%o" % umask,
+        main_package.encode(),
+        b"%d" % len(argv),
+        *map(os.fsencode, argv),
+        *(key + b"=" + value for key, value in os.environb.items()),
+    ]
+    return b"\0".join(fields)
+
+
+def frame(payload: bytes) -> bytes:
+    return PROTOCOL + b"\n" + _struct.pack("!I", len(payload)) + payload
+
+
+class _Client:
+    """One command handed over: the connection, the worker's pidfd once known, the signals
+    to forward."""
+
+    def __init__(self, sock: "_socket.socket") -> None:
+        self.sock = sock
+        self.pidfd: int | None = None
+        self.pending: list[int] = []
+        self.signalled = False
+
+    def forward(self, signum: int, frame: object) -> None:
+        self.signalled = self.signalled or signum in (_signal.SIGINT, _signal.SIGTERM)
+        if self.pidfd is None:
+            self.pending.append(signum)
+            return
+        self._send(signum)
+
+    def _send(self, signum: int) -> None:
+        assert self.pidfd is not None
+        try:
+            if signum == _signal.SIGTSTP:  # stop the worker, then this process, as a shell would
+                _signal.pidfd_send_signal(self.pidfd, _signal.SIGSTOP)
+                _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
+                os.kill(os.getpid(), _signal.SIGTSTP)  # returns once continued
+                _signal.signal(_signal.SIGTSTP, self.forward)
+                _signal.pidfd_send_signal(self.pidfd, _signal.SIGCONT)
+            else:
+                _signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:  # it has just ended: its status is on the way
+            pass
+
+    def adopt(self, pidfd: int) -> None:
+        self.pidfd = pidfd
+        pending, self.pending = self.pending, []
+        for signum in pending:
+            self._send(signum)
+
+    def outcome(self) -> int | None:
+        """The command's exit status, or ``None`` when it is to run here after all."""
+        buffer = b""
+        space = _socket.CMSG_SPACE(4 * 4)
+        while True:
+            data, ancillary, _flags, _address = self.sock.recvmsg(
+                4096, space, _socket.MSG_CMSG_CLOEXEC
+            )
+            for level, kind, payload in ancillary:
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                    count = len(payload) // 4
+                    fds = _struct.unpack(f"{count}i", payload[: count * 4])
+                    for extra in fds[1:]:
+                        os.close(extra)
+                    if fds and self.pidfd is None:
+                        self.adopt(fds[0])
+                    elif fds:
+                        os.close(fds[0])
+            if not data:
+                os.write(
+                    2,
+                    b"conveyor: the resident Conveyor ended before the command's exit status"
+                    b" was known (see `conveyor daemon status`)\n",
+                )
+                return 1
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if line.startswith(b"F"):
+                    return 130 if self.signalled else None
+                if line.startswith(b"X"):
+                    return int(line[1:])
+
+
+def _cancelled(signum: int, frame: object) -> None:
+    os.write(2, b"cancelled\n")
+    os._exit(130)
+
+
+def delegate(path: str, argv: list[str], main_package: str) -> int | None:
+    """Run the command in the resident Conveyor at ``path``: its exit status, or ``None``
+    when none answers there or it cannot run this command alike."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:  # started with it closed: only this process can run it alike
+            return None
+    try:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        sock.connect(path)
+        credentials = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+        if _struct.unpack("3i", credentials)[1] != os.geteuid():  # someone else's socket
+            return None
+        message = frame(request(argv, main_package))
+        if len(message) > MAX_REQUEST:
+            return None
+        fds = _struct.pack("3i", 0, 1, 2)
+        sent = sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        if sent < len(message):
+            sock.sendall(message[sent:])
+    except (OSError, ValueError):
+        sock.close()
+        return None
+    client = _Client(sock)
+    for signum in FORWARDED:
+        if _signal.getsignal(signum) != _signal.SIG_IGN:  # ignored by who started us: kept so
+            _signal.signal(signum, client.forward)
+    try:
+        code = client.outcome()
+    except (OSError, ValueError):
+        code = 130 if client.signalled else 1
+        os.write(2, b"conveyor: lost the resident Conveyor while it ran the command\n")
+    if code is None:  # runs here: the usual start-up handlers until ``main`` takes over
+        for signum in FORWARDED:
+            if _signal.getsignal(signum) == client.forward:
+                _signal.signal(signum, _signal.SIG_DFL)
+        _signal.signal(_signal.SIGINT, _cancelled)
+        _signal.signal(_signal.SIGTERM, _cancelled)
+    sock.close()
+    return code
+
+
+def _in_process() -> bool:
+    """Whether this command must run here: ``daemon`` itself, or asked for."""
+    for arg in sys.argv[1:]:
+        if not arg.startswith("-"):
+            return arg == "daemon"
+    return False
+
+
+def entry() -> None:
+    """The console script: the resident Conveyor's exit status, or ``main`` here."""
+    if os.path.basename(sys.argv[0]) in ("conveyor", "__main__.py"):
+        _signal.signal(_signal.SIGINT, _cancelled)
+        _signal.signal(_signal.SIGTERM, _cancelled)
+    path = socket_path()
+    if path is not None and not _in_process():
+        main = sys.modules.get("__main__")
+        package = getattr(main, "__package__", None) or ""
+        code = delegate(path, sys.argv, package)
+        if code is not None:
+            os._exit(code)
+    from conveyor.cli.main import entry as run_here
+
+    run_here()

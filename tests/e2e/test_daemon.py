@@ -1,0 +1,326 @@
+"""The resident Conveyor (``conveyor daemon``): commands handed to it run as they would alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Repo, Result
+
+SLEEPER = "sleep 67.25"  # a job process no other test starts, to find it in /proc
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    # Short: a Unix socket's path holds at most 107 bytes, and pytest's tmp_path is long.
+    folder = Path(tempfile.mkdtemp(prefix="cvd-", dir="/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class Resident:
+    """A resident Conveyor for one test, on a socket of its own."""
+
+    def __init__(self, repo: Repo, folder: Path) -> None:
+        self.repo = repo
+        self.socket = folder / "d" / "daemon.sock"
+        self.env = {"CONVEYOR_DAEMON_SOCKET": str(self.socket)}
+
+    def conveyor(self, *args: str, env: dict[str, str] | None = None) -> Result:
+        return self.repo.conveyor(*args, env={**self.env, **(env or {})})
+
+    def status(self) -> dict[str, Any]:
+        result = self.repo.conveyor("daemon", "status", "--json", env=self.env)
+        return dict(json.loads(result.out))
+
+    def popen(self, *args: str, **kwargs: object) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "conveyor", *args],
+            cwd=self.repo.path,
+            env={**self.repo.env, **self.env},
+            stdin=subprocess.DEVNULL,
+            **kwargs,
+        )
+
+
+@pytest.fixture
+def resident(repo: Repo, socket_dir: Path) -> Iterator[Resident]:
+    daemon = Resident(repo, socket_dir)
+    started = repo.conveyor("daemon", "start", "--idle-timeout", "10m", env=daemon.env)
+    assert started.code == 0, started.err
+    pid = int(daemon.status()["pid"])
+    try:
+        yield daemon
+    finally:
+        repo.conveyor("daemon", "stop", env=daemon.env)
+        with_pid_gone(pid)
+
+
+def with_pid_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"process {pid} still running")
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+def _sleepers() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes() == SLEEPER.replace(" ", "\0").encode() + b"\0":
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_command_runs_in_the_resident_process_as_it_would_alone(
+    repo: Repo, resident: Resident
+) -> None:
+    repo.pipeline(
+        """\
+        pipeline: p
+        stages:
+          - name: s
+            jobs:
+              show:
+                run: |
+                  echo "from=$FROM_CLIENT umask=$(umask) dir=$(basename "$PWD")"
+                  ulimit -n
+        """
+    )
+    umask = os.umask(0o027)
+    try:
+        through = resident.conveyor("run", "--progress", "plain", env={"FROM_CLIENT": "yes"})
+    finally:
+        os.umask(umask)
+    assert through.code == 0, through.err
+    assert "from=yes umask=0027 dir=1" in through.out
+    assert int(resident.status()["commands_served"]) == 1
+
+    alone = repo.conveyor("run", "--progress", "plain", "--no-cache", env={"FROM_CLIENT": "yes"})
+    assert alone.code == 0
+    assert alone.out.replace("run 2", "run 1").split("\n")[1:3] == through.out.split("\n")[1:3]
+
+    # Usage errors, exit codes and messages are those of a process of its own.
+    repo.write("bad.yml", "pipeline: p\nstages:\n  - name: s\n    jobs: {a: {runn: x}}\n")
+    bad = resident.conveyor("validate", "-f", "bad.yml")
+    assert (bad.code, bad.err) == (2, repo.conveyor("validate", "-f", "bad.yml").err)
+    assert "bad.yml:4:" in bad.err
+    usage = resident.conveyor("runs", "show")
+    assert (usage.code, usage.err) == (2, repo.conveyor("runs", "show").err)
+    assert "Usage: conveyor runs show" in usage.err
+    assert int(resident.status()["commands_served"]) == 3
+
+
+def test_ctrl_c_to_the_client_cancels_the_run(repo: Repo, resident: Resident) -> None:
+    repo.pipeline(
+        f"""\
+        pipeline: p
+        stages:
+          - name: s
+            jobs:
+              long: {{run: "echo go; {SLEEPER}"}}
+        """
+    )
+    client = resident.popen("run", "--progress", "plain", stdout=subprocess.PIPE)
+    assert client.stdout is not None
+    for line in client.stdout:
+        if b"long | go" in line:
+            break
+    assert _sleepers()
+    client.send_signal(signal.SIGINT)
+    assert client.wait(timeout=30) == 130
+    client.stdout.close()
+    assert repo.show()["status"] == "cancelled"
+    assert not _sleepers()
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_client_ends_its_worker_as_it_would_end_the_run(
+    repo: Repo, resident: Resident
+) -> None:
+    repo.pipeline(
+        f"""\
+        pipeline: p
+        stages:
+          - name: s
+            jobs:
+              long: {{run: "echo $PPID > ../../../worker.pid; {SLEEPER}"}}
+        """
+    )
+    client = resident.popen("run", "--progress", "quiet")
+    pid_file = repo.path / "worker.pid"
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip())
+    worker = int(pid_file.read_text())
+    assert _alive(worker)
+    client.kill()
+    client.wait()
+    with_pid_gone(worker)
+    wait_for(lambda: resident.status()["commands_running"] == 0)
+    # As after kill -9 of a conveyor process of its own: the next command finds the run
+    # orphaned, ends its jobs and records it interrupted.
+    assert repo.show()["status"] == "interrupted"
+    wait_for(lambda: not _sleepers())
+
+
+def test_ctrl_z_stops_the_worker_with_the_client(repo: Repo, resident: Resident) -> None:
+    repo.pipeline(
+        """\
+        pipeline: p
+        stages:
+          - name: s
+            jobs:
+              wait:
+                run: |
+                  echo $PPID > ../../../worker.pid
+                  while [ ! -e ../../../go ]; do sleep 0.05; done
+        """
+    )
+    client = resident.popen("run", "--progress", "quiet")
+    pid_file = repo.path / "worker.pid"
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip())
+    worker = int(pid_file.read_text())
+    client.send_signal(signal.SIGTSTP)
+    wait_for(lambda: _state(client.pid) == "T" and _state(worker) == "T")
+    client.send_signal(signal.SIGCONT)
+    wait_for(lambda: _state(worker) != "T")
+    (repo.path / "go").touch()
+    assert client.wait(timeout=30) == 0
+    assert repo.show()["status"] == "succeeded"
+
+
+def test_the_live_view_on_a_terminal(repo: Repo, resident: Resident) -> None:
+    repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'echo hi'}\n")
+    main, side = pty.openpty()
+    try:
+        client = resident.popen("run", stdout=side, stderr=side)
+        os.close(side)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal's other side closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert client.wait(timeout=30) == 0
+    finally:
+        os.close(main)
+    assert b"\x1b[" in shown  # rich drew it: the worker saw a terminal on its standard output
+    assert b"succeeded" in shown
+    assert int(resident.status()["commands_served"]) == 1
+
+
+def test_what_it_cannot_run_alike_the_client_runs_itself(repo: Repo, resident: Resident) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore::ResourceWarning", "-m", "conveyor", "runs", "list"],
+        cwd=repo.path,
+        env={**repo.env, **resident.env},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    status = resident.status()
+    assert (status["commands_served"], status["fallbacks"]) == (0, 1)
+    assert status["last_fallback"] == "another warning options"
+
+
+def test_changed_code_sends_commands_back_and_stops_it(repo: Repo, socket_dir: Path) -> None:
+    extra = socket_dir / "site"
+    extra.mkdir()
+    env = {"PYTHONPATH": str(extra)}
+    daemon = Resident(repo, socket_dir)
+    daemon.env.update(env)
+    assert repo.conveyor("daemon", "start", env=daemon.env).code == 0
+    pid = int(daemon.status()["pid"])
+    assert daemon.conveyor("runs", "list").code == 0
+    (extra / "upgraded.py").write_text("")  # a package installed on the module path
+    assert daemon.conveyor("runs", "list").code == 0
+    with_pid_gone(pid)
+    assert not daemon.socket.exists()
+    stopped = repo.conveyor("daemon", "status", env=daemon.env)
+    assert stopped.code == 1 and "not running" in stopped.out
+    assert "its code changed on disk" in (daemon.socket.parent / "daemon.sock.log").read_text()
+
+
+def test_start_stop_status_and_idle_timeout(repo: Repo, socket_dir: Path) -> None:
+    daemon = Resident(repo, socket_dir)
+    assert repo.conveyor("daemon", "status", env=daemon.env).code == 1
+    first = repo.conveyor("daemon", "start", "--idle-timeout", "1s", env=daemon.env)
+    assert first.code == 0 and "started" in first.out, first.err
+    assert (daemon.socket.parent.stat().st_mode & 0o777) == 0o700
+    again = repo.conveyor("daemon", "start", env=daemon.env)
+    assert again.code == 0 and "already running" in again.out
+    pid = int(daemon.status()["pid"])
+    with_pid_gone(pid)  # idle for a second
+    assert not daemon.socket.exists()
+    assert repo.conveyor("daemon", "start", env=daemon.env).code == 0
+    pid = int(daemon.status()["pid"])
+    stopped = repo.conveyor("daemon", "stop", env=daemon.env)
+    assert stopped.code == 0 and f"stopped (pid {pid})" in stopped.out
+    assert not _alive(pid) and not daemon.socket.exists()
+    assert repo.conveyor("daemon", "stop", env=daemon.env).out.strip() == (
+        "resident Conveyor not running"
+    )
+    assert daemon.conveyor("runs", "list").code == 0
+
+
+def test_bad_socket_places_are_refused(repo: Repo, socket_dir: Path) -> None:
+    shared = socket_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    refused = repo.conveyor(
+        "daemon", "start", env={"CONVEYOR_DAEMON_SOCKET": str(shared / "daemon.sock")}
+    )
+    assert refused.code == 2 and "can be written by other users" in refused.err
+    long = str(socket_dir / ("x" * 120) / "daemon.sock")
+    too_long = repo.conveyor("daemon", "start", env={"CONVEYOR_DAEMON_SOCKET": long})
+    assert too_long.code == 2 and "more than a Unix socket allows" in too_long.err
+    relative = repo.conveyor("daemon", "status", env={"CONVEYOR_DAEMON_SOCKET": "d.sock"})
+    assert relative.code == 2 and "must be absolute" in relative.err
+    off = repo.conveyor("daemon", "start", env={"CONVEYOR_DAEMON_SOCKET": ""})
+    assert off.code == 2 and "turned off" in off.err
+    # A command with nothing listening at the socket runs by itself.
+    alone = repo.conveyor(
+        "runs", "list", env={"CONVEYOR_DAEMON_SOCKET": str(socket_dir / "none.sock")}
+    )
+    assert alone.code == 0, alone.err
