@@ -108,6 +108,15 @@ class Repo:
         return {j["name"]: j for s in self.show(run)["stages"] for j in s["jobs"]}
 
 
+@pytest.fixture(autouse=True)
+def _no_resident_conveyor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resident Conveyor the user started must not run the tests' commands: each starts a
+    process of its own (unless the suite runs through one on purpose: see Repo)."""
+    monkeypatch.setenv(
+        "CONVEYOR_DAEMON_SOCKET", os.environ.get("CONVEYOR_TEST_DAEMON_SOCKET", "")
+    )
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Repo:
     path = tmp_path / "repo"
