@@ -21,6 +21,7 @@ import sys
 PROTOCOL = b"conveyor-daemon/1"
 SOCKET_VARIABLE = "CONVEYOR_DAEMON_SOCKET"
 MAX_REQUEST = 64 * 1024 * 1024
+MAX_FDS = 250  # the kernel passes at most 253 descriptors in one message
 FORWARDED = (
     _signal.SIGINT,
     _signal.SIGTERM,
@@ -85,7 +86,7 @@ def compatibility() -> bytes:
         repr(tuple(sys.flags)),
         repr(sys.warnoptions),
         repr(sys._xoptions),
-        repr(sys.path[1:]),  # [0] is the script's folder, or the directory of ``-m``
+        repr(sys.path),
         sys.getfilesystemencoding(),
         sys.getfilesystemencodeerrors(),
         _locale.nl_langinfo(_locale.CODESET),
@@ -117,7 +118,22 @@ def _limits() -> bytes:
     return ";".join(shown).encode()
 
 
-def request(argv: list[str], main_package: str) -> bytes:
+def inherited_fds(own: int) -> list[int]:
+    """The descriptors this process got from whoever started it, as its children would get
+    them: 0, 1, 2 and every other one not closed on exec (a make jobserver's, ``7>file``)."""
+    extra = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != own:
+            try:
+                if os.get_inheritable(fd):
+                    extra.append(fd)
+            except OSError:  # the listing's own descriptor, closed by now
+                continue
+    return [0, 1, 2, *sorted(extra)]
+
+
+def request(argv: list[str], main_package: str, fds: list[int]) -> bytes:
     """The command as the resident Conveyor gets it (fields separated by NUL bytes, which no
     argument, variable or path can hold)."""
     umask = os.umask(0o022)
@@ -130,6 +146,7 @@ def request(argv: list[str], main_package: str) -> bytes:
         os.getcwdb(),
         b"%o" % umask,
         main_package.encode(),
+        ",".join(map(str, fds)).encode(),
         b"%d" % len(argv),
         *map(os.fsencode, argv),
         *(key + b"=" + value for key, value in os.environb.items()),
@@ -210,6 +227,18 @@ class _Client:
                     return 130 if self.signalled else None
                 if line.startswith(b"X"):
                     return int(line[1:])
+                if line.startswith(b"S"):  # the worker was killed by a signal: so is this
+                    _die_of(int(line[1:]))
+                    return 128 + int(line[1:])
+
+
+def _die_of(signum: int) -> None:
+    """End this process by ``signum``, as the worker ended (its parent sees the same status)."""
+    if signum in (_signal.SIGSTOP, _signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU):
+        return
+    _signal.signal(signum, _signal.SIG_DFL)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
 
 
 def _cancelled(signum: int, frame: object) -> None:
@@ -223,7 +252,11 @@ def delegate(path: str, argv: list[str], main_package: str) -> int | None:
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
-        except OSError:  # started with it closed: only this process can run it alike
+            # In the background of a shell with job control: the terminal's stops (SIGTTOU,
+            # SIGTTIN) are for this process group; a worker elsewhere would not get them.
+            if os.isatty(fd) and os.tcgetpgrp(fd) != os.getpgrp():
+                return None
+        except OSError:  # started with it closed, or a terminal that is not ours
             return None
     try:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
@@ -234,11 +267,12 @@ def delegate(path: str, argv: list[str], main_package: str) -> int | None:
         credentials = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
         if _struct.unpack("3i", credentials)[1] != os.geteuid():  # someone else's socket
             return None
-        message = frame(request(argv, main_package))
-        if len(message) > MAX_REQUEST:
+        fds = inherited_fds(sock.fileno())
+        message = frame(request(argv, main_package, fds))
+        if len(message) > MAX_REQUEST or len(fds) > MAX_FDS:
             return None
-        fds = _struct.pack("3i", 0, 1, 2)
-        sent = sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        rights = _struct.pack(f"{len(fds)}i", *fds)
+        sent = sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
         if sent < len(message):
             sock.sendall(message[sent:])
     except (OSError, ValueError):
@@ -273,6 +307,10 @@ def _in_process() -> bool:
 
 def entry() -> None:
     """The console script: the resident Conveyor's exit status, or ``main`` here."""
+    if not sys.flags.safe_path and sys.path:
+        # The script's folder, or with ``python -m`` the current one: Conveyor is loaded from
+        # elsewhere, and a module imported later must not come from a repository's files.
+        del sys.path[0]
     if os.path.basename(sys.argv[0]) in ("conveyor", "__main__.py"):
         _signal.signal(_signal.SIGINT, _cancelled)
         _signal.signal(_signal.SIGTERM, _cancelled)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -226,11 +228,17 @@ def test_ctrl_z_stops_the_worker_with_the_client(repo: Repo, resident: Resident)
     assert repo.show()["status"] == "succeeded"
 
 
+def _own_terminal() -> None:
+    os.setsid()
+    fcntl.ioctl(1, termios.TIOCSCTTY, 0)
+
+
 def test_the_live_view_on_a_terminal(repo: Repo, resident: Resident) -> None:
     repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'echo hi'}\n")
     main, side = pty.openpty()
     try:
-        client = resident.popen("run", stdout=side, stderr=side)
+        # In a session of its own whose controlling terminal it is, as in a terminal window.
+        client = resident.popen("run", stdout=side, stderr=side, preexec_fn=_own_terminal)
         os.close(side)
         shown = b""
         while True:
@@ -324,3 +332,130 @@ def test_bad_socket_places_are_refused(repo: Repo, socket_dir: Path) -> None:
         "runs", "list", env={"CONVEYOR_DAEMON_SOCKET": str(socket_dir / "none.sock")}
     )
     assert alone.code == 0, alone.err
+
+
+def test_the_worker_takes_the_clients_other_descriptors_and_signals(
+    repo: Repo, resident: Resident, tmp_path: Path
+) -> None:
+    repo.pipeline(
+        """\
+        pipeline: p
+        stages:
+          - name: s
+            jobs:
+              show:
+                run: |
+                  echo "to the caller's descriptor" >&"$EXTRA_FD"
+                  grep -E '^Sig(Ign|Blk)' /proc/self/status
+        """
+    )
+    outputs = []
+    for env in (resident.env, {"CONVEYOR_DAEMON_SOCKET": ""}):
+        target = tmp_path / "extra.txt"
+        with open(target, "w") as extra:
+            proc = subprocess.run(
+                [sys.executable, "-m", "conveyor", "run", "--no-cache", "--progress", "plain"],
+                cwd=repo.path,
+                env={**repo.env, **env, "EXTRA_FD": str(extra.fileno())},
+                pass_fds=(extra.fileno(),),
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                # as under nohup, with SIGUSR1 blocked by whoever started it
+                preexec_fn=_ignore_hangups,
+            )
+        assert proc.returncode == 0, proc.stderr
+        assert target.read_text() == "to the caller's descriptor\n"
+        outputs.append([line for line in proc.stdout.splitlines() if "Sig" in line])
+    assert outputs[0] == outputs[1]
+    assert int(outputs[0][1].split()[-1], 16) & (1 << (signal.SIGHUP - 1))
+    assert int(resident.status()["commands_served"]) == 1
+
+
+def _ignore_hangups() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+
+def test_a_death_by_signal_is_the_clients_too(repo: Repo, resident: Resident) -> None:
+    repo.pipeline(
+        f"""\
+        pipeline: p
+        stages:
+          - name: s
+            jobs:
+              long: {{run: "echo go; {SLEEPER}"}}
+        """
+    )
+    codes = []
+    for env in (resident.env, {"CONVEYOR_DAEMON_SOCKET": ""}):
+        client = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "run", "--progress", "plain"],
+            cwd=repo.path,
+            env={**repo.env, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+        )
+        assert client.stdout is not None
+        for line in client.stdout:
+            if b"long | go" in line:
+                break
+        client.send_signal(signal.SIGHUP)
+        codes.append(client.wait(timeout=30))
+        client.stdout.close()
+        repo.conveyor("runs", "list")  # recovers the run, ends its job
+        wait_for(lambda: not _sleepers())
+    assert codes == [-signal.SIGHUP, -signal.SIGHUP]
+
+
+def test_a_repository_file_never_shadows_a_module_in_the_worker(
+    repo: Repo, resident: Resident
+) -> None:
+    # A run that publishes an artifact imports ``_strptime`` (provenance) while it works in
+    # the run's checkout; a module of that name committed there must not be the one loaded.
+    repo.write("_strptime.py", "import pathlib\npathlib.Path('SHADOWED').touch()\n")
+    repo.pipeline(
+        """\
+        pipeline: p
+        artifacts:
+          app: {path: dist/app.txt}
+        stages:
+          - name: s
+            jobs:
+              build: {run: "mkdir -p dist && echo app > dist/app.txt", outputs: [app]}
+        """
+    )
+    result = resident.conveyor("run", "--progress", "quiet")
+    assert result.code == 0, result.err
+    assert not list(repo.path.rglob("SHADOWED"))
+    assert int(resident.status()["commands_served"]) == 1
+    # Nor in a process of its own, though `python -m` puts the current folder on the path.
+    alone = repo.conveyor("run", "--progress", "quiet", "--no-cache")
+    assert alone.code == 0, alone.err
+    assert not list(repo.path.rglob("SHADOWED"))
+
+
+def test_start_up_settings_that_differ_make_the_client_run_it(
+    repo: Repo, resident: Resident
+) -> None:
+    malloc = resident.conveyor("runs", "list", env={"MALLOC_ARENA_MAX": "2"})
+    assert malloc.code == 0, malloc.err
+    assert resident.status()["last_fallback"] == (
+        "another MALLOC_ARENA_MAX (read when a process starts)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "conveyor", "runs", "list"],
+        cwd=repo.path,
+        env={**repo.env, **resident.env},
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_less_important,
+    )
+    assert proc.returncode == 0, proc.stderr
+    status = resident.status()
+    assert status["last_fallback"] == "another OOM score adjustment"
+    assert (status["commands_served"], status["fallbacks"]) == (0, 2)
+
+
+def _less_important() -> None:
+    Path("/proc/self/oom_score_adj").write_text("500")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import errno
 import fcntl
 import gc
 import importlib
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -159,6 +161,12 @@ class Resident:
         self.files: list[str] = []
         self.stamp: list[tuple[int, int]] = []
         self.lock: io.TextIOWrapper | None = None
+        self.startup_environment = _startup_environment(dict(os.environb))
+        self.traits = {
+            name: value
+            for name, value in _traits(os.getpid()).items()
+            if name not in ("SigIgn", "SigBlk")  # taken from the client, not compared
+        }
 
     # -- start and stop --
 
@@ -228,7 +236,8 @@ class Resident:
         received: list[int] = []
         keep = False
         try:
-            uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            peer = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            client_pid, uid, _gid = struct.unpack("3i", peer)
             if uid != os.geteuid():
                 _log(f"refused a connection from user {uid}")
                 return
@@ -242,7 +251,8 @@ class Resident:
                 conn.sendall(json.dumps(self.status()).encode() + b"\n")
                 self.close_listener("asked to stop")
             elif verb == b"run":
-                keep = self.start(conn, fields, received)  # kept until its worker is reaped
+                # kept until its worker is reaped
+                keep = self.start(conn, fields, received, client_pid)
             else:
                 conn.sendall(b"Funknown request\n")
         except (OSError, ValueError, struct.error) as exc:
@@ -261,16 +271,32 @@ class Resident:
             conn.sendall(b"F" + reason.encode() + b"\n")
         return False
 
-    def start(self, conn: socket.socket, fields: list[bytes], fds: list[int]) -> bool:
+    def start(
+        self, conn: socket.socket, fields: list[bytes], fds: list[int], client_pid: int
+    ) -> bool:
         """Fork a worker for the command; ``True`` if it runs (the connection is then kept)."""
-        if len(fds) != 3 or len(fields) < 8:
+        try:
+            command = Request.parse(fields, fds)
+        except (ValueError, UnicodeDecodeError, IndexError):
             return self.refuse(conn, "malformed request")
-        if fields[1] != self.compatibility:
+        if command.compatibility != self.compatibility:
             return self.refuse(conn, "another " + _difference(fields[1], self.compatibility))
         if _stamp(self.files) != self.stamp:
             self.refuse(conn, "Conveyor's code changed on disk")
             self.close_listener("its code changed on disk")
             return False
+        theirs = _startup_environment(command.environ)
+        if theirs != self.startup_environment:
+            changed = sorted(set(theirs.items()) ^ set(self.startup_environment.items()))
+            name = changed[0][0].decode(errors="replace")
+            return self.refuse(conn, f"another {name} (read when a process starts)")
+        try:
+            command.traits = _traits(client_pid)
+        except OSError as exc:
+            return self.refuse(conn, f"cannot read the client's process state: {exc.strerror}")
+        for name, value in self.traits.items():
+            if command.traits.get(name) != value:
+                return self.refuse(conn, f"another {name}")
         # No stop request may come between the fork and the worker's registration (or, in
         # the worker, before it has dropped the resident process's handlers).
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -281,7 +307,7 @@ class Resident:
                 return self.refuse(conn, f"cannot fork: {exc.strerror}")
             if pid == 0:  # pragma: no cover - the worker; it ends in os._exit
                 try:
-                    self.become_worker(conn, fields, fds, held)
+                    self.become_worker(conn, command, held)
                 finally:
                     os._exit(70)
             try:
@@ -307,10 +333,8 @@ class Resident:
         os.close(pidfd)
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        if code < 0:
-            code = 128 - code  # killed by a signal: as shells report it
-        with contextlib.suppress(OSError):
-            conn.sendall(b"X%d\n" % code)
+        with contextlib.suppress(OSError):  # killed by a signal: the client dies of it too
+            conn.sendall(b"S%d\n" % -code if code < 0 else b"X%d\n" % code)
         conn.close()
         self.last_activity = time.monotonic()
 
@@ -330,9 +354,7 @@ class Resident:
 
     # -- the worker --
 
-    def become_worker(
-        self, conn: socket.socket, fields: list[bytes], fds: list[int], mask: set[int]
-    ) -> NoReturn:
+    def become_worker(self, conn: socket.socket, command: Request, mask: set[int]) -> NoReturn:
         """In the forked child: take over the client's process state, then run the command."""
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)  # until the command's own handlers
@@ -347,21 +369,30 @@ class Resident:
         if self.lock is not None:
             self.lock.close()
         os.setpgid(0, 0)
-        problem = _take_over(fields, fds)
+        conn = _out_of_the_way(conn, command)
+        problem = _take_over(command)
         if problem:
             with contextlib.suppress(OSError):
                 conn.sendall(b"F" + problem.encode() + b"\n")
             os._exit(0)
         _watch_client(conn)
-        from conveyor.cli import _cancelled_while_starting
+        _take_signals(command.traits)
         from conveyor.cli.main import entry
 
-        if os.path.basename(sys.argv[0]) in ("conveyor", "__main__.py"):
-            signal.signal(signal.SIGINT, _cancelled_while_starting)
-            signal.signal(signal.SIGTERM, _cancelled_while_starting)
-        else:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        entry(before_exit=lambda code: conn.sendall(b"X%d\n" % code))
+        def report(code: int) -> None:
+            conn.sendall(b"X%d\n" % code)
+
+        try:
+            entry(before_exit=report)
+        except BaseException:
+            # An exception out of ``entry`` (CONVEYOR_DEBUG's traceback, a MemoryError): the
+            # interpreter prints it and exits 1.
+            with contextlib.suppress(BaseException):
+                traceback.print_exc()
+                sys.stderr.flush()
+            with contextlib.suppress(OSError):
+                report(1)
+            os._exit(1)
 
 
 def _difference(theirs: bytes, ours: bytes) -> str:
@@ -381,7 +412,9 @@ def _read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
     want = header
     while len(data) < want:
         chunk, ancillary, _flags, _addr = conn.recvmsg(
-            min(want - len(data), 1 << 20), socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
+            min(want - len(data), 1 << 20),
+            socket.CMSG_SPACE(4 * (launcher.MAX_FDS + 3)),
+            socket.MSG_CMSG_CLOEXEC,
         )
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -400,46 +433,165 @@ def _read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
     return data[header:], fds
 
 
-def _take_over(fields: list[bytes], fds: list[int]) -> str:
-    """Become the client: its directory, umask, environment, limits and streams. A problem
-    (said to the client, which then runs the command itself), or ``""``."""
+class Request:
+    """A ``run`` request: the client's state, as sent (see ``launcher.request``)."""
+
+    def __init__(self) -> None:
+        self.compatibility = b""
+        self.streams: list[str] = []
+        self.limits: dict[str, str] = {}
+        self.cwd = b""
+        self.umask = 0o022
+        self.package = ""
+        self.fds: list[int] = []  # as received here
+        self.targets: list[int] = []  # their numbers in the client
+        self.argv: list[str] = []
+        self.environ: dict[bytes, bytes] = {}
+        self.traits: dict[str, str] = {}
+
+    @classmethod
+    def parse(cls, fields: list[bytes], fds: list[int]) -> Request:
+        out = cls()
+        out.compatibility = fields[1]
+        out.streams = fields[2].decode().split(";")
+        out.limits = dict(item.split("=", 1) for item in fields[3].decode().split(";"))
+        out.cwd = fields[4]
+        out.umask = int(fields[5], 8)
+        out.package = fields[6].decode()
+        out.targets = [int(fd) for fd in fields[7].split(b",")]
+        argc = int(fields[8])
+        out.argv = [os.fsdecode(arg) for arg in fields[9 : 9 + argc]]
+        for item in fields[9 + argc :]:
+            key, sep, value = item.partition(b"=")
+            if sep and key:
+                out.environ[key] = value
+        out.fds = fds
+        if len(out.streams) != 3 or len(out.argv) != argc or not out.argv:
+            raise ValueError("malformed request")
+        if out.targets[:3] != [0, 1, 2] or len(out.targets) != len(fds):
+            raise ValueError("malformed request")
+        return out
+
+
+_STARTUP_PREFIXES = (b"LD_", b"PYTHON", b"OPENSSL_", b"GLIBC_", b"MALLOC_")
+
+
+def _startup_environment(environ: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The variables read only when a process starts (by the dynamic loader, the C library,
+    OpenSSL, the interpreter): a worker keeps the resident process's, so they must agree."""
+    return {k: v for k, v in environ.items() if k.startswith(_STARTUP_PREFIXES)}
+
+
+_STATUS_TRAITS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")
+_IOPRIO_GET = {"x86_64": 252, "aarch64": 31, "riscv64": 31, "i686": 290, "armv7l": 315}
+
+
+def _traits(pid: int) -> dict[str, str]:
+    """What a worker inherits from the resident process and cannot take from the client:
+    capabilities, namespaces, root folder, cgroup, OOM and scheduling settings, personality,
+    security label; plus the signals the client ignores and blocks (taken, not compared)."""
+    base = f"/proc/{pid}"
+    out: dict[str, str] = {}
+    with open(f"{base}/status", encoding="utf-8") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in _STATUS_TRAITS or key in ("SigIgn", "SigBlk"):
+                out[key] = value.strip()
+    for name in sorted(os.listdir(f"{base}/ns")):
+        out[f"{name} namespace"] = os.readlink(f"{base}/ns/{name}")
+    root = os.stat(f"{base}/root")
+    out["root folder"] = f"{root.st_dev}:{root.st_ino}"
+    for name, file in (
+        ("cgroup", "cgroup"),
+        ("OOM score adjustment", "oom_score_adj"),
+        ("personality", "personality"),
+        ("security label", "attr/current"),
+    ):
+        try:
+            with open(f"{base}/{file}", encoding="utf-8", errors="replace") as handle:
+                out[name] = handle.read().strip()
+        except FileNotFoundError:
+            out[name] = ""
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # no security module: nothing to compare
+                raise
+            out[name] = ""
+    out["scheduling policy"] = f"{os.sched_getscheduler(pid)}:{os.sched_getparam(pid)[0]}"
+    out["I/O priority"] = _io_priority(pid)
+    return out
+
+
+def _io_priority(pid: int) -> str:
+    number = _IOPRIO_GET.get(os.uname().machine)
+    if number is None:
+        return ""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    value = libc.syscall(number, 1, pid)  # IOPRIO_WHO_PROCESS
+    return str(value) if value >= 0 else ""
+
+
+def _take_signals(traits: dict[str, str]) -> None:
+    """The client's ignored signals and signal mask, as a process it started would have them;
+    then the handlers the interpreter and ``conveyor.cli`` install at start-up."""
+    ignored = int(traits.get("SigIgn", "0"), 16)
+    blocked = int(traits.get("SigBlk", "0"), 16)
+    valid = signal.valid_signals()
+    for signum in valid:
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        if ignored & (1 << (signum - 1)):
+            signal.signal(signum, signal.SIG_IGN)
+        elif signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # as the interpreter starts
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    from conveyor.cli import _cancelled_while_starting
+
+    if os.path.basename(sys.argv[0]) in ("conveyor", "__main__.py"):  # as conveyor.cli does
+        signal.signal(signal.SIGINT, _cancelled_while_starting)
+        signal.signal(signal.SIGTERM, _cancelled_while_starting)
+    mask = {signum for signum in valid if blocked & (1 << (signum - 1))}
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _out_of_the_way(conn: socket.socket, command: Request) -> socket.socket:
+    """Move the connection and the received descriptors above the numbers they must take."""
+    base = max([*command.targets, *command.fds, conn.fileno()]) + 1
+    moved = []
+    for fd in command.fds:
+        moved.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base))
+        os.close(fd)
+    command.fds = moved
+    kept = socket.socket(fileno=fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, base))
+    conn.close()
+    return kept
+
+
+def _take_over(command: Request) -> str:
+    """Become the client: its directory, umask, environment, limits and descriptors. A
+    problem (said to the client, which then runs the command itself), or ``""``."""
     try:
-        streams = fields[2].decode().split(";")
-        limits = dict(item.split("=", 1) for item in fields[3].decode().split(";"))
-        cwd = fields[4]
-        umask = int(fields[5], 8)
-        package = fields[6].decode()
-        argc = int(fields[7])
-        argv = [os.fsdecode(arg) for arg in fields[8 : 8 + argc]]
-        environ = fields[8 + argc :]
-        if len(streams) != 3 or len(argv) != argc or not argv:
-            return "malformed request"
-    except (ValueError, UnicodeDecodeError):
-        return "malformed request"
-    try:
-        os.chdir(cwd)
+        os.chdir(command.cwd)
     except OSError as exc:
         return f"cannot enter the working directory: {exc.strerror}"
     try:
-        _apply_limits(limits)
+        _apply_limits(command.limits)
     except (OSError, ValueError) as exc:
         return f"cannot take the client's limits: {exc}"
-    os.umask(umask)
+    os.umask(command.umask)
     os.environ.clear()
-    for item in environ:
-        key, sep, value = item.partition(b"=")
-        if sep and key:
-            os.environb[key] = value
+    for key, value in command.environ.items():
+        os.environb[key] = value
     time.tzset()
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-    for fd in fds:
-        if fd > 2:
-            os.close(fd)
-    sys.argv = argv
+    for fd, target in zip(command.fds, command.targets, strict=True):
+        os.dup2(fd, target)  # inheritable, as they were in the client
+        os.close(fd)
+    sys.argv = command.argv
     main = sys.modules["__main__"]
-    main.__package__ = package or None
-    _reopen_streams(streams)
+    main.__package__ = command.package or None
+    _reopen_streams(command.streams)
     return ""
 
 
@@ -450,6 +602,9 @@ def _apply_limits(limits: dict[str, str]) -> None:
         if value is None or kind is None:
             continue
         soft, hard = (int(part) for part in value.split(","))
+        if name in ("RLIMIT_AS", "RLIMIT_DATA") and soft != resource.RLIM_INFINITY:
+            # A fork of the resident process maps more than a process of its own would.
+            raise ValueError(f"a memory limit ({name})")
         if resource.getrlimit(kind) != (soft, hard):
             resource.setrlimit(kind, (soft, hard))
     priority = int(limits["priority"])
@@ -545,6 +700,10 @@ def run_resident(path: str, idle_timeout: float) -> int:
 
 def serve_main() -> None:
     """``python -c BOOT PATH IDLE_SECONDS``: the resident process (a clean stack to fork)."""
+    # ``-c`` puts the current folder first on the module path: a worker would import from
+    # the folder it works in (a repository's files). The client drops it as well.
+    if not sys.flags.safe_path:
+        del sys.path[0]
     os.chdir("/")
     path, idle = sys.argv[1], float(sys.argv[2])
     sys.argv = ["conveyor"]
