@@ -22,6 +22,7 @@ PROTOCOL = b"conveyor-daemon/1"
 SOCKET_VARIABLE = "CONVEYOR_DAEMON_SOCKET"
 MAX_REQUEST = 64 * 1024 * 1024
 MAX_FDS = 250  # the kernel passes at most 253 descriptors in one message
+ANSWER_TIMEOUT_S = 5.0  # for the resident process to fork the worker; else run it here
 FORWARDED = (
     _signal.SIGINT,
     _signal.SIGTERM,
@@ -96,11 +97,15 @@ def compatibility() -> bytes:
 
 
 def _streams() -> bytes:
+    """The standard streams' encodings, and whether they are unbuffered (``-u``), as the
+    interpreter made them."""
     shown = []
     for stream in (sys.stdin, sys.stdout, sys.stderr):
         if stream is None:
             return b""
         shown.append(f"{stream.encoding}:{stream.errors}")
+    unbuffered = type(getattr(sys.stdout, "buffer", None)).__name__ == "FileIO"
+    shown.append("unbuffered" if unbuffered else "buffered")
     return ";".join(shown).encode()
 
 
@@ -159,61 +164,66 @@ def frame(payload: bytes) -> bytes:
 
 
 class _Client:
-    """One command handed over: the connection, the worker's pidfd once known, the signals
-    to forward."""
+    """One command handed over: the connection, and the worker's pidfd once it exists.
+
+    Until the resident process has forked the worker (``P``), nothing runs: a signal acts on
+    this process as it would on a command starting up, and a silence or a hang-up means the
+    command runs here. With the pidfd, this process gives the go-ahead (``G``; a worker that
+    does not get it ends without running anything) and from then on only forwards signals.
+    """
 
     def __init__(self, sock: "_socket.socket") -> None:
         self.sock = sock
         self.pidfd: int | None = None
-        self.pending: list[int] = []
-        self.signalled = False
 
     def forward(self, signum: int, frame: object) -> None:
-        self.signalled = self.signalled or signum in (_signal.SIGINT, _signal.SIGTERM)
-        if self.pidfd is None:
-            self.pending.append(signum)
+        if self.pidfd is None:  # nothing runs yet: as a command starting up would
+            if signum in (_signal.SIGINT, _signal.SIGTERM):
+                _cancelled(signum, frame)
+            elif signum == _signal.SIGTSTP:
+                _stop_here(self.forward)
+            elif signum != _signal.SIGWINCH:
+                _die_of(signum)
             return
-        self._send(signum)
-
-    def _send(self, signum: int) -> None:
-        assert self.pidfd is not None
         try:
             if signum == _signal.SIGTSTP:  # stop the worker, then this process, as a shell would
                 _signal.pidfd_send_signal(self.pidfd, _signal.SIGSTOP)
-                _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
-                os.kill(os.getpid(), _signal.SIGTSTP)  # returns once continued
-                _signal.signal(_signal.SIGTSTP, self.forward)
+                _stop_here(self.forward)
                 _signal.pidfd_send_signal(self.pidfd, _signal.SIGCONT)
             else:
                 _signal.pidfd_send_signal(self.pidfd, signum)
         except ProcessLookupError:  # it has just ended: its status is on the way
             pass
 
-    def adopt(self, pidfd: int) -> None:
-        self.pidfd = pidfd
-        pending, self.pending = self.pending, []
-        for signum in pending:
-            self._send(signum)
-
-    def outcome(self) -> int | None:
-        """The command's exit status, or ``None`` when it is to run here after all."""
+    def outcome(self, fds: list[int]) -> int | None:
+        """The command's exit status, or ``None`` when it is to run here after all. The
+        descriptors go once the resident process has accepted the command (``R``)."""
         buffer = b""
         space = _socket.CMSG_SPACE(4 * 4)
         while True:
-            data, ancillary, _flags, _address = self.sock.recvmsg(
-                4096, space, _socket.MSG_CMSG_CLOEXEC
-            )
+            try:
+                data, ancillary, _flags, _address = self.sock.recvmsg(
+                    4096, space, _socket.MSG_CMSG_CLOEXEC
+                )
+            except OSError:
+                if self.pidfd is None:  # a timeout, or a reset: nothing runs, so run it here
+                    return None
+                raise
             for level, kind, payload in ancillary:
                 if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                     count = len(payload) // 4
-                    fds = _struct.unpack(f"{count}i", payload[: count * 4])
-                    for extra in fds[1:]:
+                    got = _struct.unpack(f"{count}i", payload[: count * 4])
+                    for extra in got[1:]:
                         os.close(extra)
-                    if fds and self.pidfd is None:
-                        self.adopt(fds[0])
-                    elif fds:
-                        os.close(fds[0])
+                    if got and self.pidfd is None:
+                        self.sock.settimeout(None)  # as long as the command takes
+                        self.sock.sendall(b"G")
+                        self.pidfd = got[0]
+                    elif got:
+                        os.close(got[0])
             if not data:
+                if self.pidfd is None:
+                    return None
                 os.write(
                     2,
                     b"conveyor: the resident Conveyor ended before the command's exit status"
@@ -224,12 +234,22 @@ class _Client:
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
                 if line.startswith(b"F"):
-                    return 130 if self.signalled else None
+                    return None
+                if line == b"R":
+                    rights = _struct.pack(f"{len(fds)}i", *fds)
+                    self.sock.sendmsg([b"D"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
                 if line.startswith(b"X"):
                     return int(line[1:])
                 if line.startswith(b"S"):  # the worker was killed by a signal: so is this
                     _die_of(int(line[1:]))
                     return 128 + int(line[1:])
+
+
+def _stop_here(handler: object) -> None:
+    """Stop this process as Ctrl-Z would; returns once it is continued."""
+    _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
+    os.kill(os.getpid(), _signal.SIGTSTP)
+    _signal.signal(_signal.SIGTSTP, handler)
 
 
 def _die_of(signum: int) -> None:
@@ -246,6 +266,23 @@ def _cancelled(signum: int, frame: object) -> None:
     os._exit(130)
 
 
+def _private(path: str) -> bool:
+    """Whether the socket and its folder are this user's, and no one else can write there:
+    checked before connecting (a socket someone else put there could hold the command)."""
+    uid = os.geteuid()
+    try:
+        folder = os.lstat(os.path.dirname(path) or ".")
+        sock = os.lstat(path)
+    except OSError:
+        return False
+    return (
+        folder.st_uid == uid
+        and not folder.st_mode & 0o022
+        and sock.st_uid == uid
+        and (sock.st_mode & 0o170000) == 0o140000  # a socket
+    )
+
+
 def delegate(path: str, argv: list[str], main_package: str) -> int | None:
     """Run the command in the resident Conveyor at ``path``: its exit status, or ``None``
     when none answers there or it cannot run this command alike."""
@@ -258,35 +295,36 @@ def delegate(path: str, argv: list[str], main_package: str) -> int | None:
                 return None
         except OSError:  # started with it closed, or a terminal that is not ours
             return None
+    if not _private(path):
+        return None
     try:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     except OSError:
         return None
+    client = _Client(sock)
     try:
+        sock.settimeout(ANSWER_TIMEOUT_S)  # until the worker exists
         sock.connect(path)
         credentials = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
         if _struct.unpack("3i", credentials)[1] != os.geteuid():  # someone else's socket
+            sock.close()
             return None
         fds = inherited_fds(sock.fileno())
         message = frame(request(argv, main_package, fds))
         if len(message) > MAX_REQUEST or len(fds) > MAX_FDS:
+            sock.close()
             return None
-        rights = _struct.pack(f"{len(fds)}i", *fds)
-        sent = sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
-        if sent < len(message):
-            sock.sendall(message[sent:])
+        for signum in FORWARDED:
+            if _signal.getsignal(signum) != _signal.SIG_IGN:  # ignored by who started us: kept
+                _signal.signal(signum, client.forward)
+        sock.sendall(message)
+        code = client.outcome(fds)
     except (OSError, ValueError):
-        sock.close()
-        return None
-    client = _Client(sock)
-    for signum in FORWARDED:
-        if _signal.getsignal(signum) != _signal.SIG_IGN:  # ignored by who started us: kept so
-            _signal.signal(signum, client.forward)
-    try:
-        code = client.outcome()
-    except (OSError, ValueError):
-        code = 130 if client.signalled else 1
-        os.write(2, b"conveyor: lost the resident Conveyor while it ran the command\n")
+        if client.pidfd is None:
+            code = None
+        else:
+            code = 1
+            os.write(2, b"conveyor: lost the resident Conveyor while it ran the command\n")
     if code is None:  # runs here: the usual start-up handlers until ``main`` takes over
         for signum in FORWARDED:
             if _signal.getsignal(signum) == client.forward:

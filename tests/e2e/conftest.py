@@ -112,9 +112,7 @@ class Repo:
 def _no_resident_conveyor(monkeypatch: pytest.MonkeyPatch) -> None:
     """A resident Conveyor the user started must not run the tests' commands: each starts a
     process of its own (unless the suite runs through one on purpose: see Repo)."""
-    monkeypatch.setenv(
-        "CONVEYOR_DAEMON_SOCKET", os.environ.get("CONVEYOR_TEST_DAEMON_SOCKET", "")
-    )
+    monkeypatch.setenv("CONVEYOR_DAEMON_SOCKET", os.environ.get("CONVEYOR_TEST_DAEMON_SOCKET", ""))
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -31,7 +32,21 @@ def socket_dir() -> Iterator[Path]:
     try:
         yield folder
     finally:
+        _kill_residents_under(folder)  # a test that failed half-way may have left one
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _kill_residents_under(folder: Path) -> None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"conveyor.cli.daemon" in cmdline and str(folder).encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 class Resident:
@@ -98,7 +113,8 @@ def _sleepers() -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "cmdline").read_bytes() == SLEEPER.replace(" ", "\0").encode() + b"\0":
+                cmdline = (entry / "cmdline").read_bytes()  # sleep, or /usr/bin/sleep
+                if cmdline.endswith(SLEEPER.replace(" ", "\0").encode() + b"\0"):
                     found.append(int(entry.name))
             except OSError:
                 continue
@@ -459,3 +475,166 @@ def test_start_up_settings_that_differ_make_the_client_run_it(
 
 def _less_important() -> None:
     Path("/proc/self/oom_score_adj").write_text("500")
+
+
+def _daemon_pid(daemon: Resident) -> int:
+    return int(daemon.status()["pid"])
+
+
+def test_ctrl_c_before_the_worker_exists_runs_nothing(repo: Repo, resident: Resident) -> None:
+    repo.pipeline(
+        "pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {run: 'touch ../../../RAN'}\n"
+    )
+    daemon = _daemon_pid(resident)
+    os.kill(daemon, signal.SIGSTOP)  # it accepts nothing now: the client waits for it
+    try:
+        client = resident.popen("run", stderr=subprocess.PIPE)
+        time.sleep(0.5)
+        client.send_signal(signal.SIGINT)
+        _, err = client.communicate(timeout=10)
+        assert client.returncode == 130 and b"cancelled" in err
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    wait_for(lambda: resident.status()["commands_running"] == 0)
+    time.sleep(0.3)
+    assert not (repo.path / "RAN").exists()
+    assert "no runs" in repo.conveyor("runs", "list").out.lower()
+
+
+@pytest.mark.slow
+def test_a_silent_resident_process_is_given_up_for(repo: Repo, resident: Resident) -> None:
+    daemon = _daemon_pid(resident)
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        alone = resident.conveyor("runs", "list")
+        assert alone.code == 0, alone.err
+        assert time.monotonic() - started < 15
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+
+
+def test_ctrl_z_then_kill_9_of_the_client_ends_the_stopped_worker(
+    repo: Repo, resident: Resident
+) -> None:
+    repo.pipeline(
+        f"""\
+        pipeline: p
+        stages:
+          - name: s
+            jobs:
+              long: {{run: "echo $PPID > ../../../worker.pid; {SLEEPER}"}}
+        """
+    )
+    client = resident.popen("run", "--progress", "quiet")
+    pid_file = repo.path / "worker.pid"
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip())
+    worker = int(pid_file.read_text())
+    client.send_signal(signal.SIGTSTP)
+    wait_for(lambda: _state(worker) == "T")
+    client.kill()
+    client.wait()
+    with_pid_gone(worker)
+    assert repo.show()["status"] == "interrupted"
+    wait_for(lambda: not _sleepers())
+
+
+def test_a_job_may_stop_the_resident_process_that_runs_it(repo: Repo, socket_dir: Path) -> None:
+    # Jobs get no CONVEYOR_ variables: the job finds the socket where the user's default is.
+    runtime = socket_dir / "run"
+    runtime.mkdir(mode=0o700)
+    env = {k: v for k, v in repo.env.items() if k != "CONVEYOR_DAEMON_SOCKET"}
+    env["XDG_RUNTIME_DIR"] = str(runtime)
+    repo.pipeline(
+        f"""\
+        pipeline: p
+        stages:
+          - name: s
+            jobs:
+              stop: {{run: "{sys.executable} -m conveyor daemon stop", timeout: 60s}}
+        """
+    )
+
+    def conveyor(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "conveyor", *args],
+            cwd=repo.path,
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+
+    assert conveyor("daemon", "start").returncode == 0
+    ran = conveyor("run", "--progress", "plain")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "it ends when its commands end, this one among them" in ran.stdout
+    assert conveyor("daemon", "status").returncode == 1  # it ended with the run
+
+
+def test_unbuffered_output_to_a_closed_pipe_as_alone(repo: Repo, socket_dir: Path) -> None:
+    repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      big: {run: 'seq 200000'}\n")
+    daemon = Resident(repo, socket_dir)
+    daemon.env["PYTHONUNBUFFERED"] = "1"
+    assert repo.conveyor("daemon", "start", env=daemon.env).code == 0
+    try:
+        assert daemon.conveyor("run", "--progress", "quiet").code == 0
+        codes = []
+        for socket_env in (str(daemon.socket), ""):
+            env = {**repo.env, **daemon.env, "CONVEYOR_DAEMON_SOCKET": socket_env}
+            piped = subprocess.run(
+                [
+                    "bash",
+                    "-c",
+                    f"{sys.executable} -m conveyor logs latest big | head -1;"
+                    " echo ${PIPESTATUS[0]}",
+                ],
+                cwd=repo.path,
+                env=env,
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+            )
+            assert piped.stdout.splitlines()[0] == "1"
+            codes.append(piped.stdout.splitlines()[-1])
+        assert codes[0] == codes[1]
+        assert int(daemon.status()["commands_served"]) == 2
+    finally:
+        repo.conveyor("daemon", "stop", env=daemon.env)
+
+
+def test_two_starts_at_once_and_a_restart_while_a_command_runs(
+    repo: Repo, socket_dir: Path
+) -> None:
+    daemon = Resident(repo, socket_dir)
+    both = [
+        subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "daemon", "start"],
+            cwd=repo.path,
+            env={**repo.env, **daemon.env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [process.communicate(timeout=60) for process in both]
+    assert [process.returncode for process in both] == [0, 0], outs
+    said = sorted(out.split(" (")[0] for out, _ in outs)
+    assert said == ["resident Conveyor already running", "resident Conveyor started"]
+    first = _daemon_pid(daemon)
+    repo.pipeline(f"pipeline: p\nstages:\n  - name: s\n    jobs:\n      a: {{run: '{SLEEPER}'}}\n")
+    client = daemon.popen("run", "--progress", "quiet")
+    wait_for(_sleepers)
+    stopping = repo.conveyor("daemon", "stop", "--no-wait", env=daemon.env)
+    assert "stopping" in stopping.out
+    again = repo.conveyor("daemon", "start", env=daemon.env)
+    assert again.code == 0 and "started" in again.out, again.err
+    second = _daemon_pid(daemon)
+    assert second != first and _alive(first)  # the first ends when its run ends
+    client.send_signal(signal.SIGINT)
+    assert client.wait(timeout=30) == 130
+    with_pid_gone(first)
+    assert repo.conveyor("daemon", "stop", env=daemon.env).code == 0
+    with_pid_gone(second)

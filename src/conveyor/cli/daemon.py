@@ -28,7 +28,7 @@ import json
 import os
 import pkgutil
 import resource
-import selectors
+import select
 import signal
 import socket
 import stat
@@ -38,7 +38,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -52,6 +51,7 @@ DEFAULT_IDLE = "3h"
 REQUEST_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 30.0
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the final NUL
+EXIT_LOCKED = 3  # the resident process: another one holds the socket's lock
 
 
 class DaemonError(Exception):
@@ -133,16 +133,51 @@ def _log(text: str) -> None:
         print(f"{stamp}Z conveyor daemon[{os.getpid()}]: {text}", file=sys.stderr, flush=True)
 
 
-class _Stop(Exception):
-    """SIGTERM or SIGINT to the resident process."""
+HEADER = len(launcher.PROTOCOL) + 1 + 4
+# Held while a worker is forked and until it has its client's dispositions: in the resident
+# process they wait for the worker's registration; in the worker, for its take-over.
+HELD = {
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+    signal.SIGTSTP,
+}
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise _Stop
+class _Arriving:
+    """A connection whose request is still arriving (read as it comes, never waited for)."""
+
+    def __init__(self, conn: socket.socket, client_pid: int, deadline: float) -> None:
+        self.conn = conn
+        self.client_pid = client_pid
+        self.deadline = deadline
+        self.data = b""
+        self.fds: list[int] = []
+        self.want = HEADER
+        self.command: Request | None = None  # once accepted: waiting for its descriptors
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+        self.conn.close()
+
+
+class _Worker:
+    def __init__(self, pid: int, pidfd: int, conn: socket.socket) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.conn = conn
 
 
 class Resident:
-    """The resident process: a listening socket, and the workers it forked and will reap."""
+    """The resident process: a listening socket, requests arriving, and the workers it forked
+    and will reap. One thread, one ``epoll``; signals only set a flag."""
 
     def __init__(self, path: str, idle_timeout: float) -> None:
         self.path = path
@@ -153,20 +188,28 @@ class Resident:
         self.fallbacks = 0
         self.last_fallback = ""
         self.stopping = ""
+        self.stop_requested = False
         self.compatibility = launcher.compatibility()
-        self.workers: dict[int, tuple[int, socket.socket]] = {}  # pidfd: (pid, connection)
-        self.selector = selectors.DefaultSelector()
+        self.poller = select.epoll()
+        self.arriving: dict[int, _Arriving] = {}  # connection fd
+        self.workers: dict[int, _Worker] = {}  # pidfd
+        self.watched: dict[int, _Worker] = {}  # connection fd, until its client hangs up
         self.listener: socket.socket | None = None
         self.identity: tuple[int, int] | None = None
         self.files: list[str] = []
         self.stamp: list[tuple[int, int]] = []
         self.lock: io.TextIOWrapper | None = None
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poller.register(self.wake_r, select.EPOLLIN)
         self.startup_environment = _startup_environment(dict(os.environb))
         self.traits = {
             name: value
             for name, value in _traits(os.getpid()).items()
             if name not in ("SigIgn", "SigBlk")  # taken from the client, not compared
         }
+
+    def request_stop(self, signum: int, frame: object) -> None:
+        self.stop_requested = True  # the wake-up pipe interrupts the poll
 
     # -- start and stop --
 
@@ -184,122 +227,234 @@ class Resident:
         info = os.stat(self.path)
         self.identity = (info.st_dev, info.st_ino)
         self.listener = listener
-        self.selector.register(listener, selectors.EVENT_READ, None)
+        self.poller.register(listener.fileno(), select.EPOLLIN)
+        signal.set_wakeup_fd(self.wake_w)
 
     def close_listener(self, reason: str) -> None:
-        """No more commands: the socket goes, so that clients run commands themselves."""
+        """No more commands: the socket goes, so that clients run commands themselves, and
+        the lock, so that a new resident process can start while these commands end."""
         if self.listener is None:
             return
         self.stopping = reason
-        self.selector.unregister(self.listener)
-        self.listener.close()
+        self.poller.unregister(self.listener.fileno())
+        self.listener.close()  # connections not accepted yet are reset: they run by themselves
         self.listener = None
         with contextlib.suppress(OSError):
             info = os.stat(self.path)
             if (info.st_dev, info.st_ino) == self.identity:
                 os.unlink(self.path)
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+        for fd in list(self.arriving):
+            self.drop(fd)
         _log(f"stopping ({reason}); {len(self.workers)} command(s) still running")
 
     def loop(self) -> None:
         while self.listener is not None or self.workers:
-            timeout = None
-            if self.listener is not None and not self.workers:
-                idle = time.monotonic() - self.last_activity
-                if idle >= self.idle_timeout:
-                    self.close_listener("idle")
-                    continue
-                timeout = self.idle_timeout - idle
-            try:
-                ready = self.selector.select(timeout)
-            except _Stop:
+            if self.stop_requested:
                 self.close_listener("stopped by a signal")
                 continue
-            for key, _events in ready:
-                try:
-                    if key.data is None:
-                        self.accept()
-                    else:
-                        self.reap(key.fd)
-                except _Stop:
-                    self.close_listener("stopped by a signal")
+            now = time.monotonic()
+            deadlines = [arriving.deadline for arriving in self.arriving.values()]
+            if self.listener is not None and not self.workers and not self.arriving:
+                deadlines.append(self.last_activity + self.idle_timeout)
+            timeout = max(0.0, min(deadlines) - now) if deadlines else -1
+            for fd, _events in self.poller.poll(timeout):
+                if fd == self.wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(self.wake_r, 512)
+                elif self.listener is not None and fd == self.listener.fileno():
+                    self.accept()
+                elif fd in self.arriving:
+                    self.receive(fd)
+                elif fd in self.workers:
+                    self.reap(fd)
+                elif fd in self.watched:
+                    self.hung_up(fd)
+            now = time.monotonic()
+            for fd, arriving in list(self.arriving.items()):
+                if now >= arriving.deadline:
+                    _log("dropped a request that did not arrive in time")
+                    self.drop(fd)
+            quiet = self.listener is not None and not self.workers and not self.arriving
+            if quiet and now - self.last_activity >= self.idle_timeout:
+                self.close_listener("idle")
 
-    # -- commands --
+    # -- requests --
 
     def accept(self) -> None:
-        if self.listener is None:
-            return
-        try:
-            conn, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        self.last_activity = time.monotonic()
-        received: list[int] = []
-        keep = False
-        try:
-            peer = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            client_pid, uid, _gid = struct.unpack("3i", peer)
-            if uid != os.geteuid():
-                _log(f"refused a connection from user {uid}")
+        while self.listener is not None:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            conn.settimeout(REQUEST_TIMEOUT_S)
-            payload, received = _read_request(conn)
-            fields = payload.split(b"\0")
-            verb = fields[0]
-            if verb == b"status":
-                conn.sendall(json.dumps(self.status()).encode() + b"\n")
-            elif verb == b"stop":
-                conn.sendall(json.dumps(self.status()).encode() + b"\n")
-                self.close_listener("asked to stop")
-            elif verb == b"run":
-                # kept until its worker is reaped
-                keep = self.start(conn, fields, received, client_pid)
-            else:
-                conn.sendall(b"Funknown request\n")
-        except (OSError, ValueError, struct.error) as exc:
-            _log(f"dropped a request: {exc}")
-        finally:
-            for fd in received:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            if not keep:
+            self.last_activity = time.monotonic()
+            try:
+                peer = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                client_pid, uid, _gid = struct.unpack("3i", peer)
+                if uid != os.geteuid():
+                    _log(f"refused a connection from user {uid}")
+                    conn.close()
+                    continue
+                conn.setblocking(False)
+                deadline = time.monotonic() + REQUEST_TIMEOUT_S
+                self.arriving[conn.fileno()] = _Arriving(conn, client_pid, deadline)
+                self.poller.register(conn.fileno(), select.EPOLLIN)
+            except OSError as exc:
+                _log(f"dropped a connection: {exc}")
                 conn.close()
+
+    def drop(self, fd: int) -> None:
+        arriving = self.arriving.pop(fd)
+        with contextlib.suppress(OSError):
+            self.poller.unregister(fd)
+        arriving.close()
+
+    def receive(self, fd: int) -> None:
+        arriving = self.arriving[fd]
+        if arriving.command is not None:
+            self.receive_descriptors(fd, arriving)
+            return
+        try:
+            chunk, ancillary, flags, _addr = arriving.conn.recvmsg(
+                min(arriving.want - len(arriving.data), 1 << 20),
+                socket.CMSG_SPACE(4 * (launcher.MAX_FDS + 3)),
+                socket.MSG_CMSG_CLOEXEC,
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.drop(fd)
+            return
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                count = len(payload) // 4
+                arriving.fds.extend(struct.unpack(f"{count}i", payload[: count * 4]))
+        if not chunk or flags & socket.MSG_CTRUNC:
+            self.drop(fd)
+            return
+        arriving.data += chunk
+        if arriving.want == HEADER and len(arriving.data) >= HEADER:
+            (length,) = struct.unpack("!I", arriving.data[HEADER - 4 : HEADER])
+            if not arriving.data.startswith(launcher.PROTOCOL + b"\n"):
+                _log("dropped a request: not a Conveyor client of this version")
+                self.drop(fd)
+                return
+            if length > launcher.MAX_REQUEST:
+                self.drop(fd)
+                return
+            arriving.want = HEADER + length
+        if len(arriving.data) < arriving.want:
+            return
+        if arriving.fds:  # descriptors come only once the request is accepted
+            self.drop(fd)
+            return
+        try:
+            self.dispatch(fd, arriving)
+        except (OSError, ValueError) as exc:
+            _log(f"dropped a request: {exc}")
+            self.drop(fd)
+
+    def dispatch(self, fd: int, arriving: _Arriving) -> None:
+        fields = arriving.data[HEADER:].split(b"\0")
+        verb = fields[0]
+        if verb == b"run":
+            command = self.accepted(arriving.conn, fields, arriving.client_pid)
+            if command is None:
+                self.drop(fd)
+                return
+            # Now its descriptors: sent only to a resident process that will run it, so that
+            # none stays in flight (held open) in one that does not read them.
+            arriving.command = command
+            arriving.deadline = time.monotonic() + REQUEST_TIMEOUT_S
+            arriving.conn.send(b"R\n")
+            return
+        del self.arriving[fd]
+        self.poller.unregister(fd)
+        arriving.conn.settimeout(REQUEST_TIMEOUT_S)
+        if verb in (b"status", b"stop"):
+            arriving.conn.sendall(json.dumps(self.status()).encode() + b"\n")
+            arriving.close()
+            if verb == b"stop":
+                self.close_listener("asked to stop")
+        else:
+            arriving.conn.sendall(b"Funknown request\n")
+            arriving.close()
+
+    def receive_descriptors(self, fd: int, arriving: _Arriving) -> None:
+        command = arriving.command
+        assert command is not None
+        try:
+            chunk, ancillary, flags, _addr = arriving.conn.recvmsg(
+                1, socket.CMSG_SPACE(4 * (launcher.MAX_FDS + 3)), socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.drop(fd)
+            return
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                count = len(payload) // 4
+                arriving.fds.extend(struct.unpack(f"{count}i", payload[: count * 4]))
+        if chunk != b"D" or flags & socket.MSG_CTRUNC or len(arriving.fds) != len(command.targets):
+            self.drop(fd)
+            return
+        del self.arriving[fd]
+        self.poller.unregister(fd)
+        command.fds, arriving.fds = arriving.fds, []
+        try:
+            arriving.conn.settimeout(REQUEST_TIMEOUT_S)
+            if not self.start(arriving.conn, command):
+                arriving.conn.close()
+        finally:
+            for received in command.fds:
+                with contextlib.suppress(OSError):
+                    os.close(received)
 
     def refuse(self, conn: socket.socket, reason: str) -> bool:
         self.fallbacks += 1
         self.last_fallback = reason
         with contextlib.suppress(OSError):
-            conn.sendall(b"F" + reason.encode() + b"\n")
+            conn.send(b"F" + reason.encode() + b"\n")  # a few bytes: never blocks
         return False
 
-    def start(
-        self, conn: socket.socket, fields: list[bytes], fds: list[int], client_pid: int
-    ) -> bool:
-        """Fork a worker for the command; ``True`` if it runs (the connection is then kept)."""
+    def accepted(self, conn: socket.socket, fields: list[bytes], client_pid: int) -> Request | None:
+        """The command, if this process can run it as the client would; else ``None`` (and
+        the client told why, to run it itself)."""
         try:
-            command = Request.parse(fields, fds)
+            command = Request.parse(fields)
         except (ValueError, UnicodeDecodeError, IndexError):
-            return self.refuse(conn, "malformed request")
+            self.refuse(conn, "malformed request")
+            return None
         if command.compatibility != self.compatibility:
-            return self.refuse(conn, "another " + _difference(fields[1], self.compatibility))
+            self.refuse(conn, "another " + _difference(fields[1], self.compatibility))
+            return None
         if _stamp(self.files) != self.stamp:
             self.refuse(conn, "Conveyor's code changed on disk")
             self.close_listener("its code changed on disk")
-            return False
+            return None
         theirs = _startup_environment(command.environ)
         if theirs != self.startup_environment:
             changed = sorted(set(theirs.items()) ^ set(self.startup_environment.items()))
             name = changed[0][0].decode(errors="replace")
-            return self.refuse(conn, f"another {name} (read when a process starts)")
+            self.refuse(conn, f"another {name} (read when a process starts)")
+            return None
         try:
             command.traits = _traits(client_pid)
         except OSError as exc:
-            return self.refuse(conn, f"cannot read the client's process state: {exc.strerror}")
+            self.refuse(conn, f"cannot read the client's process state: {exc.strerror}")
+            return None
         for name, value in self.traits.items():
             if command.traits.get(name) != value:
-                return self.refuse(conn, f"another {name}")
-        # No stop request may come between the fork and the worker's registration (or, in
-        # the worker, before it has dropped the resident process's handlers).
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                self.refuse(conn, f"another {name}")
+                return None
+        return command
+
+    def start(self, conn: socket.socket, command: Request) -> bool:
+        """Fork a worker for the command; ``True`` if it runs (the connection is then kept)."""
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
         try:
             try:
                 pid = os.fork()
@@ -307,35 +462,48 @@ class Resident:
                 return self.refuse(conn, f"cannot fork: {exc.strerror}")
             if pid == 0:  # pragma: no cover - the worker; it ends in os._exit
                 try:
-                    self.become_worker(conn, command, held)
+                    self.become_worker(conn, command)
                 finally:
                     os._exit(70)
             try:
                 pidfd = os.pidfd_open(pid)
-            except OSError as exc:  # cannot follow it: it must not run unreported
+            except OSError as exc:  # cannot follow it: it must not run (it waits for "G")
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 return self.refuse(conn, f"cannot follow the worker: {exc.strerror}")
-            self.workers[pidfd] = (pid, conn)
-            self.selector.register(pidfd, selectors.EVENT_READ, pid)
+            worker = _Worker(pid, pidfd, conn)
+            self.workers[pidfd] = worker
+            self.poller.register(pidfd, select.EPOLLIN)
+            self.served += 1
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", pidfd))]
+            try:
+                conn.sendmsg([b"P\n"], rights)
+            except OSError:  # the client is gone: the worker finds no go-ahead and ends
+                return True
+            # Its client gone (kill -9), a worker ends at once, even stopped (Ctrl-Z).
+            self.watched[conn.fileno()] = worker
+            self.poller.register(conn.fileno(), select.EPOLLRDHUP)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        self.served += 1
-        with contextlib.suppress(OSError):
-            conn.sendmsg(
-                [b"P\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", pidfd))]
-            )
         return True
 
+    def hung_up(self, fd: int) -> None:
+        worker = self.watched.pop(fd)
+        self.poller.unregister(fd)
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
+
     def reap(self, pidfd: int) -> None:
-        pid, conn = self.workers.pop(pidfd)
-        self.selector.unregister(pidfd)
+        worker = self.workers.pop(pidfd)
+        self.poller.unregister(pidfd)
+        _, status = os.waitpid(worker.pid, 0)
         os.close(pidfd)
-        _, status = os.waitpid(pid, 0)
+        if self.watched.pop(worker.conn.fileno(), None) is not None:
+            self.poller.unregister(worker.conn.fileno())
         code = os.waitstatus_to_exitcode(status)
         with contextlib.suppress(OSError):  # killed by a signal: the client dies of it too
-            conn.sendall(b"S%d\n" % -code if code < 0 else b"X%d\n" % code)
-        conn.close()
+            worker.conn.sendall(b"S%d\n" % -code if code < 0 else b"X%d\n" % code)
+        worker.conn.close()
         self.last_activity = time.monotonic()
 
     def status(self) -> dict[str, Any]:
@@ -354,26 +522,39 @@ class Resident:
 
     # -- the worker --
 
-    def become_worker(self, conn: socket.socket, command: Request, mask: set[int]) -> NoReturn:
-        """In the forked child: take over the client's process state, then run the command."""
+    def become_worker(self, conn: socket.socket, command: Request) -> NoReturn:
+        """In the forked child: take over the client's process state, wait for the client's
+        go-ahead, then run the command. The signals it may forward stay held until the
+        command's own dispositions are in place."""
+        signal.set_wakeup_fd(-1)
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_DFL)  # until the command's own handlers
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        self.selector.close()
+            signal.signal(signum, signal.SIG_DFL)
+        self.poller.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
         if self.listener is not None:
             self.listener.close()
-        for pidfd, (_pid, other) in self.workers.items():
-            os.close(pidfd)
-            other.close()
         if self.lock is not None:
             self.lock.close()
+        for worker in self.workers.values():
+            os.close(worker.pidfd)
+            worker.conn.close()
+        for arriving in self.arriving.values():
+            arriving.close()
         os.setpgid(0, 0)
         conn = _out_of_the_way(conn, command)
         problem = _take_over(command)
         if problem:
             with contextlib.suppress(OSError):
                 conn.sendall(b"F" + problem.encode() + b"\n")
+            os._exit(0)
+        _close_others({*command.targets, conn.fileno()})
+        conn.settimeout(None)
+        try:
+            go = conn.recv(1)
+        except OSError:
+            go = b""
+        if go != b"G":  # the client gave up (or is gone): it runs the command, or no one does
             os._exit(0)
         _watch_client(conn)
         _take_signals(command.traits)
@@ -395,6 +576,15 @@ class Resident:
             os._exit(1)
 
 
+def _close_others(keep: set[int]) -> None:
+    """Every descriptor but ``keep``: a worker holds nothing of the resident process's."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def _difference(theirs: bytes, ours: bytes) -> str:
     """Which part of the compatibility key differs, in words."""
     pairs = zip(theirs.split(b"\x1f"), ours.split(b"\x1f"), strict=False)
@@ -402,35 +592,6 @@ def _difference(theirs: bytes, ours: bytes) -> str:
         if a != b:
             return name
     return "client version"
-
-
-def _read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
-    """A framed request and the descriptors sent with it."""
-    fds: list[int] = []
-    data = b""
-    header = len(launcher.PROTOCOL) + 1 + 4
-    want = header
-    while len(data) < want:
-        chunk, ancillary, _flags, _addr = conn.recvmsg(
-            min(want - len(data), 1 << 20),
-            socket.CMSG_SPACE(4 * (launcher.MAX_FDS + 3)),
-            socket.MSG_CMSG_CLOEXEC,
-        )
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                count = len(payload) // 4
-                fds.extend(struct.unpack(f"{count}i", payload[: count * 4]))
-        if not chunk:
-            raise ValueError("connection closed mid-request")
-        data += chunk
-        if want == header and len(data) >= header:
-            if not data.startswith(launcher.PROTOCOL + b"\n"):
-                raise ValueError("not a Conveyor client of this version")
-            (length,) = struct.unpack("!I", data[header - 4 : header])
-            if length > launcher.MAX_REQUEST:
-                raise ValueError("request too large")
-            want = header + length
-    return data[header:], fds
 
 
 class Request:
@@ -450,7 +611,7 @@ class Request:
         self.traits: dict[str, str] = {}
 
     @classmethod
-    def parse(cls, fields: list[bytes], fds: list[int]) -> Request:
+    def parse(cls, fields: list[bytes]) -> Request:
         out = cls()
         out.compatibility = fields[1]
         out.streams = fields[2].decode().split(";")
@@ -465,10 +626,9 @@ class Request:
             key, sep, value = item.partition(b"=")
             if sep and key:
                 out.environ[key] = value
-        out.fds = fds
-        if len(out.streams) != 3 or len(out.argv) != argc or not out.argv:
+        if len(out.streams) != 4 or len(out.argv) != argc or not out.argv:
             raise ValueError("malformed request")
-        if out.targets[:3] != [0, 1, 2] or len(out.targets) != len(fds):
+        if out.targets[:3] != [0, 1, 2] or len(out.targets) > launcher.MAX_FDS:
             raise ValueError("malformed request")
         return out
 
@@ -521,14 +681,19 @@ def _traits(pid: int) -> dict[str, str]:
     return out
 
 
+_LIBC: Any = None
+
+
 def _io_priority(pid: int) -> str:
     number = _IOPRIO_GET.get(os.uname().machine)
     if number is None:
         return ""
-    import ctypes
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    value = libc.syscall(number, 1, pid)  # IOPRIO_WHO_PROCESS
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    value = _LIBC.syscall(number, 1, pid)  # IOPRIO_WHO_PROCESS
     return str(value) if value >= 0 else ""
 
 
@@ -616,17 +781,24 @@ def _apply_limits(limits: dict[str, str]) -> None:
 
 
 def _reopen_streams(streams: list[str]) -> None:
-    """New standard streams over the client's descriptors, with the client's encodings and
-    the buffering a process started on them would choose."""
+    """New standard streams over the client's descriptors, made as the interpreter makes them
+    at start-up (``create_stdio``): the client's encodings, ``"\\n"`` newlines, raw unbuffered
+    writes under ``-u``, line buffering on a terminal and for stderr."""
+    unbuffered = streams[3] == "unbuffered"
     made = []
-    for fd, shown in enumerate(streams):
+    for fd, shown in enumerate(streams[:3]):
         encoding, _, errors = shown.partition(":")
-        raw = io.FileIO(fd, "r" if fd == 0 else "w", closefd=False)
-        buffer = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
-        line_buffering = fd == 2 or (fd == 1 and raw.isatty())
+        writing = fd != 0
+        raw = unbuffered and writing  # stdin is always buffered
+        buffer = open(fd, "wb" if writing else "rb", buffering=0 if raw else -1, closefd=False)  # noqa: SIM115
         made.append(
             io.TextIOWrapper(
-                buffer, encoding=encoding, errors=errors, line_buffering=line_buffering
+                buffer,
+                encoding=encoding,
+                errors=errors,
+                newline="\n",
+                line_buffering=not unbuffered and (os.isatty(fd) or fd == 2),
+                write_through=unbuffered,
             )
         )
     sys.stdin, sys.stdout, sys.stderr = made
@@ -665,11 +837,11 @@ def run_resident(path: str, idle_timeout: float) -> int:
         return EXIT_USAGE
     if lock is None:
         _log(f"another resident Conveyor serves {path}")
-        return EXIT_FAILED
+        return EXIT_LOCKED
     resident = Resident(path, idle_timeout)
     resident.lock = lock
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, resident.request_stop)
+    signal.signal(signal.SIGINT, resident.request_stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     failed = _warm_up()
     for problem in failed:
@@ -688,13 +860,8 @@ def run_resident(path: str, idle_timeout: float) -> int:
         return EXIT_FAILED
     resident.last_activity = time.monotonic()
     _log(f"serving on {path} (python {sys.version.split()[0]}, idle timeout {idle_timeout:g} s)")
-    try:
-        resident.loop()
-    except _Stop:
-        resident.close_listener("stopped by a signal")
-        resident.loop()
+    resident.loop()
     _log("stopped")
-    lock.close()
     return EXIT_OK
 
 
@@ -825,7 +992,7 @@ def start(idle_timeout: str) -> None:
     path = _path_or_fail()
     idle = _idle(idle_timeout)
     running = query(path, "status")
-    if running is not None:
+    if running is not None and not running["stopping"]:
         click.echo(f"resident Conveyor already running (pid {running['pid']}, socket {path})")
         return
     try:
@@ -834,6 +1001,7 @@ def start(idle_timeout: str) -> None:
         raise click.UsageError(str(exc)) from None
     log_path = path + ".log"
     with open(log_path, "ab") as log:
+        logged_from = log.tell()
         process = subprocess.Popen(
             [sys.executable, "-c", BOOT, path, repr(idle)],
             stdin=subprocess.DEVNULL,
@@ -848,24 +1016,29 @@ def start(idle_timeout: str) -> None:
         if answer is not None and answer["pid"] == process.pid:
             click.echo(f"resident Conveyor started (pid {process.pid}, socket {path})")
             return
-        if process.poll() is not None:
+        code = process.poll()
+        if code == EXIT_LOCKED and answer is not None and not answer["stopping"]:
+            # Another `start` won the race: it runs.
+            click.echo(f"resident Conveyor already running (pid {answer['pid']}, socket {path})")
+            return
+        if code is not None and code != EXIT_LOCKED:
             break
         time.sleep(0.05)
     if process.poll() is None:
         process.kill()
         process.wait()
-    tail = _tail(log_path)
     click.echo(f"error: the resident Conveyor did not start; its log ({log_path}):", err=True)
-    click.echo(tail, err=True)
+    click.echo(_log_since(log_path, logged_from), err=True)
     sys.exit(EXIT_FAILED)
 
 
-def _tail(path: str, size: int = 2000) -> str:
+def _log_since(path: str, offset: int, size: int = 4000) -> str:
+    """What this start wrote to the log (its end, if long)."""
     try:
         with open(path, "rb") as file:
             file.seek(0, os.SEEK_END)
-            file.seek(max(0, file.tell() - size))
-            return file.read().decode("utf-8", "replace")
+            file.seek(max(offset, file.tell() - size))
+            return file.read().decode("utf-8", "replace").rstrip()
     except OSError as exc:
         return f"(unreadable: {exc.strerror})"
 
@@ -879,25 +1052,45 @@ def stop(wait: bool) -> None:
     if answer is None:
         click.echo("resident Conveyor not running")
         return
+    pid = int(answer["pid"])
+    if wait and _is_ancestor(pid):
+        # A command it runs (a job's) cannot wait for it: it waits for that command.
+        click.echo(
+            f"resident Conveyor stopping (pid {pid}): it ends when its commands end, this one"
+            " among them"
+        )
+        return
     if wait:
-        for _ in _until_gone(answer["pid"]):
-            pass
-    click.echo(f"resident Conveyor stopped (pid {answer['pid']})")
-
-
-def _until_gone(pid: int) -> Iterator[None]:
-    while True:
         try:
-            os.kill(pid, 0)
+            pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
-            return
-        except PermissionError:
-            return
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-                return
-        time.sleep(0.05)
-        yield
+            pidfd = None
+        if pidfd is not None:
+            running = int(answer["commands_running"])
+            if running:
+                click.echo(f"waiting for {running} command(s) it runs to end", err=True)
+            with contextlib.closing(select.epoll()) as poller:
+                poller.register(pidfd, select.EPOLLIN)
+                poller.poll()
+            os.close(pidfd)
+        click.echo(f"resident Conveyor stopped (pid {pid})")
+    else:
+        click.echo(f"resident Conveyor stopping (pid {pid}): it ends when its commands end")
+
+
+def _is_ancestor(pid: int) -> bool:
+    current = os.getppid()
+    for _ in range(1000):
+        if current == pid:
+            return True
+        if current <= 1:
+            return False
+        try:
+            text = Path(f"/proc/{current}/stat").read_text()
+        except OSError:
+            return False
+        current = int(text.rpartition(")")[2].split()[1])
+    return False
 
 
 @daemon.command()
