@@ -216,9 +216,9 @@ class _Client:
                     for extra in got[1:]:
                         os.close(extra)
                     if got and self.pidfd is None:
+                        self.pidfd = got[0]  # first: a signal from now on goes to the worker
                         self.sock.settimeout(None)  # as long as the command takes
                         self.sock.sendall(b"G")
-                        self.pidfd = got[0]
                     elif got:
                         os.close(got[0])
             if not data:

@@ -9,6 +9,7 @@ import os
 import pty
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,8 @@ import pytest
 
 from tests.e2e.conftest import Repo, Result
 
-SLEEPER = "sleep 67.25"  # a job process no other test starts, to find it in /proc
+SLEEPER = "sleep 67.25"
+PYTHON = sys.executable  # a job process no other test starts, to find it in /proc
 
 
 @pytest.fixture
@@ -638,3 +640,70 @@ def test_two_starts_at_once_and_a_restart_while_a_command_runs(
     with_pid_gone(first)
     assert repo.conveyor("daemon", "stop", env=daemon.env).code == 0
     with_pid_gone(second)
+
+
+def test_requests_that_go_wrong_leave_the_resident_process_serving(
+    repo: Repo, socket_dir: Path
+) -> None:
+    daemon = Resident(repo, socket_dir)
+    daemon.env["CONVEYOR_DAEMON_SOCKET"] = str(daemon.socket)
+    # Started with few descriptors and with signals ignored that its commands must not inherit.
+    started = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"trap '' USR1 QUIT; ulimit -Hn 64; {sys.executable} -m conveyor daemon start",
+        ],
+        cwd=repo.path,
+        env={**repo.env, **daemon.env},
+        capture_output=True,
+        text=True,
+    )
+    assert started.returncode == 0, started.stderr
+    pid = _daemon_pid(daemon)
+    try:
+        # A status request whose asker is gone before the answer.
+        from conveyor import launcher
+
+        with socket.socket(socket.AF_UNIX) as asker:
+            asker.connect(str(daemon.socket))
+            asker.sendall(launcher.frame(b"status"))
+        # More connections than it has descriptors for.
+        crowd = []
+        for _ in range(80):
+            extra = socket.socket(socket.AF_UNIX)
+            extra.settimeout(2)
+            with contextlib.suppress(OSError):
+                extra.connect(str(daemon.socket))
+            crowd.append(extra)
+        time.sleep(0.5)
+        for extra in crowd:
+            extra.close()
+        # A client whose descriptor numbers are above its own limit on them.
+        limited = subprocess.run(
+            [
+                "bash",
+                "-c",
+                f"exec 30>/dev/null; ulimit -n 20; {sys.executable} -m conveyor validate",
+            ],
+            cwd=repo.path,
+            env={**repo.env, **daemon.env},
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        assert limited.returncode == 2 and "no pipeline file" in limited.stderr.lower(), limited
+        repo.pipeline(
+            "pipeline: p\nstages:\n  - name: s\n    jobs:\n"
+            "      a: {run: 'grep SigIgn /proc/self/status'}\n"
+        )
+        through = daemon.conveyor("run", "--progress", "plain", "--no-cache")
+        alone = repo.conveyor("run", "--progress", "plain", "--no-cache")
+        assert through.code == alone.code == 0
+        ignored = [line for line in through.out.splitlines() if "SigIgn" in line]
+        assert ignored == [line for line in alone.out.splitlines() if "SigIgn" in line]
+        status = daemon.status()
+        assert status["pid"] == pid and status["commands_served"] >= 2
+        assert "Traceback" not in (daemon.socket.parent / "daemon.sock.log").read_text()
+    finally:
+        repo.conveyor("daemon", "stop", env=daemon.env)

@@ -189,6 +189,8 @@ class Resident:
         self.last_fallback = ""
         self.stopping = ""
         self.stop_requested = False
+        self.closed_now: set[int] = set()
+        self.accepting_from = 0.0  # paused until then (out of descriptors)
         self.compatibility = launcher.compatibility()
         self.poller = select.epoll()
         self.arriving: dict[int, _Arriving] = {}  # connection fd
@@ -237,6 +239,7 @@ class Resident:
             return
         self.stopping = reason
         self.poller.unregister(self.listener.fileno())
+        self.closed_now.add(self.listener.fileno())
         self.listener.close()  # connections not accepted yet are reset: they run by themselves
         self.listener = None
         with contextlib.suppress(OSError):
@@ -259,20 +262,23 @@ class Resident:
             deadlines = [arriving.deadline for arriving in self.arriving.values()]
             if self.listener is not None and not self.workers and not self.arriving:
                 deadlines.append(self.last_activity + self.idle_timeout)
+            if self.accepting_from:
+                deadlines.append(self.accepting_from)
             timeout = max(0.0, min(deadlines) - now) if deadlines else -1
+            self.closed_now = set()  # events of these numbers in this batch are stale
             for fd, _events in self.poller.poll(timeout):
-                if fd == self.wake_r:
-                    with contextlib.suppress(OSError):
-                        os.read(self.wake_r, 512)
-                elif self.listener is not None and fd == self.listener.fileno():
-                    self.accept()
-                elif fd in self.arriving:
-                    self.receive(fd)
-                elif fd in self.workers:
-                    self.reap(fd)
-                elif fd in self.watched:
-                    self.hung_up(fd)
+                if fd in self.closed_now:
+                    continue
+                try:
+                    self.handle(fd)
+                except Exception:
+                    _log("unexpected error, the request is dropped:\n" + traceback.format_exc())
+                    if fd in self.arriving:
+                        self.drop(fd)
             now = time.monotonic()
+            if self.accepting_from and now >= self.accepting_from and self.listener:
+                self.accepting_from = 0.0
+                self.poller.modify(self.listener.fileno(), select.EPOLLIN)
             for fd, arriving in list(self.arriving.items()):
                 if now >= arriving.deadline:
                     _log("dropped a request that did not arrive in time")
@@ -281,6 +287,19 @@ class Resident:
             if quiet and now - self.last_activity >= self.idle_timeout:
                 self.close_listener("idle")
 
+    def handle(self, fd: int) -> None:
+        if fd == self.wake_r:
+            with contextlib.suppress(OSError):
+                os.read(self.wake_r, 512)
+        elif self.listener is not None and fd == self.listener.fileno():
+            self.accept()
+        elif fd in self.arriving:
+            self.receive(fd)
+        elif fd in self.workers:
+            self.reap(fd)
+        elif fd in self.watched:
+            self.hung_up(fd)
+
     # -- requests --
 
     def accept(self) -> None:
@@ -288,6 +307,11 @@ class Resident:
             try:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # out of descriptors: clients wait (or run by themselves)
+                _log(f"cannot accept a connection: {exc.strerror}; pausing for 0.2 s")
+                self.poller.modify(self.listener.fileno(), 0)
+                self.accepting_from = time.monotonic() + 0.2
                 return
             self.last_activity = time.monotonic()
             try:
@@ -306,10 +330,13 @@ class Resident:
                 conn.close()
 
     def drop(self, fd: int) -> None:
-        arriving = self.arriving.pop(fd)
+        arriving = self.arriving.pop(fd, None)
+        if arriving is None:  # already dropped (the listener closed meanwhile)
+            return
         with contextlib.suppress(OSError):
             self.poller.unregister(fd)
         arriving.close()
+        self.closed_now.add(fd)
 
     def receive(self, fd: int) -> None:
         arriving = self.arriving[fd]
@@ -372,15 +399,16 @@ class Resident:
             return
         del self.arriving[fd]
         self.poller.unregister(fd)
+        self.closed_now.add(fd)
         arriving.conn.settimeout(REQUEST_TIMEOUT_S)
-        if verb in (b"status", b"stop"):
-            arriving.conn.sendall(json.dumps(self.status()).encode() + b"\n")
-            arriving.close()
-            if verb == b"stop":
-                self.close_listener("asked to stop")
-        else:
-            arriving.conn.sendall(b"Funknown request\n")
-            arriving.close()
+        with contextlib.suppress(OSError):  # whoever asked may be gone
+            if verb in (b"status", b"stop"):
+                arriving.conn.sendall(json.dumps(self.status()).encode() + b"\n")
+            else:
+                arriving.conn.sendall(b"Funknown request\n")
+        arriving.close()
+        if verb == b"stop":
+            self.close_listener("asked to stop")
 
     def receive_descriptors(self, fd: int, arriving: _Arriving) -> None:
         command = arriving.command
@@ -403,6 +431,7 @@ class Resident:
             return
         del self.arriving[fd]
         self.poller.unregister(fd)
+        self.closed_now.add(fd)
         command.fds, arriving.fds = arriving.fds, []
         try:
             arriving.conn.settimeout(REQUEST_TIMEOUT_S)
@@ -490,14 +519,19 @@ class Resident:
     def hung_up(self, fd: int) -> None:
         worker = self.watched.pop(fd)
         self.poller.unregister(fd)
+        self.closed_now.add(fd)
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
 
     def reap(self, pidfd: int) -> None:
-        worker = self.workers.pop(pidfd)
+        worker = self.workers[pidfd]
+        pid, status = os.waitpid(worker.pid, os.WNOHANG)
+        if pid == 0:  # still running (a stale event)
+            return
+        del self.workers[pidfd]
         self.poller.unregister(pidfd)
-        _, status = os.waitpid(worker.pid, 0)
         os.close(pidfd)
+        self.closed_now.update((pidfd, worker.conn.fileno()))
         if self.watched.pop(worker.conn.fileno(), None) is not None:
             self.poller.unregister(worker.conn.fileno())
         code = os.waitstatus_to_exitcode(status)
@@ -541,14 +575,18 @@ class Resident:
             worker.conn.close()
         for arriving in self.arriving.values():
             arriving.close()
-        os.setpgid(0, 0)
-        conn = _out_of_the_way(conn, command)
-        problem = _take_over(command)
+        try:
+            os.setsid()  # no controlling terminal, as when started by `daemon start`
+            conn = _out_of_the_way(conn, command)
+            problem = _take_over(command)
+            if not problem:
+                _close_others({*command.targets, conn.fileno()})
+        except BaseException as exc:
+            problem = f"cannot take the client's state over: {exc}"
         if problem:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(BaseException):
                 conn.sendall(b"F" + problem.encode() + b"\n")
             os._exit(0)
-        _close_others({*command.targets, conn.fileno()})
         conn.settimeout(None)
         try:
             go = conn.recv(1)
@@ -706,10 +744,9 @@ def _take_signals(traits: dict[str, str]) -> None:
     for signum in valid:
         if signum in (signal.SIGKILL, signal.SIGSTOP):
             continue
-        if ignored & (1 << (signum - 1)):
-            signal.signal(signum, signal.SIG_IGN)
-        elif signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
+        wanted = signal.SIG_IGN if ignored & (1 << (signum - 1)) else signal.SIG_DFL
+        if signal.getsignal(signum) != wanted:  # the resident process's own, or inherited
+            signal.signal(signum, wanted)
     if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # as the interpreter starts
         signal.signal(signal.SIGINT, signal.default_int_handler)
     from conveyor.cli import _cancelled_while_starting
@@ -741,7 +778,10 @@ def _take_over(command: Request) -> str:
         os.chdir(command.cwd)
     except OSError as exc:
         return f"cannot enter the working directory: {exc.strerror}"
-    try:
+    for fd, target in zip(command.fds, command.targets, strict=True):
+        os.dup2(fd, target)  # inheritable, as they were in the client
+        os.close(fd)
+    try:  # after the descriptors: the client's limit on them may be below their numbers
         _apply_limits(command.limits)
     except (OSError, ValueError) as exc:
         return f"cannot take the client's limits: {exc}"
@@ -750,9 +790,6 @@ def _take_over(command: Request) -> str:
     for key, value in command.environ.items():
         os.environb[key] = value
     time.tzset()
-    for fd, target in zip(command.fds, command.targets, strict=True):
-        os.dup2(fd, target)  # inheritable, as they were in the client
-        os.close(fd)
     sys.argv = command.argv
     main = sys.modules["__main__"]
     main.__package__ = command.package or None
@@ -838,6 +875,9 @@ def run_resident(path: str, idle_timeout: float) -> int:
     if lock is None:
         _log(f"another resident Conveyor serves {path}")
         return EXIT_LOCKED
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # each command holds descriptors here; a worker takes its client's limit
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     resident = Resident(path, idle_timeout)
     resident.lock = lock
     signal.signal(signal.SIGTERM, resident.request_stop)
@@ -992,7 +1032,7 @@ def start(idle_timeout: str) -> None:
     path = _path_or_fail()
     idle = _idle(idle_timeout)
     running = query(path, "status")
-    if running is not None and not running["stopping"]:
+    if running is not None:
         click.echo(f"resident Conveyor already running (pid {running['pid']}, socket {path})")
         return
     try:
@@ -1017,7 +1057,7 @@ def start(idle_timeout: str) -> None:
             click.echo(f"resident Conveyor started (pid {process.pid}, socket {path})")
             return
         code = process.poll()
-        if code == EXIT_LOCKED and answer is not None and not answer["stopping"]:
+        if code == EXIT_LOCKED and answer is not None:
             # Another `start` won the race: it runs.
             click.echo(f"resident Conveyor already running (pid {answer['pid']}, socket {path})")
             return
