@@ -218,7 +218,10 @@ class _Client:
                     if got and self.pidfd is None:
                         self.pidfd = got[0]  # first: a signal from now on goes to the worker
                         self.sock.settimeout(None)  # as long as the command takes
-                        self.sock.sendall(b"G")
+                        try:
+                            self.sock.sendall(b"G")
+                        except OSError:  # it handed the command back and ended: F follows
+                            pass
                     elif got:
                         os.close(got[0])
             if not data:

@@ -707,3 +707,22 @@ def test_requests_that_go_wrong_leave_the_resident_process_serving(
         assert "Traceback" not in (daemon.socket.parent / "daemon.sock.log").read_text()
     finally:
         repo.conveyor("daemon", "stop", env=daemon.env)
+
+
+def test_a_worker_that_cannot_be_the_client_hands_the_command_back(
+    repo: Repo, resident: Resident
+) -> None:
+    # A memory limit: a fork of the resident process maps more than a process of its own.
+    limited = subprocess.run(
+        ["bash", "-c", f"ulimit -v 8000000; {PYTHON} -m conveyor validate"],
+        cwd=repo.path,
+        env={**repo.env, **resident.env},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert limited.returncode == 2 and "no pipeline file" in limited.stderr.lower()
+    wait_for(lambda: resident.status()["fallbacks"] == 1)
+    status = resident.status()
+    assert status["commands_served"] == 0
+    assert status["last_fallback"] == "the worker could not take the client's state over"

@@ -52,6 +52,7 @@ REQUEST_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 30.0
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the final NUL
 EXIT_LOCKED = 3  # the resident process: another one holds the socket's lock
+HANDED_BACK = 75  # a worker that told its client to run the command itself (never G)
 
 
 class DaemonError(Exception):
@@ -169,10 +170,13 @@ class _Arriving:
 
 
 class _Worker:
-    def __init__(self, pid: int, pidfd: int, conn: socket.socket) -> None:
+    def __init__(self, pid: int, pidfd: int, conn: socket.socket, started: int) -> None:
         self.pid = pid
         self.pidfd = pidfd
         self.conn = conn
+        self.started = started  # read end of a pipe: "R" once it runs the command
+        self.runs = False
+        self.told = False  # whether we know (runs, or handed back)
 
 
 class Resident:
@@ -196,6 +200,7 @@ class Resident:
         self.arriving: dict[int, _Arriving] = {}  # connection fd
         self.workers: dict[int, _Worker] = {}  # pidfd
         self.watched: dict[int, _Worker] = {}  # connection fd, until its client hangs up
+        self.starting: dict[int, _Worker] = {}  # "started" pipe, until the worker says
         self.listener: socket.socket | None = None
         self.identity: tuple[int, int] | None = None
         self.files: list[str] = []
@@ -299,6 +304,8 @@ class Resident:
             self.reap(fd)
         elif fd in self.watched:
             self.hung_up(fd)
+        elif fd in self.starting:
+            self.learn(self.starting[fd])
 
     # -- requests --
 
@@ -485,25 +492,32 @@ class Resident:
         """Fork a worker for the command; ``True`` if it runs (the connection is then kept)."""
         held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
         try:
+            started_r, started_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             try:
                 pid = os.fork()
             except OSError as exc:
+                os.close(started_r)
+                os.close(started_w)
                 return self.refuse(conn, f"cannot fork: {exc.strerror}")
             if pid == 0:  # pragma: no cover - the worker; it ends in os._exit
                 try:
-                    self.become_worker(conn, command)
+                    os.close(started_r)
+                    self.become_worker(conn, command, started_w)
                 finally:
                     os._exit(70)
+            os.close(started_w)
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError as exc:  # cannot follow it: it must not run (it waits for "G")
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
+                os.close(started_r)
                 return self.refuse(conn, f"cannot follow the worker: {exc.strerror}")
-            worker = _Worker(pid, pidfd, conn)
+            worker = _Worker(pid, pidfd, conn, started_r)
             self.workers[pidfd] = worker
             self.poller.register(pidfd, select.EPOLLIN)
-            self.served += 1
+            self.starting[started_r] = worker
+            self.poller.register(started_r, select.EPOLLIN)
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", pidfd))]
             try:
                 conn.sendmsg([b"P\n"], rights)
@@ -515,6 +529,30 @@ class Resident:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return True
+
+    def learn(self, worker: _Worker) -> None:
+        """Whether the worker runs the command (it writes "R" after the go-ahead) or handed
+        it back (it ends without): what ``status`` counts."""
+        if worker.told:
+            return
+        try:
+            said = os.read(worker.started, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            said = b""
+        worker.told = True
+        self.starting.pop(worker.started, None)
+        with contextlib.suppress(OSError):
+            self.poller.unregister(worker.started)
+        os.close(worker.started)
+        self.closed_now.add(worker.started)
+        if said == b"R":
+            worker.runs = True
+            self.served += 1
+        else:
+            self.fallbacks += 1
+            self.last_fallback = "the worker could not take the client's state over"
 
     def hung_up(self, fd: int) -> None:
         worker = self.watched.pop(fd)
@@ -531,12 +569,14 @@ class Resident:
         del self.workers[pidfd]
         self.poller.unregister(pidfd)
         os.close(pidfd)
+        self.learn(worker)
         self.closed_now.update((pidfd, worker.conn.fileno()))
         if self.watched.pop(worker.conn.fileno(), None) is not None:
             self.poller.unregister(worker.conn.fileno())
         code = os.waitstatus_to_exitcode(status)
-        with contextlib.suppress(OSError):  # killed by a signal: the client dies of it too
-            worker.conn.sendall(b"S%d\n" % -code if code < 0 else b"X%d\n" % code)
+        if worker.runs:  # else its client got "F" (or gave up): it runs the command itself
+            with contextlib.suppress(OSError):  # killed by a signal: the client dies of it too
+                worker.conn.sendall(b"S%d\n" % -code if code < 0 else b"X%d\n" % code)
         worker.conn.close()
         self.last_activity = time.monotonic()
 
@@ -556,7 +596,7 @@ class Resident:
 
     # -- the worker --
 
-    def become_worker(self, conn: socket.socket, command: Request) -> NoReturn:
+    def become_worker(self, conn: socket.socket, command: Request, started: int) -> NoReturn:
         """In the forked child: take over the client's process state, wait for the client's
         go-ahead, then run the command. The signals it may forward stay held until the
         command's own dispositions are in place."""
@@ -573,28 +613,33 @@ class Resident:
         for worker in self.workers.values():
             os.close(worker.pidfd)
             worker.conn.close()
+            if not worker.told:
+                os.close(worker.started)
         for arriving in self.arriving.values():
             arriving.close()
         try:
             os.setsid()  # no controlling terminal, as when started by `daemon start`
-            conn = _out_of_the_way(conn, command)
+            conn, started = _out_of_the_way(conn, command, started)
             problem = _take_over(command)
             if not problem:
-                _close_others({*command.targets, conn.fileno()})
+                _close_others({*command.targets, conn.fileno(), started})
         except BaseException as exc:
             problem = f"cannot take the client's state over: {exc}"
         if problem:
             with contextlib.suppress(BaseException):
                 conn.sendall(b"F" + problem.encode() + b"\n")
-            os._exit(0)
+            os._exit(HANDED_BACK)
         conn.settimeout(None)
         try:
             go = conn.recv(1)
         except OSError:
             go = b""
         if go != b"G":  # the client gave up (or is gone): it runs the command, or no one does
-            os._exit(0)
-        _watch_client(conn)
+            os._exit(HANDED_BACK)
+        os.write(started, b"R")
+        os.close(started)
+        with contextlib.suppress(RuntimeError):  # no thread (RLIMIT_NPROC): this one watches
+            _watch_client(conn)
         _take_signals(command.traits)
         from conveyor.cli.main import entry
 
@@ -758,9 +803,12 @@ def _take_signals(traits: dict[str, str]) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _out_of_the_way(conn: socket.socket, command: Request) -> socket.socket:
-    """Move the connection and the received descriptors above the numbers they must take."""
-    base = max([*command.targets, *command.fds, conn.fileno()]) + 1
+def _out_of_the_way(
+    conn: socket.socket, command: Request, started: int
+) -> tuple[socket.socket, int]:
+    """Move the connection, the "started" pipe and the received descriptors above the numbers
+    the client's descriptors must take."""
+    base = max([*command.targets, *command.fds, conn.fileno(), started]) + 1
     moved = []
     for fd in command.fds:
         moved.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base))
@@ -768,7 +816,9 @@ def _out_of_the_way(conn: socket.socket, command: Request) -> socket.socket:
     command.fds = moved
     kept = socket.socket(fileno=fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, base))
     conn.close()
-    return kept
+    moved_started = fcntl.fcntl(started, fcntl.F_DUPFD_CLOEXEC, base)
+    os.close(started)
+    return kept, moved_started
 
 
 def _take_over(command: Request) -> str:
@@ -828,6 +878,8 @@ def _reopen_streams(streams: list[str]) -> None:
         writing = fd != 0
         raw = unbuffered and writing  # stdin is always buffered
         buffer = open(fd, "wb" if writing else "rb", buffering=0 if raw else -1, closefd=False)  # noqa: SIM115
+        named: Any = buffer if raw else buffer.raw  # type: ignore[attr-defined]
+        named.name = ("<stdin>", "<stdout>", "<stderr>")[fd]  # as the interpreter names them
         made.append(
             io.TextIOWrapper(
                 buffer,
