@@ -308,6 +308,7 @@ def test_changed_code_sends_commands_back_and_stops_it(repo: Repo, socket_dir: P
     assert "its code changed on disk" in (daemon.socket.parent / "daemon.sock.log").read_text()
 
 
+@pytest.mark.slow
 def test_start_stop_status_and_idle_timeout(repo: Repo, socket_dir: Path) -> None:
     daemon = Resident(repo, socket_dir)
     assert repo.conveyor("daemon", "status", env=daemon.env).code == 1
@@ -395,6 +396,7 @@ def _ignore_hangups() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
 
 
+@pytest.mark.slow
 def test_a_death_by_signal_is_the_clients_too(repo: Repo, resident: Resident) -> None:
     repo.pipeline(
         f"""\
@@ -516,6 +518,7 @@ def test_a_silent_resident_process_is_given_up_for(repo: Repo, resident: Residen
         os.kill(daemon, signal.SIGCONT)
 
 
+@pytest.mark.slow
 def test_ctrl_z_then_kill_9_of_the_client_ends_the_stopped_worker(
     repo: Repo, resident: Resident
 ) -> None:
@@ -575,6 +578,7 @@ def test_a_job_may_stop_the_resident_process_that_runs_it(repo: Repo, socket_dir
     assert conveyor("daemon", "status").returncode == 1  # it ended with the run
 
 
+@pytest.mark.slow
 def test_unbuffered_output_to_a_closed_pipe_as_alone(repo: Repo, socket_dir: Path) -> None:
     repo.pipeline("pipeline: p\nstages:\n  - name: s\n    jobs:\n      big: {run: 'seq 200000'}\n")
     daemon = Resident(repo, socket_dir)
@@ -606,6 +610,7 @@ def test_unbuffered_output_to_a_closed_pipe_as_alone(repo: Repo, socket_dir: Pat
         repo.conveyor("daemon", "stop", env=daemon.env)
 
 
+@pytest.mark.slow
 def test_two_starts_at_once_and_a_restart_while_a_command_runs(
     repo: Repo, socket_dir: Path
 ) -> None:
@@ -642,6 +647,7 @@ def test_two_starts_at_once_and_a_restart_while_a_command_runs(
     with_pid_gone(second)
 
 
+@pytest.mark.slow
 def test_requests_that_go_wrong_leave_the_resident_process_serving(
     repo: Repo, socket_dir: Path
 ) -> None:
