@@ -95,8 +95,13 @@ def _warm_up() -> list[str]:
     return failed
 
 
+# Loaded only to migrate a record's schema (once per home): not worth 25 MB in every fork
+# (a larger process takes longer to fork: 3.4 ms instead of 1.3 ms on a 2-CPU VM).
+NOT_PRELOADED = ("sqlalchemy", "alembic")
+
+
 def _try_import(name: str) -> None:
-    if name in sys.modules:
+    if name in sys.modules or name.split(".", 1)[0] in NOT_PRELOADED:
         return
     with contextlib.suppress(Exception):  # not a module (a name from one), or not installed
         importlib.import_module(name)
