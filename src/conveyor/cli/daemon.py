@@ -350,28 +350,34 @@ class Resident:
         arriving.close()
         self.closed_now.add(fd)
 
-    def receive(self, fd: int) -> None:
-        arriving = self.arriving[fd]
-        if arriving.command is not None:
-            self.receive_descriptors(fd, arriving)
-            return
+    def recv_some(self, fd: int, arriving: _Arriving, size: int) -> bytes:
+        """What has arrived (descriptors kept with the request); ``b""`` if nothing yet, or
+        if the request was dropped (its client gone, descriptors cut off)."""
         try:
             chunk, ancillary, flags, _addr = arriving.conn.recvmsg(
-                min(arriving.want - len(arriving.data), 1 << 20),
-                socket.CMSG_SPACE(4 * (launcher.MAX_FDS + 3)),
-                socket.MSG_CMSG_CLOEXEC,
+                size, socket.CMSG_SPACE(4 * (launcher.MAX_FDS + 3)), socket.MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
-            return
+            return b""
         except OSError:
             self.drop(fd)
-            return
+            return b""
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 count = len(payload) // 4
                 arriving.fds.extend(struct.unpack(f"{count}i", payload[: count * 4]))
         if not chunk or flags & socket.MSG_CTRUNC:
             self.drop(fd)
+            return b""
+        return chunk
+
+    def receive(self, fd: int) -> None:
+        arriving = self.arriving[fd]
+        if arriving.command is not None:
+            self.receive_descriptors(fd, arriving)
+            return
+        chunk = self.recv_some(fd, arriving, min(arriving.want - len(arriving.data), 1 << 20))
+        if not chunk:
             return
         arriving.data += chunk
         if arriving.want == HEADER and len(arriving.data) >= HEADER:
@@ -425,20 +431,10 @@ class Resident:
     def receive_descriptors(self, fd: int, arriving: _Arriving) -> None:
         command = arriving.command
         assert command is not None
-        try:
-            chunk, ancillary, flags, _addr = arriving.conn.recvmsg(
-                1, socket.CMSG_SPACE(4 * (launcher.MAX_FDS + 3)), socket.MSG_CMSG_CLOEXEC
-            )
-        except (BlockingIOError, InterruptedError):
+        chunk = self.recv_some(fd, arriving, 1)
+        if not chunk:
             return
-        except OSError:
-            self.drop(fd)
-            return
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                count = len(payload) // 4
-                arriving.fds.extend(struct.unpack(f"{count}i", payload[: count * 4]))
-        if chunk != b"D" or flags & socket.MSG_CTRUNC or len(arriving.fds) != len(command.targets):
+        if chunk != b"D" or len(arriving.fds) != len(command.targets):
             self.drop(fd)
             return
         del self.arriving[fd]
@@ -1077,13 +1073,16 @@ def _idle(value: str) -> float:
         raise click.BadParameter(str(exc), param_hint="'--idle-timeout'") from None
 
 
-@daemon.command()
-@click.option(
+idle_option = click.option(
     "--idle-timeout",
     default=DEFAULT_IDLE,
     show_default=True,
     help="Stop after this long without a command (at most 7d).",
 )
+
+
+@daemon.command()
+@idle_option
 def start(idle_timeout: str) -> None:
     """Start the resident Conveyor in the background (nothing if it runs already)."""
     path = _path_or_fail()
@@ -1216,12 +1215,7 @@ def status(as_json: bool) -> None:
 
 
 @daemon.command()
-@click.option(
-    "--idle-timeout",
-    default=DEFAULT_IDLE,
-    show_default=True,
-    help="Stop after this long without a command (at most 7d).",
-)
+@idle_option
 def serve(idle_timeout: str) -> None:
     """Run the resident Conveyor in the foreground (for a service manager), logging to
     standard error."""
