@@ -214,7 +214,7 @@ def _long_run(repo: Repo, resident: Resident) -> tuple[subprocess.Popen[bytes], 
               long: {{run: "echo $PPID > ../../../worker.pid; {SLEEPER}"}}
         """
     )
-    client = resident.popen("run", "--progress", "quiet")
+    client = resident.popen("run", "--progress", "quiet", process_group=0)  # see ctrl_z
     pid_file = repo.path / "worker.pid"
     wait_for(lambda: pid_file.exists() and pid_file.read_text().strip())
     return client, int(pid_file.read_text())
@@ -249,15 +249,20 @@ def test_ctrl_z_stops_the_worker_with_the_client(repo: Repo, resident: Resident)
                   while [ ! -e ../../../go ]; do sleep 0.05; done
         """
     )
-    client = resident.popen("run", "--progress", "quiet")
+    # A process group of its own whose parent is in the same session: not orphaned, so that
+    # the terminal stop signals are not discarded (as for a shell's foreground job).
+    client = resident.popen("run", "--progress", "quiet", process_group=0)
     pid_file = repo.path / "worker.pid"
     wait_for(lambda: pid_file.exists() and pid_file.read_text().strip())
     worker = int(pid_file.read_text())
-    client.send_signal(signal.SIGTSTP)
-    wait_for(lambda: _state(client.pid) == "T" and _state(worker) == "T")
-    client.send_signal(signal.SIGCONT)
-    wait_for(lambda: _state(worker) != "T")
-    (repo.path / "go").touch()
+    try:
+        client.send_signal(signal.SIGTSTP)
+        wait_for(lambda: _state(client.pid) == "T" and _state(worker) == "T")
+        client.send_signal(signal.SIGCONT)
+        wait_for(lambda: _state(worker) != "T")
+    finally:
+        (repo.path / "go").touch()
+        client.send_signal(signal.SIGCONT)
     assert client.wait(timeout=30) == 0
     assert repo.show()["status"] == "succeeded"
 
