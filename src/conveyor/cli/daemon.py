@@ -53,6 +53,7 @@ START_TIMEOUT_S = 30.0
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the final NUL
 EXIT_LOCKED = 3  # the resident process: another one holds the socket's lock
 HANDED_BACK = 75  # a worker that told its client to run the command itself (never G)
+GO_TIMEOUT_S = 30.0
 
 
 class DaemonError(Exception):
@@ -630,9 +631,13 @@ class Resident:
             with contextlib.suppress(BaseException):
                 conn.sendall(b"F" + problem.encode() + b"\n")
             os._exit(HANDED_BACK)
-        conn.settimeout(None)
-        try:
+        conn.settimeout(GO_TIMEOUT_S)  # sent as soon as the pidfd arrives: only a client
+        try:  # stopped (SIGSTOP) at that very moment is this late; it then runs it itself
             go = conn.recv(1)
+        except TimeoutError:
+            with contextlib.suppress(OSError):
+                conn.sendall(b"Fno go-ahead from the client in time\n")
+            go = b""
         except OSError:
             go = b""
         if go != b"G":  # the client gave up (or is gone): it runs the command, or no one does
