@@ -194,6 +194,9 @@ def test_the_workspace_has_the_tags_branches_and_history_jobs_expect(
                   echo "describe=$(git describe --tags)"
                   echo "branches=$(git branch -a --format='%(refname:short)' | tr '\\n' ' ')"
                   echo "commits=$(git rev-list --count HEAD)"
+                  echo "default=$(git rev-parse --abbrev-ref origin/HEAD)"
+                  echo "upstream=$(git rev-parse --abbrev-ref main@{upstream})"
+                  echo "hooks=$(ls .git/hooks 2>/dev/null | wc -l)"
         """)
     repo.git("tag", "v1.0")
     repo.write("later.txt", "x\n")
@@ -202,6 +205,7 @@ def test_the_workspace_has_the_tags_branches_and_history_jobs_expect(
     log = repo.conveyor("logs", "latest", "describe").out
     assert "describe=v1.0-1-g" in log
     assert "origin/main" in log and "commits=2" in log
+    assert "default=origin/main" in log and "upstream=origin/main" in log and "hooks=0" in log
     # A shallow clone (what most CI systems check out) keeps its boundary.
     shallow = Repo.__new__(Repo)
     shallow.path, shallow.env = tmp_path / "shallow", dict(repo.env)
