@@ -2,7 +2,7 @@
 
 Each attempt is a new session (so its whole process group can be signalled), with stdin from
 ``/dev/null`` and stdout and stderr merged into one pipe. Exits are observed through pidfds in
-the same selector as the pipes, so one thread serves every job with no polling. A script with no
+the same epoll set as the pipes, so one thread serves every job with no polling. A script with no
 shell syntax is executed directly, as make does; anything else runs with
 ``bash --noprofile --norc -eo pipefail -c``.
 
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
-import selectors
+import select
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -247,10 +248,14 @@ class LocalExecutor:
         self._services = services
         """The process ids of the deployed services this machine's record knows (spared,
         with their sessions, when adopted: a job may run ``conveyor promote``)."""
-        self._selector = selectors.DefaultSelector()
+        # epoll itself, not ``selectors``: its bookkeeping costs more than the system calls
+        # (four registrations per attempt).
+        self._epoll = select.epoll()
+        self._watched: dict[int, tuple[str, str]] = {}
+        """Each registered descriptor: what it is (``wake``, ``out``, ``exit``) and whose."""
         self._procs: dict[str, _Proc] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", ""))
+        self._watch(self._wake_r, "wake", "")
         self._closed = False
         self._token: str | None = None
         self._swept = True
@@ -319,9 +324,9 @@ class LocalExecutor:
         )
         proc = _Proc(launch.key, pid, read_fd, pid_fd, tags)
         self._procs[launch.key] = proc
-        self._selector.register(read_fd, selectors.EVENT_READ, ("out", launch.key))
+        self._watch(read_fd, "out", launch.key)
         if pid_fd is not None:
-            self._selector.register(pid_fd, selectors.EVENT_READ, ("exit", launch.key))
+            self._watch(pid_fd, "exit", launch.key)
         return pid
 
     def poll(self, timeout: float | None) -> list[ExecutorEvent]:
@@ -334,11 +339,20 @@ class LocalExecutor:
             timeout = _ADOPTED_REAP_S if timeout is None else min(timeout, _ADOPTED_REAP_S)
             if time.monotonic() >= self._next_adopted_reap:
                 self._reap_adopted()
-        ready = self._selector.select(timeout)
+        if timeout is None:
+            timeout = -1
+        elif timeout > 0:  # whole milliseconds, rounded up: no busy loop before a deadline
+            timeout = math.ceil(timeout * 1e3) * 1e-3
+        else:
+            timeout = 0
+        ready = self._epoll.poll(timeout)
         events: list[ExecutorEvent] = []
         exited: list[str] = []
-        for selkey, _ in ready:
-            kind, key = selkey.data
+        for fd, _ in ready:
+            watched = self._watched.get(fd)
+            if watched is None:
+                continue
+            kind, key = watched
             if kind == "wake":
                 self._drain_wake()
             elif kind == "out":
@@ -393,7 +407,7 @@ class LocalExecutor:
         if not self._swept:
             kill_tagged(self._token)
         self._kill_orphans()
-        self._selector.close()
+        self._epoll.close()
         self._uninstall_wakeup()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -402,6 +416,14 @@ class LocalExecutor:
                 os.chdir(self._home_cwd)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _watch(self, fd: int, kind: str, key: str) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._watched[fd] = (kind, key)
+
+    def _unwatch(self, fd: int) -> None:
+        self._epoll.unregister(fd)
+        del self._watched[fd]
 
     def _uninstall_wakeup(self) -> None:
         """Stop signals from writing to the wake-up pipe before it is closed: a signal would
@@ -492,7 +514,7 @@ class LocalExecutor:
             except BlockingIOError:
                 break
             if not data:
-                self._selector.unregister(proc.out_fd)
+                self._unwatch(proc.out_fd)
                 os.close(proc.out_fd)
                 proc.out_fd = None
                 break
@@ -525,11 +547,11 @@ class LocalExecutor:
         # Whatever the job left running in its group ends with the job.
         _signal_group(proc.pid, signal.SIGKILL)
         if proc.out_fd is not None:
-            self._selector.unregister(proc.out_fd)
+            self._unwatch(proc.out_fd)
             os.close(proc.out_fd)
             proc.out_fd = None
         if proc.pid_fd is not None:
-            self._selector.unregister(proc.pid_fd)
+            self._unwatch(proc.pid_fd)
             os.close(proc.pid_fd)
             proc.pid_fd = None
         del self._procs[proc.key]
