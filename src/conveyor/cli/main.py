@@ -153,21 +153,37 @@ def _warn_if_edited(path: Path, blob: str, shown: str) -> None:
 
 
 def _actor(as_user: str | None, root: Path | None) -> str:
+    return _actor_lookup(as_user, root)()
+
+
+def _actor_lookup(as_user: str | None, root: Path | None) -> Callable[[], str]:
+    """Who acts: ``--as``, else ``$CONVEYOR_USER``, else git's ``user.email``, else ``$USER``.
+    Git is asked at once, in the background; calling the result waits for its answer."""
     if as_user:
-        return as_user
+        return lambda: as_user
     if os.environ.get("CONVEYOR_USER"):
-        return os.environ["CONVEYOR_USER"]
+        return lambda: os.environ["CONVEYOR_USER"]
     import subprocess
 
+    fallback = os.environ.get("USER", "unknown")
     try:
-        proc = subprocess.run(
-            ["git", "config", "user.email"], capture_output=True, text=True, cwd=root, check=False
+        proc = subprocess.Popen(
+            ["git", "config", "user.email"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            cwd=root,
         )
-        if proc.stdout.strip():
-            return proc.stdout.strip()
     except OSError:
-        pass
-    return os.environ.get("USER", "unknown")
+        return lambda: fallback
+
+    def answer() -> str:
+        out, _ = proc.communicate()
+        return out.strip() or fallback
+
+    return answer
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -578,6 +594,7 @@ def run(
     root, home_obj, spec, source, snapshot, workspace = _load_for_run(
         pipeline_file, revision, dirty, home, checkout=True
     )
+    actor = _actor_lookup(as_user, root)  # git answers while the record opens
     try:
         from conveyor.bootstrap import cancellation, prepare_run, prune_workspaces
         from conveyor.engine.engine import RunOptions
@@ -631,7 +648,7 @@ def run(
                 spec=spec,
                 snapshot=snapshot,
                 options=options,
-                actor=_actor(as_user, root),
+                actor=actor(),
                 secrets=secrets,
                 observer=observer,
                 cancel=cancel,
