@@ -1304,3 +1304,41 @@ def test_logs_of_a_cached_job_has_no_other_attempt(repo: Repo) -> None:
     assert shown.code == 0 and "taken from the cache" in shown.err
     other = repo.conveyor("logs", "2", "build", "--attempt", "99")
     assert other.code == 2 and "taken from the cache" in other.err
+
+
+def test_the_workspace_survives_unusual_heads_and_subfolders(repo: Repo, tmp_path: Path) -> None:
+    repo.pipeline("""\
+        pipeline: heads
+        stages:
+          - name: commit
+            jobs:
+              look:
+                run: |
+                  echo "default=$(git rev-parse --abbrev-ref origin/HEAD 2>/dev/null || echo none)"
+                  echo "commits=$(git rev-list --count HEAD)"
+                  echo "alternates=$(cat .git/objects/info/alternates)"
+        """)
+    repo.write("services/api/readme.txt", "api\n")
+    repo.commit("api")
+    # From a subfolder: the borrowed objects are named by an absolute, resolved path, so the
+    # workspace outlives that folder.
+    sub = repo.path / "services" / "api"
+    ran = repo.conveyor("run", "-f", "../../conveyor.yml", cwd=sub)
+    assert ran.code == 0, ran.out + ran.err
+    log = repo.conveyor("logs", "latest", "look").out
+    assert f"alternates={(repo.path / '.git' / 'objects').resolve()}" in log
+    # A detached HEAD: origin/HEAD is guessed as a clone would (the branch at that commit).
+    repo.git("checkout", "-q", "--detach")
+    assert repo.conveyor("run", "--no-cache").code == 0
+    assert "default=origin/main" in repo.conveyor("logs", "latest", "look").out
+    # A tag named HEAD makes HEAD ambiguous: the run goes on, without origin/HEAD.
+    repo.git("checkout", "-q", "main")
+    repo.git("tag", "HEAD")
+    ran = repo.conveyor("run", "--no-cache")
+    assert ran.code == 0, ran.out + ran.err
+    repo.git("tag", "-d", "HEAD")
+    # An orphan branch just begun, running another revision.
+    repo.git("checkout", "-q", "--orphan", "gh-pages")
+    ran = repo.conveyor("run", "--no-cache", "--revision", "main")
+    assert ran.code == 0, ran.out + ran.err
+    assert "commits=2" in repo.conveyor("logs", "latest", "look").out

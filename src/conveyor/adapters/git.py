@@ -76,12 +76,27 @@ def discover(cwd: Path, rev: str, rel_path: str) -> tuple[GitSource, str, str, s
         check=False,
     )
     lines = proc.stdout.decode("utf-8", "surrogateescape").split("\n")
-    if proc.returncode != 0 or len(lines) != 9 or not all(map(_is_object_id, lines[4:7])):
+    # 9 lines; 8 when HEAD is ambiguous (a tag named HEAD: said on stderr, exit 0).
+    if proc.returncode != 0 or len(lines) not in (8, 9) or not all(map(_is_object_id, lines[4:7])):
         return None  # e.g. a newline in the repository's path: asked step by step instead
-    root, prefix, common, object_format, commit, tree, blob, head = lines[:8]
+    root, prefix, common, object_format, commit, tree, blob = lines[:7]
     source = GitSource(Path(root))
-    source.layout = _Layout(str(cwd / common), object_format, head)  # ``common`` may be relative
+    source.layout = _layout(cwd, common, object_format, lines[7] if len(lines) == 9 else "?")
     return source, prefix + rel_path, commit, tree, blob
+
+
+def _layout(cwd: Path, common: str, object_format: str, head: str) -> _Layout:
+    """The layout from ``rev-parse``'s answers, run in ``cwd`` (``head``: ``HEAD`` when
+    detached, ``?`` when not known)."""
+    # Relative from a subfolder (``../../.git``): resolved, so that the checkout's alternates
+    # still lead to the objects once that subfolder is gone (moved, another branch).
+    common_dir = os.path.realpath(os.path.join(cwd, common))
+    # A git without ``--show-object-format`` (before 2.25) echoes the option: only sha1 then.
+    return _Layout(
+        common_dir,
+        object_format if object_format in ("sha1", "sha256") else "sha1",
+        head if head.startswith("refs/heads/") else ("" if head == "HEAD" else "?"),
+    )
 
 
 def _is_object_id(text: str) -> bool:
@@ -122,7 +137,8 @@ class _Layout(NamedTuple):
     object_format: str
     """``sha1`` or ``sha256``."""
     head: str
-    """``refs/heads/BRANCH``, or ``HEAD`` when detached."""
+    """The current branch (``refs/heads/BRANCH``), ``""`` when detached, ``?`` when not known
+    (a branch not born yet, a ``HEAD`` that names a tag as well)."""
 
 
 class GitSource:
@@ -134,20 +150,24 @@ class GitSource:
         """Found together with the revision (``discover``), else on first use."""
 
     def checkout_layout(self) -> _Layout:
-        """The repository's layout (one git call, unless already known)."""
+        """The repository's layout (two git calls, unless ``discover`` found it already)."""
         if self.layout is None:
-            proc = _git(
+            proc = _git(self.root, "rev-parse", "--git-common-dir", "--show-object-format")
+            lines = proc.stdout.decode("utf-8", "surrogateescape").split("\n")
+            if len(lines) != 3:
+                raise SourceError(f"cannot read the layout of the repository {self.root}")
+            # The current branch, if it has a commit (not an orphan branch just begun): else "?".
+            head = _git(
                 self.root,
                 "rev-parse",
-                "--git-common-dir",
-                "--show-object-format",
+                "--verify",
+                "--quiet",
                 "--symbolic-full-name",
                 "HEAD",
+                check=False,
             )
-            lines = proc.stdout.decode("utf-8", "surrogateescape").split("\n")
-            if len(lines) != 4:
-                raise SourceError(f"cannot read the layout of the repository {self.root}")
-            self.layout = _Layout(str(self.root / lines[0]), lines[1], lines[2])
+            name = head.stdout.decode("utf-8", "surrogateescape").strip() or "?"
+            self.layout = _layout(self.root, lines[0], lines[1], name)
         return self.layout
 
     def repository_uri(self) -> str:
@@ -319,15 +339,38 @@ class GitWorkspace:
     needs it.
     """
 
-    _SCRIPT = (
-        'git init --quiet --template= --object-format="$5" -- "$2" && '
-        'printf "%s/objects\\n" "$4" > "$2/.git/objects/info/alternates" && '
-        'git -C "$1" for-each-ref --format="$6" refs/heads refs/tags > "$2/.git/packed-refs" && '
-        'printf "%s" "$7" >> "$2/.git/config" && '
-        '{ [ -z "$8" ] || printf "%s" "$8" > "$2/.git/refs/remotes/origin/HEAD"; } && '
-        '{ [ ! -f "$4/shallow" ] || cat -- "$4/shallow" > "$2/.git/shallow"; } && '
-        'git -C "$2" -c advice.detachedHead=false checkout --quiet --detach "$3"'
-    )
+    _SCRIPT = r"""
+set -e
+git init --quiet --template= ${5:+"--object-format=$5"} -- "$2"
+printf '%s/objects\n' "$4" > "$2/.git/objects/info/alternates"
+git -C "$1" for-each-ref --format="$6" refs/heads refs/tags > "$2/.git/packed-refs"
+printf '%s' "$7" >> "$2/.git/config"
+[ ! -f "$4/shallow" ] || cat -- "$4/shallow" > "$2/.git/shallow"
+branch=${8#\?}
+if [ "$8" = "" ]; then
+    # A detached HEAD: as a clone guesses, a branch at the same commit (main or master first),
+    # which the checkout gets as a branch of its own too.
+    while read -r object ref; do
+        case $ref in
+        refs/heads/main | refs/heads/master) branch=$ref found=$object; break ;;
+        esac
+        [ -n "$branch" ] || { branch=$ref found=$object; }
+    done <<EOF
+$(git -C "$1" for-each-ref --points-at=HEAD --format='%(objectname) %(refname)' refs/heads)
+EOF
+    [ -z "$branch" ] || printf '%s %s\n' "$found" "$branch" >> "$2/.git/packed-refs"
+fi
+if [ -n "$branch" ]; then
+    name=${branch#refs/heads/}
+    printf 'ref: refs/remotes/origin/%s\n' "$name" > "$2/.git/refs/remotes/origin/HEAD"
+    case $name in
+    *'"'*) ;;  # not quoted here: left without an upstream
+    *) printf '[branch "%s"]\n\tremote = origin\n\tmerge = "%s"\n' "$name" "$branch" \
+        >> "$2/.git/config" ;;
+    esac
+fi
+git -C "$2" -c advice.detachedHead=false checkout --quiet --detach "$3"
+"""
     _REFS = (
         # A branch B becomes origin/B (and stays B too if it is the current one); a tag stays.
         "%(objectname) %(if:equals=refs/heads)%(refname:rstrip=-2)%(then)"
@@ -358,10 +401,6 @@ class GitWorkspace:
                 hint="rename or move the repository",
             )
         layout = self.source.checkout_layout()
-        config = _remote_config(str(self.source.root), layout.head)
-        origin_head = ""
-        if layout.head.startswith("refs/heads/"):
-            origin_head = f"ref: refs/remotes/origin/{layout.head.removeprefix('refs/heads/')}\n"
         try:
             if self.directory.exists():
                 _shutil().rmtree(self.directory)
@@ -381,10 +420,10 @@ class GitWorkspace:
                 str(self.directory),
                 self.commit,
                 layout.common_dir,
-                layout.object_format,
+                "" if layout.object_format == "sha1" else layout.object_format,  # older gits
                 self._REFS,
-                config,
-                origin_head,
+                _remote_config(str(self.source.root)),
+                layout.head,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -444,16 +483,12 @@ class GitWorkspace:
             _shutil().rmtree(self.directory, ignore_errors=True)
 
 
-def _remote_config(url: str, head: str) -> str:
-    """The ``origin`` remote (and the current branch following it), as a clone writes them."""
-    text = (
+def _remote_config(url: str) -> str:
+    """The ``origin`` remote, as a clone writes it."""
+    return (
         f'[remote "origin"]\n\turl = {_quoted(url)}\n'
         "\tfetch = +refs/heads/*:refs/remotes/origin/*\n"
     )
-    if head.startswith("refs/heads/"):
-        branch = head.removeprefix("refs/heads/")
-        text += f"[branch {_quoted(branch)}]\n\tremote = origin\n\tmerge = {_quoted(head)}\n"
-    return text
 
 
 def _quoted(value: str) -> str:
