@@ -714,3 +714,44 @@ def test_a_worker_that_cannot_be_the_client_hands_the_command_back(
     status = resident.status()
     assert status["commands_served"] == 0
     assert status["last_fallback"] == "the worker could not take the client's state over"
+
+
+def test_the_log_is_folded_after_the_client_has_its_exit_code(
+    repo: Repo, resident: Resident
+) -> None:
+    # 200 jobs write more than 1 MiB of write-ahead log: the run folds it into the database.
+    jobs = "".join(f"      j{i}: {{run: 'true'}}\n" for i in range(200))
+    repo.pipeline(f"pipeline: p\nstages:\n  - name: s\n    jobs:\n{jobs}")
+    wal = repo.path / ".conveyor" / "conveyor.db-wal"
+    ran = resident.conveyor("run", "--no-cache", "--jobs", "4")
+    assert ran.code == 0, ran.err
+    # Its worker did that after telling the client (who has left): it was not killed for
+    # the client's leaving, and the next command finds an empty log.
+    deadline = time.monotonic() + 10
+    while int(resident.status()["commands_running"]) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert wal.stat().st_size == 0
+    assert resident.conveyor("audit", "verify").code == 0
+
+
+def test_housekeeping_is_put_off_only_past_a_resident_workers_report() -> None:
+    script = """\
+import conveyor.cli.main as m
+
+def main() -> None:
+    m.after_report(lambda: print("housekeeping", flush=True))
+    print("command", flush=True)
+
+m.main = main
+m.entry({report})
+"""
+    alone = subprocess.run(
+        [sys.executable, "-c", script.format(report="")], capture_output=True, text=True
+    )
+    assert alone.stdout.split() == ["housekeeping", "command"]
+    worker = subprocess.run(
+        [sys.executable, "-c", script.format(report="lambda code: print('reported', code)")],
+        capture_output=True,
+        text=True,
+    )
+    assert worker.stdout.split() == ["command", "reported", "0", "housekeeping"]

@@ -180,7 +180,9 @@ class _Worker:
         self.pid = pid
         self.pidfd = pidfd
         self.conn = conn
-        self.started = started  # read end of a pipe: "R" once it runs the command
+        self.started = started
+        """Read end of a pipe: "R" once it runs the command, then "D" once it has reported the
+        command's exit code (what it still does is housekeeping); -1 once closed."""
         self.runs = False
         self.told = False  # whether we know (runs, or handed back)
 
@@ -547,19 +549,28 @@ class Resident:
         self.starting.pop(worker.started, None)
         with contextlib.suppress(OSError):
             self.poller.unregister(worker.started)
-        os.close(worker.started)
         self.closed_now.add(worker.started)
-        if said == b"R":
+        if said == b"R":  # kept (not watched): "D" is read when its client hangs up
             worker.runs = True
             self.served += 1
         else:
+            self.close_started(worker)
             self.fallbacks += 1
             self.last_fallback = "the worker could not take the client's state over"
+
+    def close_started(self, worker: _Worker) -> None:
+        if worker.started >= 0:
+            os.close(worker.started)
+            worker.started = -1
 
     def hung_up(self, fd: int) -> None:
         worker = self.watched.pop(fd)
         self.poller.unregister(fd)
         self.closed_now.add(fd)
+        if worker.runs and worker.started >= 0:
+            with contextlib.suppress(OSError):
+                if os.read(worker.started, 1) == b"D":
+                    return  # its client got the exit code and left; it ends by itself
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
 
@@ -572,6 +583,7 @@ class Resident:
         self.poller.unregister(pidfd)
         os.close(pidfd)
         self.learn(worker)
+        self.close_started(worker)
         self.closed_now.update((pidfd, worker.conn.fileno()))
         if self.watched.pop(worker.conn.fileno(), None) is not None:
             self.poller.unregister(worker.conn.fileno())
@@ -615,7 +627,7 @@ class Resident:
         for worker in self.workers.values():
             os.close(worker.pidfd)
             worker.conn.close()
-            if not worker.told:
+            if worker.started >= 0:
                 os.close(worker.started)
         for arriving in self.arriving.values():
             arriving.close()
@@ -643,13 +655,18 @@ class Resident:
         if go != b"G":  # the client gave up (or is gone): it runs the command, or no one does
             os._exit(HANDED_BACK)
         os.write(started, b"R")
-        os.close(started)
+        reported = threading.Event()
         with contextlib.suppress(RuntimeError):  # no thread (RLIMIT_NPROC): this one watches
-            _watch_client(conn)
+            _watch_client(conn, reported)
         _take_signals(command.traits)
         from conveyor.cli.main import entry
 
         def report(code: int) -> None:
+            # The resident process and the watcher must not take the client's leaving for a
+            # death: what follows (folding the record's log) is not the command's.
+            reported.set()
+            with contextlib.suppress(OSError):
+                os.write(started, b"D")
             conn.sendall(b"X%d\n" % code)
 
         try:
@@ -901,10 +918,11 @@ def _reopen_streams(streams: list[str]) -> None:
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = made  # type: ignore[misc]
 
 
-def _watch_client(conn: socket.socket) -> None:
+def _watch_client(conn: socket.socket, reported: threading.Event) -> None:
     """A client that ends without a word (``kill -9``) takes its worker with it, as the
-    process it stands for would have gone. The watcher blocks every signal, so that the
-    command's thread gets them (and its blocking calls are interrupted) as it would alone."""
+    process it stands for would have gone (not once it has been told the exit code). The
+    watcher blocks every signal, so that the command's thread gets them (and its blocking
+    calls are interrupted) as it would alone."""
 
     def watch() -> None:
         try:
@@ -912,7 +930,8 @@ def _watch_client(conn: socket.socket) -> None:
                 pass
         except OSError:
             pass
-        os.kill(os.getpid(), signal.SIGKILL)
+        if not reported.is_set():
+            os.kill(os.getpid(), signal.SIGKILL)
 
     every = signal.valid_signals()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, every)

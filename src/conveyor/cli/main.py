@@ -671,7 +671,8 @@ def run(
         run_id = prepared.request.run_id
         prune_workspaces(home_obj)
         _summary(record, run_id, status)
-        record.fold_log()  # the next command does not have to read this run's log back
+        # The next command does not have to read this run's log back.
+        after_report(record.fold_log)
         sys.exit({"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(status, EXIT_FAILED))
     finally:
         if workspace is not None:
@@ -1488,14 +1489,32 @@ def _fail(exc: ConveyorError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+_AFTER_REPORT: list[Callable[[], object]] | None = None
+"""Housekeeping a resident worker does once its client has the exit code (``None``: none
+put off; a process of its own does it at once, before it ends)."""
+
+
+def after_report(task: Callable[[], object]) -> None:
+    """Do ``task`` (housekeeping that changes nothing the caller sees) now or, in a resident
+    worker, once the caller has been told the exit code: the caller does not wait for it."""
+    if _AFTER_REPORT is None:
+        task()
+    else:
+        _AFTER_REPORT.append(task)
+
+
 def entry(before_exit: Callable[[int], object] | None = None) -> NoReturn:
     """Console entry point: ``main``, then leave without the interpreter's teardown.
 
     Every file and the record are closed by then; tearing down thousands of objects and
     modules only delays the exit (about 10 ms, a fifth of a small run's own overhead).
     ``before_exit`` gets the exit code once everything is written (a resident Conveyor's
-    worker tells its client there, before its own exit).
+    worker tells its client there, before its own exit); the housekeeping put off with
+    ``after_report`` follows it.
     """
+    global _AFTER_REPORT
+    if before_exit is not None:
+        _AFTER_REPORT = []
     try:
         main()
         code: int = EXIT_OK
@@ -1522,6 +1541,9 @@ def entry(before_exit: Callable[[int], object] | None = None) -> NoReturn:
     if before_exit is not None:
         with contextlib.suppress(Exception):
             before_exit(code)
+        for task in _AFTER_REPORT or ():
+            with contextlib.suppress(Exception):
+                task()
     os._exit(code)
 
 
