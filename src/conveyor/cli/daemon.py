@@ -567,12 +567,14 @@ class Resident:
         worker = self.watched.pop(fd)
         self.poller.unregister(fd)
         self.closed_now.add(fd)
+        reported = False
         if worker.runs and worker.started >= 0:
             with contextlib.suppress(OSError):
-                if os.read(worker.started, 1) == b"D":
-                    return  # its client got the exit code and left; it ends by itself
+                reported = os.read(worker.started, 1) == b"D"
         with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
+            # Its client got the exit code and left: it ends by itself once its housekeeping
+            # is done (continued if its client had stopped it: nobody else would).
+            signal.pidfd_send_signal(worker.pidfd, signal.SIGCONT if reported else signal.SIGKILL)
 
     def reap(self, pidfd: int) -> None:
         worker = self.workers[pidfd]
@@ -662,8 +664,14 @@ class Resident:
         from conveyor.cli.main import entry
 
         def report(code: int) -> None:
-            # The resident process and the watcher must not take the client's leaving for a
-            # death: what follows (folding the record's log) is not the command's.
+            # What follows (folding the record's log) is not the command's: the client's
+            # descriptors are let go (a pipe's reader sees its end now), and the resident
+            # process and the watcher must not take the client's leaving for a death.
+            with contextlib.suppress(OSError):
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in command.targets:
+                    os.dup2(null, fd)
+                os.close(null)
             reported.set()
             with contextlib.suppress(OSError):
                 os.write(started, b"D")
