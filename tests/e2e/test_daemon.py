@@ -436,6 +436,8 @@ def test_a_death_by_signal_is_the_clients_too(repo: Repo, resident: Resident) ->
             env={**repo.env, **env},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
+            # SIGHUP as a terminal's client has it, even when the suite runs under nohup.
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
         )
         assert client.stdout is not None
         for line in client.stdout:
