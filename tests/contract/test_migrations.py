@@ -106,6 +106,56 @@ def test_opening_an_old_record_upgrades_it_under_the_open_connection(tmp_path: P
         record.close()
 
 
+def test_the_last_attempts_move_into_their_jobs_rows(tmp_path: Path) -> None:
+    """0006: a job's last attempt is kept in its row; the retried ones stay in ``attempts``."""
+    db = tmp_path / "conveyor.db"
+    upgrade_to(db, "0005")
+    conn = sqlite3.connect(db)
+    conn.executemany(
+        "INSERT INTO jobs (run_id, idx, name, stage, status, attempts, exit_code, started_at,"
+        " finished_at) VALUES (1, ?, ?, 's', ?, ?, ?, 't0', ?)",
+        [
+            (0, "a", "succeeded", 2, 0, "t2"),
+            (1, "b", "running", 1, None, None),
+            (2, "c", "cached", 0, 0, "t0"),
+        ],
+    )
+    conn.executemany(
+        "INSERT INTO attempts (run_id, job, attempt, status, exit_code, pid, started_at,"
+        " finished_at, duration_s, log_path, log_bytes, log_sha256, log_truncated)"
+        " VALUES (1, ?, ?, ?, ?, 7, ?, ?, 0.5, ?, 10, 'h', 0)",
+        [
+            ("a", 1, "failed", 1, "t0", "t1", "logs/1/a.1.log"),
+            ("a", 2, "succeeded", 0, "t1", "t2", "logs/1/a.2.log"),
+            ("b", 1, "running", None, "t0", None, "logs/1/b.1.log"),
+        ],
+    )
+    conn.commit()
+    conn.close()
+
+    ensure_schema(db)
+
+    record = SqliteRecord(db, lambda: NOW)
+    try:
+        a = record.attempts(1, "a")
+        assert [(t["attempt"], t["status"], t["exit_code"], t["log"]) for t in a] == [
+            (1, "failed", 1, "logs/1/a.1.log"),
+            (2, "succeeded", 0, "logs/1/a.2.log"),
+        ]
+        assert [(t["started_at"], t["finished_at"]) for t in a] == [("t0", "t1"), ("t1", "t2")]
+        assert a[1]["pid"] == 7 and a[1]["log_bytes"] == 10
+        (b,) = record.attempts(1, "b")
+        assert (b["status"], b["started_at"], b["finished_at"]) == ("running", "t0", None)
+        assert record.attempts(1, "c") == []
+    finally:
+        record.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT job, attempt FROM attempts").fetchall() == [("a", 1)]
+    (index,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events_run'").fetchone()
+    assert "WHERE type NOT IN ('job.attempt.started', 'job.finished')" in index
+    conn.close()
+
+
 def test_a_failed_migration_leaves_no_table_behind(tmp_path: Path) -> None:
     """The whole upgrade is one transaction: the stdlib driver would commit each CREATE TABLE."""
     db = tmp_path / "conveyor.db"

@@ -190,9 +190,9 @@ class TestSqliteRecord(RecordContract):
             "UPDATE runs SET started_at = NULL",
             "UPDATE jobs SET duration_s = 'x'",
             "UPDATE runs SET status = x'ff00'",
-            "UPDATE attempts SET log_path = NULL",
-            "UPDATE attempts SET log_bytes = 'abc'",
-            "UPDATE attempts SET log_path = 'logs/1/a' || char(0)",
+            "UPDATE jobs SET log_path = x'07'",
+            "UPDATE jobs SET log_bytes = 'abc'",
+            "UPDATE jobs SET log_path = 'logs/1/a' || char(0)",
         ],
     )
     def test_a_hand_edited_read_model_is_a_damaged_record(
@@ -203,7 +203,7 @@ class TestSqliteRecord(RecordContract):
         record.append([started(run), attempt_started(run), finished(run, "a", "k")])
         with sqlite3.connect(record.path) as conn:
             conn.execute(edit)
-        if "attempts" in edit:
+        if "log_" in edit:  # the last attempt is kept in the job's row
             with pytest.raises(StoreError, match=r"is damaged: attempts holds"):
                 record.attempts(run, "a")
             return
@@ -235,6 +235,81 @@ class TestSqliteRecord(RecordContract):
         assert newest is not None
         _write_head(record.path, 1, "0" * 64)  # a slower concurrent writer
         assert read_head(record.path) == newest
+
+    def test_every_attempt_is_read_back_across_retries(self, record: SqliteRecord) -> None:
+        """The last attempt is kept in the job's row, the retried ones in ``attempts``: read
+        back as one list at every step, never twice."""
+        run = record.allocate_run_id()
+        ending = {
+            "status": "succeeded",
+            "exit_code": 0,
+            "pid": 42,
+            "duration_s": 0.5,
+            "log_bytes": 3,
+            "log_sha256": "c" * 64,
+            "log_truncated": False,
+        }
+        record.append([started(run), attempt_started(run)])
+        assert [(a["attempt"], a["status"], a["log"]) for a in record.attempts(run, "a")] == [
+            (1, "running", f"logs/{run}/a.1.log")
+        ]
+        failed = {**ending, "status": "failed", "exit_code": 3, "log_truncated": True}
+        record.append([ev.JobAttemptFinished(run_id=run, stage="s", job="a", attempt=1, **failed)])
+        assert [(a["attempt"], a["status"]) for a in record.attempts(run, "a")] == [(1, "failed")]
+        second = ev.JobAttemptStarted(
+            run_id=run, stage="s", job="a", attempt=2, cache_key="k", log=f"logs/{run}/a.2.log"
+        )
+        record.append([second])
+        record.append(
+            [
+                ev.JobFinished(
+                    run_id=run,
+                    stage="s",
+                    job="a",
+                    status="succeeded",
+                    exit_code=0,
+                    attempts=2,
+                    duration_s=1.0,
+                    cache_key="k",
+                    attempt={"attempt": 2, **ending},
+                )
+            ]
+        )
+        tries = record.attempts(run, "a")
+        assert [(a["attempt"], a["status"], a["exit_code"], a["log"]) for a in tries] == [
+            (1, "failed", 3, f"logs/{run}/a.1.log"),
+            (2, "succeeded", 0, f"logs/{run}/a.2.log"),
+        ]
+        assert tries[0]["log_truncated"] is True and tries[1]["log_truncated"] is False
+        assert tries[1]["pid"] == 42 and tries[1]["log_sha256"] == "c" * 64
+        assert all(a["started_at"] and a["finished_at"] for a in tries)
+        assert record.attempts(run, "b") == []
+
+    def test_a_running_attempt_of_an_interrupted_run_is_interrupted(
+        self, record: SqliteRecord
+    ) -> None:
+        run = record.allocate_run_id()
+        record.append([started(run), attempt_started(run)])
+        record.append([ev.RunInterrupted(run_id=run, reason="its owner died")])
+        (attempt,) = record.attempts(run, "a")
+        assert attempt["status"] == "interrupted" and attempt["finished_at"]
+        assert record.job_status(run, "a") == "interrupted"
+
+    def test_the_events_of_a_run_are_all_found_among_other_runs(self, record: SqliteRecord) -> None:
+        """Its jobs' starts and ends are not in the run index: found between its other events
+        (or after them while it runs)."""
+        first, second = record.allocate_run_id(), record.allocate_run_id()
+        record.append([started(first), started(second)])
+        for run in (first, second, first):
+            record.append([attempt_started(run), finished(run, "a", "k")])
+        record.append([ev.RunFinished(run_id=first, status="succeeded")])
+        record.append([attempt_started(second), finished(second, "b", "k")])
+        every = list(record.iter_events())
+        for run in (first, second):
+            expected = [seq for seq, _, _, run_id, *_ in every if run_id == run]
+            assert [e["seq"] for e in record.events_of_run(run)] == expected
+        assert len(record.events_of_run(second)) == 5
+        assert record.events_of_run(99) == []
 
     def test_jobs_are_numbered_across_stages(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()

@@ -942,7 +942,7 @@ def test_logs_of_a_deleted_or_replaced_log_file_say_so(repo: Repo) -> None:
     result = repo.conveyor("logs", "1", "a")
     assert result.code == 1 and "its folder is a link" in result.err
     with sqlite3.connect(repo.path / ".conveyor" / "conveyor.db") as conn:
-        conn.execute("UPDATE attempts SET log_path = ?", (str(outside),))
+        conn.execute("UPDATE jobs SET log_path = ?", (str(outside),))
     result = repo.conveyor("logs", "1", "a")
     assert result.code == 1 and "outside its logs folder" in result.err
 

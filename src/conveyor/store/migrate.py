@@ -13,7 +13,7 @@ from pathlib import Path
 from conveyor.errors import StoreError
 from conveyor.signals import signals_held
 
-HEAD = "0005"
+HEAD = "0006"
 """The newest migration; update it with every new file in ``migrations/versions``."""
 
 

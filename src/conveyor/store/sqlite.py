@@ -820,7 +820,8 @@ class SqliteRecord:
         """
         rows = self._conn.execute(
             "SELECT type, payload FROM events WHERE run_id = ? AND type IN"
-            " ('run.started', 'stage.finished', 'run.finished', 'run.interrupted') ORDER BY seq",
+            " ('run.started', 'stage.finished', 'run.finished', 'run.interrupted')"
+            f" AND {_INDEXED_BY_RUN} ORDER BY seq",
             (run_id,),
         ).fetchall()
         started = next((json.loads(p) for t, p in rows if t == "run.started"), None)
@@ -1038,11 +1039,18 @@ class SqliteRecord:
                 )
 
     def attempts(self, run_id: int, job: str) -> list[dict[str, Any]]:
-        """Every attempt of a job of a run, oldest first."""
+        """Every attempt of a job of a run, oldest first: those that were retried, then the
+        last one, kept in the job's row (its status, exit code and end are the job's)."""
         rows = self._conn.execute(
             "SELECT attempt, status, exit_code, pid, started_at, finished_at, duration_s,"
             " log_path, log_bytes, log_sha256, log_truncated FROM attempts"
-            " WHERE run_id = ? AND job = ? ORDER BY attempt",
+            " WHERE run_id = ?1 AND job = ?2"
+            " UNION ALL SELECT attempts, status, exit_code, attempt_pid,"
+            " COALESCE(attempt_started_at, started_at), finished_at, attempt_duration_s,"
+            " log_path, log_bytes, log_sha256, log_truncated FROM jobs"
+            " WHERE run_id = ?1 AND name = ?2 AND log_path IS NOT NULL"
+            " AND attempts NOT IN (SELECT attempt FROM attempts WHERE run_id = ?1 AND job = ?2)"
+            " ORDER BY 1",
             (run_id, job),
         ).fetchall()
         keys = (
@@ -1116,10 +1124,22 @@ class SqliteRecord:
             yield from self._conn.execute(f"{query} ORDER BY seq")
 
     def events_of_run(self, run_id: int) -> list[dict[str, Any]]:
-        """The events of one run, in order."""
-        rows = self._conn.execute(
-            "SELECT seq, at, type, payload, hash FROM events WHERE run_id = ? ORDER BY seq",
+        """The events of one run, in order.
+
+        The run index leaves out the two events of every job: they are found between the
+        run's first indexed event and its end (or the log's end while it runs).
+        """
+        first, last, ended = self._conn.execute(
+            "SELECT min(seq), max(seq), max(type IN ('run.finished', 'run.interrupted'))"
+            f" FROM events WHERE run_id = ? AND {_INDEXED_BY_RUN}",
             (run_id,),
+        ).fetchone()
+        if first is None:
+            return []
+        rows = self._conn.execute(
+            "SELECT seq, at, type, payload, hash FROM events"
+            " WHERE seq BETWEEN ? AND ? AND run_id = ? ORDER BY seq",
+            (first, last if ended else _MAX_SEQ, run_id),
         ).fetchall()
         return [
             {"seq": r[0], "at": r[1], "type": r[2], "payload": json.loads(r[3]), "hash": r[4]}
@@ -1448,6 +1468,11 @@ _ATTEMPT_TYPES = {
 }
 
 
+_INDEXED_BY_RUN = "type NOT IN ('job.attempt.started', 'job.finished')"
+"""The condition of the partial index ``events_run`` (a query must repeat it to use it)."""
+_MAX_SEQ = (1 << 63) - 1
+
+
 def _short_repr(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -1562,38 +1587,36 @@ def _job_cached(conn: sqlite3.Connection, e: Any, at: str) -> None:
 
 def _attempt_started(conn: sqlite3.Connection, e: Any, at: str) -> None:
     conn.execute(
-        "INSERT INTO attempts (run_id, job, attempt, status, started_at, log_path)"
-        " VALUES (?, ?, ?, 'running', ?, ?)",
-        (e.run_id, e.job, e.attempt, at, e.log),
-    )
-    conn.execute(
-        "UPDATE jobs SET status = 'running', attempts = ?, cache_key = ?,"
-        " started_at = COALESCE(started_at, ?) WHERE run_id = ? AND name = ?",
-        (e.attempt, e.cache_key, at, e.run_id, e.job),
+        "UPDATE jobs SET status = 'running', attempts = ?2, cache_key = ?3,"
+        " started_at = COALESCE(started_at, ?1), attempt_started_at = NULLIF(?1,"
+        " COALESCE(started_at, ?1)), attempt_pid = NULL, attempt_duration_s = NULL,"
+        " log_path = ?4, log_bytes = NULL, log_sha256 = NULL, log_truncated = NULL"
+        " WHERE run_id = ?5 AND name = ?6",
+        (at, e.attempt, e.cache_key, e.log, e.run_id, e.job),
     )
 
 
 def _attempt_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
-    _end_attempt(conn, e.run_id, e.job, e.payload(), at)
-
-
-def _end_attempt(conn: sqlite3.Connection, run_id: int, job: str, a: Any, at: str) -> None:
+    """A retried attempt moves from the job's row to ``attempts`` (the next one takes its
+    place in the row when it starts)."""
     conn.execute(
-        "UPDATE attempts SET status = ?, exit_code = ?, pid = ?, finished_at = ?,"
-        " duration_s = ?, log_bytes = ?, log_sha256 = ?, log_truncated = ?"
-        " WHERE run_id = ? AND job = ? AND attempt = ?",
+        "INSERT INTO attempts (run_id, job, attempt, status, exit_code, pid, started_at,"
+        " finished_at, duration_s, log_path, log_bytes, log_sha256, log_truncated)"
+        " SELECT run_id, name, ?, ?, ?, ?, COALESCE(attempt_started_at, started_at), ?, ?,"
+        " log_path,"
+        " ?, ?, ? FROM jobs WHERE run_id = ? AND name = ?",
         (
-            a["status"],
-            a["exit_code"],
-            a["pid"],
+            e.attempt,
+            e.status,
+            e.exit_code,
+            e.pid,
             at,
-            a["duration_s"],
-            a["log_bytes"],
-            a["log_sha256"],
-            int(a["log_truncated"]),
-            run_id,
-            job,
-            a["attempt"],
+            e.duration_s,
+            e.log_bytes,
+            e.log_sha256,
+            int(e.log_truncated),
+            e.run_id,
+            e.job,
         ),
     )
 
@@ -1625,12 +1648,33 @@ def _tests_reported(conn: sqlite3.Connection, e: Any, at: str) -> None:
 
 
 def _job_finished(conn: sqlite3.Connection, e: Any, at: str) -> None:
-    if e.attempt is not None:
-        _end_attempt(conn, e.run_id, e.job, e.attempt, at)
+    a = e.attempt
+    if a is None:  # an older Conveyor's: its last attempt ended with ``job.attempt.finished``
+        conn.execute(
+            "UPDATE jobs SET status = ?, exit_code = ?, attempts = ?, duration_s = ?,"
+            " finished_at = ?, cache_key = ? WHERE run_id = ? AND name = ?",
+            (e.status, e.exit_code, e.attempts, e.duration_s, at, e.cache_key, e.run_id, e.job),
+        )
+        return
     conn.execute(
         "UPDATE jobs SET status = ?, exit_code = ?, attempts = ?, duration_s = ?,"
-        " finished_at = ?, cache_key = ? WHERE run_id = ? AND name = ?",
-        (e.status, e.exit_code, e.attempts, e.duration_s, at, e.cache_key, e.run_id, e.job),
+        " finished_at = ?, cache_key = ?, attempt_pid = ?, attempt_duration_s = ?,"
+        " log_bytes = ?, log_sha256 = ?, log_truncated = ? WHERE run_id = ? AND name = ?",
+        (
+            e.status,
+            e.exit_code,
+            e.attempts,
+            e.duration_s,
+            at,
+            e.cache_key,
+            a["pid"],
+            a["duration_s"],
+            a["log_bytes"],
+            a["log_sha256"],
+            int(a["log_truncated"]),
+            e.run_id,
+            e.job,
+        ),
     )
 
 
@@ -1645,11 +1689,6 @@ def _run_interrupted(conn: sqlite3.Connection, e: Any, at: str) -> None:
     conn.execute(
         "UPDATE runs SET status = 'interrupted', reason = ?, finished_at = ? WHERE id = ?",
         (e.reason, at, e.run_id),
-    )
-    conn.execute(
-        "UPDATE attempts SET status = 'interrupted', finished_at = ?"
-        " WHERE run_id = ? AND status = 'running'",
-        (at, e.run_id),
     )
     conn.execute(
         "UPDATE jobs SET status = 'interrupted', finished_at = ?"
