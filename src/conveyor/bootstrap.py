@@ -68,7 +68,11 @@ def open_record(
         # and SQLite does not checkpoint the previous command's write-ahead log into the
         # database on the way (it stays in the log until the next automatic checkpoint).
         record = SqliteRecord(home.database, SystemClock().now)
-        ensure_schema(home.database)
+        try:
+            ensure_schema(home.database, lambda: _live_runs(record, home))
+        except BaseException:
+            record.close()
+            raise
     else:
         ensure_schema(home.database)  # a new record: created with its page size, then migrated
         record = SqliteRecord(home.database, SystemClock().now)
@@ -83,6 +87,17 @@ def open_record(
         recover_orphans(record, home, say)
     _opened.append((home, record))
     return record
+
+
+def _live_runs(record: SqliteRecord, home: Home) -> list[int]:
+    """Runs recorded as running whose owner still runs on this machine."""
+    here = os.uname().nodename
+    return [
+        run["id"]
+        for run in record.running_runs()
+        if run["owner_host"] in (None, "", here)
+        and not owner_is_gone(home.locks, run["id"], run["owner_pid"], run["owner_host"])
+    ]
 
 
 _opened: list[tuple[Home, SqliteRecord]] = []

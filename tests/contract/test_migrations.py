@@ -118,6 +118,7 @@ def test_the_last_attempts_move_into_their_jobs_rows(tmp_path: Path) -> None:
             (0, "a", "succeeded", 2, 0, "t2"),
             (1, "b", "running", 1, None, None),
             (2, "c", "cached", 0, 0, "t0"),
+            (3, "d", "interrupted", 1, None, "t9"),  # interrupted between two attempts
         ],
     )
     conn.executemany(
@@ -128,6 +129,7 @@ def test_the_last_attempts_move_into_their_jobs_rows(tmp_path: Path) -> None:
             ("a", 1, "failed", 1, "t0", "t1", "logs/1/a.1.log"),
             ("a", 2, "succeeded", 0, "t1", "t2", "logs/1/a.2.log"),
             ("b", 1, "running", None, "t0", None, "logs/1/b.1.log"),
+            ("d", 1, "failed", 1, "t0", "t3", "logs/1/d.1.log"),
         ],
     )
     conn.commit()
@@ -147,13 +149,53 @@ def test_the_last_attempts_move_into_their_jobs_rows(tmp_path: Path) -> None:
         (b,) = record.attempts(1, "b")
         assert (b["status"], b["started_at"], b["finished_at"]) == ("running", "t0", None)
         assert record.attempts(1, "c") == []
+        (d,) = record.attempts(1, "d")  # its end is its own, not the job's: left where it was
+        assert (d["status"], d["exit_code"], d["finished_at"]) == ("failed", 1, "t3")
     finally:
         record.close()
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT job, attempt FROM attempts").fetchall() == [("a", 1)]
+    rows = conn.execute("SELECT job, attempt FROM attempts ORDER BY job").fetchall()
+    assert rows == [("a", 1), ("d", 1)]
     (index,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events_run'").fetchone()
     assert "WHERE type NOT IN ('job.attempt.started', 'job.finished')" in index
     conn.close()
+
+
+def test_rows_are_not_moved_under_a_running_older_conveyor(tmp_path: Path) -> None:
+    """An older Conveyor still running a run would write its attempts the old way after 0006
+    moved them: the upgrade waits until that run has ended (or its owner is gone)."""
+    import os
+
+    from conveyor.adapters.home import Home
+    from conveyor.bootstrap import open_record
+
+    home = Home(tmp_path / "home")
+    home.ensure()
+    upgrade_to(home.database, "0005")
+    conn = sqlite3.connect(home.database)
+    conn.execute(
+        "INSERT INTO runs (id, pipeline, revision, pipeline_file, pipeline_digest, status,"
+        " started_at, owner_pid, owner_host) VALUES (1, 'p', 'r', 'f', 'd', 'running', ?, ?, ?)",
+        (NOW, os.getpid(), os.uname().nodename),
+    )
+    conn.commit()
+    with pytest.raises(StoreError, match="run 1 of an older Conveyor is still going") as raised:
+        open_record(home, recover=False)
+    assert "wait for run 1 to end" in (raised.value.hint or "")
+    assert current_revision(home.database) == "0005"
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    conn.execute("UPDATE runs SET owner_pid = ?", (dead,))  # its owner is gone: an orphan
+    conn.commit()
+    conn.close()
+    record = open_record(home)
+    try:
+        assert current_revision(home.database) == HEAD
+        assert record.get_run(1)["status"] == "interrupted"
+    finally:
+        record.close()
 
 
 def test_a_failed_migration_leaves_no_table_behind(tmp_path: Path) -> None:

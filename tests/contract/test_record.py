@@ -6,7 +6,10 @@ will subclass it too.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -310,6 +313,27 @@ class TestSqliteRecord(RecordContract):
             assert [e["seq"] for e in record.events_of_run(run)] == expected
         assert len(record.events_of_run(second)) == 5
         assert record.events_of_run(99) == []
+        # Events about a run after its end (a deployment of what it built) are its too.
+        record.append([ev.RunFinished(run_id=second, status="succeeded")])
+        for _ in range(3):
+            record.append([started(record.allocate_run_id())])
+        record.append([ev.StageStarted(run_id=first, stage="later")])
+        every = list(record.iter_events())
+        for run in (first, second):
+            expected = [seq for seq, _, _, run_id, *_ in every if run_id == run]
+            assert [e["seq"] for e in record.events_of_run(run)] == expected
+        # Every query by run reaches the events through an index, never a scan of the log.
+        statements: list[str] = []
+        record._conn.set_trace_callback(statements.append)
+        record.events_of_run(first)
+        record.run_facts(first)
+        record.policy_in_force("prod")
+        record._conn.set_trace_callback(None)
+        queries = [q for q in statements if "events" in q and q.lstrip().startswith("SELECT")]
+        assert len(queries) == 4
+        for query in queries:
+            plan = " ".join(r[-1] for r in record._conn.execute(f"EXPLAIN QUERY PLAN {query}"))
+            assert "SCAN e " not in f"{plan} " and "SCAN events" not in plan, (query, plan)
 
     def test_jobs_are_numbered_across_stages(self, record: SqliteRecord) -> None:
         run = record.allocate_run_id()
@@ -623,6 +647,51 @@ def test_folding_the_log_empties_it_and_keeps_every_event(tmp_path: Path) -> Non
     report = record.verify()
     record.close()
     assert report.ok and report.events == 52
+
+
+def test_a_long_run_has_its_log_flushed_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every few unsynced commits, a thread ``fdatasync``s the log (the run's synced end then
+    has little left to write); it ends with the record, and a forked child starts its own."""
+    from conveyor.store import sqlite as store
+
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(store, "_FLUSH_EVERY", 4)
+    monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(fd) or real(fd))
+    db = tmp_path / "conveyor.db"
+    ensure_schema(db)
+    record = SqliteRecord(db, lambda: "now")
+    run = record.allocate_run_id()
+    record.append([started(run)])
+    assert record._flusher is None  # short commands never start one
+    for i in range(12):
+        record.append([finished(run, f"j{i}", f"k{i}")])
+    flusher = record._flusher
+    assert flusher is not None and flusher.alive()
+    deadline = time.monotonic() + 10
+    while not synced and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert synced
+    assert "conveyor-log-flusher" in {t.name for t in threading.enumerate()}
+    monkeypatch.setattr(flusher, "_pid", -1)  # as a forked child sees its parent's
+    for i in range(12, 16):
+        record.append([finished(run, f"j{i}", f"k{i}")])
+    assert record._flusher is not flusher and record._flusher.alive()
+    flusher.stop()
+    record.append([ev.RunFinished(run_id=run, status="succeeded")])
+    record.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        t.name == "conveyor-log-flusher" for t in threading.enumerate()
+    ):
+        time.sleep(0.01)
+    assert all(t.name != "conveyor-log-flusher" for t in threading.enumerate())
+    reopened = SqliteRecord(db, lambda: "now")
+    report = reopened.verify()
+    reopened.close()
+    assert report.ok and report.events == 18
 
 
 def test_folding_the_log_never_waits_for_a_reader(tmp_path: Path) -> None:

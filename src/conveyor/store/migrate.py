@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from conveyor.errors import StoreError
@@ -37,19 +38,36 @@ def current_revision(db_path: Path) -> str | None:
     return row[0] if row else None
 
 
-def ensure_schema(db_path: Path) -> None:
+MOVES_ROWS = "0006"
+"""The newest migration that moves rows an older Conveyor's running command still writes the
+old way (0006: a job's last attempt into the job's row). No record is taken past it while a
+run of an older Conveyor is going: that run's next writes would miss what was moved."""
+
+
+def ensure_schema(db_path: Path, live_runs: Callable[[], list[int]] | None = None) -> None:
     """Upgrade the database at ``db_path`` to ``HEAD``, under a file lock.
 
     The whole upgrade is one transaction, and Ctrl-C or SIGTERM during it takes effect when it
-    has ended: an interrupted first command leaves no half-made record behind.
+    has ended: an interrupted first command leaves no half-made record behind. ``live_runs``
+    names the runs whose owner still runs: an upgrade past ``MOVES_ROWS`` waits for them.
     """
     if current_revision(db_path) == HEAD:
         return
     lock_path = db_path.with_name(db_path.name + ".migrate.lock")
     with open(lock_path, "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if current_revision(db_path) == HEAD:
+        current = current_revision(db_path)
+        if current == HEAD:
             return
+        if current is not None and current < MOVES_ROWS and live_runs is not None:
+            running = live_runs()
+            if running:
+                raise StoreError(
+                    f"run {running[0]} of an older Conveyor is still going in this home: its"
+                    f" record can be upgraded (schema {current} to {HEAD}) when it has ended",
+                    hint=f"wait for run {running[0]} to end (or stop it), then run this"
+                    " command again",
+                )
         with signals_held():
             if db_path.exists() and _half_made(db_path):
                 _clear(db_path)  # left by an interrupted first command of an older Conveyor

@@ -27,6 +27,7 @@ import os
 import re
 import sqlite3
 import stat
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,53 @@ def _artifact(row: Sequence[Any]) -> ArtifactRecord:
     return ArtifactRecord(*row)
 
 
+_FLUSH_EVERY = 64
+"""Commits between two background flushes of the write-ahead log (≈ 0.7 MB for a run's jobs)."""
+
+
+class _LogFlusher:
+    """Writes the write-ahead log to disk in the background while a run appends to it.
+
+    A run's per-job commits are not synced (``synchronous=NORMAL``); its end is, and that
+    ``fsync`` had to write everything the run wrote since its start (≈ 45 ms for a run of
+    1,000 jobs here). ``fdatasync`` of the log every few commits, from a thread (the GIL is
+    released meanwhile), leaves the end only the last few. It changes no guarantee: nothing
+    waits for it. SQLite takes no lock on the log file itself, so the descriptor of our own
+    is safe to close.
+    """
+
+    def __init__(self, wal_path: str) -> None:
+        self._fd = os.open(wal_path, os.O_RDONLY | os.O_CLOEXEC)
+        self._pid = os.getpid()
+        self._wanted = threading.Event()
+        self._stopped = False
+        threading.Thread(target=self._loop, name="conveyor-log-flusher", daemon=True).start()
+
+    def alive(self) -> bool:
+        """Not a copy inherited by a forked child (its thread stayed in the parent)."""
+        return self._pid == os.getpid() and not self._stopped
+
+    def kick(self) -> None:
+        self._wanted.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wanted.set()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self._wanted.wait()
+                self._wanted.clear()
+                if self._stopped:
+                    return
+                os.fdatasync(self._fd)
+        except OSError:
+            return  # the disk's problem shows up in the synced commit that follows
+        finally:
+            os.close(self._fd)
+
+
 class SqliteRecord:
     """``RecordWriter`` and the queries of the CLI, on one SQLite database."""
 
@@ -293,12 +341,31 @@ class SqliteRecord:
         self._conn = connect(path)
         self._tail: tuple[int, str] | None = None  # (seq, hash) of the last event we wrote
         self._head_flagged = False
+        self._unsynced = 0
+        self._flusher: _LogFlusher | None = None
         self.appended = 0
         """How many events this connection appended (a command that wrote ships a checkpoint)."""
 
     def close(self) -> None:
         """Close the connection."""
+        if self._flusher is not None:
+            self._flusher.stop()
+            self._flusher = None
         self._conn.close()
+
+    def _written_unsynced(self) -> None:
+        """Count a commit left to the OS; every few, have the log flushed in the background."""
+        self._unsynced += 1
+        if self._unsynced < _FLUSH_EVERY:
+            return
+        self._unsynced = 0
+        flusher = self._flusher
+        if flusher is None or not flusher.alive():
+            try:
+                flusher = self._flusher = _LogFlusher(str(self.path) + "-wal")
+            except OSError:
+                return
+        flusher.kick()
 
     def fold_log(self, min_bytes: int = _FOLD_MIN_BYTES) -> bool:
         """Copy the write-ahead log into the database and empty it, if it is larger than
@@ -375,6 +442,10 @@ class SqliteRecord:
                 hint=f"free some space on the disk that holds {self.path.parent}" if full else None,
             ) from exc
         self.appended += len(events)
+        if not durable:
+            self._written_unsynced()
+        else:
+            self._unsynced = 0
         if durable and self._tail is not None:
             _write_head(self.path, *self._tail)
             if not self._head_flagged:
@@ -753,6 +824,7 @@ class SqliteRecord:
         row = self._conn.execute(
             "SELECT e.payload FROM deployments d JOIN events e"
             " ON e.type = 'deployment.started' AND e.run_id = d.run_id"
+            f" AND e.{_INDEXED_BY_RUN}"
             " AND json_extract(e.payload, '$.deployment_id') = d.id"
             " WHERE d.environment = ? AND d.status = 'succeeded' ORDER BY d.id DESC LIMIT 1",
             (environment,),
@@ -1048,7 +1120,8 @@ class SqliteRecord:
             " UNION ALL SELECT attempts, status, exit_code, attempt_pid,"
             " COALESCE(attempt_started_at, started_at), finished_at, attempt_duration_s,"
             " log_path, log_bytes, log_sha256, log_truncated FROM jobs"
-            " WHERE run_id = ?1 AND name = ?2 AND log_path IS NOT NULL"
+            " WHERE run_id = ?1 AND name = ?2"
+            " AND (log_path IS NOT NULL OR attempt_duration_s IS NOT NULL)"
             " AND attempts NOT IN (SELECT attempt FROM attempts WHERE run_id = ?1 AND job = ?2)"
             " ORDER BY 1",
             (run_id, job),
@@ -1126,20 +1199,23 @@ class SqliteRecord:
     def events_of_run(self, run_id: int) -> list[dict[str, Any]]:
         """The events of one run, in order.
 
-        The run index leaves out the two events of every job: they are found between the
-        run's first indexed event and its end (or the log's end while it runs).
+        The run index leaves out the two events of every job: they are read between the run's
+        start and its end (the log's end while it runs), the others through the index.
         """
-        first, last, ended = self._conn.execute(
-            "SELECT min(seq), max(seq), max(type IN ('run.finished', 'run.interrupted'))"
-            f" FROM events WHERE run_id = ? AND {_INDEXED_BY_RUN}",
+        first, end = self._conn.execute(
+            "SELECT min(seq), max(CASE WHEN type IN ('run.finished', 'run.interrupted')"
+            f" THEN seq END) FROM events WHERE run_id = ? AND {_INDEXED_BY_RUN}",
             (run_id,),
         ).fetchone()
         if first is None:
             return []
         rows = self._conn.execute(
             "SELECT seq, at, type, payload, hash FROM events"
-            " WHERE seq BETWEEN ? AND ? AND run_id = ? ORDER BY seq",
-            (first, last if ended else _MAX_SEQ, run_id),
+            f" WHERE run_id = ?1 AND {_INDEXED_BY_RUN}"
+            " UNION ALL SELECT seq, at, type, payload, hash FROM events"
+            " WHERE seq BETWEEN ?2 AND ?3 AND run_id = ?1"
+            " AND type IN ('job.attempt.started', 'job.finished') ORDER BY 1",
+            (run_id, first, _MAX_SEQ if end is None else end),
         ).fetchall()
         return [
             {"seq": r[0], "at": r[1], "type": r[2], "payload": json.loads(r[3]), "hash": r[4]}

@@ -33,6 +33,10 @@ _SAME_ATTEMPT = "attempts.run_id = jobs.run_id AND attempts.job = jobs.name"
 _LAST = (
     "attempts.attempt = (SELECT max(b.attempt) FROM attempts b"
     " WHERE b.run_id = attempts.run_id AND b.job = attempts.job)"
+    # Only an attempt whose end is the job's: one that ended before its job did (a retried
+    # attempt of a run interrupted before the next began) keeps its own in ``attempts``.
+    " AND attempts.attempt = jobs.attempts AND attempts.status IS jobs.status"
+    " AND attempts.exit_code IS jobs.exit_code AND attempts.finished_at IS jobs.finished_at"
 )
 
 
@@ -46,10 +50,10 @@ def upgrade() -> None:
         f"UPDATE jobs SET (attempt_started_at, {targets}) ="
         f" (SELECT NULLIF(attempts.started_at, jobs.started_at), {sources} FROM attempts"
         f" WHERE {_SAME_ATTEMPT} AND {_LAST})"
-        f" WHERE EXISTS (SELECT 1 FROM attempts WHERE {_SAME_ATTEMPT})"
+        f" WHERE EXISTS (SELECT 1 FROM attempts WHERE {_SAME_ATTEMPT} AND {_LAST})"
     )
     op.execute(
-        f"DELETE FROM attempts WHERE {_LAST} AND EXISTS (SELECT 1 FROM jobs WHERE {_SAME_ATTEMPT})"
+        f"DELETE FROM attempts WHERE EXISTS (SELECT 1 FROM jobs WHERE {_SAME_ATTEMPT} AND {_LAST})"
     )
     op.drop_index("events_run", table_name="events")
     op.create_index(
