@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
+
+import pytest
 
 from conveyor.domain.cachekey import glob_regex, inputs_digest, job_cache_key
 from conveyor.domain.masking import Masker
@@ -155,3 +158,36 @@ def test_secrets_are_masked_in_the_forms_urls_and_json_give_them() -> None:
         ]
         for form in forms:
             assert masker.mask_text(f"x {form} y") == "x *** y", form
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"b": 1, "a": [None, True, False, 1.5, -0.0, 10**30], "é": 'ünï\u2028\x00"\\'},
+        {"attempt": {"z": 1, "a": {"y": [], "x": {}}}, "s": "sha256:" + "e" * 64},
+        "top level",
+        3,
+        1e16,
+        [],
+    ],
+)
+def test_canonical_json_is_sorted_compact_utf8_json(value: object) -> None:
+    """The reused C encoder writes exactly what ``json.dumps`` writes with these options."""
+    from conveyor.domain.canonical import canonical_json
+
+    expected = json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    assert canonical_json(value) == expected
+    assert canonical_json(value) == expected  # the encoder keeps no state between calls
+
+
+def test_canonical_json_refuses_what_json_cannot_say() -> None:
+    from conveyor.domain.canonical import canonical_json
+
+    with pytest.raises(ValueError):
+        canonical_json({"x": float("nan")})
+    with pytest.raises(TypeError):
+        canonical_json({"x": object()})
+    with pytest.raises(TypeError):
+        canonical_json({("t",): 1})
