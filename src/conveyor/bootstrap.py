@@ -69,7 +69,7 @@ def open_record(
         # database on the way (it stays in the log until the next automatic checkpoint).
         record = SqliteRecord(home.database, SystemClock().now)
         try:
-            ensure_schema(home.database, lambda: _live_runs(record, home))
+            ensure_schema(home.database, lambda: _live_runs(home))
         except BaseException:
             record.close()
             raise
@@ -89,15 +89,20 @@ def open_record(
     return record
 
 
-def _live_runs(record: SqliteRecord, home: Home) -> list[int]:
-    """Runs recorded as running whose owner still runs on this machine."""
-    here = os.uname().nodename
-    return [
-        run["id"]
-        for run in record.running_runs()
-        if run["owner_host"] in (None, "", here)
-        and not owner_is_gone(home.locks, run["id"], run["owner_pid"], run["owner_host"])
-    ]
+def _live_runs(home: Home) -> list[int]:
+    """Runs whose lock a process holds now (a ``conveyor run`` takes it before it records the
+    run's start, and holds it to the end). Reads only: an orphan's lock file is left for
+    ``recover_orphans``."""
+    try:
+        names = os.listdir(home.locks)
+    except OSError:
+        return []
+    ids = sorted(
+        int(n[4:-5])
+        for n in names
+        if n.startswith("run-") and n.endswith(".lock") and n[4:-5].isdecimal()
+    )
+    return [run_id for run_id in ids if run_is_live(home.locks, run_id)]
 
 
 _opened: list[tuple[Home, SqliteRecord]] = []

@@ -163,37 +163,40 @@ def test_the_last_attempts_move_into_their_jobs_rows(tmp_path: Path) -> None:
 
 def test_rows_are_not_moved_under_a_running_older_conveyor(tmp_path: Path) -> None:
     """An older Conveyor still running a run would write its attempts the old way after 0006
-    moved them: the upgrade waits until that run has ended (or its owner is gone)."""
+    moved them: the upgrade waits while a run's lock is held (by a live `conveyor run`); an
+    orphan's lock file left behind, or a run without one, does not hold it up."""
     import os
 
     from conveyor.adapters.home import Home
+    from conveyor.adapters.processes import acquire_run_lock
     from conveyor.bootstrap import open_record
 
     home = Home(tmp_path / "home")
     home.ensure()
     upgrade_to(home.database, "0005")
     conn = sqlite3.connect(home.database)
-    conn.execute(
+    conn.executemany(
         "INSERT INTO runs (id, pipeline, revision, pipeline_file, pipeline_digest, status,"
-        " started_at, owner_pid, owner_host) VALUES (1, 'p', 'r', 'f', 'd', 'running', ?, ?, ?)",
-        (NOW, os.getpid(), os.uname().nodename),
+        " started_at, owner_pid, owner_host) VALUES (?, 'p', 'r', 'f', 'd', 'running', ?, ?, ?)",
+        [(1, NOW, os.getpid(), os.uname().nodename), (2, NOW, 1, os.uname().nodename)],
     )
     conn.commit()
-    with pytest.raises(StoreError, match="run 1 of an older Conveyor is still going") as raised:
-        open_record(home, recover=False)
-    assert "wait for run 1 to end" in (raised.value.hint or "")
-    assert current_revision(home.database) == "0005"
-    dead = os.fork()
-    if dead == 0:
-        os._exit(0)
-    os.waitpid(dead, 0)
-    conn.execute("UPDATE runs SET owner_pid = ?", (dead,))  # its owner is gone: an orphan
-    conn.commit()
     conn.close()
+    lock = acquire_run_lock(home.locks, 1)  # run 1's `conveyor run` is still going
+    (home.locks / "run-2.lock").touch()  # run 2's process died and left its lock file
+    try:
+        with pytest.raises(StoreError, match="run 1 of an older Conveyor is still going") as e:
+            open_record(home, recover=False)
+        assert "wait for run 1 to end" in (e.value.hint or "")
+        assert current_revision(home.database) == "0005"
+        assert (home.locks / "run-2.lock").exists()  # only looked at
+    finally:
+        lock.handle.close()
     record = open_record(home)
     try:
         assert current_revision(home.database) == HEAD
-        assert record.get_run(1)["status"] == "interrupted"
+        # Both owners are gone now (run 1's pid is ours, but it no longer holds the lock).
+        assert record.get_run(2)["status"] == "interrupted"
     finally:
         record.close()
 

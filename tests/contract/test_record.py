@@ -694,6 +694,36 @@ def test_a_long_run_has_its_log_flushed_in_the_background(
     assert report.ok and report.events == 18
 
 
+def test_no_thread_for_the_flusher_fails_no_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that cannot start a thread (a limit) still commits every event; the flusher's
+    descriptor is not left open and it is not tried again."""
+    from conveyor.store import sqlite as store
+
+    tries: list[int] = []
+
+    def no_thread(self: threading.Thread) -> None:
+        tries.append(1)
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(store, "_FLUSH_EVERY", 2)
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    db = tmp_path / "conveyor.db"
+    ensure_schema(db)
+    record = SqliteRecord(db, lambda: "now")
+    run = record.allocate_run_id()
+    record.append([started(run)])
+    fds = len(os.listdir("/proc/self/fd"))
+    for i in range(8):
+        record.append([finished(run, f"j{i}", f"k{i}")])
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert tries == [1] and record._flusher is None
+    report = record.verify()
+    record.close()
+    assert report.ok and report.events == 9
+
+
 def test_folding_the_log_never_waits_for_a_reader(tmp_path: Path) -> None:
     db = tmp_path / "conveyor.db"
     ensure_schema(db)

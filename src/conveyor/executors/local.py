@@ -28,6 +28,7 @@ from typing import Any
 
 from conveyor.domain.ports import ExecutorEvent, Exited, JobLaunch, Output
 from conveyor.errors import ExecutorError
+from conveyor.signals import run_pending_handlers
 
 SHELL = ("bash", "--noprofile", "--norc", "-eo", "pipefail", "-c")
 _SHELL_SYNTAX = frozenset("\n;&|<>()$`\\\"'*?[]#~=%{}!")
@@ -502,6 +503,7 @@ class LocalExecutor:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 512):
                 pass
+        run_pending_handlers()  # the signal's handler (a cancel) runs before we wait again
 
     def _read(self, proc: _Proc, events: list[ExecutorEvent]) -> None:
         """Read what is available from the attempt's pipe; close it at end of file."""

@@ -305,7 +305,11 @@ class _LogFlusher:
         self._pid = os.getpid()
         self._wanted = threading.Event()
         self._stopped = False
-        threading.Thread(target=self._loop, name="conveyor-log-flusher", daemon=True).start()
+        try:
+            threading.Thread(target=self._loop, name="conveyor-log-flusher", daemon=True).start()
+        except BaseException:  # no thread to be had (a limit on threads or memory)
+            os.close(self._fd)
+            raise
 
     def alive(self) -> bool:
         """Not a copy inherited by a forked child (its thread stayed in the parent)."""
@@ -329,6 +333,7 @@ class _LogFlusher:
         except OSError:
             return  # the disk's problem shows up in the synced commit that follows
         finally:
+            self._stopped = True
             os.close(self._fd)
 
 
@@ -343,6 +348,7 @@ class SqliteRecord:
         self._head_flagged = False
         self._unsynced = 0
         self._flusher: _LogFlusher | None = None
+        self._flusher_failed = False
         self.appended = 0
         """How many events this connection appended (a command that wrote ships a checkpoint)."""
 
@@ -361,9 +367,12 @@ class SqliteRecord:
         self._unsynced = 0
         flusher = self._flusher
         if flusher is None or not flusher.alive():
+            if self._flusher_failed:
+                return
             try:
                 flusher = self._flusher = _LogFlusher(str(self.path) + "-wal")
-            except OSError:
+            except Exception:  # an optimisation never fails a write: the commit is done
+                self._flusher_failed = True
                 return
         flusher.kick()
 
