@@ -69,7 +69,7 @@ def open_record(
         # database on the way (it stays in the log until the next automatic checkpoint).
         record = SqliteRecord(home.database, SystemClock().now)
         try:
-            ensure_schema(home.database, lambda: _live_runs(home))
+            ensure_schema(home.database, lambda: _live_runs(record, home))
         except BaseException:
             record.close()
             raise
@@ -89,20 +89,12 @@ def open_record(
     return record
 
 
-def _live_runs(home: Home) -> list[int]:
-    """Runs whose lock a process holds now (a ``conveyor run`` takes it before it records the
-    run's start, and holds it to the end). Reads only: an orphan's lock file is left for
-    ``recover_orphans``."""
-    try:
-        names = os.listdir(home.locks)
-    except OSError:
-        return []
-    ids = sorted(
-        int(n[4:-5])
-        for n in names
-        if n.startswith("run-") and n.endswith(".lock") and n[4:-5].isdecimal()
-    )
-    return [run_id for run_id in ids if run_is_live(home.locks, run_id)]
+def _live_runs(record: SqliteRecord, home: Home) -> list[int]:
+    """Runs recorded as running whose lock a process holds now (a ``conveyor run`` holds it
+    from before it records the run's start to its end). Only those are probed: a lock being
+    taken is never contended, and an orphan's lock file is left for ``recover_orphans``. A
+    run not recorded yet has no attempt an upgrade could move."""
+    return [run["id"] for run in record.running_runs() if run_is_live(home.locks, run["id"])]
 
 
 _opened: list[tuple[Home, SqliteRecord]] = []

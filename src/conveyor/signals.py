@@ -25,9 +25,11 @@ def signals_held() -> Iterator[None]:
     try:
         yield
     finally:
-        run_pending_handlers()  # under the handlers of the block, not those restored below
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        try:
+            run_pending_handlers()  # under the handlers of the block, not those restored below
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     if received:
         # To this thread, at once: os.kill may hand it to another thread, and its handler
         # then run in this one only some time after the block (when it may not be expected).

@@ -371,7 +371,9 @@ class SqliteRecord:
                 return
             try:
                 flusher = self._flusher = _LogFlusher(str(self.path) + "-wal")
-            except Exception:  # an optimisation never fails a write: the commit is done
+            except OSError:  # no log file, no descriptor left: tried again later
+                return
+            except Exception:  # no thread to be had: an optimisation never fails a write
                 self._flusher_failed = True
                 return
         flusher.kick()
