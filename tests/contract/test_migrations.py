@@ -241,12 +241,18 @@ def test_a_record_with_events_but_no_version_is_not_thrown_away(tmp_path: Path) 
 
 def test_ctrl_c_during_a_migration_takes_effect_when_it_has_ended(tmp_path: Path) -> None:
     db = tmp_path / "conveyor.db"
-    with pytest.raises(KeyboardInterrupt), signals_held():
-        signal.raise_signal(signal.SIGINT)  # to this thread: xdist's workers have others
-        migrate._create(db)
-        migrate._upgrade(db)  # not interrupted half-way
-    assert current_revision(db) == HEAD
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, whatever this process inherited (a job started in the
+    # background by a shell without job control ignores SIGINT).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), signals_held():
+            signal.raise_signal(signal.SIGINT)  # to this thread: xdist's workers have others
+            migrate._create(db)
+            migrate._upgrade(db)  # not interrupted half-way
+        assert current_revision(db) == HEAD
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 @pytest.mark.parametrize("tables", [(), ("events", "runs")])
