@@ -631,12 +631,18 @@ def test_a_writer_that_loses_the_race_for_the_tail_twice_still_appends(tmp_path:
     assert report.ok and report.events == 4
 
 
-def test_folding_the_log_empties_it_and_keeps_every_event(tmp_path: Path) -> None:
+def a_started_run(tmp_path: Path) -> tuple[SqliteRecord, int]:
+    """A new record at ``tmp_path/conveyor.db`` with one run started."""
     db = tmp_path / "conveyor.db"
     ensure_schema(db)
     record = SqliteRecord(db, lambda: "now")
     run = record.allocate_run_id()
     record.append([started(run)])
+    return record, run
+
+
+def test_folding_the_log_empties_it_and_keeps_every_event(tmp_path: Path) -> None:
+    record, run = a_started_run(tmp_path)
     for i in range(50):
         record.append([finished(run, f"j{i}", f"k{i}")])
     wal = tmp_path / "conveyor.db-wal"
@@ -660,11 +666,8 @@ def test_a_long_run_has_its_log_flushed_in_the_background(
     real = os.fdatasync
     monkeypatch.setattr(store, "_FLUSH_EVERY", 4)
     monkeypatch.setattr(os, "fdatasync", lambda fd: synced.append(fd) or real(fd))
-    db = tmp_path / "conveyor.db"
-    ensure_schema(db)
-    record = SqliteRecord(db, lambda: "now")
-    run = record.allocate_run_id()
-    record.append([started(run)])
+    record, run = a_started_run(tmp_path)
+    db = record.path
     assert record._flusher is None  # short commands never start one
     for i in range(12):
         record.append([finished(run, f"j{i}", f"k{i}")])
@@ -709,11 +712,7 @@ def test_no_thread_for_the_flusher_fails_no_write(
 
     monkeypatch.setattr(store, "_FLUSH_EVERY", 2)
     monkeypatch.setattr(threading.Thread, "start", no_thread)
-    db = tmp_path / "conveyor.db"
-    ensure_schema(db)
-    record = SqliteRecord(db, lambda: "now")
-    run = record.allocate_run_id()
-    record.append([started(run)])
+    record, run = a_started_run(tmp_path)
     fds = len(os.listdir("/proc/self/fd"))
     for i in range(8):
         record.append([finished(run, f"j{i}", f"k{i}")])
@@ -725,11 +724,8 @@ def test_no_thread_for_the_flusher_fails_no_write(
 
 
 def test_folding_the_log_never_waits_for_a_reader(tmp_path: Path) -> None:
-    db = tmp_path / "conveyor.db"
-    ensure_schema(db)
-    record = SqliteRecord(db, lambda: "now")
-    run = record.allocate_run_id()
-    record.append([started(run)])
+    record, run = a_started_run(tmp_path)
+    db = record.path
     reader = sqlite3.connect(db, isolation_level=None)
     reader.execute("BEGIN")
     assert reader.execute("SELECT count(*) FROM events").fetchone() == (1,)  # a snapshot held
@@ -751,11 +747,7 @@ def test_an_unfinished_deployment_is_in_progress_only_while_its_live_deployer_ho
 
     from conveyor.app.deploy import unfinished_deployments
 
-    db = tmp_path / "conveyor.db"
-    ensure_schema(db)
-    record = SqliteRecord(db, lambda: "now")
-    run = record.allocate_run_id()
-    record.append([started(run)])
+    record, run = a_started_run(tmp_path)
     token, _ = record.acquire_lease(
         "staging",
         "me",
@@ -799,11 +791,7 @@ def test_an_unfinished_deployment_is_in_progress_only_while_its_live_deployer_ho
 def test_what_an_environment_runs_follows_its_deployments_ends(tmp_path: Path) -> None:
     """`running`/`down` by what runs; `unknown` when that is uncertain; a stopped release
     stays `stopped` when an interrupted deployment is ended with it as what runs."""
-    db = tmp_path / "conveyor.db"
-    ensure_schema(db)
-    record = SqliteRecord(db, lambda: "now")
-    run = record.allocate_run_id()
-    record.append([started(run)])
+    record, run = a_started_run(tmp_path)
 
     def deploy(running: int | None, **options: object) -> int:
         deployment = record.allocate_deployment_id()
